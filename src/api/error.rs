@@ -1,0 +1,63 @@
+//! etcd's error messages and gRPC codes, in one place. Every error that reaches a client
+//! passes through here, so the words match what etcd clients test for.
+
+use tonic::{Code, Status};
+
+use crate::raft::RaftError;
+use crate::store::MvccError;
+
+/// A request rejected before it reaches Raft.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("key is not provided")]
+    EmptyKey,
+    /// An empty operation in a Txn: etcd answers "key not found".
+    #[error("key not found")]
+    EmptyOp,
+    #[error("value is provided")]
+    ValueProvided,
+    #[error("lease is provided")]
+    LeaseProvided,
+    #[error("too many operations in txn request")]
+    TooManyOps,
+    #[error("duplicate key given in txn request")]
+    DuplicateKey,
+}
+
+fn etcd(code: Code, msg: &str) -> Status {
+    Status::new(code, format!("etcdserver: {msg}"))
+}
+
+impl From<RequestError> for Status {
+    fn from(e: RequestError) -> Self {
+        etcd(Code::InvalidArgument, &e.to_string())
+    }
+}
+
+impl From<MvccError> for Status {
+    fn from(e: MvccError) -> Self {
+        match e {
+            MvccError::Compacted => etcd(Code::OutOfRange, "mvcc: required revision has been compacted"),
+            MvccError::FutureRev => etcd(Code::OutOfRange, "mvcc: required revision is a future revision"),
+            MvccError::KeyNotFound => etcd(Code::InvalidArgument, "key not found"),
+            MvccError::LeaseNotFound => etcd(Code::NotFound, "requested lease not found"),
+            e @ (MvccError::Engine(_) | MvccError::Corrupt(..)) => {
+                tracing::error!(error = %e, "storage error");
+                Status::new(Code::Internal, format!("etcdserver: {e}"))
+            }
+        }
+    }
+}
+
+impl From<RaftError> for Status {
+    fn from(e: RaftError) -> Self {
+        match e {
+            RaftError::TooLarge => etcd(Code::InvalidArgument, "request is too large"),
+            RaftError::TooManyRequests => etcd(Code::ResourceExhausted, "too many requests"),
+            RaftError::Stopped => etcd(Code::Unavailable, "server stopped"),
+            RaftError::NoLeader => etcd(Code::Unavailable, "no leader"),
+            RaftError::Timeout => etcd(Code::Unavailable, "request timed out"),
+            RaftError::Apply(e) => e.into(),
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The KV service: Range, Put, DeleteRange, Txn and Compact.
+
+use tonic::{Request, Response, Status};
+
+use super::{validate, Ctx};
+use crate::pb::etcdserverpb::kv_server::Kv;
+use crate::pb::etcdserverpb::{
+    CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+};
+use crate::pb::meshkvpb::internal_request::Request as Write;
+use crate::store::mvcc::WriteResponse;
+
+pub struct KvService {
+    ctx: Ctx,
+}
+
+impl KvService {
+    pub fn new(ctx: Ctx) -> Self {
+        Self { ctx }
+    }
+
+    async fn write(&self, w: Write) -> Result<WriteResponse, Status> {
+        Ok(self.ctx.raft.propose(w).await?)
+    }
+}
+
+fn unexpected(what: &str) -> Status {
+    Status::internal(format!("etcdserver: unexpected apply result for {what}"))
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let req = request.into_inner();
+        validate::range(&req)?;
+        if !req.serializable {
+            self.ctx.raft.read_index().await?;
+        }
+        let mut resp = self.ctx.store.range(&req)?;
+        resp.header = self.ctx.header(resp.header);
+        Ok(Response::new(resp))
+    }
+
+    async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let req = request.into_inner();
+        validate::put(&req)?;
+        match self.write(Write::Put(req)).await? {
+            WriteResponse::Put(mut resp) => {
+                resp.header = self.ctx.header(resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("put")),
+        }
+    }
+
+    async fn delete_range(
+        &self,
+        request: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let req = request.into_inner();
+        validate::delete_range(&req)?;
+        match self.write(Write::DeleteRange(req)).await? {
+            WriteResponse::DeleteRange(mut resp) => {
+                resp.header = self.ctx.header(resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("delete")),
+        }
+    }
+
+    async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let req = request.into_inner();
+        validate::txn(&req, self.ctx.max_txn_ops)?;
+        match self.write(Write::Txn(req)).await? {
+            WriteResponse::Txn(mut resp) => {
+                resp.header = self.ctx.header(resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("txn")),
+        }
+    }
+
+    async fn compact(&self, request: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+        // Compaction runs inside the apply, so it is physical by the time it answers,
+        // whatever the request's `physical` flag asks.
+        let req = request.into_inner();
+        match self.write(Write::Compaction(req)).await? {
+            WriteResponse::Compaction(mut resp) => {
+                resp.header = self.ctx.header(resp.header);
+                Ok(Response::new(resp))
+            }
+            _ => Err(unexpected("compaction")),
+        }
+    }
+}

@@ -1,0 +1,55 @@
+//! The etcd v3 gRPC services. Each handler runs: validate → (ReadIndex or proposal) →
+//! local store read → response header. One file per etcd service.
+
+pub mod auth;
+pub mod cluster;
+pub mod election;
+pub mod error;
+pub mod kv;
+pub mod lease;
+pub mod lock;
+pub mod maintenance;
+pub mod validate;
+pub mod watch;
+
+use std::sync::Arc;
+
+use crate::pb::etcdserverpb::ResponseHeader;
+use crate::raft::RaftHandle;
+use crate::store::MvccStore;
+
+/// Who this member is, as clients see it.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub cluster_id: u64,
+    pub member_id: u64,
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+}
+
+/// What every service shares: identity, the Raft handle and the store.
+#[derive(Clone)]
+pub struct Ctx {
+    pub id: Arc<Identity>,
+    pub raft: RaftHandle,
+    pub store: Arc<MvccStore>,
+    pub max_txn_ops: usize,
+}
+
+impl Ctx {
+    /// Completes a header: cluster, member and term; the revision of `partial` is kept,
+    /// or the store's newest when it has none.
+    pub fn header(&self, partial: Option<ResponseHeader>) -> Option<ResponseHeader> {
+        let revision = match partial {
+            Some(h) if h.revision != 0 => h.revision,
+            _ => self.store.revision(),
+        };
+        Some(ResponseHeader {
+            cluster_id: self.id.cluster_id,
+            member_id: self.id.member_id,
+            revision,
+            raft_term: self.raft.status().term(),
+        })
+    }
+}

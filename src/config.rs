@@ -1,0 +1,140 @@
+//! Server configuration: a plain struct with etcd's defaults and a `validate()` that
+//! says what is wrong. The command line (in `main.rs`) only fills it in.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Everything a member needs to start.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Human-readable member name; the member id is derived from it, so it is stable.
+    pub name: String,
+    /// Where RocksDB keeps this member's data.
+    pub data_dir: PathBuf,
+    /// URLs to serve clients on (http://host:port).
+    pub listen_client_urls: Vec<String>,
+    /// Client URLs told to clients (member list); defaults to the listen URLs.
+    pub advertise_client_urls: Vec<String>,
+    /// URLs the member serves peers on.
+    pub listen_peer_urls: Vec<String>,
+    /// Largest request accepted, in bytes, as etcd's --max-request-bytes.
+    pub max_request_bytes: usize,
+    /// Most operations in one Txn, as etcd's --max-txn-ops.
+    pub max_txn_ops: usize,
+    /// Time between Raft heartbeats.
+    pub heartbeat_interval: Duration,
+    /// Time without a leader before an election.
+    pub election_timeout: Duration,
+    pub log_level: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            data_dir: PathBuf::from("default.meshkv"),
+            listen_client_urls: vec!["http://127.0.0.1:2379".into()],
+            advertise_client_urls: vec![],
+            listen_peer_urls: vec!["http://127.0.0.1:2380".into()],
+            max_request_bytes: 1536 * 1024,
+            max_txn_ops: 128,
+            heartbeat_interval: Duration::from_millis(100),
+            election_timeout: Duration::from_millis(1000),
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// A configuration that cannot run, and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--name must not be empty")]
+    EmptyName,
+    #[error("{flag}: {url:?} is not a URL this member can listen on: {why}")]
+    BadUrl { flag: &'static str, url: String, why: String },
+    #[error("--max-request-bytes must be at least 1")]
+    ZeroRequestBytes,
+    #[error("--max-txn-ops must be at least 1")]
+    ZeroTxnOps,
+    #[error("--election-timeout ({election} ms) must be at least 5 times --heartbeat-interval ({heartbeat} ms)")]
+    Timeouts { election: u128, heartbeat: u128 },
+    #[error("--log-level must be one of debug, info, warn, error (got {0:?})")]
+    LogLevel(String),
+}
+
+/// Resolves `http://host:port` to socket addresses.
+pub fn parse_listen_url(flag: &'static str, url: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    let bad = |why: &str| ConfigError::BadUrl { flag, url: url.to_string(), why: why.to_string() };
+    let rest = if let Some(r) = url.strip_prefix("http://") {
+        r
+    } else if url.starts_with("https://") || url.starts_with("unixs://") {
+        return Err(bad("TLS is not supported yet; use http://"));
+    } else {
+        return Err(bad("expected http://host:port"));
+    };
+    let hostport = rest.trim_end_matches('/');
+    if hostport.contains('/') {
+        return Err(bad("a listen URL has no path"));
+    }
+    let addrs: Vec<SocketAddr> = hostport.to_socket_addrs().map_err(|e| bad(&e.to_string()))?.collect();
+    if addrs.is_empty() {
+        return Err(bad("the host resolves to no address"));
+    }
+    Ok(addrs)
+}
+
+impl Config {
+    /// Checks the configuration as a whole.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.is_empty() {
+            return Err(ConfigError::EmptyName);
+        }
+        for u in &self.listen_client_urls {
+            parse_listen_url("--listen-client-urls", u)?;
+        }
+        for u in &self.listen_peer_urls {
+            parse_listen_url("--listen-peer-urls", u)?;
+        }
+        if self.max_request_bytes == 0 {
+            return Err(ConfigError::ZeroRequestBytes);
+        }
+        if self.max_txn_ops == 0 {
+            return Err(ConfigError::ZeroTxnOps);
+        }
+        if self.election_timeout < self.heartbeat_interval * 5 || self.heartbeat_interval.is_zero() {
+            return Err(ConfigError::Timeouts {
+                election: self.election_timeout.as_millis(),
+                heartbeat: self.heartbeat_interval.as_millis(),
+            });
+        }
+        if !matches!(self.log_level.as_str(), "debug" | "info" | "warn" | "error" | "trace") {
+            return Err(ConfigError::LogLevel(self.log_level.clone()));
+        }
+        Ok(())
+    }
+
+    /// The client URLs to advertise: the given ones, else the listen URLs.
+    pub fn client_urls(&self) -> Vec<String> {
+        if self.advertise_client_urls.is_empty() {
+            self.listen_client_urls.clone()
+        } else {
+            self.advertise_client_urls.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_explain_themselves() {
+        assert!(Config::default().validate().is_ok());
+        let c = Config { listen_client_urls: vec!["127.0.0.1:2379".into()], ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("expected http://host:port"));
+        let c = Config { election_timeout: Duration::from_millis(200), ..Default::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::Timeouts { .. })));
+        assert_eq!(parse_listen_url("x", "http://127.0.0.1:0").unwrap().len(), 1);
+    }
+}

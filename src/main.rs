@@ -1,0 +1,174 @@
+//! The `meshkv` binary: flags → `Config` → `server::run`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use meshkv::config::Config;
+use tracing_subscriber::EnvFilter;
+
+/// meshkv: an etcd-v3-compatible key-value store. With no flags it serves one member
+/// with data in ./default.meshkv on 127.0.0.1:2379.
+#[derive(Parser, Debug)]
+#[command(name = "meshkv", version, about, long_about = None, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Load-test any etcd v3 endpoints (meshkv or etcd).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct BenchArgs {
+    /// Workload: put, range (linearizable) or range-serializable.
+    #[arg(default_value = "put")]
+    workload: String,
+    /// Comma-separated endpoints (host:port or http://host:port).
+    #[arg(long, default_value = "127.0.0.1:2379", value_delimiter = ',')]
+    endpoints: Vec<String>,
+    /// gRPC connections shared by the clients.
+    #[arg(long, default_value_t = 10)]
+    conns: usize,
+    /// Concurrent clients, each with one request in flight.
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    /// Requests in all.
+    #[arg(long, default_value_t = 10_000)]
+    total: usize,
+    /// Key size in bytes.
+    #[arg(long, default_value_t = 8)]
+    key_size: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 256)]
+    val_size: usize,
+    /// Distinct keys (0: as many as requests).
+    #[arg(long, default_value_t = 0)]
+    key_space: usize,
+    /// Write keys in order rather than spread over the key space.
+    #[arg(long)]
+    sequential_keys: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    /// Human-readable name of this member; its member id is derived from it.
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// Directory of this member's data [default: <name>.meshkv].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Comma-separated URLs to serve clients on.
+    #[arg(long, default_value = "http://127.0.0.1:2379", value_delimiter = ',')]
+    listen_client_urls: Vec<String>,
+    /// Comma-separated client URLs to advertise to clients [default: the listen URLs].
+    #[arg(long, value_delimiter = ',')]
+    advertise_client_urls: Vec<String>,
+    /// Comma-separated URLs to serve peers on.
+    #[arg(long, default_value = "http://127.0.0.1:2380", value_delimiter = ',')]
+    listen_peer_urls: Vec<String>,
+    /// Largest client request accepted, in bytes; larger writes get "etcdserver: request is too large".
+    #[arg(long, default_value_t = 1536 * 1024)]
+    max_request_bytes: usize,
+    /// Most operations accepted in one transaction.
+    #[arg(long, default_value_t = 128)]
+    max_txn_ops: usize,
+    /// Time between Raft heartbeats, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_interval: u64,
+    /// Time without a leader before a member starts an election, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    election_timeout: u64,
+    /// Log level: debug, info, warn or error.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> Config {
+        Config {
+            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from(format!("{}.meshkv", self.name))),
+            name: self.name,
+            listen_client_urls: self.listen_client_urls,
+            advertise_client_urls: self.advertise_client_urls,
+            listen_peer_urls: self.listen_peer_urls,
+            max_request_bytes: self.max_request_bytes,
+            max_txn_ops: self.max_txn_ops,
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
+            election_timeout: Duration::from_millis(self.election_timeout),
+            log_level: self.log_level,
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    use meshkv::bench::{self, BenchConfig, Workload};
+    let workload = match args.workload.as_str() {
+        "put" => Workload::Put,
+        "range" => Workload::RangeLinearizable,
+        "range-serializable" => Workload::RangeSerializable,
+        other => anyhow::bail!("unknown workload {other:?}: put, range or range-serializable"),
+    };
+    let cfg = BenchConfig {
+        endpoints: args.endpoints,
+        conns: args.conns,
+        clients: args.clients,
+        total: args.total,
+        key_size: args.key_size,
+        val_size: args.val_size,
+        key_space: args.key_space,
+        sequential_keys: args.sequential_keys,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let bar = indicatif::ProgressBar::new(cfg.total as u64);
+    let b = bar.clone();
+    let report = rt.block_on(bench::run(&cfg, workload, move |n| b.set_position(n)))?;
+    bar.finish_and_clear();
+    println!("{}", report.json_line());
+    println!("{}\n{}", bench::Report::table_header(), report.table_row());
+    if let Some(e) = &report.first_error {
+        eprintln!("first error: {e}");
+    }
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Some(Command::Bench(args)) = cli.command {
+        return bench(args);
+    }
+    let cfg = cli.serve.into_config();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = cfg.validate() {
+        anyhow::bail!("{e}");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(meshkv::server::run(cfg, shutdown_signal(), |_| {}))?;
+    Ok(())
+}

@@ -1,0 +1,307 @@
+//! `raft::Storage` on RocksDB: the Raft log, HardState and ConfState of one member.
+//!
+//! Only the Raft driver thread touches a `LogStore`. Writes go into a caller's
+//! `WriteBatch` (so one Ready becomes one synced write) and update the cached bounds at
+//! once; the driver writes the batch before it calls `advance`, which is the first time
+//! raft-rs can read the new entries back.
+
+use std::sync::RwLock;
+
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, StorageError};
+use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
+
+use crate::store::engine::{Engine, EngineError, CF_RAFT_LOG, CF_RAFT_STATE};
+
+const KEY_HARD_STATE: &[u8] = b"hard_state";
+const KEY_CONF_STATE: &[u8] = b"conf_state";
+/// Index and term of the last entry removed from the front of the log.
+const KEY_TRUNCATED: &[u8] = b"truncated";
+
+#[derive(Clone, Debug, Default)]
+struct Bounds {
+    hard_state: HardState,
+    conf_state: ConfState,
+    truncated_index: u64,
+    truncated_term: u64,
+    last_index: u64,
+    last_term: u64,
+}
+
+/// The Raft log and state of one member, in RocksDB.
+pub struct LogStore {
+    engine: Engine,
+    bounds: RwLock<Bounds>,
+}
+
+fn log_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+fn storage_err(e: impl std::fmt::Display) -> raft::Error {
+    raft::Error::Store(StorageError::Other(e.to_string().into()))
+}
+
+fn corrupt(what: String) -> EngineError {
+    EngineError::Corrupt { cf: CF_RAFT_LOG, what }
+}
+
+impl LogStore {
+    /// Opens the log, reading its bounds and state from `engine`.
+    pub fn open(engine: Engine) -> Result<Self, EngineError> {
+        let db = engine.db();
+        let state_cf = engine.cf(CF_RAFT_STATE);
+        let mut b = Bounds::default();
+        if let Some(v) = db.get_cf(state_cf, KEY_HARD_STATE)? {
+            b.hard_state = HardState::parse_from_bytes(&v).map_err(|e| corrupt(format!("hard state: {e}")))?;
+        }
+        if let Some(v) = db.get_cf(state_cf, KEY_CONF_STATE)? {
+            b.conf_state = ConfState::parse_from_bytes(&v).map_err(|e| corrupt(format!("conf state: {e}")))?;
+        }
+        if let Some(v) = db.get_cf(state_cf, KEY_TRUNCATED)? {
+            if v.len() != 16 {
+                return Err(corrupt(format!("truncated state is {} bytes", v.len())));
+            }
+            b.truncated_index = u64::from_be_bytes(v[..8].try_into().unwrap_or_default());
+            b.truncated_term = u64::from_be_bytes(v[8..].try_into().unwrap_or_default());
+        }
+        b.last_index = b.truncated_index;
+        b.last_term = b.truncated_term;
+        if let Some(item) = db.iterator_cf(engine.cf(CF_RAFT_LOG), IteratorMode::End).next() {
+            let (_, v) = item?;
+            let e = Entry::parse_from_bytes(&v).map_err(|e| corrupt(format!("last entry: {e}")))?;
+            b.last_index = e.index;
+            b.last_term = e.term;
+        }
+        Ok(Self { engine, bounds: RwLock::new(b) })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Bounds> {
+        self.bounds.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Bounds> {
+        self.bounds.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// True when the member has never been given a configuration.
+    pub fn is_fresh(&self) -> bool {
+        let b = self.read();
+        b.conf_state.voters.is_empty() && b.conf_state.learners.is_empty() && b.last_index == 0
+    }
+
+    pub fn hard_state(&self) -> HardState {
+        self.read().hard_state.clone()
+    }
+
+    pub fn conf_state(&self) -> ConfState {
+        self.read().conf_state.clone()
+    }
+
+    pub fn last_index_cached(&self) -> u64 {
+        self.read().last_index
+    }
+
+    pub fn first_index_cached(&self) -> u64 {
+        self.read().truncated_index + 1
+    }
+
+    /// Appends `ents`, replacing any conflicting tail.
+    pub fn append(&self, batch: &mut WriteBatch, ents: &[Entry]) {
+        let (Some(first), Some(last)) = (ents.first(), ents.last()) else {
+            return;
+        };
+        let cf = self.engine.cf(CF_RAFT_LOG);
+        let mut b = self.write();
+        for e in ents {
+            batch.put_cf(cf, log_key(e.index), e.write_to_bytes().unwrap_or_default());
+        }
+        if last.index < b.last_index {
+            // A new leader overwrote our tail: what followed it is no longer ours.
+            batch.delete_range_cf(cf, log_key(last.index + 1), log_key(b.last_index + 1));
+        }
+        debug_assert!(first.index <= b.last_index + 1, "log gap");
+        b.last_index = last.index;
+        b.last_term = last.term;
+    }
+
+    pub fn set_hard_state(&self, batch: &mut WriteBatch, hs: &HardState) {
+        batch.put_cf(self.engine.cf(CF_RAFT_STATE), KEY_HARD_STATE, hs.write_to_bytes().unwrap_or_default());
+        self.write().hard_state = hs.clone();
+    }
+
+    pub fn set_commit(&self, batch: &mut WriteBatch, commit: u64) {
+        let mut hs = self.hard_state();
+        if hs.commit != commit {
+            hs.commit = commit;
+            self.set_hard_state(batch, &hs);
+        }
+    }
+
+    pub fn set_conf_state(&self, batch: &mut WriteBatch, cs: &ConfState) {
+        batch.put_cf(self.engine.cf(CF_RAFT_STATE), KEY_CONF_STATE, cs.write_to_bytes().unwrap_or_default());
+        self.write().conf_state = cs.clone();
+    }
+
+    /// Drops the entries before `index` (which must be applied): their effect lives in
+    /// the store, and the log must not grow without end.
+    pub fn compact(&self, batch: &mut WriteBatch, index: u64) -> Result<(), raft::Error> {
+        let first = self.first_index_cached();
+        if index <= first {
+            return Ok(());
+        }
+        let term = raft::Storage::term(self, index - 1)?;
+        let cf = self.engine.cf(CF_RAFT_LOG);
+        batch.delete_range_cf(cf, log_key(first), log_key(index));
+        let mut v = Vec::with_capacity(16);
+        v.extend_from_slice(&(index - 1).to_be_bytes());
+        v.extend_from_slice(&term.to_be_bytes());
+        batch.put_cf(self.engine.cf(CF_RAFT_STATE), KEY_TRUNCATED, v);
+        let mut b = self.write();
+        b.truncated_index = index - 1;
+        b.truncated_term = term;
+        Ok(())
+    }
+
+    fn get_entry(&self, index: u64) -> Result<Entry, raft::Error> {
+        let v = self
+            .engine
+            .db()
+            .get_pinned_cf(self.engine.cf(CF_RAFT_LOG), log_key(index))
+            .map_err(storage_err)?
+            .ok_or(raft::Error::Store(StorageError::Unavailable))?;
+        Entry::parse_from_bytes(&v).map_err(storage_err)
+    }
+}
+
+impl raft::Storage for LogStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        let b = self.read();
+        Ok(RaftState { hard_state: b.hard_state.clone(), conf_state: b.conf_state.clone() })
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        let max_size = max_size.into().unwrap_or(u64::MAX);
+        {
+            let b = self.read();
+            if low <= b.truncated_index {
+                return Err(raft::Error::Store(StorageError::Compacted));
+            }
+            if high > b.last_index + 1 {
+                return Err(raft::Error::Store(StorageError::Unavailable));
+            }
+        }
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(log_key(high).to_vec());
+        let iter = self.engine.db().iterator_cf_opt(
+            self.engine.cf(CF_RAFT_LOG),
+            opts,
+            IteratorMode::From(&log_key(low), rocksdb::Direction::Forward),
+        );
+        let mut out = Vec::with_capacity((high - low) as usize);
+        let mut size = 0u64;
+        for item in iter {
+            let (_, v) = item.map_err(storage_err)?;
+            let e = Entry::parse_from_bytes(&v).map_err(storage_err)?;
+            size += v.len() as u64;
+            if !out.is_empty() && size > max_size {
+                break;
+            }
+            if e.index != low + out.len() as u64 {
+                return Err(storage_err(format!("raft log hole at {}", low + out.len() as u64)));
+            }
+            out.push(e);
+        }
+        if out.is_empty() && low < high {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        {
+            let b = self.read();
+            if idx == b.truncated_index {
+                return Ok(b.truncated_term);
+            }
+            if idx < b.truncated_index {
+                return Err(raft::Error::Store(StorageError::Compacted));
+            }
+            if idx > b.last_index {
+                return Err(raft::Error::Store(StorageError::Unavailable));
+            }
+            if idx == b.last_index {
+                return Ok(b.last_term);
+            }
+        }
+        Ok(self.get_entry(idx)?.term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.first_index_cached())
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last_index_cached())
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // A single member never needs to send a snapshot; sending one to a lagging
+        // member comes with multi-member clusters.
+        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use raft::Storage;
+
+    fn entry(index: u64, term: u64) -> Entry {
+        let mut e = Entry::default();
+        e.index = index;
+        e.term = term;
+        e.data = vec![index as u8].into();
+        e
+    }
+
+    #[test]
+    fn append_overwrite_compact_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path()).unwrap();
+        let log = LogStore::open(engine.clone()).unwrap();
+        assert!(log.is_fresh());
+        let mut batch = WriteBatch::default();
+        log.append(&mut batch, &(1..=5).map(|i| entry(i, 1)).collect::<Vec<_>>());
+        engine.write(batch, true).unwrap();
+        // A new leader replaces entries 4 and 5.
+        let mut batch = WriteBatch::default();
+        log.append(&mut batch, &[entry(4, 2)]);
+        engine.write(batch, true).unwrap();
+        assert_eq!(log.last_index().unwrap(), 4);
+        assert_eq!(log.term(4).unwrap(), 2);
+        assert_eq!(log.term(3).unwrap(), 1);
+        let got = log.entries(2, 5, None, GetEntriesContext::empty(false)).unwrap();
+        assert_eq!(got.iter().map(|e| e.index).collect::<Vec<_>>(), [2, 3, 4]);
+
+        let mut batch = WriteBatch::default();
+        log.compact(&mut batch, 3).unwrap();
+        engine.write(batch, true).unwrap();
+        assert_eq!(log.first_index().unwrap(), 3);
+        assert_eq!(log.term(2).unwrap(), 1);
+        assert!(log.entries(2, 4, None, GetEntriesContext::empty(false)).is_err());
+
+        drop(log);
+        let log = LogStore::open(engine).unwrap();
+        assert_eq!((log.first_index().unwrap(), log.last_index().unwrap()), (3, 4));
+        assert_eq!(log.term(4).unwrap(), 2);
+        assert_eq!(log.term(2).unwrap(), 1);
+    }
+}

@@ -1,0 +1,495 @@
+//! The Raft driver: one OS thread owns the `RawNode` and runs raft-rs's Ready loop.
+//!
+//! Each turn of the loop, in the order raft-rs requires:
+//! 1. take every queued command (proposals, read requests), so that all the writes that
+//!    arrived while the last sync ran share the next Ready: this is the group commit;
+//! 2. tick the node when a tick interval has passed;
+//! 3. on a Ready: send its messages; apply its committed entries; persist its entries
+//!    and HardState in one synced RocksDB write; send its persisted messages; `advance`;
+//!    then apply what the light ready commits and `advance_apply`.
+//!
+//! Applying a committed entry answers the member's own proposer, found by the proposal
+//! id inside the entry. Linearizable reads are batched: all read requests of one turn
+//! share one ReadIndex, and each is answered once the store has applied that index.
+//!
+//! This thread never waits on a client: replies go through oneshot channels whose
+//! receivers may be gone, and every queue it owns is bounded by deadlines.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message};
+use raft::{RawNode, StateRole};
+use rocksdb::WriteBatch;
+use tokio::sync::oneshot;
+
+use super::log_store::LogStore;
+use super::{logger, RaftError};
+use crate::pb::meshkvpb::{internal_request, InternalRequest};
+use crate::store::engine::{Engine, EngineError};
+use crate::store::mvcc::{MvccStore, WriteResponse};
+
+/// Tuning of the Raft driver.
+#[derive(Clone, Debug)]
+pub struct RaftConfig {
+    /// This member's Raft id.
+    pub id: u64,
+    pub tick: Duration,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Largest encoded write accepted, as etcd's --max-request-bytes.
+    pub max_request_bytes: usize,
+    /// How long a client waits for its write or read before "request timed out".
+    pub request_timeout: Duration,
+    /// Commands queued towards the driver before new ones are refused.
+    pub queue_depth: usize,
+    /// Applied entries kept in the log before the front is trimmed.
+    pub log_keep: u64,
+}
+
+impl RaftConfig {
+    pub fn new(id: u64) -> Self {
+        Self {
+            id,
+            tick: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 1,
+            max_request_bytes: 1536 * 1024,
+            request_timeout: Duration::from_secs(7),
+            queue_depth: 16 * 1024,
+            log_keep: 10_000,
+        }
+    }
+}
+
+/// What the driver publishes for the API to read without asking it.
+#[derive(Debug, Default)]
+pub struct RaftStatus {
+    pub id: u64,
+    term: AtomicU64,
+    leader: AtomicU64,
+    commit: AtomicU64,
+    last_index: AtomicU64,
+}
+
+impl RaftStatus {
+    pub fn term(&self) -> u64 {
+        self.term.load(Ordering::Acquire)
+    }
+    pub fn leader(&self) -> u64 {
+        self.leader.load(Ordering::Acquire)
+    }
+    pub fn commit_index(&self) -> u64 {
+        self.commit.load(Ordering::Acquire)
+    }
+    pub fn last_index(&self) -> u64 {
+        self.last_index.load(Ordering::Acquire)
+    }
+}
+
+type WriteReply = oneshot::Sender<Result<WriteResponse, RaftError>>;
+type ReadReply = oneshot::Sender<Result<(), RaftError>>;
+
+enum Command {
+    Propose { id: u64, data: Vec<u8>, reply: WriteReply, deadline: Instant },
+    Read { reply: ReadReply, deadline: Instant },
+}
+
+/// The API's way into Raft: cheap to clone, safe to use from any task.
+#[derive(Clone)]
+pub struct RaftHandle {
+    tx: SyncSender<Command>,
+    status: Arc<RaftStatus>,
+    next_id: Arc<AtomicU64>,
+    max_request_bytes: usize,
+    request_timeout: Duration,
+}
+
+impl RaftHandle {
+    pub fn status(&self) -> &RaftStatus {
+        &self.status
+    }
+
+    /// Proposes a write and waits until this member has applied it.
+    pub async fn propose(&self, request: internal_request::Request) -> Result<WriteResponse, RaftError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let data = InternalRequest { id, request: Some(request) }.encode_to_vec();
+        if data.len() > self.max_request_bytes {
+            return Err(RaftError::TooLarge);
+        }
+        let (reply, rx) = oneshot::channel();
+        let deadline = Instant::now() + self.request_timeout;
+        self.send(Command::Propose { id, data, reply, deadline })?;
+        self.wait(rx).await?
+    }
+
+    /// Waits until this member's store reflects every write committed before the call:
+    /// a read served after it is linearizable.
+    pub async fn read_index(&self) -> Result<(), RaftError> {
+        let (reply, rx) = oneshot::channel();
+        let deadline = Instant::now() + self.request_timeout;
+        self.send(Command::Read { reply, deadline })?;
+        self.wait(rx).await?
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), RaftError> {
+        self.tx.try_send(cmd).map_err(|e| match e {
+            TrySendError::Full(_) => RaftError::TooManyRequests,
+            TrySendError::Disconnected(_) => RaftError::Stopped,
+        })
+    }
+
+    async fn wait<T>(&self, rx: oneshot::Receiver<T>) -> Result<T, RaftError> {
+        match tokio::time::timeout(self.request_timeout, rx).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(_)) => Err(RaftError::Stopped),
+            Err(_) => Err(RaftError::Timeout),
+        }
+    }
+}
+
+/// A running driver: the handle for the API and the thread to join at shutdown.
+pub struct Started {
+    pub handle: RaftHandle,
+    pub thread: JoinHandle<()>,
+}
+
+struct Waiter<T> {
+    reply: oneshot::Sender<Result<T, RaftError>>,
+    deadline: Instant,
+}
+
+struct Driver {
+    cfg: RaftConfig,
+    node: RawNode<LogStore>,
+    engine: Engine,
+    store: Arc<MvccStore>,
+    status: Arc<RaftStatus>,
+    rx: Receiver<Command>,
+    writes: HashMap<u64, Waiter<WriteResponse>>,
+    /// Proposals made while there was no leader, retried once there is one.
+    stalled: Vec<(u64, Vec<u8>, Instant)>,
+    /// Reads waiting for the next ReadIndex round.
+    reads_new: Vec<Waiter<()>>,
+    /// Reads whose ReadIndex round is in flight, by round, with when it was asked.
+    reads_asked: HashMap<u64, (Vec<Waiter<()>>, Instant)>,
+    /// Reads that know their index and wait for the store to apply it.
+    reads_ready: Vec<(u64, Vec<Waiter<()>>)>,
+    next_read_ctx: u64,
+    /// A commit index raft-rs advanced in a light ready, persisted with the next write.
+    commit_to_save: Option<u64>,
+}
+
+/// Opens the Raft log, bootstraps a one-member configuration on a fresh data dir, and
+/// starts the driver thread.
+pub fn start(cfg: RaftConfig, engine: Engine, store: Arc<MvccStore>) -> Result<Started, EngineError> {
+    let log = LogStore::open(engine.clone())?;
+    let applied = store.applied_index();
+    let mut batch = WriteBatch::default();
+    if log.is_fresh() {
+        let mut cs = ConfState::default();
+        cs.voters = vec![cfg.id];
+        log.set_conf_state(&mut batch, &cs);
+    }
+    if log.hard_state().commit < applied {
+        // The store applied entries whose commit index had not reached the disk yet;
+        // applied entries were committed, so the commit index catches up.
+        log.set_commit(&mut batch, applied);
+    }
+    if !batch.is_empty() {
+        engine.write(batch, true)?;
+    }
+    let raft_cfg = raft::Config {
+        id: cfg.id,
+        election_tick: cfg.election_ticks,
+        heartbeat_tick: cfg.heartbeat_ticks,
+        applied,
+        max_size_per_msg: 1 << 20,
+        max_inflight_msgs: 256,
+        check_quorum: true,
+        pre_vote: true,
+        ..Default::default()
+    };
+    let only_voter = log.conf_state().voters == [cfg.id];
+    let mut node = RawNode::new(&raft_cfg, log, &logger::logger())
+        .map_err(|e| EngineError::Corrupt { cf: "raft_state", what: e.to_string() })?;
+    if only_voter {
+        // Nobody else can win; waiting out an election timeout would only delay start.
+        let _ = node.campaign();
+    }
+    let (tx, rx) = mpsc::sync_channel(cfg.queue_depth);
+    let status = Arc::new(RaftStatus { id: cfg.id, ..Default::default() });
+    let handle = RaftHandle {
+        tx,
+        status: status.clone(),
+        next_id: Arc::new(AtomicU64::new(proposal_id_base(cfg.id))),
+        max_request_bytes: cfg.max_request_bytes,
+        request_timeout: cfg.request_timeout,
+    };
+    let driver = Driver {
+        cfg,
+        node,
+        engine,
+        store,
+        status,
+        rx,
+        writes: HashMap::new(),
+        stalled: Vec::new(),
+        reads_new: Vec::new(),
+        reads_asked: HashMap::new(),
+        reads_ready: Vec::new(),
+        next_read_ctx: 1,
+        commit_to_save: None,
+    };
+    let thread = std::thread::Builder::new()
+        .name("raft".into())
+        .spawn(move || driver.run())
+        .map_err(|e| EngineError::Corrupt { cf: "raft_state", what: format!("cannot start raft thread: {e}") })?;
+    Ok(Started { handle, thread })
+}
+
+/// Proposal ids are unique across members and restarts: the low 16 bits of the member
+/// id, then the start time in milliseconds, then a counter (as etcd's idutil).
+fn proposal_id_base(member: u64) -> u64 {
+    let millis =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    ((member & 0xffff) << 48) | ((millis & 0xff_ffff_ffff) << 8)
+}
+
+/// Most commands taken in one turn, so a flood of proposals cannot starve ticks.
+const MAX_COMMANDS_PER_TURN: usize = 8192;
+
+impl Driver {
+    fn run(mut self) {
+        let mut last_tick = Instant::now();
+        loop {
+            let wait = self.cfg.tick.saturating_sub(last_tick.elapsed());
+            match self.rx.recv_timeout(wait) {
+                Ok(cmd) => {
+                    self.handle(cmd);
+                    let more: Vec<Command> = self.rx.try_iter().take(MAX_COMMANDS_PER_TURN).collect();
+                    for cmd in more {
+                        self.handle(cmd);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if last_tick.elapsed() >= self.cfg.tick {
+                last_tick = Instant::now();
+                self.node.tick();
+                self.expire(last_tick);
+            }
+            if self.node.raft.leader_id != raft::INVALID_ID && !self.stalled.is_empty() {
+                for (id, data, deadline) in std::mem::take(&mut self.stalled) {
+                    self.propose(id, data, deadline);
+                }
+            }
+            self.ask_read_index();
+            if let Err(e) = self.on_ready() {
+                tracing::error!(error = %e, "storage failed; this member stops serving");
+                break;
+            }
+        }
+        tracing::info!("raft driver stopped");
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Propose { id, data, reply, deadline } => {
+                self.writes.insert(id, Waiter { reply, deadline });
+                self.propose(id, data, deadline);
+            }
+            Command::Read { reply, deadline } => self.reads_new.push(Waiter { reply, deadline }),
+        }
+    }
+
+    fn propose(&mut self, id: u64, data: Vec<u8>, deadline: Instant) {
+        if let Err(e) = self.node.propose(vec![], data.clone()) {
+            tracing::debug!(error = %e, "proposal held until there is a leader");
+            self.stalled.push((id, data, deadline));
+        }
+    }
+
+    fn ask_read_index(&mut self) {
+        let r = &self.node.raft;
+        if self.reads_new.is_empty() || r.leader_id == raft::INVALID_ID {
+            return;
+        }
+        if r.state == StateRole::Leader && !r.commit_to_current_term() {
+            // raft-rs drops a ReadIndex until the leader has committed in its term.
+            return;
+        }
+        let ctx = self.next_read_ctx;
+        self.next_read_ctx += 1;
+        let batch = std::mem::take(&mut self.reads_new);
+        self.reads_asked.insert(ctx, (batch, Instant::now()));
+        self.node.read_index(ctx.to_be_bytes().to_vec());
+    }
+
+    /// Fails every request whose client has stopped waiting, so nothing here grows
+    /// without bound when a round or an entry is lost.
+    fn expire(&mut self, now: Instant) {
+        self.writes.retain(|_, w| w.deadline > now);
+        self.stalled.retain(|(_, _, d)| *d > now);
+        // A round can be lost (a leader change drops it silently): ask again.
+        let retry = self.cfg.tick * self.cfg.election_ticks as u32 / 2;
+        let lost: Vec<u64> =
+            self.reads_asked.iter().filter(|(_, (_, at))| now - *at > retry).map(|(k, _)| *k).collect();
+        for ctx in lost {
+            if let Some((ws, _)) = self.reads_asked.remove(&ctx) {
+                self.reads_new.extend(ws);
+            }
+        }
+        self.reads_new.retain(|w| w.deadline > now);
+        for (_, ws) in &mut self.reads_ready {
+            ws.retain(|w| w.deadline > now);
+        }
+        self.reads_ready.retain(|(_, ws)| !ws.is_empty());
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        // A one-member cluster has nobody to talk to; the mesh transport carries these
+        // once members can join.
+        if !msgs.is_empty() {
+            tracing::trace!(count = msgs.len(), "raft messages with no peer to deliver to");
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<(), EngineError> {
+        if !self.node.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.node.ready();
+        self.send(rd.take_messages());
+        if !rd.snapshot().is_empty() {
+            tracing::error!("received a snapshot; installing snapshots comes with multi-member clusters");
+        }
+        self.apply(rd.take_committed_entries())?;
+
+        let mut batch = WriteBatch::default();
+        let log = self.node.raft.raft_log.store();
+        log.append(&mut batch, rd.entries());
+        if let Some(hs) = rd.hs() {
+            log.set_hard_state(&mut batch, hs);
+            self.commit_to_save = None;
+        } else if let Some(c) = self.commit_to_save.take() {
+            log.set_commit(&mut batch, c);
+        }
+        let applied = self.store.applied_index();
+        if applied > log.first_index_cached() + 2 * self.cfg.log_keep {
+            log.compact(&mut batch, applied - self.cfg.log_keep)
+                .map_err(|e| EngineError::Corrupt { cf: "raft_log", what: e.to_string() })?;
+        }
+        if !batch.is_empty() {
+            self.engine.write(batch, true)?;
+        }
+        for rs in rd.take_read_states() {
+            let ctx = rs.request_ctx.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if let Some((waiters, _)) = self.reads_asked.remove(&ctx) {
+                self.reads_ready.push((rs.index, waiters));
+            }
+        }
+        self.send(rd.take_persisted_messages());
+
+        let mut light = self.node.advance(rd);
+        if let Some(c) = light.commit_index() {
+            self.commit_to_save = Some(c);
+        }
+        self.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.node.advance_apply();
+        self.release_reads();
+        self.publish();
+        Ok(())
+    }
+
+    fn publish(&self) {
+        let r = &self.node.raft;
+        self.status.term.store(r.term, Ordering::Release);
+        self.status.leader.store(r.leader_id, Ordering::Release);
+        self.status.commit.store(r.raft_log.committed, Ordering::Release);
+        self.status.last_index.store(r.raft_log.last_index(), Ordering::Release);
+        if r.state == StateRole::Leader && r.leader_id != self.cfg.id {
+            tracing::warn!("leader state without own id");
+        }
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<(), EngineError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut reqs = Vec::with_capacity(entries.len());
+        for e in &entries {
+            let req = match e.get_entry_type() {
+                EntryType::EntryNormal if e.data.is_empty() => None,
+                EntryType::EntryNormal => match InternalRequest::decode(e.data.as_ref()) {
+                    Ok(r) => Some(r),
+                    Err(err) => {
+                        tracing::error!(index = e.index, error = %err, "undecodable entry skipped");
+                        None
+                    }
+                },
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.apply_conf_change(e)?;
+                    None
+                }
+            };
+            reqs.push((e.index, req));
+        }
+        let results = self.store.apply(&reqs).map_err(|e| EngineError::Corrupt { cf: "kv", what: e.to_string() })?;
+        for ((_, req), res) in reqs.into_iter().zip(results) {
+            let Some(req) = req else { continue };
+            if let Some(w) = self.writes.remove(&req.id) {
+                let _ = w.reply.send(res.map_err(RaftError::Apply));
+            }
+        }
+        self.release_reads();
+        Ok(())
+    }
+
+    fn apply_conf_change(&mut self, e: &Entry) -> Result<(), EngineError> {
+        let cc = if e.get_entry_type() == EntryType::EntryConfChange {
+            ConfChange::parse_from_bytes(&e.data).map(|c| raft_proto::ConfChangeI::into_v2(c))
+        } else {
+            ConfChangeV2::parse_from_bytes(&e.data)
+        };
+        let cc = match cc {
+            Ok(cc) => cc,
+            Err(err) => {
+                tracing::error!(index = e.index, error = %err, "undecodable configuration change skipped");
+                return Ok(());
+            }
+        };
+        match self.node.apply_conf_change(&cc) {
+            Ok(cs) => {
+                let mut batch = WriteBatch::default();
+                self.node.raft.raft_log.store().set_conf_state(&mut batch, &cs);
+                self.engine.write(batch, true)
+            }
+            Err(err) => {
+                tracing::warn!(index = e.index, error = %err, "configuration change rejected");
+                Ok(())
+            }
+        }
+    }
+
+    fn release_reads(&mut self) {
+        let applied = self.store.applied_index();
+        self.reads_ready.retain_mut(|(index, waiters)| {
+            if *index > applied {
+                return true;
+            }
+            for w in waiters.drain(..) {
+                let _ = w.reply.send(Ok(()));
+            }
+            false
+        });
+    }
+}

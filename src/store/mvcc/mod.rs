@@ -1,0 +1,681 @@
+//! The MVCC key-value store: etcd's revisioned key space on RocksDB.
+//!
+//! Every change gets a revision `(main, sub)`; one request (a Put, a DeleteRange that
+//! deletes something, or a Txn with changes) takes one `main`. Values live in the `kv`
+//! column family under their revision, tombstones included; the in-memory [`KeyIndex`]
+//! maps keys to revisions and is rebuilt from the column family at start.
+//!
+//! Concurrency: one writer (the Raft apply loop) and many readers. The index sits behind
+//! a std `RwLock` held only for in-memory work, never across I/O on a shared path or an
+//! await. Readers read at `current`, which is published only after the batch holding
+//! every value up to it is written, so a reader never sees a revision whose value is
+//! not yet in RocksDB, even while the writer has already indexed newer ones.
+
+pub mod index;
+pub mod revision;
+
+use std::cmp::Ordering as CmpOrdering;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::RwLock;
+
+use bytes::Bytes;
+use prost::Message;
+use rocksdb::{IteratorMode, WriteBatch};
+
+use crate::pb::etcdserverpb::{
+    compare, range_request, request_op, response_op, CompactionRequest, CompactionResponse, Compare,
+    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
+    ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+};
+use crate::pb::meshkvpb::{internal_request, InternalRequest};
+use crate::pb::mvccpb::KeyValue;
+use crate::store::engine::{Engine, EngineError, CF_KV, CF_META};
+
+pub use index::{KeyAt, KeyIndex, RangeEnd};
+pub use revision::Revision;
+
+const META_APPLIED: &[u8] = b"applied_index";
+const META_REVISION: &[u8] = b"revision";
+const META_COMPACTED: &[u8] = b"compact_revision";
+
+/// Why a request against the store failed. The API maps each to etcd's gRPC error.
+#[derive(Debug, thiserror::Error)]
+pub enum MvccError {
+    #[error("mvcc: required revision has been compacted")]
+    Compacted,
+    #[error("mvcc: required revision is a future revision")]
+    FutureRev,
+    #[error("key not found")]
+    KeyNotFound,
+    #[error("requested lease not found")]
+    LeaseNotFound,
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("corrupt value at revision {0:?}: {1}")]
+    Corrupt(Revision, String),
+}
+
+/// The outcome of applying one write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteResponse {
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    Compaction(CompactionResponse),
+    /// An entry with nothing to apply (such as a new leader's empty entry).
+    Empty,
+}
+
+/// Values written by the batch being applied, not yet in RocksDB.
+type Pending = HashMap<Revision, KeyValue>;
+
+/// The revisioned key-value store of one member.
+pub struct MvccStore {
+    engine: Engine,
+    index: RwLock<KeyIndex>,
+    /// Newest revision whose values are all in RocksDB: what readers see.
+    current: AtomicI64,
+    compacted: AtomicI64,
+    applied: AtomicU64,
+}
+
+/// The state of one write request while it is applied.
+struct WriteTxn {
+    /// The main revision this request takes if it changes anything.
+    main: i64,
+    /// Next sub revision; > 0 once something changed.
+    sub: i64,
+}
+
+impl WriteTxn {
+    fn changed(&self) -> bool {
+        self.sub > 0
+    }
+    /// The revision reads inside the request see: its own changes included.
+    fn read_rev(&self) -> i64 {
+        if self.changed() {
+            self.main
+        } else {
+            self.main - 1
+        }
+    }
+    fn next(&mut self) -> Revision {
+        let r = Revision::new(self.main, self.sub);
+        self.sub += 1;
+        r
+    }
+}
+
+fn lock_poisoned() -> ! {
+    // A panic while holding the index lock leaves it inconsistent with RocksDB; the
+    // member cannot go on serving from it.
+    panic!("key index lock poisoned by an earlier panic")
+}
+
+impl MvccStore {
+    /// Opens the store on `engine`, rebuilding the key index from the `kv` column family.
+    pub fn open(engine: Engine) -> Result<Self, MvccError> {
+        let applied = engine.get_u64(CF_META, META_APPLIED)?.unwrap_or(0);
+        let mut current = engine.get_u64(CF_META, META_REVISION)?.unwrap_or(1) as i64;
+        let compacted = engine.get_u64(CF_META, META_COMPACTED)?.unwrap_or(0) as i64;
+        let mut index = KeyIndex::default();
+        let db = engine.db();
+        for item in db.iterator_cf(engine.cf(CF_KV), IteratorMode::Start) {
+            let (k, v) = item.map_err(EngineError::from)?;
+            let (rev, tombstone) = Revision::from_key(&k)
+                .ok_or_else(|| EngineError::Corrupt { cf: CF_KV, what: format!("bad revision key {k:?}") })?;
+            let kv = KeyValue::decode(v.as_ref()).map_err(|e| MvccError::Corrupt(rev, e.to_string()))?;
+            if tombstone {
+                index.tombstone(&kv.key, rev);
+            } else {
+                index.restore_put(kv.key, rev, kv.create_revision, kv.version);
+            }
+            current = current.max(rev.main);
+        }
+        Ok(Self {
+            engine,
+            index: RwLock::new(index),
+            current: AtomicI64::new(current),
+            compacted: AtomicI64::new(compacted),
+            applied: AtomicU64::new(applied),
+        })
+    }
+
+    /// The newest revision. A fresh store is at revision 1, as etcd's is.
+    pub fn revision(&self) -> i64 {
+        self.current.load(Ordering::Acquire)
+    }
+
+    pub fn compact_revision(&self) -> i64 {
+        self.compacted.load(Ordering::Acquire)
+    }
+
+    /// The Raft index of the last applied entry.
+    pub fn applied_index(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Number of live keys at the newest revision.
+    pub fn key_count(&self) -> usize {
+        let rev = self.revision();
+        let ix = self.index.read().unwrap_or_else(|_| lock_poisoned());
+        let mut n = 0;
+        ix.range(&[0], &RangeEnd::Unbounded, rev, |_, _| {
+            n += 1;
+            true
+        });
+        n + usize::from(ix.get(&[], rev).is_some())
+    }
+
+    fn check_read_rev(&self, requested: i64, current: i64) -> Result<i64, MvccError> {
+        if requested <= 0 {
+            return Ok(current);
+        }
+        if requested > current {
+            return Err(MvccError::FutureRev);
+        }
+        if requested < self.compact_revision() {
+            return Err(MvccError::Compacted);
+        }
+        Ok(requested)
+    }
+
+    fn load(&self, rev: Revision, pending: Option<&Pending>) -> Result<KeyValue, MvccError> {
+        if let Some(kv) = pending.and_then(|p| p.get(&rev)) {
+            return Ok(kv.clone());
+        }
+        let raw =
+            self.engine.db().get_pinned_cf(self.engine.cf(CF_KV), rev.to_key(false)).map_err(EngineError::from)?;
+        match raw {
+            Some(v) => KeyValue::decode(v.as_ref()).map_err(|e| MvccError::Corrupt(rev, e.to_string())),
+            // Compaction removed it between the index look-up and this read.
+            None => Err(MvccError::Compacted),
+        }
+    }
+
+    fn load_many(&self, found: &[(Bytes, KeyAt)], pending: Option<&Pending>) -> Result<Vec<KeyValue>, MvccError> {
+        if pending.is_none() && found.len() > 1 {
+            let cf = self.engine.cf(CF_KV);
+            let keys: Vec<_> = found.iter().map(|(_, at)| (cf, at.modified.to_key(false))).collect();
+            let mut out = Vec::with_capacity(found.len());
+            for (res, (_, at)) in self.engine.db().multi_get_cf(keys).into_iter().zip(found) {
+                match res.map_err(EngineError::from)? {
+                    Some(v) => out.push(
+                        KeyValue::decode(v.as_ref()).map_err(|e| MvccError::Corrupt(at.modified, e.to_string()))?,
+                    ),
+                    None => return Err(MvccError::Compacted),
+                }
+            }
+            return Ok(out);
+        }
+        found.iter().map(|(_, at)| self.load(at.modified, pending)).collect()
+    }
+
+    /// Serves a Range at the newest revision (or the one it asks for).
+    pub fn range(&self, req: &RangeRequest) -> Result<RangeResponse, MvccError> {
+        let current = self.revision();
+        let rev = self.check_read_rev(req.revision, current)?;
+        let (found, count) = {
+            let ix = self.index.read().unwrap_or_else(|_| lock_poisoned());
+            select(&ix, req, rev)
+        };
+        self.finish_range(req, found, count, current, None)
+    }
+
+    /// Filters, sorts, truncates and loads a range selection; `header_rev` is the
+    /// revision the response header reports.
+    fn finish_range(
+        &self,
+        req: &RangeRequest,
+        mut found: Vec<(Bytes, KeyAt)>,
+        count: usize,
+        header_rev: i64,
+        pending: Option<&Pending>,
+    ) -> Result<RangeResponse, MvccError> {
+        let header = Some(ResponseHeader { revision: header_rev, ..Default::default() });
+        if req.count_only {
+            return Ok(RangeResponse { header, kvs: vec![], more: false, count: count as i64 });
+        }
+        found.retain(|(_, at)| {
+            (req.max_mod_revision == 0 || at.modified.main <= req.max_mod_revision)
+                && (req.min_mod_revision == 0 || at.modified.main >= req.min_mod_revision)
+                && (req.max_create_revision == 0 || at.created <= req.max_create_revision)
+                && (req.min_create_revision == 0 || at.created >= req.min_create_revision)
+        });
+        let target = range_request::SortTarget::try_from(req.sort_target).unwrap_or(range_request::SortTarget::Key);
+        let mut order = range_request::SortOrder::try_from(req.sort_order).unwrap_or(range_request::SortOrder::None);
+        if target != range_request::SortTarget::Key && order == range_request::SortOrder::None {
+            // Results come in key order already; any other target sorts ascending by default.
+            order = range_request::SortOrder::Ascend;
+        }
+        let limit = usize::try_from(req.limit).unwrap_or(0);
+        let mut more = false;
+        let mut kvs = if target == range_request::SortTarget::Value && order != range_request::SortOrder::None {
+            let mut kvs = self.load_many(&found, pending)?;
+            kvs.sort_by(|a, b| directed(a.value.cmp(&b.value), order));
+            if limit > 0 && kvs.len() > limit {
+                kvs.truncate(limit);
+                more = true;
+            }
+            kvs
+        } else {
+            if order != range_request::SortOrder::None {
+                use range_request::SortTarget as T;
+                found.sort_by(|(ka, a), (kb, b)| {
+                    let c = match target {
+                        T::Key | T::Value => ka.cmp(kb),
+                        T::Version => a.version.cmp(&b.version),
+                        T::Create => a.created.cmp(&b.created),
+                        T::Mod => a.modified.cmp(&b.modified),
+                    };
+                    directed(c, order)
+                });
+            }
+            if limit > 0 && found.len() > limit {
+                found.truncate(limit);
+                more = true;
+            }
+            self.load_many(&found, pending)?
+        };
+        if req.keys_only {
+            for kv in &mut kvs {
+                kv.value = Bytes::new();
+            }
+        }
+        Ok(RangeResponse { header, kvs, more, count: count as i64 })
+    }
+
+    /// Applies committed entries `(raft index, request)` in one RocksDB batch, in order,
+    /// and returns each entry's outcome. The batch also records the applied index, so a
+    /// replay after a crash starts exactly after the last entry it holds.
+    pub fn apply(
+        &self,
+        entries: &[(u64, Option<InternalRequest>)],
+    ) -> Result<Vec<Result<WriteResponse, MvccError>>, MvccError> {
+        let Some(&(last_index, _)) = entries.last() else {
+            return Ok(Vec::new());
+        };
+        let mut batch = WriteBatch::default();
+        let mut pending = Pending::new();
+        let mut rev = self.revision();
+        let mut out = Vec::with_capacity(entries.len());
+        for (index, req) in entries {
+            if *index <= self.applied_index() {
+                // Already applied before a restart: replay must not apply twice.
+                out.push(Ok(WriteResponse::Empty));
+                continue;
+            }
+            let Some(req) = req.as_ref().and_then(|r| r.request.as_ref()) else {
+                out.push(Ok(WriteResponse::Empty));
+                continue;
+            };
+            if let internal_request::Request::Compaction(c) = req {
+                // Readers must never see the index compacted past the revision they read
+                // at, so what came before is published first.
+                self.commit(std::mem::take(&mut batch), rev, *index - 1, None)?;
+                pending.clear();
+                let mut ix = self.index.write().unwrap_or_else(|_| lock_poisoned());
+                let res = self.compact(&mut ix, &mut batch, c, rev, self.compact_revision());
+                drop(ix);
+                let ok = res.is_ok();
+                self.commit(std::mem::take(&mut batch), rev, *index, ok.then_some(c.revision))?;
+                out.push(res.map(WriteResponse::Compaction));
+                continue;
+            }
+            let mut w = WriteTxn { main: rev + 1, sub: 0 };
+            let res = {
+                let mut ix = self.index.write().unwrap_or_else(|_| lock_poisoned());
+                match req {
+                    internal_request::Request::Put(p) => self
+                        .check_put(&ix, p, rev)
+                        .and_then(|()| self.put(&mut ix, &mut batch, &mut pending, &mut w, p))
+                        .map(WriteResponse::Put),
+                    internal_request::Request::DeleteRange(d) => {
+                        self.delete_range(&mut ix, &mut batch, &mut pending, &mut w, d).map(WriteResponse::DeleteRange)
+                    }
+                    internal_request::Request::Txn(t) => {
+                        self.txn(&mut ix, &mut batch, &mut pending, &mut w, t).map(WriteResponse::Txn)
+                    }
+                    internal_request::Request::Compaction(_) => unreachable!("handled above"),
+                }
+            };
+            if w.changed() {
+                rev = w.main;
+            }
+            out.push(res);
+        }
+        self.commit(batch, rev, last_index, None)?;
+        Ok(out)
+    }
+
+    /// Writes an applied batch with the applied index and revision, then publishes it
+    /// to readers.
+    fn commit(&self, mut batch: WriteBatch, rev: i64, applied: u64, compacted: Option<i64>) -> Result<(), MvccError> {
+        let meta = self.engine.cf(CF_META);
+        batch.put_cf(meta, META_APPLIED, applied.to_be_bytes());
+        batch.put_cf(meta, META_REVISION, (rev as u64).to_be_bytes());
+        if let Some(c) = compacted {
+            batch.put_cf(meta, META_COMPACTED, (c as u64).to_be_bytes());
+        }
+        // Not synced: the Raft log is, and the applied index rides in this batch, so a
+        // lost tail is re-applied from the log at start.
+        self.engine.write(batch, false)?;
+        self.current.store(rev, Ordering::Release);
+        self.applied.store(applied, Ordering::Release);
+        if let Some(c) = compacted {
+            self.compacted.store(c, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Checks a Put against the state at `rev` before anything is written: etcd fails
+    /// the whole request (and a whole Txn) on these.
+    fn check_put(&self, ix: &KeyIndex, p: &PutRequest, rev: i64) -> Result<(), MvccError> {
+        if (p.ignore_value || p.ignore_lease) && ix.get(&p.key, rev).is_none() {
+            return Err(MvccError::KeyNotFound);
+        }
+        if p.lease != 0 && !self.lease_exists(p.lease) {
+            return Err(MvccError::LeaseNotFound);
+        }
+        Ok(())
+    }
+
+    /// No lease can exist until the Lease service grants one.
+    fn lease_exists(&self, _id: i64) -> bool {
+        false
+    }
+
+    fn put(
+        &self,
+        ix: &mut KeyIndex,
+        batch: &mut WriteBatch,
+        pending: &mut Pending,
+        w: &mut WriteTxn,
+        p: &PutRequest,
+    ) -> Result<PutResponse, MvccError> {
+        let prev = match ix.get(&p.key, w.read_rev()) {
+            Some(at) => Some(self.load(at.modified, Some(pending))?),
+            None => None,
+        };
+        let rev = w.next();
+        let at = ix.put(p.key.clone(), rev);
+        let kv = KeyValue {
+            key: p.key.clone(),
+            create_revision: at.created,
+            mod_revision: rev.main,
+            version: at.version,
+            value: match (&prev, p.ignore_value) {
+                (Some(prev), true) => prev.value.clone(),
+                _ => p.value.clone(),
+            },
+            lease: match (&prev, p.ignore_lease) {
+                (Some(prev), true) => prev.lease,
+                _ => p.lease,
+            },
+        };
+        batch.put_cf(self.engine.cf(CF_KV), rev.to_key(false), kv.encode_to_vec());
+        pending.insert(rev, kv);
+        Ok(PutResponse {
+            header: Some(ResponseHeader { revision: rev.main, ..Default::default() }),
+            prev_kv: if p.prev_kv { prev } else { None },
+        })
+    }
+
+    fn delete_range(
+        &self,
+        ix: &mut KeyIndex,
+        batch: &mut WriteBatch,
+        pending: &mut Pending,
+        w: &mut WriteTxn,
+        d: &DeleteRangeRequest,
+    ) -> Result<DeleteRangeResponse, MvccError> {
+        let end = RangeEnd::from_request(&d.range_end);
+        let mut found = Vec::new();
+        ix.range(&d.key, &end, w.read_rev(), |k, at| {
+            found.push((k.clone(), at));
+            true
+        });
+        let prev_kvs = if d.prev_kv { self.load_many(&found, Some(pending))? } else { Vec::new() };
+        for (key, _) in &found {
+            let rev = w.next();
+            ix.tombstone(key, rev);
+            let tomb = KeyValue { key: key.clone(), mod_revision: rev.main, ..Default::default() };
+            batch.put_cf(self.engine.cf(CF_KV), rev.to_key(true), tomb.encode_to_vec());
+        }
+        Ok(DeleteRangeResponse {
+            header: Some(ResponseHeader { revision: w.read_rev(), ..Default::default() }),
+            deleted: found.len() as i64,
+            prev_kvs,
+        })
+    }
+
+    fn compare(&self, ix: &KeyIndex, c: &Compare, rev: i64, pending: &Pending) -> Result<bool, MvccError> {
+        let end = match c.range_end.as_ref() {
+            [] => RangeEnd::Single,
+            [0] => RangeEnd::Unbounded,
+            e => RangeEnd::Before(Bytes::copy_from_slice(e)),
+        };
+        let mut found = Vec::new();
+        ix.range(&c.key, &end, rev, |k, at| {
+            found.push((k.clone(), at));
+            true
+        });
+        let target = compare::CompareTarget::try_from(c.target).unwrap_or(compare::CompareTarget::Version);
+        if found.is_empty() {
+            // A missing key compares as zero values, but its value cannot be compared.
+            return Ok(target != compare::CompareTarget::Value && compare_kv(c, &KeyValue::default()));
+        }
+        let kvs = self.load_many(&found, Some(pending))?;
+        Ok(kvs.iter().all(|kv| compare_kv(c, kv)))
+    }
+
+    /// Decides every branch of a Txn (nested ones included) against the state before it,
+    /// as etcd does, and checks the chosen ops before any of them runs.
+    fn txn_path(
+        &self,
+        ix: &KeyIndex,
+        t: &TxnRequest,
+        rev: i64,
+        pending: &Pending,
+        path: &mut Vec<bool>,
+    ) -> Result<(), MvccError> {
+        let mut ok = true;
+        for c in &t.compare {
+            if !self.compare(ix, c, rev, pending)? {
+                ok = false;
+                break;
+            }
+        }
+        path.push(ok);
+        let ops = if ok { &t.success } else { &t.failure };
+        for op in ops {
+            match &op.request {
+                Some(request_op::Request::RequestPut(p)) => self.check_put(ix, p, rev)?,
+                Some(request_op::Request::RequestRange(r)) => {
+                    self.check_read_rev(r.revision, rev)?;
+                }
+                Some(request_op::Request::RequestTxn(inner)) => self.txn_path(ix, inner, rev, pending, path)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn txn(
+        &self,
+        ix: &mut KeyIndex,
+        batch: &mut WriteBatch,
+        pending: &mut Pending,
+        w: &mut WriteTxn,
+        t: &TxnRequest,
+    ) -> Result<TxnResponse, MvccError> {
+        let mut path = Vec::new();
+        self.txn_path(ix, t, w.main - 1, pending, &mut path)?;
+        let mut path = path.into_iter();
+        let mut resp = self.run_txn(ix, batch, pending, w, t, &mut path)?;
+        resp.header = Some(ResponseHeader { revision: w.read_rev(), ..Default::default() });
+        Ok(resp)
+    }
+
+    fn run_txn(
+        &self,
+        ix: &mut KeyIndex,
+        batch: &mut WriteBatch,
+        pending: &mut Pending,
+        w: &mut WriteTxn,
+        t: &TxnRequest,
+        path: &mut std::vec::IntoIter<bool>,
+    ) -> Result<TxnResponse, MvccError> {
+        let succeeded = path.next().unwrap_or(false);
+        let ops: &[RequestOp] = if succeeded { &t.success } else { &t.failure };
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            let response = match &op.request {
+                Some(request_op::Request::RequestRange(r)) => {
+                    let rev = if r.revision > 0 { r.revision } else { w.read_rev() };
+                    let (found, count) = select(ix, r, rev);
+                    Some(response_op::Response::ResponseRange(self.finish_range(
+                        r,
+                        found,
+                        count,
+                        w.read_rev(),
+                        Some(pending),
+                    )?))
+                }
+                Some(request_op::Request::RequestPut(p)) => {
+                    Some(response_op::Response::ResponsePut(self.put(ix, batch, pending, w, p)?))
+                }
+                Some(request_op::Request::RequestDeleteRange(d)) => {
+                    Some(response_op::Response::ResponseDeleteRange(self.delete_range(ix, batch, pending, w, d)?))
+                }
+                Some(request_op::Request::RequestTxn(inner)) => {
+                    let mut r = self.run_txn(ix, batch, pending, w, inner, path)?;
+                    r.header = Some(ResponseHeader { revision: w.read_rev(), ..Default::default() });
+                    Some(response_op::Response::ResponseTxn(r))
+                }
+                None => None,
+            };
+            responses.push(ResponseOp { response });
+        }
+        Ok(TxnResponse { header: None, succeeded, responses })
+    }
+
+    fn compact(
+        &self,
+        ix: &mut KeyIndex,
+        batch: &mut WriteBatch,
+        c: &CompactionRequest,
+        current: i64,
+        compacted: i64,
+    ) -> Result<CompactionResponse, MvccError> {
+        if c.revision <= compacted {
+            return Err(MvccError::Compacted);
+        }
+        if c.revision > current {
+            return Err(MvccError::FutureRev);
+        }
+        let cf = self.engine.cf(CF_KV);
+        for d in ix.compact(c.revision) {
+            batch.delete_cf(cf, d.rev.to_key(d.tombstone));
+        }
+        Ok(CompactionResponse { header: Some(ResponseHeader { revision: current, ..Default::default() }) })
+    }
+
+    /// A CRC-32 over every stored revision up to `rev` (0: the newest), for comparing
+    /// members' stores. Returns the hash, the revision it covers and the compact revision.
+    pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64), MvccError> {
+        let current = self.revision();
+        let rev = self.check_read_rev(rev, current)?;
+        let mut h = crc32fast::Hasher::new();
+        let upper = Revision::new(rev + 1, 0).to_key(false);
+        let iter = self.engine.db().iterator_cf(self.engine.cf(CF_KV), IteratorMode::Start);
+        for item in iter {
+            let (k, v) = item.map_err(EngineError::from)?;
+            if k.as_ref() >= upper.as_slice() {
+                break;
+            }
+            h.update(&k);
+            h.update(&v);
+        }
+        Ok((h.finalize(), rev, self.compact_revision()))
+    }
+}
+
+fn directed(c: CmpOrdering, order: range_request::SortOrder) -> CmpOrdering {
+    if order == range_request::SortOrder::Descend {
+        c.reverse()
+    } else {
+        c
+    }
+}
+
+/// The keys a Range covers at `rev`, in key order, and how many there are.
+fn select(ix: &KeyIndex, req: &RangeRequest, rev: i64) -> (Vec<(Bytes, KeyAt)>, usize) {
+    let end = RangeEnd::from_request(&req.range_end);
+    let mut found = Vec::new();
+    let mut count = 0usize;
+    // Without sorting or filtering, one more than the limit tells `more`; the count
+    // still covers the whole range.
+    let unsorted = req.sort_order == 0
+        && req.sort_target == 0
+        && req.min_mod_revision == 0
+        && req.max_mod_revision == 0
+        && req.min_create_revision == 0
+        && req.max_create_revision == 0;
+    let keep = if req.count_only {
+        0
+    } else if unsorted && req.limit > 0 {
+        usize::try_from(req.limit).unwrap_or(usize::MAX).saturating_add(1)
+    } else {
+        usize::MAX
+    };
+    ix.range(&req.key, &end, rev, |k, at| {
+        count += 1;
+        if found.len() < keep {
+            found.push((k.clone(), at));
+        }
+        true
+    });
+    (found, count)
+}
+
+fn compare_kv(c: &Compare, kv: &KeyValue) -> bool {
+    use compare::TargetUnion as U;
+    let target = compare::CompareTarget::try_from(c.target).unwrap_or(compare::CompareTarget::Version);
+    let ord = match target {
+        compare::CompareTarget::Value => {
+            let want: &[u8] = match &c.target_union {
+                Some(U::Value(v)) => v,
+                _ => &[],
+            };
+            kv.value.as_ref().cmp(want)
+        }
+        compare::CompareTarget::Version => kv.version.cmp(&match c.target_union {
+            Some(U::Version(v)) => v,
+            _ => 0,
+        }),
+        compare::CompareTarget::Create => kv.create_revision.cmp(&match c.target_union {
+            Some(U::CreateRevision(v)) => v,
+            _ => 0,
+        }),
+        compare::CompareTarget::Mod => kv.mod_revision.cmp(&match c.target_union {
+            Some(U::ModRevision(v)) => v,
+            _ => 0,
+        }),
+        compare::CompareTarget::Lease => kv.lease.cmp(&match c.target_union {
+            Some(U::Lease(v)) => v,
+            _ => 0,
+        }),
+    };
+    match compare::CompareResult::try_from(c.result).unwrap_or(compare::CompareResult::Equal) {
+        compare::CompareResult::Equal => ord == CmpOrdering::Equal,
+        compare::CompareResult::NotEqual => ord != CmpOrdering::Equal,
+        compare::CompareResult::Greater => ord == CmpOrdering::Greater,
+        compare::CompareResult::Less => ord == CmpOrdering::Less,
+    }
+}

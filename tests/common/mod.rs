@@ -1,0 +1,188 @@
+//! Helpers for tests that run real `meshkv` (and real etcd) processes on loopback.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Path of the `meshkv` binary cargo built for these tests.
+pub fn meshkv_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_meshkv")
+}
+
+/// A running server process whose stderr is collected.
+pub struct Proc {
+    pub child: Child,
+    pub client_addr: String,
+    pub log: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.client_addr)
+    }
+
+    /// Sends SIGKILL and waits for the process to go.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits (up to a deadline) for an orderly exit.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        None
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Starts `meshkv` on a free client port (port 0, read back from its log) with its data
+/// in `data_dir`, and waits until it serves.
+pub fn start_meshkv(data_dir: &Path, extra: &[&str]) -> Proc {
+    let mut child = Command::new(meshkv_bin())
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen-client-urls", "http://127.0.0.1:0", "--listen-peer-urls", "http://127.0.0.1:0"])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start meshkv");
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(String::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log2 = log.clone();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(i) = line.find("ready to serve client requests on http://") {
+                let addr = line[i + "ready to serve client requests on http://".len()..].trim().to_string();
+                if let Some(tx) = tx.take() {
+                    let _ = tx.send(addr);
+                }
+            }
+            let mut l = log2.lock().unwrap();
+            l.push_str(&line);
+            l.push('\n');
+        }
+    });
+    let client_addr = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(a) => a,
+        Err(_) => {
+            let _ = child.kill();
+            panic!("meshkv did not become ready; log:\n{}", log.lock().unwrap());
+        }
+    };
+    Proc { child, client_addr, log }
+}
+
+/// A free loopback port: bound, read and released. Only for programs (such as etcd)
+/// that cannot report the port they bound themselves.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Waits until `f` holds or the deadline passes.
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Starts real etcd (Debian's etcd-server) on free ports, for recording reference output.
+pub fn start_etcd(data_dir: &Path) -> Proc {
+    let client = free_port();
+    let peer = free_port();
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new("etcd")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("default={peer_url}")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start etcd (apt-get install etcd-server)");
+    let p = Proc { child, client_addr: format!("127.0.0.1:{client}"), log: Arc::new(Mutex::new(String::new())) };
+    wait_until("etcd to serve", Duration::from_secs(30), || {
+        etcdctl(&p.client_addr, &["endpoint", "health"], None).status == 0
+    });
+    p
+}
+
+/// What one etcdctl run printed.
+#[derive(Debug)]
+pub struct Output {
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs etcdctl (v3 API) against `endpoint` with `args`, feeding `stdin`.
+pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut child = Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .arg(format!("--endpoints={endpoint}"))
+        .arg("--command-timeout=10s")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run etcdctl (apt-get install etcd-client)");
+    let mut input = child.stdin.take().unwrap();
+    let data = stdin.map(|s| s.to_vec());
+    let writer = std::thread::spawn(move || {
+        if let Some(d) = data {
+            let _ = input.write_all(&d);
+        }
+    });
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let status = child.wait().unwrap().code().unwrap_or(-1);
+    let _ = writer.join();
+    Output { status, stdout, stderr }
+}
+
+/// A fresh temporary directory for one test.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("meshkv-test").tempdir().unwrap()
+}
+
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
