@@ -8,6 +8,7 @@
 pub mod api;
 pub mod bench;
 pub mod config;
+pub mod mesh;
 pub mod pb;
 pub mod raft;
 pub mod server;
