@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/v3lockpb/v3lock.proto",
         "proto/v3electionpb/v3election.proto",
         "proto/meshkvpb/internal.proto",
+        "proto/meshkvpb/mesh.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

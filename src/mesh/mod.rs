@@ -16,8 +16,10 @@ pub mod gossip;
 pub mod node;
 pub mod peer;
 pub mod routes;
+pub mod secure;
 pub mod sim;
 pub mod topology;
+pub mod wire;
 
 pub use gossip::{GCounter, GossipData};
 pub use node::{Msg, Node, NodeConfig};
