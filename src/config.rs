@@ -8,7 +8,9 @@ use std::time::Duration;
 /// Everything a member needs to start.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Human-readable member name; the member id is derived from it, so it is stable.
+    /// Name of this member and mesh peer; the member id is derived from it, so it is
+    /// stable. Empty: the name kept in the data dir, else "default" for a lone member,
+    /// else a generated one (kept in the data dir from then on).
     pub name: String,
     /// Where RocksDB keeps this member's data.
     pub data_dir: PathBuf,
@@ -16,8 +18,14 @@ pub struct Config {
     pub listen_client_urls: Vec<String>,
     /// Client URLs told to clients (member list); defaults to the listen URLs.
     pub advertise_client_urls: Vec<String>,
-    /// URLs the member serves peers on.
+    /// URLs the member serves peers (the mesh) on.
     pub listen_peer_urls: Vec<String>,
+    /// Mesh peers to join (host:port); any one member of the cluster will do.
+    pub join: Vec<String>,
+    /// Peers of other clusters are refused at the mesh handshake.
+    pub cluster_name: String,
+    /// File holding the shared mesh secret; peers without it are refused.
+    pub mesh_secret_file: Option<PathBuf>,
     /// Largest request accepted, in bytes, as etcd's --max-request-bytes.
     pub max_request_bytes: usize,
     /// Most operations in one Txn, as etcd's --max-txn-ops.
@@ -37,6 +45,9 @@ impl Default for Config {
             listen_client_urls: vec!["http://127.0.0.1:2379".into()],
             advertise_client_urls: vec![],
             listen_peer_urls: vec!["http://127.0.0.1:2380".into()],
+            join: vec![],
+            cluster_name: "meshkv".into(),
+            mesh_secret_file: None,
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
             heartbeat_interval: Duration::from_millis(100),
@@ -49,8 +60,10 @@ impl Default for Config {
 /// A configuration that cannot run, and why.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--name must not be empty")]
-    EmptyName,
+    #[error("--cluster-name must not be empty")]
+    EmptyClusterName,
+    #[error("--join {0:?}: expected host:port")]
+    BadJoin(String),
     #[error("{flag}: {url:?} is not a URL this member can listen on: {why}")]
     BadUrl { flag: &'static str, url: String, why: String },
     #[error("--max-request-bytes must be at least 1")]
@@ -87,8 +100,14 @@ pub fn parse_listen_url(flag: &'static str, url: &str) -> Result<Vec<SocketAddr>
 impl Config {
     /// Checks the configuration as a whole.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.name.is_empty() {
-            return Err(ConfigError::EmptyName);
+        if self.cluster_name.is_empty() {
+            return Err(ConfigError::EmptyClusterName);
+        }
+        for j in &self.join {
+            let hostport = j.strip_prefix("http://").unwrap_or(j);
+            if hostport.rsplit_once(':').is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err()) {
+                return Err(ConfigError::BadJoin(j.clone()));
+            }
         }
         for u in &self.listen_client_urls {
             parse_listen_url("--listen-client-urls", u)?;

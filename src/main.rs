@@ -26,7 +26,7 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
-    /// Workload: put, range (linearizable) or range-serializable.
+    /// Workload: put, range (linearizable), range-serializable, or mesh (MeshConn datagrams).
     #[arg(default_value = "put")]
     workload: String,
     /// Comma-separated endpoints (host:port or http://host:port).
@@ -53,14 +53,18 @@ struct BenchArgs {
     /// Write keys in order rather than spread over the key space.
     #[arg(long)]
     sequential_keys: bool,
+    /// Seconds per measurement, for the mesh workload.
+    #[arg(long, default_value_t = 3.0)]
+    duration: f64,
 }
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    /// Human-readable name of this member; its member id is derived from it.
-    #[arg(long, default_value = "default")]
-    name: String,
-    /// Directory of this member's data [default: <name>.meshkv].
+    /// Name of this member and mesh peer; its member id is derived from it [default: the
+    /// name kept in the data dir, else "default" for a lone member, else generated].
+    #[arg(long)]
+    name: Option<String>,
+    /// Directory of this member's data [default: <name>.meshkv, or default.meshkv].
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Comma-separated URLs to serve clients on.
@@ -69,9 +73,18 @@ struct ServeArgs {
     /// Comma-separated client URLs to advertise to clients [default: the listen URLs].
     #[arg(long, value_delimiter = ',')]
     advertise_client_urls: Vec<String>,
-    /// Comma-separated URLs to serve peers on.
+    /// Comma-separated URLs to serve mesh peers on.
     #[arg(long, default_value = "http://127.0.0.1:2380", value_delimiter = ',')]
     listen_peer_urls: Vec<String>,
+    /// Comma-separated mesh peers to join (host:port); any one member will do.
+    #[arg(long, value_delimiter = ',')]
+    join: Vec<String>,
+    /// Name of the cluster; mesh peers of another cluster are refused.
+    #[arg(long, default_value = "meshkv")]
+    cluster_name: String,
+    /// File with the shared mesh secret; peers without it are refused before they learn anything.
+    #[arg(long)]
+    mesh_secret_file: Option<PathBuf>,
     /// Largest client request accepted, in bytes; larger writes get "etcdserver: request is too large".
     #[arg(long, default_value_t = 1536 * 1024)]
     max_request_bytes: usize,
@@ -92,8 +105,13 @@ struct ServeArgs {
 impl ServeArgs {
     fn into_config(self) -> Config {
         Config {
-            data_dir: self.data_dir.unwrap_or_else(|| PathBuf::from(format!("{}.meshkv", self.name))),
-            name: self.name,
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from(format!("{}.meshkv", self.name.as_deref().unwrap_or("default")))),
+            name: self.name.unwrap_or_default(),
+            join: self.join,
+            cluster_name: self.cluster_name,
+            mesh_secret_file: self.mesh_secret_file,
             listen_client_urls: self.listen_client_urls,
             advertise_client_urls: self.advertise_client_urls,
             listen_peer_urls: self.listen_peer_urls,
@@ -124,6 +142,15 @@ async fn shutdown_signal() {
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
     use meshkv::bench::{self, BenchConfig, Workload};
+    if args.workload == "mesh" {
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let results = rt.block_on(bench::mesh::run(std::time::Duration::from_secs_f64(args.duration)));
+        println!("{}", bench::mesh::MeshBench::table_header());
+        for r in results {
+            println!("{}", r.table_row());
+        }
+        return Ok(());
+    }
     let workload = match args.workload.as_str() {
         "put" => Workload::Put,
         "range" => Workload::RangeLinearizable,

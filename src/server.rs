@@ -45,6 +45,66 @@ pub enum ServerError {
     MemberMismatch { stored: u64, wanted: u64, name: String },
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot read --mesh-secret-file {path}: {err}")]
+    Secret { path: String, err: std::io::Error },
+    #[error("--mesh-secret-file {0} is empty")]
+    EmptySecret(String),
+    #[error("cannot keep the member name in {path}: {err}")]
+    NameFile { path: String, err: std::io::Error },
+    #[error(transparent)]
+    Mesh(#[from] crate::mesh::runtime::MeshError),
+}
+
+/// The member's name: given, or kept in the data dir from an earlier start, or
+/// "default" for a lone member, or generated (a member that joins others needs a
+/// name of its own). Whatever is chosen is kept in the data dir.
+fn resolve_name(cfg: &Config) -> Result<String, ServerError> {
+    let path = cfg.data_dir.join("name");
+    let err = |err| ServerError::NameFile { path: path.display().to_string(), err };
+    let kept = match std::fs::read_to_string(&path) {
+        Ok(s) => Some(s.trim().to_string()).filter(|s| !s.is_empty()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(err(e)),
+    };
+    let name = if !cfg.name.is_empty() {
+        cfg.name.clone()
+    } else if let Some(k) = kept.clone() {
+        k
+    } else if cfg.join.is_empty() {
+        "default".to_string()
+    } else {
+        format!("meshkv-{:08x}", rand::random::<u32>())
+    };
+    if kept.as_deref() != Some(name.as_str()) {
+        std::fs::write(&path, format!("{name}\n")).map_err(err)?;
+    }
+    Ok(name)
+}
+
+async fn start_mesh(cfg: &Config, name: &str) -> Result<crate::mesh::Mesh, ServerError> {
+    let secret = match &cfg.mesh_secret_file {
+        Some(p) => {
+            let s = std::fs::read(p).map_err(|err| ServerError::Secret { path: p.display().to_string(), err })?;
+            if s.iter().all(u8::is_ascii_whitespace) {
+                return Err(ServerError::EmptySecret(p.display().to_string()));
+            }
+            Some(s)
+        }
+        None => None,
+    };
+    let listen = match cfg.listen_peer_urls.first() {
+        Some(u) => parse_listen_url("--listen-peer-urls", u)?.first().copied(),
+        None => None,
+    };
+    let mut mc = crate::mesh::MeshConfig::new(name);
+    mc.nickname = name.to_string();
+    mc.cluster = cfg.cluster_name.clone();
+    mc.secret = secret;
+    mc.listen = listen;
+    mc.join = cfg.join.iter().map(|j| j.strip_prefix("http://").unwrap_or(j).to_string()).collect();
+    let mesh = crate::mesh::Mesh::start(mc, Vec::new()).await?;
+    tracing::info!("mesh peer {name} listening on {}", mesh.addr());
+    Ok(mesh)
 }
 
 /// A member id from a name: stable across restarts, never zero (raft-rs reserves 0).
@@ -87,6 +147,8 @@ pub async fn run(
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| EngineError::Corrupt { cf: "data dir", what: format!("{}: {e}", cfg.data_dir.display()) })?;
+    let mut cfg = cfg;
+    cfg.name = resolve_name(&cfg)?;
     let engine = Engine::open(&cfg.data_dir)?;
     let (cluster_id, member_id) = identity(&engine, &cfg)?;
     let store = Arc::new(MvccStore::open(engine.clone())?);
@@ -113,6 +175,10 @@ pub async fn run(
         store,
         max_txn_ops: cfg.max_txn_ops,
     };
+
+    // The mesh carries no Raft traffic while the cluster is one member; it runs so that
+    // peers can find this member.
+    let mesh = start_mesh(&cfg, &cfg.name).await?;
 
     let mut listeners = Vec::new();
     for url in &cfg.listen_client_urls {
@@ -159,6 +225,7 @@ pub async fn run(
         }
     }
     tracing::info!("client listeners stopped; stopping raft");
+    mesh.shutdown();
     if started.thread.join().is_err() {
         tracing::error!("raft driver panicked");
     }

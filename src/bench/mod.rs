@@ -2,6 +2,8 @@
 //! etcd), in the manner of etcd's tools/benchmark. Latencies go into HDR histograms;
 //! errors are counted and reported, never hidden.
 
+pub mod mesh;
+
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
