@@ -26,6 +26,15 @@ pub struct Config {
     pub cluster_name: String,
     /// File holding the shared mesh secret; peers without it are refused.
     pub mesh_secret_file: Option<PathBuf>,
+    /// A fresh member waits until this many members (itself included) see each other in
+    /// the mesh, then they form a new cluster together. 0 or 1: no waiting.
+    pub bootstrap_expect: usize,
+    /// Voters the cluster keeps; further members stay learners.
+    pub voters: usize,
+    /// A voter unreachable this long is replaced by a caught-up learner.
+    pub dead_member_timeout: Duration,
+    /// Failure drills: mesh peers whose traffic is dropped, as if the link were cut.
+    pub mesh_block_peers: Vec<String>,
     /// Largest request accepted, in bytes, as etcd's --max-request-bytes.
     pub max_request_bytes: usize,
     /// Most operations in one Txn, as etcd's --max-txn-ops.
@@ -48,6 +57,10 @@ impl Default for Config {
             join: vec![],
             cluster_name: "meshkv".into(),
             mesh_secret_file: None,
+            bootstrap_expect: 0,
+            voters: 3,
+            dead_member_timeout: Duration::from_secs(30),
+            mesh_block_peers: vec![],
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
             heartbeat_interval: Duration::from_millis(100),
@@ -60,6 +73,10 @@ impl Default for Config {
 /// A configuration that cannot run, and why.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("--voters must be at least 1")]
+    ZeroVoters,
+    #[error("--bootstrap-expect {0} needs --join, so the members can find each other")]
+    BootstrapWithoutJoin(usize),
     #[error("--cluster-name must not be empty")]
     EmptyClusterName,
     #[error("--join {0:?}: expected host:port")]
@@ -102,6 +119,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.cluster_name.is_empty() {
             return Err(ConfigError::EmptyClusterName);
+        }
+        if self.voters == 0 {
+            return Err(ConfigError::ZeroVoters);
+        }
+        if self.bootstrap_expect > 1 && self.join.is_empty() {
+            return Err(ConfigError::BootstrapWithoutJoin(self.bootstrap_expect));
         }
         for j in &self.join {
             let hostport = j.strip_prefix("http://").unwrap_or(j);

@@ -85,6 +85,19 @@ struct ServeArgs {
     /// File with the shared mesh secret; peers without it are refused before they learn anything.
     #[arg(long)]
     mesh_secret_file: Option<PathBuf>,
+    /// Form a new cluster once this many fresh members (this one included) see each other.
+    #[arg(long, default_value_t = 0)]
+    bootstrap_expect: usize,
+    /// Voters to keep; members beyond them stay learners (serializable reads, watches).
+    #[arg(long, default_value_t = 3)]
+    voters: usize,
+    /// Seconds a voter may be unreachable before a caught-up learner replaces it.
+    #[arg(long, default_value_t = 30.0)]
+    dead_member_timeout: f64,
+    /// Failure drills: drop all mesh traffic to and from these peers (comma-separated
+    /// names), as if the network between them were cut.
+    #[arg(long, value_delimiter = ',')]
+    mesh_block_peers: Vec<String>,
     /// Largest client request accepted, in bytes; larger writes get "etcdserver: request is too large".
     #[arg(long, default_value_t = 1536 * 1024)]
     max_request_bytes: usize,
@@ -112,6 +125,10 @@ impl ServeArgs {
             join: self.join,
             cluster_name: self.cluster_name,
             mesh_secret_file: self.mesh_secret_file,
+            bootstrap_expect: self.bootstrap_expect,
+            voters: self.voters,
+            dead_member_timeout: Duration::from_secs_f64(self.dead_member_timeout.max(0.0)),
+            mesh_block_peers: self.mesh_block_peers,
             listen_client_urls: self.listen_client_urls,
             advertise_client_urls: self.advertise_client_urls,
             listen_peer_urls: self.listen_peer_urls,

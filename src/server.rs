@@ -7,6 +7,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
@@ -15,13 +16,15 @@ use tonic::transport::Server;
 
 use crate::api::{self, Ctx, Identity};
 use crate::config::{parse_listen_url, Config, ConfigError};
+use crate::mesh::{GossipData, Mesh, MeshConn};
 use crate::pb::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer, watch_server::WatchServer,
 };
 use crate::pb::v3electionpb::election_server::ElectionServer;
 use crate::pb::v3lockpb::lock_server::LockServer;
-use crate::raft::{node, RaftConfig};
+use crate::raft::directory::{self, Directory};
+use crate::raft::{member_id, node, Bootstrap, MeshTransport, RaftConfig, Transport};
 use crate::store::engine::{Engine, EngineError, CF_META};
 use crate::store::{MvccError, MvccStore};
 
@@ -81,7 +84,7 @@ fn resolve_name(cfg: &Config) -> Result<String, ServerError> {
     Ok(name)
 }
 
-async fn start_mesh(cfg: &Config, name: &str) -> Result<crate::mesh::Mesh, ServerError> {
+async fn start_mesh(cfg: &Config, name: &str, cluster_id: Arc<AtomicU64>) -> Result<Mesh, ServerError> {
     let secret = match &cfg.mesh_secret_file {
         Some(p) => {
             let s = std::fs::read(p).map_err(|err| ServerError::Secret { path: p.display().to_string(), err })?;
@@ -102,38 +105,81 @@ async fn start_mesh(cfg: &Config, name: &str) -> Result<crate::mesh::Mesh, Serve
     mc.secret = secret;
     mc.listen = listen;
     mc.join = cfg.join.iter().map(|j| j.strip_prefix("http://").unwrap_or(j).to_string()).collect();
-    let mesh = crate::mesh::Mesh::start(mc, Vec::new()).await?;
+    mc.cluster_id = cluster_id;
+    let channels: Vec<(String, Box<dyn GossipData>)> =
+        vec![(directory::CHANNEL.to_string(), Box::new(Directory::default()))];
+    let mesh = Mesh::start(mc, channels).await?;
+    for p in &cfg.mesh_block_peers {
+        tracing::warn!(peer = %p, "failure drill: all mesh traffic with this peer is dropped");
+        mesh.block(p);
+    }
+    let delta = mesh.with_channel::<Directory, _>(directory::CHANNEL, |d| d.publish(name, cfg.client_urls()));
+    if let Some(d) = delta {
+        mesh.broadcast(directory::CHANNEL, d);
+    }
     tracing::info!("mesh peer {name} listening on {}", mesh.addr());
     Ok(mesh)
 }
 
-/// A member id from a name: stable across restarts, never zero (raft-rs reserves 0).
-pub fn member_id_from_name(name: &str) -> u64 {
-    // FNV-1a, 64 bit: stable across builds and platforms, unlike std's hasher.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
+/// Reads this member's ids; on a fresh data dir, decides how its Raft group starts
+/// (alone, with the members it waited for, or by joining) and records the ids.
+async fn identity(engine: &Engine, cfg: &Config, mesh: &Mesh) -> Result<(u64, u64, Bootstrap), ServerError> {
+    let wanted = member_id(&cfg.name);
+    let stored_member = engine.get_u64(CF_META, META_MEMBER_ID)?;
+    let stored_cluster = engine.get_u64(CF_META, META_CLUSTER_ID)?.unwrap_or(0);
+    if let Some(m) = stored_member {
+        if m != wanted {
+            return Err(ServerError::MemberMismatch { stored: m, wanted, name: cfg.name.clone() });
+        }
+        // Raft state exists: how it started no longer matters.
+        return Ok((stored_cluster, m, Bootstrap::Join));
     }
-    h.max(1)
+    let (cluster, bootstrap) = if cfg.bootstrap_expect > 1 {
+        let names = wait_for_peers(cfg, mesh).await;
+        if names.contains(&cfg.name) {
+            let mut h = blake2::Blake2s256::default();
+            blake2::Digest::update(&mut h, cfg.cluster_name.as_bytes());
+            for n in &names {
+                blake2::Digest::update(&mut h, [0]);
+                blake2::Digest::update(&mut h, n.as_bytes());
+            }
+            let d = blake2::Digest::finalize(h);
+            let cluster = u64::from_be_bytes(d[..8].try_into().unwrap_or_default()).max(1);
+            tracing::info!(members = ?names, "forming a new cluster");
+            (cluster, Bootstrap::Voters(names.iter().map(|n| (member_id(n), n.clone())).collect()))
+        } else {
+            tracing::info!(members = ?names, "a new cluster forms without this member; joining it");
+            (0, Bootstrap::Join)
+        }
+    } else if !cfg.join.is_empty() {
+        (0, Bootstrap::Join)
+    } else {
+        (rand::random::<u64>().max(1), Bootstrap::Single)
+    };
+    let mut batch = rocksdb::WriteBatch::default();
+    batch.put_cf(engine.cf(CF_META), META_MEMBER_ID, wanted.to_be_bytes());
+    if cluster != 0 {
+        batch.put_cf(engine.cf(CF_META), META_CLUSTER_ID, cluster.to_be_bytes());
+    }
+    engine.write(batch, true)?;
+    Ok((cluster, wanted, bootstrap))
 }
 
-/// Reads this member's cluster and member ids, creating them on a fresh data dir.
-fn identity(engine: &Engine, cfg: &Config) -> Result<(u64, u64), ServerError> {
-    let wanted = member_id_from_name(&cfg.name);
-    let stored_member = engine.get_u64(CF_META, META_MEMBER_ID)?;
-    let stored_cluster = engine.get_u64(CF_META, META_CLUSTER_ID)?;
-    match (stored_member, stored_cluster) {
-        (Some(m), _) if m != wanted => Err(ServerError::MemberMismatch { stored: m, wanted, name: cfg.name.clone() }),
-        (Some(m), Some(c)) => Ok((c, m)),
-        _ => {
-            let cluster = rand::random::<u64>().max(1);
-            let mut batch = rocksdb::WriteBatch::default();
-            batch.put_cf(engine.cf(CF_META), META_MEMBER_ID, wanted.to_be_bytes());
-            batch.put_cf(engine.cf(CF_META), META_CLUSTER_ID, cluster.to_be_bytes());
-            engine.write(batch, true)?;
-            Ok((cluster, wanted))
+/// Waits until `--bootstrap-expect` members see each other; returns the names of the
+/// members that form the cluster: the first N in name order, so every member that waited
+/// picks the same ones.
+async fn wait_for_peers(cfg: &Config, mesh: &Mesh) -> Vec<String> {
+    let n = cfg.bootstrap_expect;
+    tracing::info!("waiting for {} more members to form a cluster", n - 1);
+    loop {
+        let mut names: Vec<String> = mesh.reachable_peers().iter().map(|p| p.to_string()).collect();
+        if names.len() + 1 >= n {
+            names.push(cfg.name.clone());
+            names.sort();
+            names.truncate(n);
+            return names;
         }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 
@@ -150,22 +196,36 @@ pub async fn run(
     let mut cfg = cfg;
     cfg.name = resolve_name(&cfg)?;
     let engine = Engine::open(&cfg.data_dir)?;
-    let (cluster_id, member_id) = identity(&engine, &cfg)?;
+    let stored_cluster = engine.get_u64(CF_META, META_CLUSTER_ID)?.unwrap_or(0);
+    let cluster_id = Arc::new(AtomicU64::new(stored_cluster));
+    let mesh = start_mesh(&cfg, &cfg.name, cluster_id.clone()).await?;
+    let (cluster, member_id, bootstrap) = identity(&engine, &cfg, &mesh).await?;
+    cluster_id.store(cluster, Ordering::Release);
     let store = Arc::new(MvccStore::open(engine.clone())?);
     tracing::info!(
-        name = %cfg.name, member = format!("{member_id:x}"), cluster = format!("{cluster_id:x}"),
+        name = %cfg.name, member = format!("{member_id:x}"), cluster = format!("{cluster:x}"),
         revision = store.revision(), applied = store.applied_index(), "store opened"
     );
 
-    let mut rcfg = RaftConfig::new(member_id);
+    let mut rcfg = RaftConfig::new(member_id, cfg.name.clone());
     rcfg.tick = cfg.heartbeat_interval;
     rcfg.election_ticks = (cfg.election_timeout.as_millis() / cfg.heartbeat_interval.as_millis()).max(2) as usize;
     rcfg.max_request_bytes = cfg.max_request_bytes;
-    let started = node::start(rcfg, engine.clone(), store.clone())?;
+    rcfg.membership.voters = cfg.voters;
+    rcfg.membership.dead_member_timeout = cfg.dead_member_timeout;
+    let transport = MeshTransport::new(MeshConn::new(mesh.clone()));
+    let started = node::start(
+        rcfg,
+        engine.clone(),
+        store.clone(),
+        Some(transport.clone() as Arc<dyn Transport>),
+        bootstrap,
+        cluster_id,
+    )?;
+    tokio::spawn(transport.receive(started.handle.clone()));
 
     let ctx = Ctx {
         id: Arc::new(Identity {
-            cluster_id,
             member_id,
             name: cfg.name.clone(),
             peer_urls: cfg.listen_peer_urls.clone(),
@@ -173,12 +233,9 @@ pub async fn run(
         }),
         raft: started.handle,
         store,
+        mesh: mesh.clone(),
         max_txn_ops: cfg.max_txn_ops,
     };
-
-    // The mesh carries no Raft traffic while the cluster is one member; it runs so that
-    // peers can find this member.
-    let mesh = start_mesh(&cfg, &cfg.name).await?;
 
     let mut listeners = Vec::new();
     for url in &cfg.listen_client_urls {

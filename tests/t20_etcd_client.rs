@@ -35,7 +35,7 @@ async fn kv_scenarios_through_etcd_client() {
     let r = c.put("foo", "bar", None).await.unwrap();
     let h = r.header().unwrap();
     assert_eq!(h.revision(), 2);
-    assert!(h.cluster_id() != 0 && h.member_id() != 0 && h.raft_term() >= 1);
+    assert!(h.cluster_id() != 0 && h.member_id() != 0 && h.raft_term() >= 1, "{h:?}");
     let r = c.put("foo", "bar2", Some(PutOptions::new().with_prev_key())).await.unwrap();
     assert_eq!(r.prev_key().unwrap().value(), b"bar");
     let g = c.get("foo", None).await.unwrap();

@@ -253,7 +253,7 @@ async fn datagrams_are_relayed_around_a_cut_link() {
         Err(meshkv::mesh::SendError::NoRoute("nobody".into()))
     );
     assert!(matches!(
-        ca.send_to("c", Bytes::from(vec![0u8; (1 << 20) + 1]), Priority::Bulk),
+        ca.send_to("c", Bytes::from(vec![0u8; ca.max_datagram() + 1]), Priority::Bulk),
         Err(meshkv::mesh::SendError::TooLarge(_))
     ));
 }

@@ -1,11 +1,18 @@
-//! The Cluster service. A member lists itself; adding, removing and promoting members
-//! come with multi-member clusters and answer UNIMPLEMENTED until then.
+//! The Cluster service. Membership is Raft's (who votes, who learns); peer URLs come
+//! from the mesh topology and client URLs from the member directory each member
+//! gossips.
 
-use tonic::{Request, Response, Status};
+use std::collections::HashMap;
+
+use tonic::{Code, Request, Response, Status};
 
 use super::Ctx;
 use crate::pb::etcdserverpb::cluster_server::Cluster;
-use crate::pb::etcdserverpb::{Member, MemberListRequest, MemberListResponse};
+use crate::pb::etcdserverpb::{
+    Member, MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse, MemberPromoteRequest,
+    MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
+};
+use crate::raft::directory::{self, Directory};
 
 pub struct ClusterService {
     ctx: Ctx,
@@ -15,19 +22,75 @@ impl ClusterService {
     pub fn new(ctx: Ctx) -> Self {
         Self { ctx }
     }
+
+    /// Every member, voters first, each in id order.
+    pub fn members(&self) -> Vec<Member> {
+        let m = self.ctx.raft.status().membership();
+        let status = self.ctx.mesh.status();
+        let mut peer_addr: HashMap<String, String> =
+            status.peers.iter().map(|p| (p.name.clone(), p.addr.clone())).collect();
+        peer_addr.insert(status.name.clone(), status.addr.clone());
+        let member = |id: u64, is_learner: bool| {
+            let name = m.names.get(&id).cloned().unwrap_or_default();
+            let client_ur_ls = if id == self.ctx.id.member_id {
+                self.ctx.id.client_urls.clone()
+            } else {
+                self.ctx
+                    .mesh
+                    .with_channel::<Directory, _>(directory::CHANNEL, |d| d.client_urls(&name))
+                    .unwrap_or_default()
+            };
+            let peer_ur_ls =
+                peer_addr.get(&name).filter(|a| !a.is_empty()).map(|a| vec![format!("http://{a}")]).unwrap_or_default();
+            Member { id, name, peer_ur_ls, client_ur_ls, is_learner }
+        };
+        let mut voters = m.voters.clone();
+        voters.sort_unstable();
+        let mut learners = m.learners.clone();
+        learners.sort_unstable();
+        voters.iter().map(|&id| member(id, false)).chain(learners.iter().map(|&id| member(id, true))).collect()
+    }
+}
+
+fn joined_through_the_mesh() -> Status {
+    Status::new(
+        Code::FailedPrecondition,
+        "etcdserver: meshkv members join through the mesh: start the new member with --join <any member's peer address>; it is added as a learner and promoted by the cluster",
+    )
 }
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_list(&self, _: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
-        let id = &self.ctx.id;
-        let me = Member {
-            id: id.member_id,
-            name: id.name.clone(),
-            peer_ur_ls: id.peer_urls.clone(),
-            client_ur_ls: id.client_urls.clone(),
-            is_learner: false,
-        };
-        Ok(Response::new(MemberListResponse { header: self.ctx.header(None), members: vec![me] }))
+        Ok(Response::new(MemberListResponse { header: self.ctx.header(None), members: self.members() }))
+    }
+
+    async fn member_add(&self, _: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        Err(joined_through_the_mesh())
+    }
+
+    async fn member_update(&self, _: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
+        Err(Status::new(
+            Code::FailedPrecondition,
+            "etcdserver: meshkv members announce their own peer addresses through the mesh; restart the member with new --listen-peer-urls",
+        ))
+    }
+
+    async fn member_remove(
+        &self,
+        request: Request<MemberRemoveRequest>,
+    ) -> Result<Response<MemberRemoveResponse>, Status> {
+        let id = request.into_inner().id;
+        self.ctx.raft.change_membership(crate::raft::membership::Change::Remove { id }).await?;
+        Ok(Response::new(MemberRemoveResponse { header: self.ctx.header(None), members: self.members() }))
+    }
+
+    async fn member_promote(
+        &self,
+        request: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
+        let id = request.into_inner().id;
+        self.ctx.raft.change_membership(crate::raft::membership::Change::Promote { id }).await?;
+        Ok(Response::new(MemberPromoteResponse { header: self.ctx.header(None), members: self.members() }))
     }
 }

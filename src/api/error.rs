@@ -57,6 +57,8 @@ impl From<RaftError> for Status {
             RaftError::Stopped => etcd(Code::Unavailable, "server stopped"),
             RaftError::NoLeader => etcd(Code::Unavailable, "no leader"),
             RaftError::Timeout => etcd(Code::Unavailable, "request timed out"),
+            RaftError::MemberNotFound => etcd(Code::NotFound, "member not found"),
+            RaftError::NotLearner => etcd(Code::FailedPrecondition, "can only promote a learner member"),
             RaftError::Apply(e) => e.into(),
         }
     }

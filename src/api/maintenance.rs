@@ -39,7 +39,7 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: self.ctx.store.applied_index(),
             errors,
             db_size_in_use: size,
-            is_learner: false,
+            is_learner: raft.is_learner(),
         }))
     }
 
@@ -72,9 +72,26 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn move_leader(&self, request: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
-        if request.into_inner().target_id == self.ctx.id.member_id {
-            return Ok(Response::new(MoveLeaderResponse { header: self.ctx.header(None) }));
+        let target = request.into_inner().target_id;
+        let raft = self.ctx.raft.status();
+        let m = raft.membership();
+        if !m.voters.contains(&target) {
+            return Err(Status::new(Code::NotFound, "etcdserver: member not found"));
         }
-        Err(Status::new(Code::NotFound, "etcdserver: member not found"))
+        if raft.leader() != self.ctx.id.member_id {
+            return Err(Status::new(Code::FailedPrecondition, "etcdserver: not leader"));
+        }
+        self.ctx.raft.transfer_leader(target)?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while raft.leader() != target {
+            if std::time::Instant::now() > deadline {
+                return Err(Status::new(
+                    Code::Unavailable,
+                    "etcdserver: request timed out, leader transfer took too long",
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Ok(Response::new(MoveLeaderResponse { header: self.ctx.header(None) }))
     }
 }

@@ -14,6 +14,7 @@ pub mod watch;
 
 use std::sync::Arc;
 
+use crate::mesh::Mesh;
 use crate::pb::etcdserverpb::ResponseHeader;
 use crate::raft::RaftHandle;
 use crate::store::MvccStore;
@@ -21,7 +22,6 @@ use crate::store::MvccStore;
 /// Who this member is, as clients see it.
 #[derive(Clone, Debug)]
 pub struct Identity {
-    pub cluster_id: u64,
     pub member_id: u64,
     pub name: String,
     pub peer_urls: Vec<String>,
@@ -34,6 +34,7 @@ pub struct Ctx {
     pub id: Arc<Identity>,
     pub raft: RaftHandle,
     pub store: Arc<MvccStore>,
+    pub mesh: Mesh,
     pub max_txn_ops: usize,
 }
 
@@ -46,7 +47,7 @@ impl Ctx {
             _ => self.store.revision(),
         };
         Some(ResponseHeader {
-            cluster_id: self.id.cluster_id,
+            cluster_id: self.raft.status().cluster_id(),
             member_id: self.id.member_id,
             revision,
             raft_term: self.raft.status().term(),

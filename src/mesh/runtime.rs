@@ -40,6 +40,9 @@ pub struct MeshConfig {
     pub nickname: String,
     /// Peers of other clusters are refused at the handshake.
     pub cluster: String,
+    /// The id of the data cluster this peer serves, 0 while it has none. Peers whose
+    /// non-zero id differs are refused: they hold another cluster's data.
+    pub cluster_id: Arc<AtomicU64>,
     /// Contents of the cluster secret file; None encrypts with a key anyone can derive.
     pub secret: Option<Vec<u8>>,
     /// Where to accept peers (port 0 picks one); None accepts nobody.
@@ -73,6 +76,7 @@ impl MeshConfig {
             name: name.into(),
             nickname: String::new(),
             cluster: "meshkv".into(),
+            cluster_id: Arc::new(AtomicU64::new(0)),
             secret: None,
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             advertise: None,
@@ -85,7 +89,7 @@ impl MeshConfig {
             handshake_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(10),
-            max_datagram: 1 << 20,
+            max_datagram: super::wire::MAX_FRAME - 4096,
             inbox: 8192,
             control_queue: 4096,
             bulk_queue: 512,
@@ -284,6 +288,11 @@ impl Mesh {
 
     pub fn uid(&self) -> u64 {
         self.inner.uid
+    }
+
+    /// Peers reachable from here, ourselves excluded.
+    pub fn reachable_peers(&self) -> Vec<PeerName> {
+        self.inner.node.lock().unwrap_or_else(|e| e.into_inner()).reachable()
     }
 
     /// The address peers dial to reach us.
@@ -616,6 +625,7 @@ impl Mesh {
             uid: self.inner.uid,
             nickname: self.inner.cfg.nickname.clone(),
             addr: self.inner.addr.clone(),
+            cluster_id: self.inner.cfg.cluster_id.load(Ordering::Relaxed),
         };
         let hs = tokio::time::timeout(
             self.inner.cfg.handshake_timeout,
@@ -645,6 +655,20 @@ impl Mesh {
         let peer = PeerName::from(remote.name.as_str());
         // Inbound connections are known by the address the peer advertises.
         let addr = if outbound || remote.addr.is_empty() { addr } else { remote.addr.clone() };
+        let ours = self.inner.cfg.cluster_id.load(Ordering::Relaxed);
+        if ours != 0 && remote.cluster_id != 0 && remote.cluster_id != ours {
+            self.inner.counters.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                %addr, %peer,
+                "refusing mesh peer: it belongs to cluster {:x}, this member to cluster {ours:x}; \
+                 a member's data dir cannot move between clusters",
+                remote.cluster_id
+            );
+            if let Some(up) = up {
+                let _ = up.send(false);
+            }
+            return;
+        }
         let refuse = if peer == self.inner.me {
             Some("it is ourselves")
         } else if peer.is_empty() {

@@ -5,9 +5,12 @@
 //! once; the driver writes the batch before it calls `advance`, which is the first time
 //! raft-rs can read the new entries back.
 
+use std::collections::BTreeMap;
 use std::sync::RwLock;
 
-use protobuf::Message as _;
+use prost::Message as _;
+
+use protobuf::Message as ProtobufMessage;
 use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
@@ -16,6 +19,7 @@ use crate::store::engine::{Engine, EngineError, CF_RAFT_LOG, CF_RAFT_STATE};
 
 const KEY_HARD_STATE: &[u8] = b"hard_state";
 const KEY_CONF_STATE: &[u8] = b"conf_state";
+const KEY_MEMBERS: &[u8] = b"members";
 /// Index and term of the last entry removed from the front of the log.
 const KEY_TRUNCATED: &[u8] = b"truncated";
 
@@ -23,6 +27,7 @@ const KEY_TRUNCATED: &[u8] = b"truncated";
 struct Bounds {
     hard_state: HardState,
     conf_state: ConfState,
+    members: BTreeMap<u64, String>,
     truncated_index: u64,
     truncated_term: u64,
     last_index: u64,
@@ -54,10 +59,16 @@ impl LogStore {
         let state_cf = engine.cf(CF_RAFT_STATE);
         let mut b = Bounds::default();
         if let Some(v) = db.get_cf(state_cf, KEY_HARD_STATE)? {
-            b.hard_state = HardState::parse_from_bytes(&v).map_err(|e| corrupt(format!("hard state: {e}")))?;
+            b.hard_state = <HardState as ProtobufMessage>::parse_from_bytes(&v)
+                .map_err(|e| corrupt(format!("hard state: {e}")))?;
         }
         if let Some(v) = db.get_cf(state_cf, KEY_CONF_STATE)? {
-            b.conf_state = ConfState::parse_from_bytes(&v).map_err(|e| corrupt(format!("conf state: {e}")))?;
+            b.conf_state = <ConfState as ProtobufMessage>::parse_from_bytes(&v)
+                .map_err(|e| corrupt(format!("conf state: {e}")))?;
+        }
+        if let Some(v) = db.get_cf(state_cf, KEY_MEMBERS)? {
+            let m = crate::pb::meshkvpb::Members::decode(v.as_slice()).map_err(|e| corrupt(format!("members: {e}")))?;
+            b.members = m.members.into_iter().map(|r| (r.id, r.name)).collect();
         }
         if let Some(v) = db.get_cf(state_cf, KEY_TRUNCATED)? {
             if v.len() != 16 {
@@ -97,6 +108,22 @@ impl LogStore {
 
     pub fn conf_state(&self) -> ConfState {
         self.read().conf_state.clone()
+    }
+
+    /// Member names by Raft id.
+    pub fn members(&self) -> BTreeMap<u64, String> {
+        self.read().members.clone()
+    }
+
+    pub fn set_members(&self, batch: &mut WriteBatch, members: BTreeMap<u64, String>) {
+        let m = crate::pb::meshkvpb::Members {
+            members: members
+                .iter()
+                .map(|(id, name)| crate::pb::meshkvpb::MemberRecord { id: *id, name: name.clone() })
+                .collect(),
+        };
+        batch.put_cf(self.engine.cf(CF_RAFT_STATE), KEY_MEMBERS, m.encode_to_vec());
+        self.write().members = members;
     }
 
     pub fn last_index_cached(&self) -> u64 {

@@ -5,11 +5,15 @@
 //! committed writes are applied to the store here, and each proposer is answered with
 //! the outcome of its own entry.
 
+pub mod directory;
 pub mod log_store;
 pub mod logger;
+pub mod membership;
 pub mod node;
+pub mod transport;
 
-pub use node::{RaftConfig, RaftHandle, RaftStatus, Started};
+pub use node::{Bootstrap, Membership, RaftConfig, RaftHandle, RaftStatus, Started, Transport};
+pub use transport::{member_id, MeshTransport};
 
 use crate::store::MvccError;
 
@@ -26,6 +30,10 @@ pub enum RaftError {
     NoLeader,
     #[error("request timed out")]
     Timeout,
+    #[error("member not found")]
+    MemberNotFound,
+    #[error("can only promote a learner member")]
+    NotLearner,
     #[error(transparent)]
     Apply(#[from] MvccError),
 }

@@ -15,24 +15,25 @@
 //! This thread never waits on a client: replies go through oneshot channels whose
 //! receivers may be gone, and every queue it owns is bounded by deadlines.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message};
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message};
 use raft::{RawNode, StateRole};
 use rocksdb::WriteBatch;
 use tokio::sync::oneshot;
 
 use super::log_store::LogStore;
+use super::membership::{Change, Controller, MembershipConfig, View};
 use super::{logger, RaftError};
-use crate::pb::meshkvpb::{internal_request, InternalRequest};
-use crate::store::engine::{Engine, EngineError};
+use crate::pb::meshkvpb::{internal_request, InternalRequest, MemberContext};
+use crate::store::engine::{Engine, EngineError, CF_META};
 use crate::store::mvcc::{MvccStore, WriteResponse};
 
 /// Tuning of the Raft driver.
@@ -40,6 +41,9 @@ use crate::store::mvcc::{MvccStore, WriteResponse};
 pub struct RaftConfig {
     /// This member's Raft id.
     pub id: u64,
+    /// This member's name (its id derives from it).
+    pub name: String,
+    pub membership: MembershipConfig,
     pub tick: Duration,
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
@@ -54,9 +58,11 @@ pub struct RaftConfig {
 }
 
 impl RaftConfig {
-    pub fn new(id: u64) -> Self {
+    pub fn new(id: u64, name: impl Into<String>) -> Self {
         Self {
             id,
+            name: name.into(),
+            membership: MembershipConfig::default(),
             tick: Duration::from_millis(100),
             election_ticks: 10,
             heartbeat_ticks: 1,
@@ -68,6 +74,15 @@ impl RaftConfig {
     }
 }
 
+/// The Raft group as this member last applied it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Membership {
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// Member names by id.
+    pub names: BTreeMap<u64, String>,
+}
+
 /// What the driver publishes for the API to read without asking it.
 #[derive(Debug, Default)]
 pub struct RaftStatus {
@@ -76,9 +91,22 @@ pub struct RaftStatus {
     leader: AtomicU64,
     commit: AtomicU64,
     last_index: AtomicU64,
+    is_learner: AtomicBool,
+    membership: RwLock<Membership>,
+    /// The cluster's id; 0 until a joining member is added and learns it.
+    pub cluster_id: Arc<AtomicU64>,
 }
 
 impl RaftStatus {
+    pub fn membership(&self) -> Membership {
+        self.membership.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    pub fn is_learner(&self) -> bool {
+        self.is_learner.load(Ordering::Acquire)
+    }
+    pub fn cluster_id(&self) -> u64 {
+        self.cluster_id.load(Ordering::Acquire)
+    }
     pub fn term(&self) -> u64 {
         self.term.load(Ordering::Acquire)
     }
@@ -99,6 +127,27 @@ type ReadReply = oneshot::Sender<Result<(), RaftError>>;
 enum Command {
     Propose { id: u64, data: Vec<u8>, reply: WriteReply, deadline: Instant },
     Read { reply: ReadReply, deadline: Instant },
+    Step(Box<Message>),
+    TransferLeader(u64),
+    ChangeMembership { change: Change, reply: ReadReply, deadline: Instant },
+}
+
+/// Carries Raft messages to other members.
+pub trait Transport: Send + Sync + 'static {
+    fn send(&self, msg: Message);
+    /// Peers reachable now: (member id, name).
+    fn reachable(&self) -> Vec<(u64, String)>;
+}
+
+/// How Raft starts on a fresh data dir.
+#[derive(Clone, Debug)]
+pub enum Bootstrap {
+    /// A cluster of this member alone.
+    Single,
+    /// A new cluster of exactly these members: (id, name).
+    Voters(Vec<(u64, String)>),
+    /// Waits to be added to an existing cluster by its leader.
+    Join,
 }
 
 /// The API's way into Raft: cheap to clone, safe to use from any task.
@@ -136,6 +185,37 @@ impl RaftHandle {
         let deadline = Instant::now() + self.request_timeout;
         self.send(Command::Read { reply, deadline })?;
         self.wait(rx).await?
+    }
+
+    /// Hands the driver a message from another member.
+    pub fn step(&self, msg: Message) -> Result<(), RaftError> {
+        self.send(Command::Step(Box::new(msg)))
+    }
+
+    /// Proposes a membership change and waits until this member has applied it.
+    pub async fn change_membership(&self, change: Change) -> Result<(), RaftError> {
+        let m = self.status.membership();
+        let (id, must_be_learner) = match &change {
+            Change::AddLearner { id, .. } => (*id, false),
+            Change::Promote { id } => (*id, true),
+            Change::Remove { id } => (*id, false),
+        };
+        let known = m.voters.contains(&id) || m.learners.contains(&id);
+        if !matches!(change, Change::AddLearner { .. }) && !known {
+            return Err(RaftError::MemberNotFound);
+        }
+        if must_be_learner && !m.learners.contains(&id) {
+            return Err(RaftError::NotLearner);
+        }
+        let (reply, rx) = oneshot::channel();
+        let deadline = Instant::now() + self.request_timeout;
+        self.send(Command::ChangeMembership { change, reply, deadline })?;
+        self.wait(rx).await?
+    }
+
+    /// Asks the leader to hand leadership to `to`.
+    pub fn transfer_leader(&self, to: u64) -> Result<(), RaftError> {
+        self.send(Command::TransferLeader(to))
     }
 
     fn send(&self, cmd: Command) -> Result<(), RaftError> {
@@ -179,23 +259,66 @@ struct Driver {
     reads_new: Vec<Waiter<()>>,
     /// Reads whose ReadIndex round is in flight, by round, with when it was asked.
     reads_asked: HashMap<u64, (Vec<Waiter<()>>, Instant)>,
+    /// Membership changes asked by clients: (member id, change type) → waiter.
+    conf_waiters: Vec<(u64, ConfChangeType, Waiter<()>)>,
     /// Reads that know their index and wait for the store to apply it.
     reads_ready: Vec<(u64, Vec<Waiter<()>>)>,
     next_read_ctx: u64,
     /// A commit index raft-rs advanced in a light ready, persisted with the next write.
     commit_to_save: Option<u64>,
+    transport: Option<Arc<dyn Transport>>,
+    controller: Controller,
+    ticks: u64,
+    campaign_soon: bool,
 }
 
 /// Opens the Raft log, bootstraps a one-member configuration on a fresh data dir, and
 /// starts the driver thread.
-pub fn start(cfg: RaftConfig, engine: Engine, store: Arc<MvccStore>) -> Result<Started, EngineError> {
+pub fn start(
+    cfg: RaftConfig,
+    engine: Engine,
+    store: Arc<MvccStore>,
+    transport: Option<Arc<dyn Transport>>,
+    bootstrap: Bootstrap,
+    cluster_id: Arc<AtomicU64>,
+) -> Result<Started, EngineError> {
     let log = LogStore::open(engine.clone())?;
     let applied = store.applied_index();
     let mut batch = WriteBatch::default();
     if log.is_fresh() {
-        let mut cs = ConfState::default();
-        cs.voters = vec![cfg.id];
-        log.set_conf_state(&mut batch, &cs);
+        let voters = match &bootstrap {
+            Bootstrap::Single => vec![(cfg.id, cfg.name.clone())],
+            Bootstrap::Voters(v) => v.clone(),
+            Bootstrap::Join => vec![],
+        };
+        if !voters.is_empty() {
+            // As etcd does: the founding members enter the log as its first entries, the
+            // same on every founder, committed at term 1. A member that joins later
+            // replays them and so learns the whole group.
+            let entries: Vec<Entry> = voters
+                .iter()
+                .enumerate()
+                .map(|(i, (id, name))| {
+                    let mut cc = ConfChange::default();
+                    cc.set_change_type(ConfChangeType::AddNode);
+                    cc.node_id = *id;
+                    cc.context = MemberContext { name: name.clone(), cluster_id: cluster_id.load(Ordering::Acquire) }
+                        .encode_to_vec()
+                        .into();
+                    let mut e = Entry::default();
+                    e.set_entry_type(EntryType::EntryConfChange);
+                    e.term = 1;
+                    e.index = i as u64 + 1;
+                    e.data = cc.write_to_bytes().unwrap_or_default().into();
+                    e
+                })
+                .collect();
+            log.append(&mut batch, &entries);
+            let mut hs = raft::eraftpb::HardState::default();
+            hs.term = 1;
+            hs.commit = entries.len() as u64;
+            log.set_hard_state(&mut batch, &hs);
+        }
     }
     if log.hard_state().commit < applied {
         // The store applied entries whose commit index had not reached the disk yet;
@@ -216,7 +339,7 @@ pub fn start(cfg: RaftConfig, engine: Engine, store: Arc<MvccStore>) -> Result<S
         pre_vote: true,
         ..Default::default()
     };
-    let only_voter = log.conf_state().voters == [cfg.id];
+    let only_voter = log.conf_state().voters == [cfg.id] && log.conf_state().learners.is_empty();
     let mut node = RawNode::new(&raft_cfg, log, &logger::logger())
         .map_err(|e| EngineError::Corrupt { cf: "raft_state", what: e.to_string() })?;
     if only_voter {
@@ -224,7 +347,7 @@ pub fn start(cfg: RaftConfig, engine: Engine, store: Arc<MvccStore>) -> Result<S
         let _ = node.campaign();
     }
     let (tx, rx) = mpsc::sync_channel(cfg.queue_depth);
-    let status = Arc::new(RaftStatus { id: cfg.id, ..Default::default() });
+    let status = Arc::new(RaftStatus { id: cfg.id, cluster_id, ..Default::default() });
     let handle = RaftHandle {
         tx,
         status: status.clone(),
@@ -232,6 +355,7 @@ pub fn start(cfg: RaftConfig, engine: Engine, store: Arc<MvccStore>) -> Result<S
         max_request_bytes: cfg.max_request_bytes,
         request_timeout: cfg.request_timeout,
     };
+    let cfg_membership = cfg.membership.clone();
     let driver = Driver {
         cfg,
         node,
@@ -244,9 +368,15 @@ pub fn start(cfg: RaftConfig, engine: Engine, store: Arc<MvccStore>) -> Result<S
         reads_new: Vec::new(),
         reads_asked: HashMap::new(),
         reads_ready: Vec::new(),
+        conf_waiters: Vec::new(),
         next_read_ctx: 1,
         commit_to_save: None,
+        transport,
+        controller: Controller::new(cfg_membership),
+        ticks: 0,
+        campaign_soon: false,
     };
+    driver.publish_membership();
     let thread = std::thread::Builder::new()
         .name("raft".into())
         .spawn(move || driver.run())
@@ -284,7 +414,11 @@ impl Driver {
             if last_tick.elapsed() >= self.cfg.tick {
                 last_tick = Instant::now();
                 self.node.tick();
+                self.ticks += 1;
                 self.expire(last_tick);
+                if self.ticks % 5 == 0 {
+                    self.control_membership(last_tick);
+                }
             }
             if self.node.raft.leader_id != raft::INVALID_ID && !self.stalled.is_empty() {
                 for (id, data, deadline) in std::mem::take(&mut self.stalled) {
@@ -307,7 +441,67 @@ impl Driver {
                 self.propose(id, data, deadline);
             }
             Command::Read { reply, deadline } => self.reads_new.push(Waiter { reply, deadline }),
+            Command::Step(m) => {
+                if let Err(e) = self.node.step(*m) {
+                    tracing::debug!(error = %e, "raft message rejected");
+                }
+            }
+            Command::TransferLeader(to) => self.node.transfer_leader(to),
+            Command::ChangeMembership { change, reply, deadline } => {
+                let (t, id) = self.propose_change(change);
+                self.conf_waiters.push((id, t, Waiter { reply, deadline }));
+            }
         }
+    }
+
+    /// Proposes one membership change; returns what to watch for when it applies.
+    fn propose_change(&mut self, change: Change) -> (ConfChangeType, u64) {
+        let names = self.node.raft.raft_log.store().members();
+        let (change_type, node_id, name) = match change {
+            Change::AddLearner { id, name } => (ConfChangeType::AddLearnerNode, id, name),
+            Change::Promote { id } => (ConfChangeType::AddNode, id, names.get(&id).cloned().unwrap_or_default()),
+            Change::Remove { id } => (ConfChangeType::RemoveNode, id, names.get(&id).cloned().unwrap_or_default()),
+        };
+        tracing::info!(?change_type, member = format!("{node_id:x}"), %name, "proposing a membership change");
+        let ctx = MemberContext { name, cluster_id: self.status.cluster_id() }.encode_to_vec();
+        let mut cc = ConfChange::default();
+        cc.set_change_type(change_type);
+        cc.node_id = node_id;
+        cc.context = ctx.into();
+        if let Err(e) = self.node.propose_conf_change(vec![], cc) {
+            tracing::debug!(error = %e, "membership change not proposed");
+        }
+        (change_type, node_id)
+    }
+
+    /// On the leader: lets the membership controller propose the next change.
+    fn control_membership(&mut self, now: Instant) {
+        let Some(transport) = &self.transport else { return };
+        let r = &self.node.raft;
+        if r.state != StateRole::Leader {
+            return;
+        }
+        let cs = r.prs().conf().to_conf_state();
+        let view = View {
+            me: self.cfg.id,
+            voters: cs.voters.clone(),
+            learners: cs.learners.clone(),
+            reachable: transport.reachable(),
+            matched: r.prs().iter().map(|(id, p)| (*id, p.matched)).collect(),
+            last_index: r.raft_log.last_index(),
+            pending_conf_change: r.pending_conf_index > r.raft_log.applied,
+        };
+        if let Some(change) = self.controller.decide(now, &view) {
+            self.propose_change(change);
+        }
+    }
+
+    fn publish_membership(&self) {
+        let log = self.node.raft.raft_log.store();
+        let cs = log.conf_state();
+        let m = Membership { voters: cs.voters.clone(), learners: cs.learners.clone(), names: log.members() };
+        self.status.is_learner.store(m.learners.contains(&self.cfg.id), Ordering::Release);
+        *self.status.membership.write().unwrap_or_else(|e| e.into_inner()) = m;
     }
 
     fn propose(&mut self, id: u64, data: Vec<u8>, deadline: Instant) {
@@ -337,6 +531,7 @@ impl Driver {
     /// without bound when a round or an entry is lost.
     fn expire(&mut self, now: Instant) {
         self.writes.retain(|_, w| w.deadline > now);
+        self.conf_waiters.retain(|(_, _, w)| w.deadline > now);
         self.stalled.retain(|(_, _, d)| *d > now);
         // A round can be lost (a leader change drops it silently): ask again.
         let retry = self.cfg.tick * self.cfg.election_ticks as u32 / 2;
@@ -355,10 +550,14 @@ impl Driver {
     }
 
     fn send(&mut self, msgs: Vec<Message>) {
-        // A one-member cluster has nobody to talk to; the mesh transport carries these
-        // once members can join.
-        if !msgs.is_empty() {
-            tracing::trace!(count = msgs.len(), "raft messages with no peer to deliver to");
+        match &self.transport {
+            Some(t) => {
+                for m in msgs {
+                    t.send(m);
+                }
+            }
+            None if !msgs.is_empty() => tracing::trace!(count = msgs.len(), "raft messages with no transport"),
+            None => {}
         }
     }
 
@@ -367,6 +566,8 @@ impl Driver {
             return Ok(());
         }
         let mut rd = self.node.ready();
+        // Before anything is applied and answered: a reply's header carries the term.
+        self.publish();
         self.send(rd.take_messages());
         if !rd.snapshot().is_empty() {
             tracing::error!("received a snapshot; installing snapshots comes with multi-member clusters");
@@ -405,6 +606,9 @@ impl Driver {
         self.send(light.take_messages());
         self.apply(light.take_committed_entries())?;
         self.node.advance_apply();
+        if std::mem::take(&mut self.campaign_soon) {
+            let _ = self.node.campaign();
+        }
         self.release_reads();
         self.publish();
         Ok(())
@@ -456,7 +660,7 @@ impl Driver {
 
     fn apply_conf_change(&mut self, e: &Entry) -> Result<(), EngineError> {
         let cc = if e.get_entry_type() == EntryType::EntryConfChange {
-            ConfChange::parse_from_bytes(&e.data).map(|c| raft_proto::ConfChangeI::into_v2(c))
+            ConfChange::parse_from_bytes(&e.data).map(raft_proto::ConfChangeI::into_v2)
         } else {
             ConfChangeV2::parse_from_bytes(&e.data)
         };
@@ -467,11 +671,52 @@ impl Driver {
                 return Ok(());
             }
         };
+        let ctx = MemberContext::decode(cc.context.as_ref()).unwrap_or_default();
         match self.node.apply_conf_change(&cc) {
             Ok(cs) => {
                 let mut batch = WriteBatch::default();
-                self.node.raft.raft_log.store().set_conf_state(&mut batch, &cs);
-                self.engine.write(batch, true)
+                let log = self.node.raft.raft_log.store();
+                log.set_conf_state(&mut batch, &cs);
+                let mut names = log.members();
+                for c in &cc.changes {
+                    match c.get_change_type() {
+                        ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                            if !ctx.name.is_empty() {
+                                names.insert(c.node_id, ctx.name.clone());
+                            }
+                        }
+                        ConfChangeType::RemoveNode => {
+                            names.remove(&c.node_id);
+                            if c.node_id == self.cfg.id {
+                                tracing::warn!("this member was removed from the cluster");
+                            }
+                        }
+                    }
+                }
+                log.set_members(&mut batch, names);
+                for c in &cc.changes {
+                    let (t, id) = (c.get_change_type(), c.node_id);
+                    let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.conf_waiters)
+                        .into_iter()
+                        .partition(|(wid, wt, _)| *wid == id && *wt == t);
+                    self.conf_waiters = waiting;
+                    for (_, _, w) in done {
+                        let _ = w.reply.send(Ok(()));
+                    }
+                }
+                if ctx.cluster_id != 0 && self.status.cluster_id() == 0 {
+                    // A joining member learns its cluster when it is added.
+                    batch.put_cf(self.engine.cf(CF_META), b"cluster_id", ctx.cluster_id.to_be_bytes());
+                    self.status.cluster_id.store(ctx.cluster_id, Ordering::Release);
+                    tracing::info!(cluster = format!("{:x}", ctx.cluster_id), "joined the cluster");
+                }
+                self.engine.write(batch, true)?;
+                self.publish_membership();
+                // The only voter: nobody else can win, so no need to wait out a timeout
+                // (once the change is applied: raft-rs will not campaign before).
+                self.campaign_soon =
+                    cs.voters == [self.cfg.id] && cs.learners.is_empty() && self.node.raft.state != StateRole::Leader;
+                Ok(())
             }
             Err(err) => {
                 tracing::warn!(index = e.index, error = %err, "configuration change rejected");

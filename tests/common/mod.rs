@@ -17,6 +17,7 @@ pub struct Proc {
     pub child: Child,
     pub client_addr: String,
     pub log: Arc<Mutex<String>>,
+    ready: Option<std::sync::mpsc::Receiver<String>>,
 }
 
 impl Proc {
@@ -60,10 +61,18 @@ impl Drop for Proc {
 /// Starts `meshkv` on a free client port (port 0, read back from its log) with its data
 /// in `data_dir`, and waits until it serves.
 pub fn start_meshkv(data_dir: &Path, extra: &[&str]) -> Proc {
+    let mut p = spawn_meshkv(data_dir, "http://127.0.0.1:0", extra);
+    p.wait_ready(Duration::from_secs(60));
+    p
+}
+
+/// Starts `meshkv` without waiting for it to serve (members that wait for each other
+/// must start together); `peer_url` is its --listen-peer-urls.
+pub fn spawn_meshkv(data_dir: &Path, peer_url: &str, extra: &[&str]) -> Proc {
     let mut child = Command::new(meshkv_bin())
         .arg("--data-dir")
         .arg(data_dir)
-        .args(["--listen-client-urls", "http://127.0.0.1:0", "--listen-peer-urls", "http://127.0.0.1:0"])
+        .args(["--listen-client-urls", "http://127.0.0.1:0", "--listen-peer-urls", peer_url])
         .args(extra)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -90,14 +99,21 @@ pub fn start_meshkv(data_dir: &Path, extra: &[&str]) -> Proc {
             l.push('\n');
         }
     });
-    let client_addr = match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(a) => a,
-        Err(_) => {
-            let _ = child.kill();
-            panic!("meshkv did not become ready; log:\n{}", log.lock().unwrap());
+    Proc { child, client_addr: String::new(), log, ready: Some(rx) }
+}
+
+impl Proc {
+    /// Waits until the server says it serves clients.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let Some(rx) = self.ready.take() else { return };
+        match rx.recv_timeout(timeout) {
+            Ok(a) => self.client_addr = a,
+            Err(_) => {
+                let _ = self.child.kill();
+                panic!("meshkv did not become ready; log:\n{}", self.log.lock().unwrap());
+            }
         }
-    };
-    Proc { child, client_addr, log }
+    }
 }
 
 /// A free loopback port: bound, read and released. Only for programs (such as etcd)
@@ -135,7 +151,12 @@ pub fn start_etcd(data_dir: &Path) -> Proc {
         .stderr(Stdio::null())
         .spawn()
         .expect("start etcd (apt-get install etcd-server)");
-    let p = Proc { child, client_addr: format!("127.0.0.1:{client}"), log: Arc::new(Mutex::new(String::new())) };
+    let p = Proc {
+        child,
+        client_addr: format!("127.0.0.1:{client}"),
+        log: Arc::new(Mutex::new(String::new())),
+        ready: None,
+    };
     wait_until("etcd to serve", Duration::from_secs(30), || {
         etcdctl(&p.client_addr, &["endpoint", "health"], None).status == 0
     });

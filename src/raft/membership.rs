@@ -1,0 +1,180 @@
+//! The membership controller: the leader's policy for who is in the Raft group.
+//!
+//! Pure: it sees a [`View`] (members, their replication progress, which peers the mesh
+//! can reach) and returns at most one configuration change, which the driver proposes.
+//! Raft allows one change in flight, so the controller waits while one is pending.
+//!
+//! - A mesh peer of our cluster that is not a member is added as a learner.
+//! - While voters are fewer than wanted, a caught-up learner is promoted.
+//! - A voter unreachable for longer than the dead-member timeout is replaced: first a
+//!   caught-up learner is promoted, then the dead voter is removed. Removing a dead voter
+//!   never lowers the number of live voters, so quorum is never lost by it; a member
+//!   partitioned for less than the timeout is never touched.
+//! - A learner unreachable for longer than the timeout is removed.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// What the controller wants.
+#[derive(Clone, Debug)]
+pub struct MembershipConfig {
+    /// Voters to keep (etcd clusters have 3 or 5).
+    pub voters: usize,
+    pub dead_member_timeout: Duration,
+    /// A learner within this many entries of the leader's last index is caught up.
+    pub caught_up_lag: u64,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        Self { voters: 3, dead_member_timeout: Duration::from_secs(30), caught_up_lag: 64 }
+    }
+}
+
+/// The leader's view of the group.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    pub me: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    /// Peers the mesh reaches now: (member id, name).
+    pub reachable: Vec<(u64, String)>,
+    /// Highest log index known to be replicated on each member.
+    pub matched: HashMap<u64, u64>,
+    pub last_index: u64,
+    pub pending_conf_change: bool,
+}
+
+/// One configuration change to propose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    AddLearner { id: u64, name: String },
+    Promote { id: u64 },
+    Remove { id: u64 },
+}
+
+/// Keeps, between calls, since when each member has been unreachable.
+#[derive(Debug, Default)]
+pub struct Controller {
+    cfg: MembershipConfig,
+    unreachable_since: HashMap<u64, Instant>,
+}
+
+impl Controller {
+    pub fn new(cfg: MembershipConfig) -> Self {
+        Self { cfg, unreachable_since: HashMap::new() }
+    }
+
+    /// Decides the next change, if any.
+    pub fn decide(&mut self, now: Instant, v: &View) -> Option<Change> {
+        let reachable: HashMap<u64, &str> = v.reachable.iter().map(|(id, n)| (*id, n.as_str())).collect();
+        let members: Vec<u64> = v.voters.iter().chain(&v.learners).copied().collect();
+        self.unreachable_since.retain(|id, _| members.contains(id) && !reachable.contains_key(id));
+        for &m in &members {
+            if m != v.me && !reachable.contains_key(&m) {
+                self.unreachable_since.entry(m).or_insert(now);
+            }
+        }
+        if v.pending_conf_change {
+            return None;
+        }
+        let dead = |id: u64| {
+            self.unreachable_since.get(&id).is_some_and(|t| now.duration_since(*t) >= self.cfg.dead_member_timeout)
+        };
+        let caught_up = |id: u64| {
+            reachable.contains_key(&id)
+                && v.matched.get(&id).is_some_and(|m| m + self.cfg.caught_up_lag >= v.last_index)
+        };
+        let live_voters = v.voters.iter().filter(|&&id| !dead(id)).count();
+        let mut learners: Vec<u64> = v.learners.clone();
+        learners.sort_unstable();
+
+        // Replace dead voters: promote first, then remove.
+        if v.voters.iter().any(|&id| dead(id)) {
+            if live_voters < self.cfg.voters {
+                if let Some(&l) = learners.iter().find(|&&l| caught_up(l)) {
+                    return Some(Change::Promote { id: l });
+                }
+            }
+            if v.voters.len() > self.cfg.voters || live_voters >= self.cfg.voters {
+                if let Some(&d) = v.voters.iter().filter(|&&id| dead(id)).min() {
+                    return Some(Change::Remove { id: d });
+                }
+            }
+        }
+        if let Some(&l) = learners.iter().find(|&&l| dead(l)) {
+            return Some(Change::Remove { id: l });
+        }
+        // Grow to the wanted number of voters.
+        if v.voters.len() < self.cfg.voters {
+            if let Some(&l) = learners.iter().find(|&&l| caught_up(l)) {
+                return Some(Change::Promote { id: l });
+            }
+        }
+        // Add newcomers as learners, one at a time, in name order.
+        let mut newcomers: Vec<&(u64, String)> = v.reachable.iter().filter(|(id, _)| !members.contains(id)).collect();
+        newcomers.sort_by(|a, b| a.1.cmp(&b.1));
+        newcomers.first().map(|(id, name)| Change::AddLearner { id: *id, name: name.clone() })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(voters: &[u64], learners: &[u64], reachable: &[u64]) -> View {
+        View {
+            me: 1,
+            voters: voters.to_vec(),
+            learners: learners.to_vec(),
+            reachable: reachable.iter().map(|id| (*id, format!("n{id}"))).collect(),
+            matched: [1, 2, 3, 4, 5].iter().map(|id| (*id, 100)).collect(),
+            last_index: 100,
+            pending_conf_change: false,
+        }
+    }
+
+    #[test]
+    fn newcomers_become_learners_then_voters_up_to_the_target() {
+        let mut c = Controller::new(MembershipConfig::default());
+        let now = Instant::now();
+        assert_eq!(c.decide(now, &view(&[1], &[], &[2, 3, 4])), Some(Change::AddLearner { id: 2, name: "n2".into() }));
+        assert_eq!(c.decide(now, &view(&[1], &[2], &[2, 3, 4])), Some(Change::Promote { id: 2 }));
+        assert_eq!(
+            c.decide(now, &view(&[1, 2, 3], &[], &[2, 3, 4])),
+            Some(Change::AddLearner { id: 4, name: "n4".into() })
+        );
+        assert_eq!(c.decide(now, &view(&[1, 2, 3], &[4], &[2, 3, 4])), None, "three voters are enough");
+        let mut pending = view(&[1], &[], &[2]);
+        pending.pending_conf_change = true;
+        assert_eq!(c.decide(now, &pending), None);
+    }
+
+    #[test]
+    fn a_dead_voter_is_replaced_only_after_the_timeout() {
+        let cfg = MembershipConfig { dead_member_timeout: Duration::from_secs(10), ..Default::default() };
+        let mut c = Controller::new(cfg);
+        let t0 = Instant::now();
+        // Voter 3 drops out of reach; learner 4 is caught up.
+        assert_eq!(c.decide(t0, &view(&[1, 2, 3], &[4], &[2, 4])), None);
+        assert_eq!(
+            c.decide(t0 + Duration::from_secs(9), &view(&[1, 2, 3], &[4], &[2, 4])),
+            None,
+            "a short partition is tolerated"
+        );
+        let later = t0 + Duration::from_secs(11);
+        assert_eq!(c.decide(later, &view(&[1, 2, 3], &[4], &[2, 4])), Some(Change::Promote { id: 4 }));
+        assert_eq!(c.decide(later, &view(&[1, 2, 3, 4], &[], &[2, 4])), Some(Change::Remove { id: 3 }));
+        assert_eq!(c.decide(later, &view(&[1, 2, 4], &[], &[2, 4])), None);
+    }
+
+    #[test]
+    fn a_returning_member_resets_its_clock() {
+        let cfg = MembershipConfig { dead_member_timeout: Duration::from_secs(10), ..Default::default() };
+        let mut c = Controller::new(cfg);
+        let t0 = Instant::now();
+        c.decide(t0, &view(&[1, 2, 3], &[4], &[2, 4]));
+        c.decide(t0 + Duration::from_secs(8), &view(&[1, 2, 3], &[4], &[2, 3, 4]));
+        assert_eq!(c.decide(t0 + Duration::from_secs(12), &view(&[1, 2, 3], &[4], &[2, 4])), None);
+    }
+}
