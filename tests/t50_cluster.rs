@@ -304,3 +304,35 @@ async fn every_member_killed_and_restarted_keeps_every_acknowledged_write() {
     let next = client(&members[0]).await.put("after", "x", None).await.unwrap();
     assert_eq!(next.header().unwrap().revision(), acked.values().max().unwrap() + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_voter_is_replaced_by_a_learner() {
+    let root = tempdir();
+    let t = ["--dead-member-timeout", "3"];
+    let mut members = bootstrap_three(root.path(), &[&t, &t, &t]);
+    let join = members[0].peer.clone();
+    let mut d = spawn(root.path(), "d", free_port(), &["--join", &join, "--dead-member-timeout", "3"]);
+    d.proc.wait_ready(Duration::from_secs(60));
+    members.push(d);
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    eventually("d to join as a learner", Duration::from_secs(20), || async {
+        roles(&members[0]).await == Some((names(&["a", "b", "c"]), names(&["d"])))
+    })
+    .await;
+    // Writes keep flowing while the controller works.
+    client(&members[0]).await.put("before", "x", None).await.unwrap();
+    let killed_at = Instant::now();
+    members[2].proc.kill9();
+    // Not before the timeout: a short absence is tolerated.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(roles(&members[0]).await, Some((names(&["a", "b", "c"]), names(&["d"]))), "c is not removed before the timeout");
+    let took = eventually("d to replace c", Duration::from_secs(20), || async {
+        roles(&members[0]).await == Some((names(&["a", "b", "d"]), vec![]))
+    })
+    .await;
+    println!("dead voter replaced {:?} after the kill", killed_at.elapsed().min(took + Duration::from_secs(2)));
+    // The three voters serve, and d has everything.
+    client(&members[1]).await.put("after", "y", None).await.unwrap();
+    let g = client(&members[3]).await.get("before", None).await.unwrap();
+    assert_eq!(g.kvs().len(), 1);
+}
