@@ -35,6 +35,9 @@ pub struct Config {
     pub dead_member_timeout: Duration,
     /// Failure drills: mesh peers whose traffic is dropped, as if the link were cut.
     pub mesh_block_peers: Vec<String>,
+    /// Failure drills: a file naming (one per line) peers whose traffic is dropped,
+    /// re-read while the member runs.
+    pub mesh_block_file: Option<PathBuf>,
     /// Largest request accepted, in bytes, as etcd's --max-request-bytes.
     pub max_request_bytes: usize,
     /// Most operations in one Txn, as etcd's --max-txn-ops.
@@ -61,6 +64,7 @@ impl Default for Config {
             voters: 3,
             dead_member_timeout: Duration::from_secs(30),
             mesh_block_peers: vec![],
+            mesh_block_file: None,
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
             heartbeat_interval: Duration::from_millis(100),

@@ -98,6 +98,10 @@ struct ServeArgs {
     /// names), as if the network between them were cut.
     #[arg(long, value_delimiter = ',')]
     mesh_block_peers: Vec<String>,
+    /// Failure drills: a file naming peers (one per line) whose mesh traffic is dropped;
+    /// re-read every 200 ms, so partitions can come and go while the member runs.
+    #[arg(long)]
+    mesh_block_file: Option<PathBuf>,
     /// Largest client request accepted, in bytes; larger writes get "etcdserver: request is too large".
     #[arg(long, default_value_t = 1536 * 1024)]
     max_request_bytes: usize,
@@ -129,6 +133,7 @@ impl ServeArgs {
             voters: self.voters,
             dead_member_timeout: Duration::from_secs_f64(self.dead_member_timeout.max(0.0)),
             mesh_block_peers: self.mesh_block_peers,
+            mesh_block_file: self.mesh_block_file,
             listen_client_urls: self.listen_client_urls,
             advertise_client_urls: self.advertise_client_urls,
             listen_peer_urls: self.listen_peer_urls,

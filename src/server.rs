@@ -113,12 +113,38 @@ async fn start_mesh(cfg: &Config, name: &str, cluster_id: Arc<AtomicU64>) -> Res
         tracing::warn!(peer = %p, "failure drill: all mesh traffic with this peer is dropped");
         mesh.block(p);
     }
+    if let Some(path) = cfg.mesh_block_file.clone() {
+        tokio::spawn(follow_block_file(mesh.clone(), path));
+    }
     let delta = mesh.with_channel::<Directory, _>(directory::CHANNEL, |d| d.publish(name, cfg.client_urls()));
     if let Some(d) = delta {
         mesh.broadcast(directory::CHANNEL, d);
     }
     tracing::info!("mesh peer {name} listening on {}", mesh.addr());
     Ok(mesh)
+}
+
+/// Failure drills: blocks exactly the peers named in `path`, as the file changes.
+async fn follow_block_file(mesh: Mesh, path: std::path::PathBuf) {
+    let mut blocked: std::collections::BTreeSet<String> = Default::default();
+    loop {
+        let wanted: std::collections::BTreeSet<String> = std::fs::read_to_string(&path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
+        for p in wanted.difference(&blocked) {
+            tracing::warn!(peer = %p, "failure drill: mesh traffic with this peer is now dropped");
+            mesh.block(p);
+        }
+        for p in blocked.difference(&wanted) {
+            tracing::warn!(peer = %p, "failure drill: mesh traffic with this peer flows again");
+            mesh.unblock(p);
+        }
+        blocked = wanted;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 /// Reads this member's ids; on a fresh data dir, decides how its Raft group starts

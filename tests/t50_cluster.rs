@@ -325,7 +325,11 @@ async fn a_dead_voter_is_replaced_by_a_learner() {
     members[2].proc.kill9();
     // Not before the timeout: a short absence is tolerated.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(roles(&members[0]).await, Some((names(&["a", "b", "c"]), names(&["d"]))), "c is not removed before the timeout");
+    assert_eq!(
+        roles(&members[0]).await,
+        Some((names(&["a", "b", "c"]), names(&["d"]))),
+        "c is not removed before the timeout"
+    );
     let took = eventually("d to replace c", Duration::from_secs(20), || async {
         roles(&members[0]).await == Some((names(&["a", "b", "d"]), vec![]))
     })
@@ -335,4 +339,68 @@ async fn a_dead_voter_is_replaced_by_a_learner() {
     client(&members[1]).await.put("after", "y", None).await.unwrap();
     let g = client(&members[3]).await.get("before", None).await.unwrap();
     assert_eq!(g.kvs().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_minority_refuses_and_catches_up_after_the_heal() {
+    let root = tempdir();
+    let block = |n: &str| root.path().join(format!("block-{n}"));
+    let (fa, fb, fc) =
+        (block("a").display().to_string(), block("b").display().to_string(), block("c").display().to_string());
+    let members = bootstrap_three(
+        root.path(),
+        &[&["--mesh-block-file", &fa], &["--mesh-block-file", &fb], &["--mesh-block-file", &fc]],
+    );
+    let refs: Vec<&Member> = members.iter().collect();
+    eventually("a leader", Duration::from_secs(20), || async { leader_of(&refs).await.is_some() }).await;
+    client(&members[0]).await.put("before", "1", None).await.unwrap();
+
+    // Cut c off from a and b.
+    std::fs::write(block("c"), "a\nb\n").unwrap();
+    std::fs::write(block("a"), "c\n").unwrap();
+    std::fs::write(block("b"), "c\n").unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // The minority answers with an error, and promptly.
+    let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(15));
+    let mut cc = Client::connect([members[2].proc.endpoint()], Some(opts)).await.unwrap();
+    let t = Instant::now();
+    let w = cc.put("minority", "x", None).await;
+    assert!(w.is_err(), "a write on the minority fails");
+    let r = cc.get("before", None).await;
+    let msg = format!("{:?}", r.as_ref().err());
+    assert!(r.is_err(), "a linearizable read on the minority fails");
+    assert!(t.elapsed() < Duration::from_secs(14), "errors, not hangs: {:?}", t.elapsed());
+    println!("minority: write and read refused in {:?}: {msg}", t.elapsed());
+    // It still serves serializable reads of what it has.
+    assert!(cc.get("before", Some(GetOptions::new().with_serializable())).await.is_ok());
+
+    // The majority goes on.
+    for i in 0..50 {
+        client(&members[i % 2]).await.put(format!("majority/{i}"), "y", None).await.unwrap();
+    }
+
+    // Heal: c catches up and every member hashes the same.
+    for n in ["a", "b", "c"] {
+        std::fs::write(block(n), "").unwrap();
+    }
+    let rev = client(&members[0]).await.put("after", "z", None).await.unwrap().header().unwrap().revision();
+    eventually("c to catch up", Duration::from_secs(20), || async {
+        let mut c = client(&members[2]).await;
+        c.get("after", Some(GetOptions::new().with_serializable())).await.is_ok_and(|g| g.kvs().len() == 1)
+    })
+    .await;
+    let mut hashes = Vec::new();
+    for m in &members {
+        let mut c = client(m).await;
+        let h = c.hash_kv(rev).await.unwrap();
+        hashes.push(h.hash());
+    }
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "HashKV at {rev} agrees: {hashes:?}");
+    let g = client(&members[2]).await.get("majority/", Some(GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(g.count(), 50);
+    assert!(
+        client(&members[2]).await.get("minority", None).await.unwrap().kvs().is_empty(),
+        "the refused write left nothing"
+    );
 }

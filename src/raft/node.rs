@@ -270,6 +270,7 @@ struct Driver {
     controller: Controller,
     ticks: u64,
     campaign_soon: bool,
+    no_leader_since: Option<Instant>,
 }
 
 /// Opens the Raft log, bootstraps a one-member configuration on a fresh data dir, and
@@ -375,6 +376,7 @@ pub fn start(
         controller: Controller::new(cfg_membership),
         ticks: 0,
         campaign_soon: false,
+        no_leader_since: None,
     };
     driver.publish_membership();
     let thread = std::thread::Builder::new()
@@ -530,6 +532,23 @@ impl Driver {
     /// Fails every request whose client has stopped waiting, so nothing here grows
     /// without bound when a round or an entry is lost.
     fn expire(&mut self, now: Instant) {
+        // Without a leader for two election timeouts, waiting longer helps nobody: tell
+        // the clients now rather than at their deadline.
+        if self.node.raft.leader_id == raft::INVALID_ID {
+            let since = *self.no_leader_since.get_or_insert(now);
+            if now - since > self.cfg.tick * (2 * self.cfg.election_ticks) as u32 {
+                for (id, _, _) in std::mem::take(&mut self.stalled) {
+                    if let Some(w) = self.writes.remove(&id) {
+                        let _ = w.reply.send(Err(RaftError::NoLeader));
+                    }
+                }
+                for w in std::mem::take(&mut self.reads_new) {
+                    let _ = w.reply.send(Err(RaftError::NoLeader));
+                }
+            }
+        } else {
+            self.no_leader_since = None;
+        }
         self.writes.retain(|_, w| w.deadline > now);
         self.conf_waiters.retain(|(_, _, w)| w.deadline > now);
         self.stalled.retain(|(_, _, d)| *d > now);
