@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/v3electionpb/v3election.proto",
         "proto/meshkvpb/internal.proto",
         "proto/meshkvpb/mesh.proto",
+        "proto/meshkvpb/admin.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

@@ -22,6 +22,16 @@ struct Cli {
 enum Command {
     /// Load-test any etcd v3 endpoints (meshkv or etcd).
     Bench(BenchArgs),
+    /// Show the cluster (members, roles, leader, applied index) and the mesh (peers,
+    /// routes, connections) as a running member sees them.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct StatusArgs {
+    /// A member's client endpoint (host:port or http://host:port).
+    #[arg(long, default_value = "127.0.0.1:2379")]
+    endpoint: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -202,10 +212,85 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn url(ep: &str) -> String {
+    if ep.contains("://") {
+        ep.to_string()
+    } else {
+        format!("http://{ep}")
+    }
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    use meshkv::pb::etcdserverpb::{cluster_client::ClusterClient, maintenance_client::MaintenanceClient};
+    use meshkv::pb::etcdserverpb::{MemberListRequest, StatusRequest};
+    use meshkv::pb::meshkvpb::{admin_client::AdminClient, MeshStatusRequest};
+    let ch = tonic::transport::Endpoint::from_shared(url(&args.endpoint))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await?;
+    let members =
+        ClusterClient::new(ch.clone()).member_list(MemberListRequest { linearizable: false }).await?.into_inner();
+    println!("cluster {:x}", members.header.as_ref().map_or(0, |h| h.cluster_id));
+    println!(
+        "{:<18} {:<16} {:<8} {:>6} {:>10} {:>10}  CLIENT URL",
+        "ID", "NAME", "ROLE", "TERM", "RAFT INDEX", "APPLIED"
+    );
+    for m in &members.members {
+        let client = m.client_ur_ls.first().cloned().unwrap_or_default();
+        let st = async {
+            let ch = tonic::transport::Endpoint::from_shared(url(&client))?
+                .connect_timeout(Duration::from_secs(2))
+                .timeout(Duration::from_secs(3))
+                .connect()
+                .await?;
+            anyhow::Ok(MaintenanceClient::new(ch).status(StatusRequest {}).await?.into_inner())
+        }
+        .await;
+        match st {
+            Ok(s) => {
+                let role = if s.leader == m.id {
+                    "leader"
+                } else if m.is_learner {
+                    "learner"
+                } else {
+                    "voter"
+                };
+                println!(
+                    "{:<18x} {:<16} {:<8} {:>6} {:>10} {:>10}  {client}",
+                    m.id, m.name, role, s.raft_term, s.raft_index, s.raft_applied_index
+                );
+            }
+            Err(e) => {
+                let role = if m.is_learner { "learner" } else { "voter" };
+                println!("{:<18x} {:<16} {:<8} unreachable: {e}", m.id, m.name, role);
+            }
+        }
+    }
+    let mesh = AdminClient::new(ch).mesh_status(MeshStatusRequest {}).await?.into_inner();
+    println!();
+    println!("mesh peer {} ({:x}) at {}", mesh.name, mesh.uid, mesh.addr);
+    println!("{:<16} {:<22} {:<16}  LINKS", "PEER", "ADDRESS", "NEXT HOP");
+    for p in &mesh.peers {
+        let hop = if p.next_hop.is_empty() { "unreachable".to_string() } else { p.next_hop.clone() };
+        println!("{:<16} {:<22} {:<16}  {}", p.name, p.addr, hop, p.connections.join(","));
+    }
+    println!("connections: {}", mesh.connections.iter().map(|c| c.peer.as_str()).collect::<Vec<_>>().join(", "));
+    let drops: Vec<String> =
+        mesh.drops.iter().filter(|d| d.messages > 0).map(|d| format!("{}={}", d.name, d.messages)).collect();
+    println!("relayed: {}  drops: {}", mesh.relayed, if drops.is_empty() { "none".into() } else { drops.join(" ") });
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::Bench(args)) = cli.command {
-        return bench(args);
+    match cli.command {
+        Some(Command::Bench(args)) => return bench(args),
+        Some(Command::Status(args)) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            return rt.block_on(status(args));
+        }
+        None => {}
     }
     let cfg = cli.serve.into_config();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log_level));

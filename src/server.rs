@@ -289,7 +289,10 @@ pub async fn run(
             .add_service(MaintenanceServer::new(api::maintenance::MaintenanceService::new(ctx.clone())))
             .add_service(AuthServer::new(api::auth::AuthService::new(ctx.clone())))
             .add_service(LockServer::new(api::lock::LockService))
-            .add_service(ElectionServer::new(api::election::ElectionService));
+            .add_service(ElectionServer::new(api::election::ElectionService))
+            .add_service(crate::pb::meshkvpb::admin_server::AdminServer::new(api::admin::AdminService::new(
+                ctx.clone(),
+            )));
         let mut stop = stop_rx.clone();
         servers.push(tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = stop.wait_for(|s| *s).await;

@@ -157,6 +157,20 @@ async fn five_members_assemble_and_serve_linearizable_reads_everywhere() {
     assert_eq!(lines.iter().filter(|l| l.ends_with("false")).count(), 3, "{}", out.stdout);
     assert_eq!(lines.iter().filter(|l| l.ends_with("true")).count(), 2, "{}", out.stdout);
 
+    // meshkv's own view: members with roles, and mesh peers with their routes.
+    let out = std::process::Command::new(meshkv_bin())
+        .args(["status", "--endpoint", &members[4].proc.client_addr])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches(" leader ").count(), 1, "{text}");
+    assert_eq!(text.matches(" voter ").count(), 2, "{text}");
+    assert_eq!(text.matches(" learner ").count(), 2, "{text}");
+    for peer in ["a", "b", "c", "d"] {
+        assert!(text.lines().any(|l| l.starts_with(&format!("{peer} "))), "mesh peer {peer} listed: {text}");
+    }
+
     // A write through any member is visible to a linearizable read on every member.
     for (i, w) in members.iter().enumerate() {
         let key = format!("written-through-{}", w.name);
