@@ -221,6 +221,18 @@ pub async fn run(
         .map_err(|e| EngineError::Corrupt { cf: "data dir", what: format!("{}: {e}", cfg.data_dir.display()) })?;
     let mut cfg = cfg;
     cfg.name = resolve_name(&cfg)?;
+    let mut listeners = Vec::new();
+    for url in &cfg.listen_client_urls {
+        for addr in parse_listen_url("--listen-client-urls", url)? {
+            let l = TcpListener::bind(addr).await.map_err(|err| ServerError::Listen { addr, err })?;
+            listeners.push(l);
+        }
+    }
+    let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    if cfg.advertise_client_urls.is_empty() {
+        // Advertise where clients can really connect (a port of 0 was chosen at bind).
+        cfg.advertise_client_urls = bound.iter().map(|a| format!("http://{a}")).collect();
+    }
     let engine = Engine::open(&cfg.data_dir)?;
     let stored_cluster = engine.get_u64(CF_META, META_CLUSTER_ID)?.unwrap_or(0);
     let cluster_id = Arc::new(AtomicU64::new(stored_cluster));
@@ -262,15 +274,6 @@ pub async fn run(
         mesh: mesh.clone(),
         max_txn_ops: cfg.max_txn_ops,
     };
-
-    let mut listeners = Vec::new();
-    for url in &cfg.listen_client_urls {
-        for addr in parse_listen_url("--listen-client-urls", url)? {
-            let l = TcpListener::bind(addr).await.map_err(|err| ServerError::Listen { addr, err })?;
-            listeners.push(l);
-        }
-    }
-    let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
