@@ -33,6 +33,9 @@ pub struct Config {
     pub voters: usize,
     /// A voter unreachable this long is replaced by a caught-up learner.
     pub dead_member_timeout: Duration,
+    /// Applied entries kept in the Raft log behind the applied index; a member further
+    /// behind catches up from a snapshot (as etcd's --snapshot-count).
+    pub snapshot_count: u64,
     /// Failure drills: mesh peers whose traffic is dropped, as if the link were cut.
     pub mesh_block_peers: Vec<String>,
     /// Failure drills: a file naming (one per line) peers whose traffic is dropped,
@@ -63,6 +66,7 @@ impl Default for Config {
             bootstrap_expect: 0,
             voters: 3,
             dead_member_timeout: Duration::from_secs(30),
+            snapshot_count: 10_000,
             mesh_block_peers: vec![],
             mesh_block_file: None,
             max_request_bytes: 1536 * 1024,

@@ -104,6 +104,9 @@ struct ServeArgs {
     /// Seconds a voter may be unreachable before a caught-up learner replaces it.
     #[arg(long, default_value_t = 30.0)]
     dead_member_timeout: f64,
+    /// Applied Raft entries kept in the log; a member further behind gets a snapshot.
+    #[arg(long, default_value_t = 10_000)]
+    snapshot_count: u64,
     /// Failure drills: drop all mesh traffic to and from these peers (comma-separated
     /// names), as if the network between them were cut.
     #[arg(long, value_delimiter = ',')]
@@ -142,6 +145,7 @@ impl ServeArgs {
             bootstrap_expect: self.bootstrap_expect,
             voters: self.voters,
             dead_member_timeout: Duration::from_secs_f64(self.dead_member_timeout.max(0.0)),
+            snapshot_count: self.snapshot_count.max(1),
             mesh_block_peers: self.mesh_block_peers,
             mesh_block_file: self.mesh_block_file,
             listen_client_urls: self.listen_client_urls,

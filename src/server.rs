@@ -239,6 +239,7 @@ pub async fn run(
     let mesh = start_mesh(&cfg, &cfg.name, cluster_id.clone()).await?;
     let (cluster, member_id, bootstrap) = identity(&engine, &cfg, &mesh).await?;
     cluster_id.store(cluster, Ordering::Release);
+    crate::raft::snapshot::recover(&engine)?;
     let store = Arc::new(MvccStore::open(engine.clone())?);
     tracing::info!(
         name = %cfg.name, member = format!("{member_id:x}"), cluster = format!("{cluster:x}"),
@@ -250,8 +251,14 @@ pub async fn run(
     rcfg.election_ticks = (cfg.election_timeout.as_millis() / cfg.heartbeat_interval.as_millis()).max(2) as usize;
     rcfg.max_request_bytes = cfg.max_request_bytes;
     rcfg.membership.voters = cfg.voters;
+    rcfg.log_keep = cfg.snapshot_count;
     rcfg.membership.dead_member_timeout = cfg.dead_member_timeout;
-    let transport = MeshTransport::new(MeshConn::new(mesh.clone()));
+    let snapshots = node::Snapshots {
+        outgoing: Arc::new(crate::raft::snapshot::Outgoing::new(cfg.data_dir.join("snap-out"))),
+        incoming: Arc::new(crate::raft::snapshot::Incoming::new(cfg.data_dir.join("snap-in"))),
+    };
+    let transport =
+        MeshTransport::new(MeshConn::new(mesh.clone()), snapshots.outgoing.clone(), snapshots.incoming.clone());
     let started = node::start(
         rcfg,
         engine.clone(),
@@ -259,6 +266,7 @@ pub async fn run(
         Some(transport.clone() as Arc<dyn Transport>),
         bootstrap,
         cluster_id,
+        snapshots,
     )?;
     tokio::spawn(transport.receive(started.handle.clone()));
 

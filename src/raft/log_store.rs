@@ -34,10 +34,19 @@ struct Bounds {
     last_term: u64,
 }
 
+/// What making a snapshot needs beyond the log: where checkpoints are served from, and
+/// who we are.
+pub struct SnapshotSource {
+    pub outgoing: std::sync::Arc<super::snapshot::Outgoing>,
+    pub name: String,
+    pub cluster_id: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
 /// The Raft log and state of one member, in RocksDB.
 pub struct LogStore {
     engine: Engine,
     bounds: RwLock<Bounds>,
+    source: Option<SnapshotSource>,
 }
 
 fn log_key(index: u64) -> [u8; 8] {
@@ -85,7 +94,90 @@ impl LogStore {
             b.last_index = e.index;
             b.last_term = e.term;
         }
-        Ok(Self { engine, bounds: RwLock::new(b) })
+        Ok(Self { engine, bounds: RwLock::new(b), source: None })
+    }
+
+    /// Lets this log make snapshots for members that fell behind it.
+    pub fn with_snapshots(mut self, source: SnapshotSource) -> Self {
+        self.source = Some(source);
+        self
+    }
+
+    /// Resets the log to an installed snapshot: no entries, the snapshot's point as the
+    /// truncation point, its configuration and members.
+    pub fn apply_snapshot(
+        &self,
+        batch: &mut WriteBatch,
+        meta: &raft::eraftpb::SnapshotMetadata,
+        members: BTreeMap<u64, String>,
+    ) {
+        let cf = self.engine.cf(CF_RAFT_LOG);
+        let last = self.last_index_cached();
+        batch.delete_range_cf(cf, log_key(0), log_key(last.max(meta.index) + 1));
+        let mut v = Vec::with_capacity(16);
+        v.extend_from_slice(&meta.index.to_be_bytes());
+        v.extend_from_slice(&meta.term.to_be_bytes());
+        batch.put_cf(self.engine.cf(CF_RAFT_STATE), KEY_TRUNCATED, v);
+        let mut hs = self.hard_state();
+        hs.term = hs.term.max(meta.term);
+        hs.commit = hs.commit.max(meta.index);
+        self.set_hard_state(batch, &hs);
+        self.set_conf_state(batch, meta.get_conf_state());
+        self.set_members(batch, members);
+        let mut b = self.write();
+        b.truncated_index = meta.index;
+        b.truncated_term = meta.term;
+        b.last_index = meta.index;
+        b.last_term = meta.term;
+    }
+
+    fn make_snapshot(&self, to: u64) -> Result<Snapshot, EngineError> {
+        let Some(src) = &self.source else { return Err(corrupt("no snapshot source".into())) };
+        let id: u64 = rand::random();
+        src.outgoing.create(&self.engine, id, to)?;
+        let read = |db: &rocksdb::DB| -> Result<(u64, i64, i64, ConfState, crate::pb::meshkvpb::Members), EngineError> {
+            let get = |cf: &str, k: &[u8]| -> Result<Option<Vec<u8>>, EngineError> {
+                let h = db.cf_handle(cf).ok_or_else(|| corrupt(format!("checkpoint lacks {cf}")))?;
+                Ok(db.get_cf(h, k)?)
+            };
+            let u = |v: Option<Vec<u8>>| v.and_then(|v| v.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+            let applied = u(get(crate::store::engine::CF_META, b"applied_index")?);
+            let revision = u(get(crate::store::engine::CF_META, b"revision")?) as i64;
+            let compacted = u(get(crate::store::engine::CF_META, b"compact_revision")?) as i64;
+            let cs = match get(CF_RAFT_STATE, KEY_CONF_STATE)? {
+                Some(v) => <ConfState as ProtobufMessage>::parse_from_bytes(&v).map_err(|e| corrupt(e.to_string()))?,
+                None => ConfState::default(),
+            };
+            let members = match get(CF_RAFT_STATE, KEY_MEMBERS)? {
+                Some(v) => crate::pb::meshkvpb::Members::decode(v.as_slice()).map_err(|e| corrupt(e.to_string()))?,
+                None => Default::default(),
+            };
+            Ok((applied, revision, compacted, cs, members))
+        };
+        let (applied, revision, compacted, cs, members) =
+            src.outgoing.with(id, read).ok_or_else(|| corrupt("checkpoint vanished".into()))??;
+        let term = raft::Storage::term(self, applied).map_err(|e| corrupt(e.to_string()))?;
+        let desc = crate::pb::meshkvpb::SnapshotDescriptor {
+            id,
+            source: src.name.clone(),
+            revision: revision.max(1),
+            compact_revision: compacted,
+            cluster_id: src.cluster_id.load(std::sync::atomic::Ordering::Acquire),
+            members: Some(members),
+        };
+        let mut snap = Snapshot::default();
+        snap.data = desc.encode_to_vec().into();
+        let m = snap.mut_metadata();
+        m.index = applied;
+        m.term = term;
+        m.set_conf_state(cs);
+        tracing::info!(
+            to = format!("{to:x}"),
+            index = applied,
+            id = format!("{id:x}"),
+            "snapshot made for a member behind the log"
+        );
+        Ok(snap)
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Bounds> {
@@ -279,10 +371,15 @@ impl raft::Storage for LogStore {
         Ok(self.last_index_cached())
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // A single member never needs to send a snapshot; sending one to a lagging
-        // member comes with multi-member clusters.
-        Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        match self.make_snapshot(to) {
+            Ok(s) if s.get_metadata().index >= request_index => Ok(s),
+            Ok(_) => Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot make a snapshot yet");
+                Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable))
+            }
+        }
     }
 }
 

@@ -10,6 +10,7 @@ pub mod log_store;
 pub mod logger;
 pub mod membership;
 pub mod node;
+pub mod snapshot;
 pub mod transport;
 
 pub use node::{Bootstrap, Membership, RaftConfig, RaftHandle, RaftStatus, Started, Transport};

@@ -32,7 +32,7 @@ use tokio::sync::oneshot;
 use super::log_store::LogStore;
 use super::membership::{Change, Controller, MembershipConfig, View};
 use super::{logger, RaftError};
-use crate::pb::meshkvpb::{internal_request, InternalRequest, MemberContext};
+use crate::pb::meshkvpb::{internal_request, InternalRequest, MemberContext, SnapshotDescriptor};
 use crate::store::engine::{Engine, EngineError, CF_META};
 use crate::store::mvcc::{MvccStore, WriteResponse};
 
@@ -130,6 +130,7 @@ enum Command {
     Step(Box<Message>),
     TransferLeader(u64),
     ChangeMembership { change: Change, reply: ReadReply, deadline: Instant },
+    ReportSnapshot(u64, raft::SnapshotStatus),
 }
 
 /// Carries Raft messages to other members.
@@ -213,6 +214,11 @@ impl RaftHandle {
         self.wait(rx).await?
     }
 
+    /// Tells the leader how sending a snapshot to `to` went.
+    pub fn report_snapshot(&self, to: u64, status: raft::SnapshotStatus) -> Result<(), RaftError> {
+        self.send(Command::ReportSnapshot(to, status))
+    }
+
     /// Asks the leader to hand leadership to `to`.
     pub fn transfer_leader(&self, to: u64) -> Result<(), RaftError> {
         self.send(Command::TransferLeader(to))
@@ -232,6 +238,13 @@ impl RaftHandle {
             Err(_) => Err(RaftError::Timeout),
         }
     }
+}
+
+/// Where snapshots are served from and fetched to.
+#[derive(Clone)]
+pub struct Snapshots {
+    pub outgoing: Arc<super::snapshot::Outgoing>,
+    pub incoming: Arc<super::snapshot::Incoming>,
 }
 
 /// A running driver: the handle for the API and the thread to join at shutdown.
@@ -271,6 +284,7 @@ struct Driver {
     ticks: u64,
     campaign_soon: bool,
     no_leader_since: Option<Instant>,
+    incoming: Arc<super::snapshot::Incoming>,
 }
 
 /// Opens the Raft log, bootstraps a one-member configuration on a fresh data dir, and
@@ -282,8 +296,13 @@ pub fn start(
     transport: Option<Arc<dyn Transport>>,
     bootstrap: Bootstrap,
     cluster_id: Arc<AtomicU64>,
+    snapshots: Snapshots,
 ) -> Result<Started, EngineError> {
-    let log = LogStore::open(engine.clone())?;
+    let log = LogStore::open(engine.clone())?.with_snapshots(super::log_store::SnapshotSource {
+        outgoing: snapshots.outgoing.clone(),
+        name: cfg.name.clone(),
+        cluster_id: cluster_id.clone(),
+    });
     let applied = store.applied_index();
     let mut batch = WriteBatch::default();
     if log.is_fresh() {
@@ -377,6 +396,7 @@ pub fn start(
         ticks: 0,
         campaign_soon: false,
         no_leader_since: None,
+        incoming: snapshots.incoming.clone(),
     };
     driver.publish_membership();
     let thread = std::thread::Builder::new()
@@ -449,6 +469,7 @@ impl Driver {
                 }
             }
             Command::TransferLeader(to) => self.node.transfer_leader(to),
+            Command::ReportSnapshot(to, status) => self.node.report_snapshot(to, status),
             Command::ChangeMembership { change, reply, deadline } => {
                 let (t, id) = self.propose_change(change);
                 self.conf_waiters.push((id, t, Waiter { reply, deadline }));
@@ -496,6 +517,43 @@ impl Driver {
         if let Some(change) = self.controller.decide(now, &view) {
             self.propose_change(change);
         }
+    }
+
+    /// Installs a snapshot whose data the transport fetched: the store's column families
+    /// are replaced, the log restarts at the snapshot, and the store reloads.
+    fn install_snapshot(&mut self, snap: &raft::eraftpb::Snapshot) -> Result<(), EngineError> {
+        let started = Instant::now();
+        let desc = SnapshotDescriptor::decode(snap.data.as_ref())
+            .map_err(|e| EngineError::Corrupt { cf: "snapshot", what: e.to_string() })?;
+        let staging = self.incoming.take(desc.id).ok_or_else(|| EngineError::Corrupt {
+            cf: "snapshot",
+            what: format!("snapshot {:x} was not fetched", desc.id),
+        })?;
+        let meta = snap.get_metadata();
+        let mut keys: Vec<(&[u8], Vec<u8>)> = vec![
+            (b"applied_index", meta.index.to_be_bytes().to_vec()),
+            (b"revision", (desc.revision as u64).to_be_bytes().to_vec()),
+            (b"compact_revision", (desc.compact_revision as u64).to_be_bytes().to_vec()),
+        ];
+        if desc.cluster_id != 0 && self.status.cluster_id() == 0 {
+            keys.push((b"cluster_id", desc.cluster_id.to_be_bytes().to_vec()));
+            self.status.cluster_id.store(desc.cluster_id, Ordering::Release);
+        }
+        super::snapshot::install(&self.engine, &staging, &keys)?;
+        let members: BTreeMap<u64, String> =
+            desc.members.unwrap_or_default().members.into_iter().map(|m| (m.id, m.name)).collect();
+        let mut batch = WriteBatch::default();
+        self.node.raft.raft_log.store().apply_snapshot(&mut batch, meta, members);
+        self.engine.write(batch, true)?;
+        self.store.reload().map_err(|e| EngineError::Corrupt { cf: "kv", what: e.to_string() })?;
+        self.publish_membership();
+        tracing::info!(
+            index = meta.index,
+            revision = self.store.revision(),
+            secs = started.elapsed().as_secs_f64(),
+            "snapshot installed"
+        );
+        Ok(())
     }
 
     fn publish_membership(&self) {
@@ -589,7 +647,8 @@ impl Driver {
         self.publish();
         self.send(rd.take_messages());
         if !rd.snapshot().is_empty() {
-            tracing::error!("received a snapshot; installing snapshots comes with multi-member clusters");
+            let snap = rd.snapshot().clone();
+            self.install_snapshot(&snap)?;
         }
         self.apply(rd.take_committed_entries())?;
 

@@ -5,13 +5,25 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
+use bytes::Bytes;
+use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
+use raft::SnapshotStatus;
+use tokio::sync::mpsc;
 
 use super::node::{RaftHandle, Transport};
+use super::snapshot::{Incoming, Outgoing, SstSink, CFS};
 use crate::mesh::{MeshConn, PeerName, Priority};
+use crate::pb::meshkvpb::{SnapshotChunk, SnapshotChunkRequest, SnapshotDescriptor};
+
+/// First byte of every datagram: what follows.
+const TAG_RAFT: u8 = 0;
+const TAG_CHUNK_REQUEST: u8 = 1;
+const TAG_CHUNK: u8 = 2;
 
 /// A member id from a name: stable across restarts, never zero (raft-rs reserves 0).
 pub fn member_id(name: &str) -> u64 {
@@ -24,16 +36,34 @@ pub fn member_id(name: &str) -> u64 {
     h.max(1)
 }
 
-/// Sends Raft messages as MeshConn datagrams.
+/// Sends Raft messages as MeshConn datagrams, and moves snapshot data beside them.
 pub struct MeshTransport {
     conn: MeshConn,
     names: RwLock<HashMap<u64, PeerName>>,
     pub dropped: AtomicU64,
+    outgoing: Arc<Outgoing>,
+    incoming: Arc<Incoming>,
+    /// Snapshot fetches under way: snapshot id → where its chunks go.
+    fetching: Mutex<HashMap<u64, mpsc::Sender<SnapshotChunk>>>,
+}
+
+fn tagged(tag: u8, body: &[u8]) -> Bytes {
+    let mut v = Vec::with_capacity(body.len() + 1);
+    v.push(tag);
+    v.extend_from_slice(body);
+    v.into()
 }
 
 impl MeshTransport {
-    pub fn new(conn: MeshConn) -> Arc<Self> {
-        Arc::new(Self { conn, names: RwLock::new(HashMap::new()), dropped: AtomicU64::new(0) })
+    pub fn new(conn: MeshConn, outgoing: Arc<Outgoing>, incoming: Arc<Incoming>) -> Arc<Self> {
+        Arc::new(Self {
+            conn,
+            names: RwLock::new(HashMap::new()),
+            dropped: AtomicU64::new(0),
+            outgoing,
+            incoming,
+            fetching: Mutex::new(HashMap::new()),
+        })
     }
 
     fn name_of(&self, id: u64) -> Option<PeerName> {
@@ -50,21 +80,167 @@ impl MeshTransport {
 
     /// Feeds datagrams from the mesh to the Raft driver until the mesh shuts down.
     pub async fn receive(self: Arc<Self>, raft: RaftHandle) {
+        let expiry = tokio::spawn({
+            let (me, raft) = (self.clone(), raft.clone());
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    for (id, to) in me.outgoing.expire(Duration::from_secs(30)) {
+                        tracing::warn!(id = format!("{id:x}"), to = format!("{to:x}"), "snapshot transfer abandoned");
+                        let _ = raft.report_snapshot(to, SnapshotStatus::Failure);
+                    }
+                }
+            }
+        });
         while let Some((src, data)) = self.conn.recv_from().await {
-            let msg = match Message::parse_from_bytes(&data) {
+            let Some((&tag, body)) = data.split_first() else { continue };
+            match tag {
+                TAG_RAFT => self.on_raft(&raft, src, body),
+                TAG_CHUNK_REQUEST => self.on_chunk_request(&raft, src, body),
+                TAG_CHUNK => self.on_chunk(body),
+                _ => {
+                    self.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        expiry.abort();
+    }
+
+    fn on_chunk_request(&self, raft: &RaftHandle, src: PeerName, body: &[u8]) {
+        let Ok(req) = SnapshotChunkRequest::decode(body) else { return };
+        let chunk = self.outgoing.chunk(&req);
+        if chunk.done && req.cf as usize == CFS.len() - 1 {
+            // The member has everything; raft-rs may go on with it once it answers.
+            let _ = raft.report_snapshot(member_id(&src), SnapshotStatus::Finish);
+        }
+        if self.conn.send_to(&src, tagged(TAG_CHUNK, &chunk.encode_to_vec()), Priority::Bulk).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn on_chunk(&self, body: &[u8]) {
+        let Ok(chunk) = SnapshotChunk::decode(body) else { return };
+        let tx = self.fetching.lock().unwrap_or_else(|e| e.into_inner()).get(&chunk.id).cloned();
+        if let Some(tx) = tx {
+            let _ = tx.try_send(chunk);
+        }
+    }
+
+    /// Holds a MsgSnapshot back until its data is fetched, then hands it to Raft.
+    fn on_snapshot(self: &Arc<Self>, raft: &RaftHandle, src: PeerName, msg: Message) {
+        let Ok(desc) = SnapshotDescriptor::decode(msg.get_snapshot().data.as_ref()) else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let (tx, rx) = mpsc::channel(8);
+        {
+            let mut f = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+            if f.contains_key(&desc.id) {
+                return;
+            }
+            f.insert(desc.id, tx);
+        }
+        let (me, raft) = (self.clone(), raft.clone());
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let id = desc.id;
+            let staging = me.incoming.staging(id);
+            let res = me.fetch(&desc, &staging, rx).await;
+            me.fetching.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            match res {
+                Ok(bytes) => {
+                    tracing::info!(
+                        id = format!("{id:x}"), from = %src, bytes, secs = started.elapsed().as_secs_f64(),
+                        "snapshot fetched; installing"
+                    );
+                    me.incoming.mark_fetched(id, staging);
+                    let _ = raft.step(msg);
+                }
+                Err(e) => {
+                    tracing::warn!(id = format!("{id:x}"), from = %src, error = %e, "snapshot fetch failed");
+                    let _ = std::fs::remove_dir_all(&staging);
+                }
+            }
+        });
+    }
+
+    /// Pulls every record of the snapshot into SST files under `staging`; returns bytes.
+    async fn fetch(
+        &self,
+        desc: &SnapshotDescriptor,
+        staging: &std::path::Path,
+        mut rx: mpsc::Receiver<SnapshotChunk>,
+    ) -> Result<u64, String> {
+        let _ = std::fs::remove_dir_all(staging);
+        let mut total = 0u64;
+        for cf in 0..CFS.len() as u32 {
+            let mut sink = SstSink::new(staging, cf).map_err(|e| e.to_string())?;
+            let mut last: Option<Bytes> = None;
+            loop {
+                let req = SnapshotChunkRequest {
+                    id: desc.id,
+                    cf,
+                    after: last.clone().unwrap_or_default(),
+                    from_start: last.is_none(),
+                };
+                let mut chunk = None;
+                for _attempt in 0..5 {
+                    let _ = self.conn.send_to(
+                        &desc.source,
+                        tagged(TAG_CHUNK_REQUEST, &req.encode_to_vec()),
+                        Priority::Control,
+                    );
+                    match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+                        Ok(Some(c)) if c.cf == cf => {
+                            chunk = Some(c);
+                            break;
+                        }
+                        Ok(Some(_)) => continue,
+                        Ok(None) => return Err("fetch cancelled".into()),
+                        Err(_) => continue,
+                    }
+                }
+                let chunk = chunk.ok_or("the sender stopped answering")?;
+                if chunk.unknown {
+                    return Err("the sender no longer has this snapshot".into());
+                }
+                for (k, v) in chunk.keys.into_iter().zip(chunk.values) {
+                    if last.as_ref().is_some_and(|l| k <= *l) {
+                        continue; // a repeated chunk
+                    }
+                    total += (k.len() + v.len()) as u64;
+                    last = Some(k.clone());
+                    sink.push(k, v).map_err(|e| e.to_string())?;
+                }
+                if chunk.done {
+                    break;
+                }
+            }
+            sink.finish().map_err(|e| e.to_string())?;
+        }
+        Ok(total)
+    }
+
+    fn on_raft(self: &Arc<Self>, raft: &RaftHandle, src: PeerName, data: &[u8]) {
+        {
+            let msg = match Message::parse_from_bytes(data) {
                 Ok(m) => m,
                 Err(e) => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%src, error = %e, "undecodable raft message dropped");
-                    continue;
+                    return;
                 }
             };
             // A peer speaks only for itself.
             if msg.from != member_id(&src) || msg.to != raft.status().id {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
-                continue;
+                return;
             }
-            self.names.write().unwrap_or_else(|e| e.into_inner()).insert(msg.from, src);
+            self.names.write().unwrap_or_else(|e| e.into_inner()).insert(msg.from, src.clone());
+            if msg.get_msg_type() == MessageType::MsgSnapshot {
+                self.on_snapshot(raft, src, msg);
+                return;
+            }
             if raft.step(msg).is_err() {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -85,7 +261,7 @@ impl Transport for MeshTransport {
             Ok(d) => d,
             Err(_) => return,
         };
-        if self.conn.send_to(&name, data.into(), prio).is_err() {
+        if self.conn.send_to(&name, tagged(TAG_RAFT, &data), prio).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -19,7 +19,7 @@ pub const CF_META: &str = "meta";
 pub const CF_LEASE: &str = "lease";
 pub const CF_AUTH: &str = "auth";
 
-const ALL_CFS: [&str; 6] = [CF_RAFT_LOG, CF_RAFT_STATE, CF_KV, CF_META, CF_LEASE, CF_AUTH];
+pub const ALL_CFS: [&str; 6] = [CF_RAFT_LOG, CF_RAFT_STATE, CF_KV, CF_META, CF_LEASE, CF_AUTH];
 
 /// Failure of the storage engine. Always fatal for the request; the member keeps running.
 #[derive(Debug, thiserror::Error)]

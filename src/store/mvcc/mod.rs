@@ -116,6 +116,28 @@ fn lock_poisoned() -> ! {
 impl MvccStore {
     /// Opens the store on `engine`, rebuilding the key index from the `kv` column family.
     pub fn open(engine: Engine) -> Result<Self, MvccError> {
+        let (index, current, compacted, applied) = Self::load_all(&engine)?;
+        Ok(Self {
+            engine,
+            index: RwLock::new(index),
+            current: AtomicI64::new(current),
+            compacted: AtomicI64::new(compacted),
+            applied: AtomicU64::new(applied),
+        })
+    }
+
+    /// Reloads everything from disk, after a snapshot replaced it.
+    pub fn reload(&self) -> Result<(), MvccError> {
+        let (index, current, compacted, applied) = Self::load_all(&self.engine)?;
+        let mut ix = self.index.write().unwrap_or_else(|_| lock_poisoned());
+        *ix = index;
+        self.current.store(current, Ordering::Release);
+        self.compacted.store(compacted, Ordering::Release);
+        self.applied.store(applied, Ordering::Release);
+        Ok(())
+    }
+
+    fn load_all(engine: &Engine) -> Result<(KeyIndex, i64, i64, u64), MvccError> {
         let applied = engine.get_u64(CF_META, META_APPLIED)?.unwrap_or(0);
         let mut current = engine.get_u64(CF_META, META_REVISION)?.unwrap_or(1) as i64;
         let compacted = engine.get_u64(CF_META, META_COMPACTED)?.unwrap_or(0) as i64;
@@ -133,13 +155,7 @@ impl MvccStore {
             }
             current = current.max(rev.main);
         }
-        Ok(Self {
-            engine,
-            index: RwLock::new(index),
-            current: AtomicI64::new(current),
-            compacted: AtomicI64::new(compacted),
-            applied: AtomicU64::new(applied),
-        })
+        Ok((index, current, compacted, applied))
     }
 
     /// The newest revision. A fresh store is at revision 1, as etcd's is.

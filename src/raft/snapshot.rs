@@ -1,0 +1,277 @@
+//! Snapshots: how a member that fell behind the log (or a new one) gets the state.
+//!
+//! The Raft snapshot itself is small: its metadata (index, term, ConfState) and a
+//! [`SnapshotDescriptor`]. The key-value data travels beside it, pulled in chunks over
+//! the mesh as bulk datagrams, so heartbeats keep flowing during a transfer:
+//!
+//! 1. The leader's log storage is asked for a snapshot: it makes a RocksDB checkpoint
+//!    (hard links, consistent at the applied index) and registers it in [`Outgoing`].
+//! 2. The follower's transport sees the MsgSnapshot, holds it back, and pulls every
+//!    record of the snapshot's column families in order, writing them to SST files in a
+//!    staging directory ([`fetch`]); one chunk in flight is the flow control.
+//! 3. Only then does raft-rs get the MsgSnapshot; when its Ready carries the snapshot,
+//!    the driver installs it ([`install`]): an install marker is synced, the column
+//!    families are cleared and the SST files ingested, then the meta keys are written
+//!    and the marker removed. A crash in between redoes the install at start.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use prost::Message as _;
+use rocksdb::{IngestExternalFileOptions, IteratorMode, Options, SstFileWriter, WriteBatch, DB};
+
+use crate::pb::meshkvpb::{SnapshotChunk, SnapshotChunkRequest};
+use crate::store::engine::{Engine, EngineError, CF_AUTH, CF_KV, CF_LEASE, CF_META};
+
+/// Column families a snapshot carries, by index on the wire.
+pub const CFS: [&str; 3] = [CF_KV, CF_LEASE, CF_AUTH];
+const CHUNK_BYTES: usize = 1 << 20;
+const SST_BYTES: usize = 64 << 20;
+/// Meta key set while an install is under way: the staging directory.
+const META_INSTALLING: &[u8] = b"snapshot_installing";
+
+fn err(what: impl std::fmt::Display) -> EngineError {
+    EngineError::Corrupt { cf: "snapshot", what: what.to_string() }
+}
+
+struct Served {
+    db: DB,
+    path: PathBuf,
+    last_used: Instant,
+    to: u64,
+}
+
+/// Leader side: checkpoints being served, by snapshot id.
+pub struct Outgoing {
+    dir: PathBuf,
+    served: Mutex<HashMap<u64, Served>>,
+}
+
+impl Outgoing {
+    pub fn new(dir: PathBuf) -> Self {
+        let _ = std::fs::remove_dir_all(&dir);
+        Self { dir, served: Mutex::new(HashMap::new()) }
+    }
+
+    /// Checkpoints the engine for member `to`; the caller reads the applied index it
+    /// covers from the checkpoint.
+    pub fn create(&self, engine: &Engine, id: u64, to: u64) -> Result<(), EngineError> {
+        std::fs::create_dir_all(&self.dir).map_err(err)?;
+        let path = self.dir.join(format!("{id:016x}"));
+        let _ = std::fs::remove_dir_all(&path);
+        rocksdb::checkpoint::Checkpoint::new(engine.db())?.create_checkpoint(&path)?;
+        let mut names = vec!["default"];
+        names.extend(crate::store::engine::ALL_CFS);
+        let db = DB::open_cf_for_read_only(&Options::default(), &path, names, false)?;
+        let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        served.insert(id, Served { db, path, last_used: Instant::now(), to });
+        Ok(())
+    }
+
+    /// Runs `f` on the checkpoint of snapshot `id`.
+    pub fn with<R>(&self, id: u64, f: impl FnOnce(&DB) -> R) -> Option<R> {
+        let served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        served.get(&id).map(|s| f(&s.db))
+    }
+
+    /// The next chunk of a transfer.
+    pub fn chunk(&self, req: &SnapshotChunkRequest) -> SnapshotChunk {
+        let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = SnapshotChunk { id: req.id, cf: req.cf, ..Default::default() };
+        let (Some(s), Some(cf_name)) = (served.get_mut(&req.id), CFS.get(req.cf as usize)) else {
+            out.unknown = true;
+            return out;
+        };
+        s.last_used = Instant::now();
+        let Some(cf) = s.db.cf_handle(cf_name) else {
+            out.unknown = true;
+            return out;
+        };
+        let mode = if req.from_start {
+            IteratorMode::Start
+        } else {
+            IteratorMode::From(&req.after, rocksdb::Direction::Forward)
+        };
+        let mut size = 0;
+        out.done = true;
+        for item in s.db.iterator_cf(cf, mode) {
+            let Ok((k, v)) = item else {
+                out.unknown = true;
+                return out;
+            };
+            if !req.from_start && k.as_ref() == req.after.as_ref() {
+                continue;
+            }
+            if size >= CHUNK_BYTES {
+                out.done = false;
+                break;
+            }
+            size += k.len() + v.len() + 8;
+            out.keys.push(Bytes::from(k.into_vec()));
+            out.values.push(Bytes::from(v.into_vec()));
+        }
+        out
+    }
+
+    /// Forgets a finished transfer.
+    pub fn finish(&self, id: u64) {
+        if let Some(s) = self.served.lock().unwrap_or_else(|e| e.into_inner()).remove(&id) {
+            drop(s.db);
+            let _ = std::fs::remove_dir_all(&s.path);
+        }
+    }
+
+    /// Transfers nobody asked anything of for `idle`: (snapshot id, member) to report failed.
+    pub fn expire(&self, idle: Duration) -> Vec<(u64, u64)> {
+        let stale: Vec<(u64, u64)> = {
+            let served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+            served.iter().filter(|(_, s)| s.last_used.elapsed() > idle).map(|(id, s)| (*id, s.to)).collect()
+        };
+        for (id, _) in &stale {
+            self.finish(*id);
+        }
+        stale
+    }
+}
+
+/// Follower side: staging directories of fetched snapshots, by snapshot id.
+pub struct Incoming {
+    pub dir: PathBuf,
+    fetched: Mutex<HashMap<u64, PathBuf>>,
+}
+
+impl Incoming {
+    pub fn new(dir: PathBuf) -> Self {
+        Self { dir, fetched: Mutex::new(HashMap::new()) }
+    }
+
+    pub fn staging(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id:016x}"))
+    }
+
+    pub fn mark_fetched(&self, id: u64, path: PathBuf) {
+        self.fetched.lock().unwrap_or_else(|e| e.into_inner()).insert(id, path);
+    }
+
+    pub fn take(&self, id: u64) -> Option<PathBuf> {
+        self.fetched.lock().unwrap_or_else(|e| e.into_inner()).remove(&id)
+    }
+}
+
+/// Writes fetched records of one column family into SST files under `dir`.
+pub struct SstSink {
+    dir: PathBuf,
+    cf: u32,
+    opts: Options,
+    pending: Vec<(Bytes, Bytes)>,
+    pending_bytes: usize,
+    files: usize,
+}
+
+impl SstSink {
+    pub fn new(dir: &Path, cf: u32) -> Result<Self, EngineError> {
+        std::fs::create_dir_all(dir.join(cf.to_string())).map_err(err)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            cf,
+            opts: Options::default(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            files: 0,
+        })
+    }
+
+    pub fn push(&mut self, k: Bytes, v: Bytes) -> Result<(), EngineError> {
+        self.pending_bytes += k.len() + v.len();
+        self.pending.push((k, v));
+        if self.pending_bytes >= SST_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), EngineError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let path = self.dir.join(self.cf.to_string()).join(format!("{:06}.sst", self.files));
+        let mut w = SstFileWriter::create(&self.opts);
+        w.open(&path)?;
+        for (k, v) in self.pending.drain(..) {
+            w.put(k, v)?;
+        }
+        w.finish()?;
+        self.files += 1;
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<(), EngineError> {
+        self.flush()
+    }
+}
+
+/// Encodes a chunk request as a transport datagram body.
+pub fn encode_request(r: &SnapshotChunkRequest) -> Vec<u8> {
+    r.encode_to_vec()
+}
+
+/// Replaces the snapshot's column families with the staged SST files, recording the
+/// staging directory first so that a crash midway is finished at the next start.
+pub fn install(engine: &Engine, staging: &Path, meta: &[(&[u8], Vec<u8>)]) -> Result<(), EngineError> {
+    let mut mark = WriteBatch::default();
+    mark.put_cf(engine.cf(CF_META), META_INSTALLING, staging.as_os_str().as_encoded_bytes());
+    for (k, v) in meta {
+        mark.put_cf(engine.cf(CF_META), [b"pending_".as_slice(), k].concat(), v);
+    }
+    engine.write(mark, true)?;
+    finish_install(engine, staging)
+}
+
+fn finish_install(engine: &Engine, staging: &Path) -> Result<(), EngineError> {
+    let db = engine.db();
+    let mut clear = WriteBatch::default();
+    for name in CFS {
+        clear.delete_range_cf(engine.cf(name), [0u8; 0].as_slice(), [0xffu8; 64].as_slice());
+    }
+    engine.write(clear, true)?;
+    for (i, name) in CFS.iter().enumerate() {
+        let dir = staging.join(i.to_string());
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd.filter_map(|e| e.ok().map(|e| e.path())).collect(),
+            Err(_) => continue,
+        };
+        files.sort();
+        if files.is_empty() {
+            continue;
+        }
+        let opts = IngestExternalFileOptions::default();
+        db.ingest_external_file_cf_opts(engine.cf(name), &opts, files)?;
+    }
+    // The meta keys that go with the data, then the marker is gone.
+    let mut done = WriteBatch::default();
+    let meta_cf = engine.cf(CF_META);
+    for item in db.prefix_iterator_cf(meta_cf, b"pending_") {
+        let (k, v) = item?;
+        if !k.starts_with(b"pending_") {
+            break;
+        }
+        done.put_cf(meta_cf, &k[b"pending_".len()..], v);
+        done.delete_cf(meta_cf, k);
+    }
+    done.delete_cf(meta_cf, META_INSTALLING);
+    engine.write(done, true)?;
+    let _ = std::fs::remove_dir_all(staging);
+    Ok(())
+}
+
+/// Finishes an install a crash interrupted. Runs before the store opens.
+pub fn recover(engine: &Engine) -> Result<(), EngineError> {
+    let Some(v) = engine.db().get_cf(engine.cf(CF_META), META_INSTALLING)? else { return Ok(()) };
+    let staging = PathBuf::from(String::from_utf8_lossy(&v).into_owned());
+    tracing::warn!(staging = %staging.display(), "finishing a snapshot install interrupted by a crash");
+    finish_install(engine, &staging)
+}
