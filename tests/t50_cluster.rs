@@ -478,3 +478,27 @@ async fn members_behind_the_log_catch_up_from_snapshots() {
     client(&members[2]).await.put("through-c", "y", None).await.unwrap();
     client(&members[3]).await.put("through-d", "y", None).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_of_another_cluster_is_refused() {
+    let root = tempdir();
+    let members = bootstrap_three(root.path(), &[&[], &[], &[]]);
+    // x forms a cluster of its own first, then tries to join this one.
+    let port = free_port();
+    let mut x = spawn(root.path(), "x", port, &[]);
+    x.proc.wait_ready(Duration::from_secs(60));
+    client(&x).await.put("mine", "x", None).await.unwrap();
+    x.proc.terminate();
+    x.args.extend(["--join".to_string(), members[0].peer.clone()]);
+    restart(&mut x);
+    x.proc.wait_ready(Duration::from_secs(60));
+    let refused = |log: String| log.contains("refusing mesh peer") && log.contains("cannot move between clusters");
+    eventually("a clear refusal", Duration::from_secs(10), || async {
+        refused(x.proc.log()) || members.iter().any(|m| refused(m.proc.log()))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (v, l) = roles(&members[0]).await.unwrap();
+    assert_eq!((v.len(), l.len()), (3, 0), "x was not added: {v:?} {l:?}");
+    assert_eq!(client(&x).await.get("mine", None).await.unwrap().kvs().len(), 1, "x keeps its own data");
+}
