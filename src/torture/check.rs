@@ -1,0 +1,220 @@
+//! A linearizability checker for single-key register histories, in the manner of
+//! Wing & Gong's search as porcupine does it: operations are taken in invocation order;
+//! at each step any operation that was invoked before the earliest pending return may be
+//! linearized next, if the model accepts its result; dead ends backtrack, and states
+//! already explored (set of linearized operations + register value) are cached.
+//!
+//! Operations whose outcome is unknown (the client timed out) return at infinity with no
+//! constraint on their result: the search may linearize them anywhere after their
+//! invocation, or last — which is the same as never, for what any read observed.
+
+use std::collections::HashSet;
+
+/// What a client asked.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Input {
+    Read,
+    Write(String),
+    /// Compare-and-set: if the value is `expect`, set `new`.
+    Cas { expect: String, new: String },
+    Delete,
+}
+
+/// What it got back; None when unknown.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Output {
+    Read(Option<String>),
+    Written,
+    Cas(bool),
+    Deleted,
+}
+
+/// One operation on one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Op {
+    pub client: usize,
+    pub input: Input,
+    pub output: Option<Output>,
+    /// Times in any monotonic unit.
+    pub invoke: u64,
+    pub complete: Option<u64>,
+}
+
+/// Applies `input` to `state` and checks `output`; returns the new state if they fit.
+fn step(state: &Option<String>, input: &Input, output: &Option<Output>) -> Option<Option<String>> {
+    match (input, output) {
+        (Input::Read, Some(Output::Read(v))) => (v == state).then(|| state.clone()),
+        (Input::Read, None) => Some(state.clone()),
+        (Input::Write(v), Some(Output::Written) | None) => Some(Some(v.clone())),
+        (Input::Delete, Some(Output::Deleted) | None) => Some(None),
+        (Input::Cas { expect, new }, Some(Output::Cas(ok))) => {
+            let holds = state.as_deref() == Some(expect.as_str());
+            (holds == *ok).then(|| if holds { Some(new.clone()) } else { state.clone() })
+        }
+        (Input::Cas { expect, new }, None) => {
+            // Unknown: it may have applied (if it could) or not; the search tries both by
+            // applying when possible; the "not applied" branch is linearizing it last.
+            Some(if state.as_deref() == Some(expect.as_str()) { Some(new.clone()) } else { state.clone() })
+        }
+        _ => None,
+    }
+}
+
+/// Whether the history (of one key, starting from `initial`) is linearizable.
+pub fn linearizable(ops: &[Op], initial: Option<String>) -> bool {
+    let n = ops.len();
+    if n == 0 {
+        return true;
+    }
+    let ret = |i: usize| ops[i].complete.unwrap_or(u64::MAX);
+    let words = n.div_ceil(64);
+    let mut done = vec![0u64; words];
+    let mut cache: HashSet<(Vec<u64>, Option<String>)> = HashSet::new();
+    // Depth-first search with an explicit stack of (chosen op, previous state).
+    let mut stack: Vec<(usize, Option<String>)> = Vec::new();
+    let mut state = initial;
+    let mut next_try = 0usize; // candidates are tried in index order
+    let is_done = |d: &[u64], i: usize| d[i / 64] >> (i % 64) & 1 == 1;
+    loop {
+        if stack.len() == n {
+            return true;
+        }
+        // The earliest return among pending ops bounds which may go next.
+        let min_ret = (0..n).filter(|&i| !is_done(&done, i)).map(ret).min().unwrap_or(u64::MAX);
+        let mut advanced = false;
+        let mut i = next_try;
+        while i < n {
+            if !is_done(&done, i) && ops[i].invoke <= min_ret {
+                if let Some(s2) = step(&state, &ops[i].input, &ops[i].output) {
+                    let mut d2 = done.clone();
+                    d2[i / 64] |= 1 << (i % 64);
+                    if cache.insert((d2.clone(), s2.clone())) {
+                        stack.push((i, state.clone()));
+                        done = d2;
+                        state = s2;
+                        next_try = 0;
+                        advanced = true;
+                        break;
+                    }
+                }
+            }
+            i += 1;
+        }
+        if advanced {
+            continue;
+        }
+        // Backtrack.
+        let Some((last, prev)) = stack.pop() else { return false };
+        done[last / 64] &= !(1 << (last % 64));
+        state = prev;
+        next_try = last + 1;
+    }
+}
+
+/// The shortest prefix (by completion order) of a failing history that still fails,
+/// for a report a person can read.
+pub fn shrink(ops: &[Op], initial: Option<String>) -> Vec<Op> {
+    let mut sorted: Vec<Op> = ops.to_vec();
+    sorted.sort_by_key(|o| o.invoke);
+    let mut lo = 1;
+    let mut hi = sorted.len();
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if linearizable(&sorted[..mid], initial.clone()) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    sorted.truncate(hi);
+    sorted
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(client: usize, input: Input, output: Option<Output>, invoke: u64, complete: Option<u64>) -> Op {
+        Op { client, input, output, invoke, complete }
+    }
+    fn w(v: &str) -> Input {
+        Input::Write(v.into())
+    }
+    fn r(v: Option<&str>) -> Option<Output> {
+        Some(Output::Read(v.map(String::from)))
+    }
+
+    #[test]
+    fn concurrent_reads_may_see_either_side_of_a_write() {
+        let h = vec![
+            op(0, w("a"), Some(Output::Written), 0, Some(10)),
+            op(1, Input::Read, r(Some("a")), 2, Some(5)),
+            op(2, Input::Read, r(None), 3, Some(6)),
+        ];
+        assert!(linearizable(&h, None));
+    }
+
+    #[test]
+    fn a_stale_read_is_caught() {
+        let h = vec![
+            op(0, w("a"), Some(Output::Written), 0, Some(1)),
+            op(0, w("b"), Some(Output::Written), 2, Some(3)),
+            op(1, Input::Read, r(Some("a")), 4, Some(5)),
+        ];
+        assert!(!linearizable(&h, None));
+        assert_eq!(shrink(&h, None).len(), 3);
+    }
+
+    #[test]
+    fn a_lost_write_is_caught() {
+        let h = vec![
+            op(0, w("a"), Some(Output::Written), 0, Some(1)),
+            op(1, Input::Read, r(None), 2, Some(3)),
+        ];
+        assert!(!linearizable(&h, None));
+    }
+
+    #[test]
+    fn unknown_outcomes_may_or_may_not_have_happened() {
+        let took = vec![op(0, w("a"), None, 0, None), op(1, Input::Read, r(Some("a")), 5, Some(6))];
+        assert!(linearizable(&took, None));
+        let did_not = vec![op(0, w("a"), None, 0, None), op(1, Input::Read, r(None), 5, Some(6))];
+        assert!(linearizable(&did_not, None));
+        // But not back and forth.
+        let flip = vec![
+            op(0, w("a"), None, 0, None),
+            op(1, Input::Read, r(Some("a")), 5, Some(6)),
+            op(1, Input::Read, r(None), 7, Some(8)),
+        ];
+        assert!(!linearizable(&flip, None));
+    }
+
+    #[test]
+    fn compare_and_set_results_must_fit() {
+        let cas = |e: &str, n: &str| Input::Cas { expect: e.into(), new: n.into() };
+        let ok = vec![
+            op(0, w("a"), Some(Output::Written), 0, Some(1)),
+            op(1, cas("a", "b"), Some(Output::Cas(true)), 2, Some(3)),
+            op(2, cas("a", "c"), Some(Output::Cas(false)), 4, Some(5)),
+            op(0, Input::Read, r(Some("b")), 6, Some(7)),
+        ];
+        assert!(linearizable(&ok, None));
+        let both_won = vec![
+            op(0, w("a"), Some(Output::Written), 0, Some(1)),
+            op(1, cas("a", "b"), Some(Output::Cas(true)), 2, Some(5)),
+            op(2, cas("a", "c"), Some(Output::Cas(true)), 2, Some(5)),
+        ];
+        assert!(!linearizable(&both_won, None));
+    }
+
+    #[test]
+    fn long_histories_stay_tractable() {
+        // 400 sequential writes and reads by 4 clients, overlapping in pairs.
+        let mut h = Vec::new();
+        for i in 0..200u64 {
+            h.push(op((i % 4) as usize, w(&i.to_string()), Some(Output::Written), i * 10, Some(i * 10 + 6)));
+            h.push(op(((i + 1) % 4) as usize, Input::Read, r(Some(&i.to_string())), i * 10 + 7, Some(i * 10 + 9)));
+        }
+        assert!(linearizable(&h, None));
+    }
+}

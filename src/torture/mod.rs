@@ -1,0 +1,4 @@
+//! `meshkv torture`: real members under faults, with histories checked for
+//! linearizability. See docs/reliability.md.
+
+pub mod check;
