@@ -41,6 +41,9 @@ pub struct Config {
     /// Failure drills: a file naming (one per line) peers whose traffic is dropped,
     /// re-read while the member runs.
     pub mesh_block_file: Option<PathBuf>,
+    /// Deliberately broken read path (linearizable reads served locally), for showing
+    /// that the fault harness catches stale reads. Never for real use.
+    pub unsafe_no_read_index: bool,
     /// Largest request accepted, in bytes, as etcd's --max-request-bytes.
     pub max_request_bytes: usize,
     /// Most operations in one Txn, as etcd's --max-txn-ops.
@@ -69,6 +72,7 @@ impl Default for Config {
             snapshot_count: 10_000,
             mesh_block_peers: vec![],
             mesh_block_file: None,
+            unsafe_no_read_index: false,
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
             heartbeat_interval: Duration::from_millis(100),

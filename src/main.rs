@@ -25,6 +25,36 @@ enum Command {
     /// Show the cluster (members, roles, leader, applied index) and the mesh (peers,
     /// routes, connections) as a running member sees them.
     Status(StatusArgs),
+    /// Run real members under faults and check the clients' histories for linearizability.
+    Torture(TortureArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct TortureArgs {
+    /// Members to run (3 or 5).
+    #[arg(long, default_value_t = 3)]
+    members: usize,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 6)]
+    clients: usize,
+    /// Keys the clients share (few, so that operations conflict).
+    #[arg(long, default_value_t = 4)]
+    keys: usize,
+    /// Seconds of load and faults.
+    #[arg(long, default_value_t = 60.0)]
+    duration: f64,
+    /// Seed of the fault schedule and the clients' choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Faults to draw from: kill, pause, partition.
+    #[arg(long, value_delimiter = ',', default_value = "kill,pause,partition")]
+    faults: Vec<String>,
+    /// Directory for data, logs and violation reports [default: a new temporary one].
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    /// Extra flags for every member, space-separated.
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    member_args: String,
 }
 
 #[derive(clap::Args, Debug)]
@@ -111,6 +141,10 @@ struct ServeArgs {
     /// names), as if the network between them were cut.
     #[arg(long, value_delimiter = ',')]
     mesh_block_peers: Vec<String>,
+    /// Deliberately broken: answer linearizable reads from the local store with no
+    /// ReadIndex. Exists only to show that the torture checks catch it.
+    #[arg(long, hide = true)]
+    unsafe_no_read_index: bool,
     /// Failure drills: a file naming peers (one per line) whose mesh traffic is dropped;
     /// re-read every 200 ms, so partitions can come and go while the member runs.
     #[arg(long)]
@@ -148,6 +182,7 @@ impl ServeArgs {
             snapshot_count: self.snapshot_count.max(1),
             mesh_block_peers: self.mesh_block_peers,
             mesh_block_file: self.mesh_block_file,
+            unsafe_no_read_index: self.unsafe_no_read_index,
             listen_client_urls: self.listen_client_urls,
             advertise_client_urls: self.advertise_client_urls,
             listen_peer_urls: self.listen_peer_urls,
@@ -286,6 +321,60 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn torture(args: TortureArgs) -> anyhow::Result<()> {
+    use meshkv::torture::run::{self, Fault, TortureConfig};
+    tracing_subscriber::fmt().with_env_filter(EnvFilter::new("info")).with_writer(std::io::stderr).init();
+    let faults = args
+        .faults
+        .iter()
+        .filter(|f| !f.is_empty())
+        .map(|f| match f.as_str() {
+            "kill" => Ok(Fault::Kill),
+            "pause" => Ok(Fault::Pause),
+            "partition" => Ok(Fault::Partition),
+            other => Err(anyhow::anyhow!("unknown fault {other:?}: kill, pause or partition")),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let dir = match args.dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("meshkv-torture-{}-{}", args.seed, std::process::id())),
+    };
+    let cfg = TortureConfig {
+        binary: std::env::current_exe()?,
+        dir: dir.clone(),
+        members: args.members,
+        clients: args.clients,
+        keys: args.keys,
+        duration: Duration::from_secs_f64(args.duration),
+        seed: args.seed,
+        faults,
+        member_args: args.member_args.split_whitespace().map(String::from).collect(),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let report = rt.block_on(run::run(cfg))?;
+    println!(
+        "seed {}: {} operations ({} with unknown outcome), {} faults {:?}, {} keys not linearizable, hashes {}",
+        args.seed,
+        report.ops,
+        report.unknown,
+        report.faults,
+        report.by_kind,
+        report.violations.len(),
+        match &report.hash_mismatch {
+            None => "agree".to_string(),
+            Some(h) => format!("DISAGREE {h:?}"),
+        }
+    );
+    for (key, path) in &report.violations {
+        println!("violation on {key}: {}", path.display());
+    }
+    if !report.ok() {
+        anyhow::bail!("torture found violations; data and logs in {}", dir.display());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -294,6 +383,7 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             return rt.block_on(status(args));
         }
+        Some(Command::Torture(args)) => return torture(args),
         None => {}
     }
     let cfg = cli.serve.into_config();

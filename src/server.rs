@@ -221,6 +221,9 @@ pub async fn run(
         .map_err(|e| EngineError::Corrupt { cf: "data dir", what: format!("{}: {e}", cfg.data_dir.display()) })?;
     let mut cfg = cfg;
     cfg.name = resolve_name(&cfg)?;
+    if cfg.unsafe_no_read_index {
+        tracing::error!("--unsafe-no-read-index: linearizable reads are NOT linearizable on this member");
+    }
     let mut listeners = Vec::new();
     for url in &cfg.listen_client_urls {
         for addr in parse_listen_url("--listen-client-urls", url)? {
@@ -281,6 +284,7 @@ pub async fn run(
         store,
         mesh: mesh.clone(),
         max_txn_ops: cfg.max_txn_ops,
+        unsafe_no_read_index: cfg.unsafe_no_read_index,
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

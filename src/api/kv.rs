@@ -34,7 +34,7 @@ impl Kv for KvService {
     async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let req = request.into_inner();
         validate::range(&req)?;
-        if !req.serializable {
+        if !req.serializable && !self.ctx.unsafe_no_read_index {
             self.ctx.raft.read_index().await?;
         }
         let mut resp = self.ctx.store.range(&req)?;

@@ -37,6 +37,8 @@ pub struct Ctx {
     pub store: Arc<MvccStore>,
     pub mesh: Mesh,
     pub max_txn_ops: usize,
+    /// Deliberately broken: linearizable reads skip ReadIndex (test-only).
+    pub unsafe_no_read_index: bool,
 }
 
 impl Ctx {

@@ -2,3 +2,4 @@
 //! linearizability. See docs/reliability.md.
 
 pub mod check;
+pub mod run;
