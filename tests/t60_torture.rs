@@ -45,7 +45,10 @@ fn a_build_that_skips_read_index_is_caught() {
     ]);
     assert!(!ok, "the broken build passed: {text}");
     assert!(text.contains("violation on k"), "{text}");
-    let report = std::fs::read_dir(&d).unwrap().filter_map(|e| e.ok()).find(|e| e.file_name().to_string_lossy().starts_with("violation-"));
+    let report = std::fs::read_dir(&d)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .find(|e| e.file_name().to_string_lossy().starts_with("violation-"));
     let body = std::fs::read_to_string(report.expect("a violation report").path()).unwrap();
     assert!(body.starts_with("seed 2\n") && body.contains("shortest failing history"), "{body}");
 }

@@ -8,7 +8,7 @@
 //! constraint on their result: the search may linearize them anywhere after their
 //! invocation, or last — which is the same as never, for what any read observed.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 /// What a client asked.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -16,7 +16,10 @@ pub enum Input {
     Read,
     Write(String),
     /// Compare-and-set: if the value is `expect`, set `new`.
-    Cas { expect: String, new: String },
+    Cas {
+        expect: String,
+        new: String,
+    },
     Delete,
 }
 
@@ -60,52 +63,61 @@ fn step(state: &Option<String>, input: &Input, output: &Option<Output>) -> Optio
     }
 }
 
+/// A fixed pseudo-random 128-bit tag per operation index (splitmix64), so the set of
+/// linearized operations hashes incrementally (Zobrist hashing) for the cache.
+fn tag(i: usize) -> (u64, u64) {
+    let mix = |mut z: u64| {
+        z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    (mix(i as u64), mix(i as u64 ^ 0xdead_beef_cafe_f00d))
+}
+
 /// Whether the history (of one key, starting from `initial`) is linearizable.
 pub fn linearizable(ops: &[Op], initial: Option<String>) -> bool {
+    let mut ops = ops.to_vec();
+    ops.sort_by_key(|o| o.invoke);
     let n = ops.len();
-    if n == 0 {
-        return true;
-    }
-    let ret = |i: usize| ops[i].complete.unwrap_or(u64::MAX);
-    let words = n.div_ceil(64);
-    let mut done = vec![0u64; words];
-    let mut cache: HashSet<(Vec<u64>, Option<String>)> = HashSet::new();
-    // Depth-first search with an explicit stack of (chosen op, previous state).
+    let ret = |o: &Op| o.complete.unwrap_or(u64::MAX);
+    let mut pending: BTreeSet<usize> = (0..n).collect();
+    let mut returns: BTreeSet<(u64, usize)> = ops.iter().enumerate().map(|(i, o)| (ret(o), i)).collect();
+    let mut hash = (0u64, 0u64);
+    let mut cache: HashSet<((u64, u64), Option<String>)> = HashSet::new();
     let mut stack: Vec<(usize, Option<String>)> = Vec::new();
     let mut state = initial;
-    let mut next_try = 0usize; // candidates are tried in index order
-    let is_done = |d: &[u64], i: usize| d[i / 64] >> (i % 64) & 1 == 1;
+    let mut next_try = 0usize;
     loop {
-        if stack.len() == n {
-            return true;
-        }
-        // The earliest return among pending ops bounds which may go next.
-        let min_ret = (0..n).filter(|&i| !is_done(&done, i)).map(ret).min().unwrap_or(u64::MAX);
-        let mut advanced = false;
-        let mut i = next_try;
-        while i < n {
-            if !is_done(&done, i) && ops[i].invoke <= min_ret {
-                if let Some(s2) = step(&state, &ops[i].input, &ops[i].output) {
-                    let mut d2 = done.clone();
-                    d2[i / 64] |= 1 << (i % 64);
-                    if cache.insert((d2.clone(), s2.clone())) {
-                        stack.push((i, state.clone()));
-                        done = d2;
-                        state = s2;
-                        next_try = 0;
-                        advanced = true;
-                        break;
-                    }
+        let Some(&(min_ret, _)) = returns.first() else { return true };
+        let mut chosen = None;
+        for &i in pending.range(next_try..) {
+            if ops[i].invoke > min_ret {
+                break;
+            }
+            if let Some(s2) = step(&state, &ops[i].input, &ops[i].output) {
+                let t = tag(i);
+                let h2 = (hash.0 ^ t.0, hash.1 ^ t.1);
+                if cache.insert((h2, s2.clone())) {
+                    chosen = Some((i, s2, h2));
+                    break;
                 }
             }
-            i += 1;
         }
-        if advanced {
+        if let Some((i, s2, h2)) = chosen {
+            stack.push((i, std::mem::replace(&mut state, s2)));
+            pending.remove(&i);
+            returns.remove(&(ret(&ops[i]), i));
+            hash = h2;
+            next_try = 0;
             continue;
         }
         // Backtrack.
         let Some((last, prev)) = stack.pop() else { return false };
-        done[last / 64] &= !(1 << (last % 64));
+        pending.insert(last);
+        returns.insert((ret(&ops[last]), last));
+        let t = tag(last);
+        hash = (hash.0 ^ t.0, hash.1 ^ t.1);
         state = prev;
         next_try = last + 1;
     }
@@ -167,10 +179,7 @@ mod tests {
 
     #[test]
     fn a_lost_write_is_caught() {
-        let h = vec![
-            op(0, w("a"), Some(Output::Written), 0, Some(1)),
-            op(1, Input::Read, r(None), 2, Some(3)),
-        ];
+        let h = vec![op(0, w("a"), Some(Output::Written), 0, Some(1)), op(1, Input::Read, r(None), 2, Some(3))];
         assert!(!linearizable(&h, None));
     }
 
@@ -205,6 +214,16 @@ mod tests {
             op(2, cas("a", "c"), Some(Output::Cas(true)), 2, Some(5)),
         ];
         assert!(!linearizable(&both_won, None));
+    }
+
+    #[test]
+    fn very_long_histories_stay_tractable() {
+        let mut h = Vec::new();
+        for i in 0..100_000u64 {
+            h.push(op((i % 6) as usize, w(&i.to_string()), Some(Output::Written), i * 10, Some(i * 10 + 12)));
+            h.push(op(((i + 1) % 6) as usize, Input::Read, r(Some(&i.to_string())), i * 10 + 13, Some(i * 10 + 15)));
+        }
+        assert!(linearizable(&h, None));
     }
 
     #[test]

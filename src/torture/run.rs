@@ -16,8 +16,8 @@ use super::check::{self, Input, Op, Output};
 use crate::pb::etcdserverpb::kv_client::KvClient;
 use crate::pb::etcdserverpb::maintenance_client::MaintenanceClient;
 use crate::pb::etcdserverpb::{
-    compare, request_op, Compare, DeleteRangeRequest, HashKvRequest, PutRequest, RangeRequest, RequestOp, StatusRequest,
-    TxnRequest,
+    compare, request_op, Compare, DeleteRangeRequest, HashKvRequest, PutRequest, RangeRequest, RequestOp,
+    StatusRequest, TxnRequest,
 };
 
 /// Faults the schedule draws from.
@@ -78,7 +78,8 @@ fn free_port() -> u16 {
 
 impl Member {
     fn start(&mut self, cfg: &TortureConfig) -> std::io::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(cfg.dir.join(format!("{}.log", self.name)))?;
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(cfg.dir.join(format!("{}.log", self.name)))?;
         let child = Command::new(&cfg.binary)
             .args(&self.args)
             .stdin(Stdio::null())
@@ -199,7 +200,8 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
                 members[i].signal(libc::SIGCONT);
             }
             Fault::Partition => {
-                let others: Vec<String> = members.iter().filter(|m| m.name != members[i].name).map(|m| m.name.clone()).collect();
+                let others: Vec<String> =
+                    members.iter().filter(|m| m.name != members[i].name).map(|m| m.name.clone()).collect();
                 std::fs::write(block_file(&cfg.dir, &members[i].name), others.join("\n"))?;
                 for o in &others {
                     std::fs::write(block_file(&cfg.dir, o), &members[i].name)?;
@@ -231,7 +233,13 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
                 let invoke = now_us();
                 if let Ok(r) = kv.range(RangeRequest { key: Bytes::from(key.clone()), ..Default::default() }).await {
                     let v = r.into_inner().kvs.first().map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
-                    let op = Op { client: usize::MAX, input: Input::Read, output: Some(Output::Read(v)), invoke, complete: Some(now_us()) };
+                    let op = Op {
+                        client: usize::MAX,
+                        input: Input::Read,
+                        output: Some(Output::Read(v)),
+                        invoke,
+                        complete: Some(now_us()),
+                    };
                     history.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().push(op);
                 }
             }
@@ -245,7 +253,8 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
         if !check::linearizable(ops, None) {
             let shortest = check::shrink(ops, None);
             let path = cfg.dir.join(format!("violation-{key}.txt"));
-            let mut text = format!("seed {}\nkey {key}\nshortest failing history ({} ops):\n", cfg.seed, shortest.len());
+            let mut text =
+                format!("seed {}\nkey {key}\nshortest failing history ({} ops):\n", cfg.seed, shortest.len());
             for o in &shortest {
                 text.push_str(&format!("{o:?}\n"));
             }
@@ -282,7 +291,9 @@ async fn compare_hashes(endpoints: &[String]) -> Option<Vec<u32>> {
     let mut rev = 0;
     for ep in endpoints {
         if let Some(ch) = channel(ep).await {
-            if let Ok(r) = KvClient::new(ch).range(RangeRequest { key: Bytes::from_static(b"k"), ..Default::default() }).await {
+            if let Ok(r) =
+                KvClient::new(ch).range(RangeRequest { key: Bytes::from_static(b"k"), ..Default::default() }).await
+            {
                 rev = rev.max(r.into_inner().header.map_or(0, |h| h.revision));
             }
         }
@@ -348,7 +359,13 @@ async fn client_loop(
                 Err(_) => (Input::Read, None, true),
             }
         } else if roll < 75 {
-            let r = c.put(PutRequest { key: Bytes::from(key.clone()), value: Bytes::from(value.clone()), ..Default::default() }).await;
+            let r = c
+                .put(PutRequest {
+                    key: Bytes::from(key.clone()),
+                    value: Bytes::from(value.clone()),
+                    ..Default::default()
+                })
+                .await;
             (Input::Write(value), r.ok().map(|_| Output::Written), false)
         } else if roll < 95 {
             // Compare-and-set against the value this client last saw, if any.
