@@ -3,8 +3,11 @@
 //! refused, garbage on the peer port harms nobody, silent peers are reported down within
 //! 3 s and back up when they return, and datagrams are relayed around a cut link.
 
-use std::future::Future;
+mod common;
+
 use std::time::{Duration, Instant};
+
+use common::eventually;
 
 use bytes::Bytes;
 use meshkv::mesh::{GCounter, GossipData, Mesh, MeshConfig, MeshConn, Priority};
@@ -23,17 +26,6 @@ async fn start(name: &str, join: Vec<String>) -> Mesh {
     Mesh::start(config(name, join), vec![("counter".to_string(), Box::new(GCounter::default()) as Box<dyn GossipData>)])
         .await
         .unwrap()
-}
-
-async fn eventually<F: Future<Output = bool>>(what: &str, timeout: Duration, mut f: impl FnMut() -> F) -> Duration {
-    let start = Instant::now();
-    loop {
-        if f().await {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn total(m: &Mesh) -> u64 {

@@ -65,21 +65,6 @@ async fn roles(m: &Member) -> Option<(Vec<String>, Vec<String>)> {
     Some((voters, learners))
 }
 
-async fn eventually<F: std::future::Future<Output = bool>>(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> F,
-) -> Duration {
-    let start = Instant::now();
-    loop {
-        if f().await {
-            return start.elapsed();
-        }
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn leader_of(ms: &[&Member]) -> Option<u64> {
     for m in ms {
         if let Ok(mut c) = Client::connect([m.proc.endpoint()], None).await {
@@ -91,6 +76,21 @@ async fn leader_of(ms: &[&Member]) -> Option<u64> {
         }
     }
     None
+}
+
+/// Waits until `laggard` holds `key` (written at `rev`), then checks that every member's
+/// HashKV at `rev` is the same.
+async fn catches_up_and_agrees(members: &[Member], laggard: &Member, key: &str, rev: i64) {
+    eventually(&format!("{} to catch up", laggard.name), Duration::from_secs(30), || async {
+        let mut c = client(laggard).await;
+        c.get(key, Some(GetOptions::new().with_serializable())).await.is_ok_and(|g| g.kvs().len() == 1)
+    })
+    .await;
+    let mut hashes = Vec::new();
+    for m in members {
+        hashes.push(client(m).await.hash_kv(rev).await.unwrap().hash());
+    }
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "HashKV at {rev} agrees: {hashes:?}");
 }
 
 async fn member_id_of(m: &Member) -> u64 {
@@ -399,18 +399,7 @@ async fn a_partitioned_minority_refuses_and_catches_up_after_the_heal() {
         std::fs::write(block(n), "").unwrap();
     }
     let rev = client(&members[0]).await.put("after", "z", None).await.unwrap().header().unwrap().revision();
-    eventually("c to catch up", Duration::from_secs(20), || async {
-        let mut c = client(&members[2]).await;
-        c.get("after", Some(GetOptions::new().with_serializable())).await.is_ok_and(|g| g.kvs().len() == 1)
-    })
-    .await;
-    let mut hashes = Vec::new();
-    for m in &members {
-        let mut c = client(m).await;
-        let h = c.hash_kv(rev).await.unwrap();
-        hashes.push(h.hash());
-    }
-    assert!(hashes.iter().all(|h| *h == hashes[0]), "HashKV at {rev} agrees: {hashes:?}");
+    catches_up_and_agrees(&members, &members[2], "after", rev).await;
     let g = client(&members[2]).await.get("majority/", Some(GetOptions::new().with_prefix())).await.unwrap();
     assert_eq!(g.count(), 50);
     assert!(
@@ -464,16 +453,7 @@ async fn members_behind_the_log_catch_up_from_snapshots() {
     let rev = put("snap-last".to_string()).await;
     restart(&mut members[2]);
     members[2].proc.wait_ready(Duration::from_secs(60));
-    eventually("c to catch up", Duration::from_secs(30), || async {
-        let mut c = client(&members[2]).await;
-        c.get("snap-last", Some(GetOptions::new().with_serializable())).await.is_ok_and(|g| g.kvs().len() == 1)
-    })
-    .await;
-    let mut hashes = Vec::new();
-    for m in &members {
-        hashes.push(client(m).await.hash_kv(rev).await.unwrap().hash());
-    }
-    assert!(hashes.iter().all(|h| *h == hashes[0]), "HashKV at {rev}: {hashes:?}");
+    catches_up_and_agrees(&members, &members[2], "snap-last", rev).await;
     // Writes still flow through the caught-up members.
     client(&members[2]).await.put("through-c", "y", None).await.unwrap();
     client(&members[3]).await.put("through-d", "y", None).await.unwrap();

@@ -207,3 +207,19 @@ pub fn tempdir() -> tempfile::TempDir {
 pub fn repo_path(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
 }
+
+/// Waits (asynchronously) until `f` holds; returns how long that took.
+pub async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> F,
+) -> Duration {
+    let start = Instant::now();
+    loop {
+        if f().await {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
