@@ -36,6 +36,25 @@ pub fn member_id(name: &str) -> u64 {
     h.max(1)
 }
 
+/// A datagram between members' Raft transports.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Datagram {
+    Raft(Message),
+    ChunkRequest(SnapshotChunkRequest),
+    Chunk(SnapshotChunk),
+}
+
+/// Decodes a datagram; anything malformed is an error, never a panic.
+pub fn decode_datagram(data: &[u8]) -> Result<Datagram, String> {
+    let (&tag, body) = data.split_first().ok_or("empty datagram")?;
+    match tag {
+        TAG_RAFT => Message::parse_from_bytes(body).map(Datagram::Raft).map_err(|e| e.to_string()),
+        TAG_CHUNK_REQUEST => SnapshotChunkRequest::decode(body).map(Datagram::ChunkRequest).map_err(|e| e.to_string()),
+        TAG_CHUNK => SnapshotChunk::decode(body).map(Datagram::Chunk).map_err(|e| e.to_string()),
+        t => Err(format!("unknown datagram tag {t}")),
+    }
+}
+
 /// Sends Raft messages as MeshConn datagrams, and moves snapshot data beside them.
 pub struct MeshTransport {
     conn: MeshConn,
@@ -93,21 +112,20 @@ impl MeshTransport {
             }
         });
         while let Some((src, data)) = self.conn.recv_from().await {
-            let Some((&tag, body)) = data.split_first() else { continue };
-            match tag {
-                TAG_RAFT => self.on_raft(&raft, src, body),
-                TAG_CHUNK_REQUEST => self.on_chunk_request(&raft, src, body),
-                TAG_CHUNK => self.on_chunk(body),
-                _ => {
+            match decode_datagram(&data) {
+                Ok(Datagram::Raft(m)) => self.on_raft(&raft, src, m),
+                Ok(Datagram::ChunkRequest(r)) => self.on_chunk_request(&raft, src, r),
+                Ok(Datagram::Chunk(c)) => self.on_chunk(c),
+                Err(e) => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%src, error = %e, "undecodable datagram dropped");
                 }
             }
         }
         expiry.abort();
     }
 
-    fn on_chunk_request(&self, raft: &RaftHandle, src: PeerName, body: &[u8]) {
-        let Ok(req) = SnapshotChunkRequest::decode(body) else { return };
+    fn on_chunk_request(&self, raft: &RaftHandle, src: PeerName, req: SnapshotChunkRequest) {
         let chunk = self.outgoing.chunk(&req);
         if chunk.done && req.cf as usize == CFS.len() - 1 {
             // The member has everything; raft-rs may go on with it once it answers.
@@ -118,8 +136,7 @@ impl MeshTransport {
         }
     }
 
-    fn on_chunk(&self, body: &[u8]) {
-        let Ok(chunk) = SnapshotChunk::decode(body) else { return };
+    fn on_chunk(&self, chunk: SnapshotChunk) {
         let tx = self.fetching.lock().unwrap_or_else(|e| e.into_inner()).get(&chunk.id).cloned();
         if let Some(tx) = tx {
             let _ = tx.try_send(chunk);
@@ -221,29 +238,19 @@ impl MeshTransport {
         Ok(total)
     }
 
-    fn on_raft(self: &Arc<Self>, raft: &RaftHandle, src: PeerName, data: &[u8]) {
-        {
-            let msg = match Message::parse_from_bytes(data) {
-                Ok(m) => m,
-                Err(e) => {
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%src, error = %e, "undecodable raft message dropped");
-                    return;
-                }
-            };
-            // A peer speaks only for itself.
-            if msg.from != member_id(&src) || msg.to != raft.status().id {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            self.names.write().unwrap_or_else(|e| e.into_inner()).insert(msg.from, src.clone());
-            if msg.get_msg_type() == MessageType::MsgSnapshot {
-                self.on_snapshot(raft, src, msg);
-                return;
-            }
-            if raft.step(msg).is_err() {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
-            }
+    fn on_raft(self: &Arc<Self>, raft: &RaftHandle, src: PeerName, msg: Message) {
+        // A peer speaks only for itself.
+        if msg.from != member_id(&src) || msg.to != raft.status().id {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.names.write().unwrap_or_else(|e| e.into_inner()).insert(msg.from, src.clone());
+        if msg.get_msg_type() == MessageType::MsgSnapshot {
+            self.on_snapshot(raft, src, msg);
+            return;
+        }
+        if raft.step(msg).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -268,5 +275,38 @@ impl Transport for MeshTransport {
 
     fn reachable(&self) -> Vec<(u64, String)> {
         self.conn.mesh().reachable_peers().into_iter().map(|p| (member_id(&p), p.to_string())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn raft_messages_round_trip() {
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgHeartbeat);
+        m.from = 7;
+        m.to = 9;
+        m.term = 3;
+        let d = tagged(TAG_RAFT, &m.write_to_bytes().unwrap());
+        assert_eq!(decode_datagram(&d), Ok(Datagram::Raft(m)));
+        assert!(decode_datagram(&[]).is_err());
+        assert!(decode_datagram(&[9, 1, 2]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_datagrams_never_panic(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_datagram(&data);
+        }
+
+        #[test]
+        fn arbitrary_bodies_behind_every_tag_never_panic(tag in 0u8..3, body in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut d = vec![tag];
+            d.extend(body);
+            let _ = decode_datagram(&d);
+        }
     }
 }
