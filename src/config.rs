@@ -20,6 +20,9 @@ pub struct Config {
     pub advertise_client_urls: Vec<String>,
     /// URLs the member serves peers (the mesh) on.
     pub listen_peer_urls: Vec<String>,
+    /// The peer URL other members dial (as etcd's --initial-advertise-peer-urls);
+    /// defaults to the bound listen address.
+    pub advertise_peer_url: Option<String>,
     /// Mesh peers to join (host:port); any one member of the cluster will do.
     pub join: Vec<String>,
     /// Peers of other clusters are refused at the mesh handshake.
@@ -63,6 +66,7 @@ impl Default for Config {
             listen_client_urls: vec!["http://127.0.0.1:2379".into()],
             advertise_client_urls: vec![],
             listen_peer_urls: vec!["http://127.0.0.1:2380".into()],
+            advertise_peer_url: None,
             join: vec![],
             cluster_name: "meshkv".into(),
             mesh_secret_file: None,

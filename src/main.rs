@@ -116,6 +116,9 @@ struct ServeArgs {
     /// Comma-separated URLs to serve mesh peers on.
     #[arg(long, default_value = "http://127.0.0.1:2380", value_delimiter = ',')]
     listen_peer_urls: Vec<String>,
+    /// The peer URL other members dial to reach this one [default: the bound listen address].
+    #[arg(long)]
+    advertise_peer_urls: Option<String>,
     /// Comma-separated mesh peers to join (host:port); any one member will do.
     #[arg(long, value_delimiter = ',')]
     join: Vec<String>,
@@ -174,6 +177,7 @@ impl ServeArgs {
                 .unwrap_or_else(|| PathBuf::from(format!("{}.meshkv", self.name.as_deref().unwrap_or("default")))),
             name: self.name.unwrap_or_default(),
             join: self.join,
+            advertise_peer_url: self.advertise_peer_urls,
             cluster_name: self.cluster_name,
             mesh_secret_file: self.mesh_secret_file,
             bootstrap_expect: self.bootstrap_expect,

@@ -106,6 +106,10 @@ async fn start_mesh(cfg: &Config, name: &str, cluster_id: Arc<AtomicU64>) -> Res
     mc.listen = listen;
     mc.join = cfg.join.iter().map(|j| j.strip_prefix("http://").unwrap_or(j).to_string()).collect();
     mc.cluster_id = cluster_id;
+    mc.advertise = cfg
+        .advertise_peer_url
+        .as_deref()
+        .map(|u| u.strip_prefix("http://").unwrap_or(u).trim_end_matches('/').to_string());
     let channels: Vec<(String, Box<dyn GossipData>)> =
         vec![(directory::CHANNEL.to_string(), Box::new(Directory::default()))];
     let mesh = Mesh::start(mc, channels).await?;
