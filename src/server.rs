@@ -292,8 +292,18 @@ pub async fn run(
     };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let raft_status = ctx.raft.clone();
     tokio::spawn(async move {
-        shutdown.await;
+        let removed = async {
+            while !raft_status.status().removed.load(Ordering::Acquire) {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            tracing::error!("this member was removed from the cluster; stopping");
+        };
+        tokio::select! {
+            _ = shutdown => {}
+            _ = removed => {}
+        }
         let _ = stop_tx.send(true);
     });
     let decode_limit = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;

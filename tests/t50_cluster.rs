@@ -482,3 +482,36 @@ async fn a_member_of_another_cluster_is_refused() {
     assert_eq!((v.len(), l.len()), (3, 0), "x was not added: {v:?} {l:?}");
     assert_eq!(client(&x).await.get("mine", None).await.unwrap().kvs().len(), 1, "x keeps its own data");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_member_remove_stops_the_member_and_it_stays_out() {
+    let root = tempdir();
+    let members = bootstrap_three(root.path(), &[&[], &[], &[]]);
+    let join = members[0].peer.clone();
+    let mut d = spawn(root.path(), "d", free_port(), &["--join", &join]);
+    d.proc.wait_ready(Duration::from_secs(60));
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    eventually("d to join", Duration::from_secs(20), || async {
+        roles(&members[0]).await == Some((names(&["a", "b", "c"]), names(&["d"])))
+    })
+    .await;
+    let d_id = member_id_of(&d).await;
+    let out = etcdctl(&members[1].proc.client_addr, &["member", "remove", &format!("{d_id:x}")], None);
+    assert_eq!(out.status, 0, "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("removed from cluster"), "{}", out.stdout);
+    let mut exited = false;
+    for _ in 0..100 {
+        if let Ok(Some(_)) = d.proc.child.try_wait() {
+            exited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(exited, "the removed member stops: {}", d.proc.log());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(roles(&members[0]).await, Some((names(&["a", "b", "c"]), vec![])));
+    // A member that is not there.
+    let out = etcdctl(&members[1].proc.client_addr, &["member", "remove", &format!("{d_id:x}")], None);
+    assert_ne!(out.status, 0);
+    assert!(out.stderr.contains("etcdserver: member not found"), "{}", out.stderr);
+}

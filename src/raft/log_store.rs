@@ -28,6 +28,7 @@ struct Bounds {
     hard_state: HardState,
     conf_state: ConfState,
     members: BTreeMap<u64, String>,
+    removed: Vec<u64>,
     truncated_index: u64,
     truncated_term: u64,
     last_index: u64,
@@ -78,6 +79,7 @@ impl LogStore {
         if let Some(v) = db.get_cf(state_cf, KEY_MEMBERS)? {
             let m = crate::pb::meshkvpb::Members::decode(v.as_slice()).map_err(|e| corrupt(format!("members: {e}")))?;
             b.members = m.members.into_iter().map(|r| (r.id, r.name)).collect();
+            b.removed = m.removed;
         }
         if let Some(v) = db.get_cf(state_cf, KEY_TRUNCATED)? {
             if v.len() != 16 {
@@ -110,6 +112,7 @@ impl LogStore {
         batch: &mut WriteBatch,
         meta: &raft::eraftpb::SnapshotMetadata,
         members: BTreeMap<u64, String>,
+        removed: Vec<u64>,
     ) {
         let cf = self.engine.cf(CF_RAFT_LOG);
         let last = self.last_index_cached();
@@ -123,7 +126,7 @@ impl LogStore {
         hs.commit = hs.commit.max(meta.index);
         self.set_hard_state(batch, &hs);
         self.set_conf_state(batch, meta.get_conf_state());
-        self.set_members(batch, members);
+        self.set_membership(batch, members, removed);
         let mut b = self.write();
         b.truncated_index = meta.index;
         b.truncated_term = meta.term;
@@ -207,15 +210,28 @@ impl LogStore {
         self.read().members.clone()
     }
 
+    /// Members removed from the cluster.
+    pub fn removed(&self) -> Vec<u64> {
+        self.read().removed.clone()
+    }
+
     pub fn set_members(&self, batch: &mut WriteBatch, members: BTreeMap<u64, String>) {
+        let removed = self.removed();
+        self.set_membership(batch, members, removed);
+    }
+
+    pub fn set_membership(&self, batch: &mut WriteBatch, members: BTreeMap<u64, String>, removed: Vec<u64>) {
         let m = crate::pb::meshkvpb::Members {
             members: members
                 .iter()
                 .map(|(id, name)| crate::pb::meshkvpb::MemberRecord { id: *id, name: name.clone() })
                 .collect(),
+            removed: removed.clone(),
         };
         batch.put_cf(self.engine.cf(CF_RAFT_STATE), KEY_MEMBERS, m.encode_to_vec());
-        self.write().members = members;
+        let mut b = self.write();
+        b.members = members;
+        b.removed = removed;
     }
 
     pub fn last_index_cached(&self) -> u64 {

@@ -43,6 +43,8 @@ pub struct View {
     pub matched: HashMap<u64, u64>,
     pub last_index: u64,
     pub pending_conf_change: bool,
+    /// Members removed on purpose: never added back on their own.
+    pub removed: Vec<u64>,
 }
 
 /// One configuration change to propose.
@@ -112,7 +114,8 @@ impl Controller {
             }
         }
         // Add newcomers as learners, one at a time, in name order.
-        let mut newcomers: Vec<&(u64, String)> = v.reachable.iter().filter(|(id, _)| !members.contains(id)).collect();
+        let mut newcomers: Vec<&(u64, String)> =
+            v.reachable.iter().filter(|(id, _)| !members.contains(id) && !v.removed.contains(id)).collect();
         newcomers.sort_by(|a, b| a.1.cmp(&b.1));
         newcomers.first().map(|(id, name)| Change::AddLearner { id: *id, name: name.clone() })
     }
@@ -131,6 +134,7 @@ mod tests {
             matched: [1, 2, 3, 4, 5].iter().map(|id| (*id, 100)).collect(),
             last_index: 100,
             pending_conf_change: false,
+            removed: vec![],
         }
     }
 
@@ -145,6 +149,9 @@ mod tests {
             Some(Change::AddLearner { id: 4, name: "n4".into() })
         );
         assert_eq!(c.decide(now, &view(&[1, 2, 3], &[4], &[2, 3, 4])), None, "three voters are enough");
+        let mut gone = view(&[1, 2, 3], &[], &[2, 3, 4]);
+        gone.removed = vec![4];
+        assert_eq!(c.decide(now, &gone), None, "a removed member is not added back");
         let mut pending = view(&[1], &[], &[2]);
         pending.pending_conf_change = true;
         assert_eq!(c.decide(now, &pending), None);

@@ -95,6 +95,8 @@ pub struct RaftStatus {
     membership: RwLock<Membership>,
     /// The cluster's id; 0 until a joining member is added and learns it.
     pub cluster_id: Arc<AtomicU64>,
+    /// Set once this member applied its own removal.
+    pub removed: AtomicBool,
 }
 
 impl RaftStatus {
@@ -138,6 +140,8 @@ pub trait Transport: Send + Sync + 'static {
     fn send(&self, msg: Message);
     /// Peers reachable now: (member id, name).
     fn reachable(&self) -> Vec<(u64, String)>;
+    /// Tells a member the cluster removed that it is out.
+    fn tell_removed(&self, id: u64);
 }
 
 /// How Raft starts on a fresh data dir.
@@ -513,7 +517,13 @@ impl Driver {
             matched: r.prs().iter().map(|(id, p)| (*id, p.matched)).collect(),
             last_index: r.raft_log.last_index(),
             pending_conf_change: r.pending_conf_index > r.raft_log.applied,
+            removed: self.node.raft.raft_log.store().removed(),
         };
+        for (id, _) in &view.reachable {
+            if view.removed.contains(id) {
+                transport.tell_removed(*id);
+            }
+        }
         if let Some(change) = self.controller.decide(now, &view) {
             self.propose_change(change);
         }
@@ -540,10 +550,10 @@ impl Driver {
             self.status.cluster_id.store(desc.cluster_id, Ordering::Release);
         }
         super::snapshot::install(&self.engine, &staging, &keys)?;
-        let members: BTreeMap<u64, String> =
-            desc.members.unwrap_or_default().members.into_iter().map(|m| (m.id, m.name)).collect();
+        let m = desc.members.unwrap_or_default();
+        let members: BTreeMap<u64, String> = m.members.into_iter().map(|m| (m.id, m.name)).collect();
         let mut batch = WriteBatch::default();
-        self.node.raft.raft_log.store().apply_snapshot(&mut batch, meta, members);
+        self.node.raft.raft_log.store().apply_snapshot(&mut batch, meta, members, m.removed);
         self.engine.write(batch, true)?;
         self.store.reload().map_err(|e| EngineError::Corrupt { cf: "kv", what: e.to_string() })?;
         self.publish_membership();
@@ -756,22 +766,28 @@ impl Driver {
                 let log = self.node.raft.raft_log.store();
                 log.set_conf_state(&mut batch, &cs);
                 let mut names = log.members();
+                let mut removed = log.removed();
                 for c in &cc.changes {
                     match c.get_change_type() {
                         ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
                             if !ctx.name.is_empty() {
                                 names.insert(c.node_id, ctx.name.clone());
                             }
+                            removed.retain(|r| *r != c.node_id);
                         }
                         ConfChangeType::RemoveNode => {
                             names.remove(&c.node_id);
+                            if !removed.contains(&c.node_id) {
+                                removed.push(c.node_id);
+                            }
                             if c.node_id == self.cfg.id {
-                                tracing::warn!("this member was removed from the cluster");
+                                tracing::error!("this member was removed from the cluster");
+                                self.status.removed.store(true, Ordering::Release);
                             }
                         }
                     }
                 }
-                log.set_members(&mut batch, names);
+                log.set_membership(&mut batch, names, removed);
                 for c in &cc.changes {
                     let (t, id) = (c.get_change_type(), c.node_id);
                     let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.conf_waiters)

@@ -24,6 +24,8 @@ use crate::pb::meshkvpb::{SnapshotChunk, SnapshotChunkRequest, SnapshotDescripto
 const TAG_RAFT: u8 = 0;
 const TAG_CHUNK_REQUEST: u8 = 1;
 const TAG_CHUNK: u8 = 2;
+/// From a voter to a member the cluster removed, which may never see its removal commit.
+const TAG_REMOVED: u8 = 3;
 
 /// A member id from a name: stable across restarts, never zero (raft-rs reserves 0).
 pub fn member_id(name: &str) -> u64 {
@@ -42,6 +44,7 @@ pub enum Datagram {
     Raft(Message),
     ChunkRequest(SnapshotChunkRequest),
     Chunk(SnapshotChunk),
+    Removed,
 }
 
 /// Decodes a datagram; anything malformed is an error, never a panic.
@@ -51,6 +54,7 @@ pub fn decode_datagram(data: &[u8]) -> Result<Datagram, String> {
         TAG_RAFT => Message::parse_from_bytes(body).map(Datagram::Raft).map_err(|e| e.to_string()),
         TAG_CHUNK_REQUEST => SnapshotChunkRequest::decode(body).map(Datagram::ChunkRequest).map_err(|e| e.to_string()),
         TAG_CHUNK => SnapshotChunk::decode(body).map(Datagram::Chunk).map_err(|e| e.to_string()),
+        TAG_REMOVED => Ok(Datagram::Removed),
         t => Err(format!("unknown datagram tag {t}")),
     }
 }
@@ -116,6 +120,12 @@ impl MeshTransport {
                 Ok(Datagram::Raft(m)) => self.on_raft(&raft, src, m),
                 Ok(Datagram::ChunkRequest(r)) => self.on_chunk_request(&raft, src, r),
                 Ok(Datagram::Chunk(c)) => self.on_chunk(c),
+                Ok(Datagram::Removed) => {
+                    // Only a voter of our cluster may say so.
+                    if raft.status().membership().voters.contains(&member_id(&src)) {
+                        raft.status().removed.store(true, Ordering::Release);
+                    }
+                }
                 Err(e) => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%src, error = %e, "undecodable datagram dropped");
@@ -273,6 +283,12 @@ impl Transport for MeshTransport {
         }
     }
 
+    fn tell_removed(&self, id: u64) {
+        if let Some(name) = self.name_of(id) {
+            let _ = self.conn.send_to(&name, tagged(TAG_REMOVED, &[]), Priority::Control);
+        }
+    }
+
     fn reachable(&self) -> Vec<(u64, String)> {
         self.conn.mesh().reachable_peers().into_iter().map(|p| (member_id(&p), p.to_string())).collect()
     }
@@ -303,7 +319,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_bodies_behind_every_tag_never_panic(tag in 0u8..3, body in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fn arbitrary_bodies_behind_every_tag_never_panic(tag in 0u8..4, body in proptest::collection::vec(any::<u8>(), 0..256)) {
             let mut d = vec![tag];
             d.extend(body);
             let _ = decode_datagram(&d);
