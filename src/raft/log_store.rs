@@ -105,33 +105,42 @@ impl LogStore {
         self
     }
 
-    /// Resets the log to an installed snapshot: no entries, the snapshot's point as the
-    /// truncation point, its configuration and members.
-    pub fn apply_snapshot(
+    /// The Raft state keys of a log restarted at an installed snapshot: the snapshot's
+    /// point as the truncation point, a HardState committed up to it, its configuration
+    /// and members. Written by the snapshot install together with the store's data.
+    pub fn snapshot_state(
         &self,
-        batch: &mut WriteBatch,
         meta: &raft::eraftpb::SnapshotMetadata,
         members: BTreeMap<u64, String>,
         removed: Vec<u64>,
-    ) {
-        let cf = self.engine.cf(CF_RAFT_LOG);
-        let last = self.last_index_cached();
-        batch.delete_range_cf(cf, log_key(0), log_key(last.max(meta.index) + 1));
-        let mut v = Vec::with_capacity(16);
-        v.extend_from_slice(&meta.index.to_be_bytes());
-        v.extend_from_slice(&meta.term.to_be_bytes());
-        batch.put_cf(self.engine.cf(CF_RAFT_STATE), KEY_TRUNCATED, v);
+    ) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut truncated = Vec::with_capacity(16);
+        truncated.extend_from_slice(&meta.index.to_be_bytes());
+        truncated.extend_from_slice(&meta.term.to_be_bytes());
         let mut hs = self.hard_state();
         hs.term = hs.term.max(meta.term);
-        hs.commit = hs.commit.max(meta.index);
-        self.set_hard_state(batch, &hs);
-        self.set_conf_state(batch, meta.get_conf_state());
-        self.set_membership(batch, members, removed);
-        let mut b = self.write();
-        b.truncated_index = meta.index;
-        b.truncated_term = meta.term;
-        b.last_index = meta.index;
-        b.last_term = meta.term;
+        hs.commit = meta.index;
+        let m = crate::pb::meshkvpb::Members {
+            members: members
+                .iter()
+                .map(|(id, name)| crate::pb::meshkvpb::MemberRecord { id: *id, name: name.clone() })
+                .collect(),
+            removed,
+        };
+        vec![
+            (KEY_TRUNCATED.to_vec(), truncated),
+            (KEY_HARD_STATE.to_vec(), hs.write_to_bytes().unwrap_or_default()),
+            (KEY_CONF_STATE.to_vec(), meta.get_conf_state().write_to_bytes().unwrap_or_default()),
+            (KEY_MEMBERS.to_vec(), m.encode_to_vec()),
+        ]
+    }
+
+    /// Reads the log's state from disk again, after a snapshot install rewrote it.
+    pub fn reload(&self) -> Result<(), EngineError> {
+        let fresh = Self::open(self.engine.clone())?;
+        let b = fresh.read().clone();
+        *self.write() = b;
+        Ok(())
     }
 
     fn make_snapshot(&self, to: u64) -> Result<Snapshot, EngineError> {

@@ -344,7 +344,7 @@ pub fn start(
             log.set_hard_state(&mut batch, &hs);
         }
     }
-    if log.hard_state().commit < applied {
+    if log.hard_state().commit < applied && applied <= log.last_index_cached() {
         // The store applied entries whose commit index had not reached the disk yet;
         // applied entries were committed, so the commit index catches up.
         log.set_commit(&mut batch, applied);
@@ -549,12 +549,12 @@ impl Driver {
             keys.push((b"cluster_id", desc.cluster_id.to_be_bytes().to_vec()));
             self.status.cluster_id.store(desc.cluster_id, Ordering::Release);
         }
-        super::snapshot::install(&self.engine, &staging, &keys)?;
         let m = desc.members.unwrap_or_default();
         let members: BTreeMap<u64, String> = m.members.into_iter().map(|m| (m.id, m.name)).collect();
-        let mut batch = WriteBatch::default();
-        self.node.raft.raft_log.store().apply_snapshot(&mut batch, meta, members, m.removed);
-        self.engine.write(batch, true)?;
+        let log = self.node.raft.raft_log.store();
+        let raft_state = log.snapshot_state(meta, members, m.removed);
+        super::snapshot::install(&self.engine, &staging, &keys, &raft_state)?;
+        log.reload()?;
         self.store.reload().map_err(|e| EngineError::Corrupt { cf: "kv", what: e.to_string() })?;
         self.publish_membership();
         tracing::info!(

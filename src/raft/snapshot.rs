@@ -24,7 +24,7 @@ use prost::Message as _;
 use rocksdb::{IngestExternalFileOptions, IteratorMode, Options, SstFileWriter, WriteBatch, DB};
 
 use crate::pb::meshkvpb::{SnapshotChunk, SnapshotChunkRequest};
-use crate::store::engine::{Engine, EngineError, CF_AUTH, CF_KV, CF_LEASE, CF_META};
+use crate::store::engine::{Engine, EngineError, CF_AUTH, CF_KV, CF_LEASE, CF_META, CF_RAFT_LOG, CF_RAFT_STATE};
 
 /// Column families a snapshot carries, by index on the wire.
 pub const CFS: [&str; 3] = [CF_KV, CF_LEASE, CF_AUTH];
@@ -221,15 +221,41 @@ pub fn encode_request(r: &SnapshotChunkRequest) -> Vec<u8> {
 
 /// Replaces the snapshot's column families with the staged SST files, recording the
 /// staging directory first so that a crash midway is finished at the next start.
-pub fn install(engine: &Engine, staging: &Path, meta: &[(&[u8], Vec<u8>)]) -> Result<(), EngineError> {
+///
+/// `meta` are the `meta` keys that go with the data; `raft_state` are the Raft state keys
+/// of the log restarted at the snapshot (the log itself is emptied). All of it is
+/// recorded with the marker, so that the store and the log can never disagree after a
+/// crash: an interrupted install is finished by [`recover`] before either opens.
+pub fn install(
+    engine: &Engine,
+    staging: &Path,
+    meta: &[(&[u8], Vec<u8>)],
+    raft_state: &[(Vec<u8>, Vec<u8>)],
+) -> Result<(), EngineError> {
+    begin_install(engine, staging, meta, raft_state)?;
+    finish_install(engine, staging)
+}
+
+/// The first, synced step of an install: the marker and everything to write at the end.
+pub fn begin_install(
+    engine: &Engine,
+    staging: &Path,
+    meta: &[(&[u8], Vec<u8>)],
+    raft_state: &[(Vec<u8>, Vec<u8>)],
+) -> Result<(), EngineError> {
     let mut mark = WriteBatch::default();
     mark.put_cf(engine.cf(CF_META), META_INSTALLING, staging.as_os_str().as_encoded_bytes());
     for (k, v) in meta {
-        mark.put_cf(engine.cf(CF_META), [b"pending_".as_slice(), k].concat(), v);
+        mark.put_cf(engine.cf(CF_META), [PENDING_META, k].concat(), v);
     }
-    engine.write(mark, true)?;
-    finish_install(engine, staging)
+    for (k, v) in raft_state {
+        mark.put_cf(engine.cf(CF_META), [PENDING_RAFT, k.as_slice()].concat(), v);
+    }
+    engine.write(mark, true)
 }
+
+const PENDING_META: &[u8] = b"pending_meta_";
+const PENDING_RAFT: &[u8] = b"pending_raft_";
 
 fn finish_install(engine: &Engine, staging: &Path) -> Result<(), EngineError> {
     let db = engine.db();
@@ -251,15 +277,21 @@ fn finish_install(engine: &Engine, staging: &Path) -> Result<(), EngineError> {
         let opts = IngestExternalFileOptions::default();
         db.ingest_external_file_cf_opts(engine.cf(name), &opts, files)?;
     }
-    // The meta keys that go with the data, then the marker is gone.
+    // The meta keys that go with the data and the restarted Raft log, in one batch with
+    // the marker's removal.
     let mut done = WriteBatch::default();
     let meta_cf = engine.cf(CF_META);
+    let raft_cf = engine.cf(CF_RAFT_STATE);
+    done.delete_range_cf(engine.cf(CF_RAFT_LOG), [0u8; 0].as_slice(), [0xffu8; 16].as_slice());
     for item in db.prefix_iterator_cf(meta_cf, b"pending_") {
         let (k, v) = item?;
-        if !k.starts_with(b"pending_") {
+        if let Some(key) = k.strip_prefix(PENDING_META) {
+            done.put_cf(meta_cf, key, &v);
+        } else if let Some(key) = k.strip_prefix(PENDING_RAFT) {
+            done.put_cf(raft_cf, key, &v);
+        } else {
             break;
         }
-        done.put_cf(meta_cf, &k[b"pending_".len()..], v);
         done.delete_cf(meta_cf, k);
     }
     done.delete_cf(meta_cf, META_INSTALLING);
@@ -274,4 +306,66 @@ pub fn recover(engine: &Engine) -> Result<(), EngineError> {
     let staging = PathBuf::from(String::from_utf8_lossy(&v).into_owned());
     tracing::warn!(staging = %staging.display(), "finishing a snapshot install interrupted by a crash");
     finish_install(engine, &staging)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::log_store::LogStore;
+    use raft::eraftpb::{ConfState, Entry, HardState, SnapshotMetadata};
+    use raft::Storage;
+
+    /// Regression: a member killed in the middle of installing a snapshot restarted with
+    /// the store at the snapshot but the Raft log still behind it, and raft-rs refused to
+    /// start ("hs.commit is out of range"). The log's new state now rides with the install.
+    #[test]
+    fn an_install_interrupted_by_a_crash_is_finished_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("staging");
+        {
+            let engine = Engine::open(&dir.path().join("db")).unwrap();
+            let log = LogStore::open(engine.clone()).unwrap();
+            let mut batch = WriteBatch::default();
+            let ents: Vec<Entry> = (1..=10)
+                .map(|i| {
+                    let mut e = Entry::default();
+                    e.index = i;
+                    e.term = 1;
+                    e
+                })
+                .collect();
+            log.append(&mut batch, &ents);
+            let mut hs = HardState::default();
+            hs.term = 1;
+            hs.commit = 10;
+            log.set_hard_state(&mut batch, &hs);
+            batch.put_cf(engine.cf(CF_META), b"applied_index", 10u64.to_be_bytes());
+            engine.write(batch, true).unwrap();
+
+            let mut sink = SstSink::new(&staging, 0).unwrap();
+            sink.push(Bytes::from_static(b"k1"), Bytes::from_static(b"v1")).unwrap();
+            sink.finish().unwrap();
+            let mut meta = SnapshotMetadata::default();
+            meta.index = 20;
+            meta.term = 2;
+            let mut cs = ConfState::default();
+            cs.voters = vec![1];
+            meta.set_conf_state(cs);
+            let state = log.snapshot_state(&meta, [(1, "a".to_string())].into_iter().collect(), vec![]);
+            begin_install(&engine, &staging, &[(b"applied_index", 20u64.to_be_bytes().to_vec())], &state).unwrap();
+            // The process dies here.
+        }
+        let engine = Engine::open(&dir.path().join("db")).unwrap();
+        recover(&engine).unwrap();
+        let log = LogStore::open(engine.clone()).unwrap();
+        assert_eq!(engine.get_u64(CF_META, b"applied_index").unwrap(), Some(20));
+        assert_eq!((log.first_index().unwrap(), log.last_index().unwrap()), (21, 20));
+        assert_eq!(log.term(20).unwrap(), 2);
+        let hs = log.hard_state();
+        assert_eq!((hs.commit, hs.term), (20, 2));
+        assert_eq!(log.conf_state().voters, vec![1]);
+        assert_eq!(log.members().get(&1).map(String::as_str), Some("a"));
+        assert_eq!(engine.db().get_cf(engine.cf(CF_KV), b"k1").unwrap().as_deref(), Some(&b"v1"[..]));
+        assert!(engine.db().get_cf(engine.cf(CF_META), META_INSTALLING).unwrap().is_none());
+    }
 }
