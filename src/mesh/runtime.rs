@@ -824,13 +824,10 @@ impl Mesh {
             let mut size = frames[0].len();
             // Control first, then bulk, up to one batch per write.
             while size < BATCH {
-                match control.try_recv() {
-                    Ok(f) => {
-                        size += f.len();
-                        frames.push(f);
-                        continue;
-                    }
-                    Err(_) => {}
+                if let Ok(f) = control.try_recv() {
+                    size += f.len();
+                    frames.push(f);
+                    continue;
                 }
                 match bulk.try_recv() {
                     Ok(f) => {

@@ -177,8 +177,7 @@ impl LogStore {
             cluster_id: src.cluster_id.load(std::sync::atomic::Ordering::Acquire),
             members: Some(members),
         };
-        let mut snap = Snapshot::default();
-        snap.data = desc.encode_to_vec().into();
+        let mut snap = Snapshot { data: desc.encode_to_vec().into(), ..Default::default() };
         let m = snap.mut_metadata();
         m.index = applied;
         m.term = term;

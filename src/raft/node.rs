@@ -338,9 +338,7 @@ pub fn start(
                 })
                 .collect();
             log.append(&mut batch, &entries);
-            let mut hs = raft::eraftpb::HardState::default();
-            hs.term = 1;
-            hs.commit = entries.len() as u64;
+            let hs = raft::eraftpb::HardState { term: 1, commit: entries.len() as u64, ..Default::default() };
             log.set_hard_state(&mut batch, &hs);
         }
     }
