@@ -105,6 +105,13 @@ async fn start_mesh(cfg: &Config, name: &str, cluster_id: Arc<AtomicU64>) -> Res
     mc.secret = secret;
     mc.listen = listen;
     mc.join = cfg.join.iter().map(|j| j.strip_prefix("http://").unwrap_or(j).to_string()).collect();
+    // Peers known before a restart, so that a member finds its cluster again without --join.
+    for a in std::fs::read_to_string(cfg.data_dir.join(PEERS_FILE)).unwrap_or_default().lines() {
+        let a = a.trim().to_string();
+        if !a.is_empty() && !mc.join.contains(&a) {
+            mc.join.push(a);
+        }
+    }
     mc.cluster_id = cluster_id;
     mc.advertise = cfg
         .advertise_peer_url
@@ -120,12 +127,35 @@ async fn start_mesh(cfg: &Config, name: &str, cluster_id: Arc<AtomicU64>) -> Res
     if let Some(path) = cfg.mesh_block_file.clone() {
         tokio::spawn(follow_block_file(mesh.clone(), path));
     }
+    tokio::spawn(remember_peers(mesh.clone(), cfg.data_dir.join(PEERS_FILE)));
     let delta = mesh.with_channel::<Directory, _>(directory::CHANNEL, |d| d.publish(name, cfg.client_urls()));
     if let Some(d) = delta {
         mesh.broadcast(directory::CHANNEL, d);
     }
     tracing::info!("mesh peer {name} listening on {}", mesh.addr());
     Ok(mesh)
+}
+
+/// Where a member keeps the addresses of the peers it has seen.
+const PEERS_FILE: &str = "peers";
+
+/// Keeps the addresses of the mesh peers seen lately in `path`, for the next start.
+async fn remember_peers(mesh: Mesh, path: std::path::PathBuf) {
+    let mut last = String::new();
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let mut addrs: Vec<String> =
+            mesh.status().peers.into_iter().map(|p| p.addr).filter(|a| !a.is_empty()).collect();
+        addrs.sort();
+        addrs.dedup();
+        let text = addrs.join("\n");
+        if !addrs.is_empty() && text != last {
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, &text).and_then(|()| std::fs::rename(&tmp, &path)).is_ok() {
+                last = text;
+            }
+        }
+    }
 }
 
 /// Failure drills: blocks exactly the peers named in `path`, as the file changes.

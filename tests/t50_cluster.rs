@@ -515,3 +515,29 @@ async fn etcdctl_member_remove_stops_the_member_and_it_stays_out() {
     assert_ne!(out.status, 0);
     assert!(out.stderr.contains("etcdserver: member not found"), "{}", out.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_members_find_each_other_without_join() {
+    let root = tempdir();
+    let mut members = bootstrap_three(root.path(), &[&[], &[], &[]]);
+    let rev = client(&members[0]).await.put("kept", "v", None).await.unwrap().header().unwrap().revision();
+    // Let each member note its peers' addresses.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for m in &mut members {
+        m.proc.kill9();
+        m.args.retain(|a| a != "--bootstrap-expect" && a != "3" && a != "--join" && !a.starts_with("127.0.0.1:"));
+    }
+    for m in &mut members {
+        restart(m);
+    }
+    for m in &mut members {
+        m.proc.wait_ready(Duration::from_secs(60));
+    }
+    let refs: Vec<&Member> = members.iter().collect();
+    eventually("a leader, found without --join", Duration::from_secs(20), || async {
+        leader_of(&refs).await.is_some()
+    })
+    .await;
+    let g = client(&members[2]).await.get("kept", None).await.unwrap();
+    assert_eq!(g.kvs()[0].mod_revision(), rev);
+}
