@@ -46,8 +46,13 @@ struct TortureArgs {
     /// Seed of the fault schedule and the clients' choices.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Faults to draw from: kill, pause, partition.
-    #[arg(long, value_delimiter = ',', default_value = "kill,pause,partition")]
+    /// Faults to draw from: kill, pause, partition, one-way, net-partition (root: members
+    /// then run in network namespaces), snapshot-leader-kill, join, replace; or "all".
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kill,pause,partition,one-way,snapshot-leader-kill,join,replace"
+    )]
     faults: Vec<String>,
     /// Directory for data, logs and violation reports [default: a new temporary one].
     #[arg(long)]
@@ -148,8 +153,9 @@ struct ServeArgs {
     /// ReadIndex. Exists only to show that the torture checks catch it.
     #[arg(long, hide = true)]
     unsafe_no_read_index: bool,
-    /// Failure drills: a file naming peers (one per line) whose mesh traffic is dropped;
-    /// re-read every 200 ms, so partitions can come and go while the member runs.
+    /// Failure drills: a file naming peers, one per line, whose mesh traffic is dropped both
+    /// ways (`peer`) or only on arrival here (`<peer`, a one-way loss); re-read every 200 ms,
+    /// so partitions can come and go while the member runs.
     #[arg(long)]
     mesh_block_file: Option<PathBuf>,
     /// Largest client request accepted, in bytes; larger writes get "etcdserver: request is too large".
@@ -327,18 +333,28 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
 
 fn torture(args: TortureArgs) -> anyhow::Result<()> {
     use meshkv::torture::run::{self, Fault, TortureConfig};
-    tracing_subscriber::fmt().with_env_filter(EnvFilter::new("info")).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::new("info"))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
     let faults = args
         .faults
         .iter()
         .filter(|f| !f.is_empty())
-        .map(|f| match f.as_str() {
-            "kill" => Ok(Fault::Kill),
-            "pause" => Ok(Fault::Pause),
-            "partition" => Ok(Fault::Partition),
-            other => Err(anyhow::anyhow!("unknown fault {other:?}: kill, pause or partition")),
+        .flat_map(|f| match f.as_str() {
+            "all" => Fault::ALL.iter().map(|f| Ok(*f)).collect(),
+            name => vec![Fault::parse(name).ok_or_else(|| {
+                let known: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
+                anyhow::anyhow!("unknown fault {name:?}: one of {}, or all", known.join(", "))
+            })],
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if faults.contains(&Fault::NetPartition) {
+        if let Some(why) = meshkv::torture::netns::Netns::unavailable() {
+            anyhow::bail!("the net-partition fault cannot run here: {why}");
+        }
+    }
     let dir = match args.dir {
         Some(d) => d,
         None => std::env::temp_dir().join(format!("meshkv-torture-{}-{}", args.seed, std::process::id())),

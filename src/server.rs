@@ -158,25 +158,41 @@ async fn remember_peers(mesh: Mesh, path: std::path::PathBuf) {
     }
 }
 
-/// Failure drills: blocks exactly the peers named in `path`, as the file changes.
+/// Failure drills: follows the drill file at `path` as it changes. Each line names a peer:
+/// `peer` drops all mesh traffic with it, both ways; `<peer` drops what arrives from it
+/// (heartbeats excepted), a one-way loss.
 async fn follow_block_file(mesh: Mesh, path: std::path::PathBuf) {
-    let mut blocked: std::collections::BTreeSet<String> = Default::default();
+    type Drill = std::collections::BTreeSet<(bool, String)>;
+    let mut active: Drill = Default::default();
     loop {
-        let wanted: std::collections::BTreeSet<String> = std::fs::read_to_string(&path)
+        let wanted: Drill = std::fs::read_to_string(&path)
             .unwrap_or_default()
             .lines()
-            .map(|l| l.trim().to_string())
+            .map(str::trim)
             .filter(|l| !l.is_empty())
+            .map(|l| match l.strip_prefix('<') {
+                Some(p) => (true, p.trim().to_string()),
+                None => (false, l.to_string()),
+            })
             .collect();
-        for p in wanted.difference(&blocked) {
-            tracing::warn!(peer = %p, "failure drill: mesh traffic with this peer is now dropped");
-            mesh.block(p);
+        for (one_way, p) in wanted.difference(&active) {
+            if *one_way {
+                tracing::warn!(peer = %p, "failure drill: mesh traffic from this peer is now dropped");
+                mesh.deafen(p);
+            } else {
+                tracing::warn!(peer = %p, "failure drill: mesh traffic with this peer is now dropped");
+                mesh.block(p);
+            }
         }
-        for p in blocked.difference(&wanted) {
-            tracing::warn!(peer = %p, "failure drill: mesh traffic with this peer flows again");
-            mesh.unblock(p);
+        for (one_way, p) in active.difference(&wanted) {
+            tracing::warn!(peer = %p, one_way, "failure drill: mesh traffic with this peer flows again");
+            if *one_way {
+                mesh.undeafen(p);
+            } else {
+                mesh.unblock(p);
+            }
         }
-        blocked = wanted;
+        active = wanted;
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }

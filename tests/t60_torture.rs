@@ -1,7 +1,9 @@
 //! The fault harness in its short, seeded form: three real members under kill -9,
-//! SIGSTOP/SIGCONT and mesh partitions, with every client history checked for
-//! linearizability and every member's HashKV compared. And proof that the checks bite:
-//! a deliberately broken build (linearizable reads served locally) fails them.
+//! SIGSTOP/SIGCONT, mesh partitions and one-way loss, leader kills during snapshot
+//! transfers, members joining and being replaced, and (as root) real network partitions
+//! between namespaces; every client history is checked for linearizability and every
+//! member's HashKV compared. And proof that the checks bite: a deliberately broken build
+//! (linearizable reads served locally) fails them.
 
 mod common;
 
@@ -13,18 +15,39 @@ fn torture(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+fn summary_of(text: &str, seed: &str) -> String {
+    text.lines().find(|l| l.starts_with(&format!("seed {seed}:"))).unwrap_or_default().to_string()
+}
+
 #[test]
-fn seeded_short_run_under_kill_pause_and_partition_is_linearizable() {
+fn seeded_short_run_under_every_mesh_fault_is_linearizable() {
     let dir = common::tempdir();
     let d = dir.path().join("run").display().to_string();
-    let (ok, text) = torture(&["--duration", "75", "--seed", "1", "--faults", "kill,pause,partition", "--dir", &d]);
-    let summary = text.lines().find(|l| l.starts_with("seed 1:")).unwrap_or_default().to_string();
+    let faults = "kill,pause,partition,one-way,snapshot-leader-kill,join,replace";
+    let (ok, text) = torture(&["--duration", "100", "--seed", "1", "--faults", faults, "--dir", &d]);
+    let summary = summary_of(&text, "1");
     println!("{summary}");
     assert!(ok, "{text}");
     assert!(summary.contains("0 keys not linearizable") && summary.contains("hashes agree"), "{summary}");
-    for kind in ["\"kill\"", "\"pause\"", "\"partition\""] {
+    for kind in ["\"kill\"", "\"pause\"", "\"partition\"", "\"one-way\"", "\"replace\"", "\"snapshot-leader-kill"] {
         assert!(summary.contains(kind), "the run injected {kind}: {summary}");
     }
+}
+
+#[test]
+fn network_namespace_partitions_keep_the_history_linearizable() {
+    if let Some(why) = meshkv::torture::netns::Netns::unavailable() {
+        println!("skipped: {why}");
+        return;
+    }
+    let dir = common::tempdir();
+    let d = dir.path().join("run").display().to_string();
+    let (ok, text) = torture(&["--duration", "45", "--seed", "6", "--faults", "net-partition,kill", "--dir", &d]);
+    let summary = summary_of(&text, "6");
+    println!("{summary}");
+    assert!(ok, "{text}");
+    assert!(summary.contains("0 keys not linearizable") && summary.contains("hashes agree"), "{summary}");
+    assert!(summary.contains("\"net-partition\"") && summary.contains("\"net-isolate\""), "{summary}");
 }
 
 #[test]

@@ -164,6 +164,8 @@ struct Inner {
     address_book: Mutex<HashMap<String, Instant>>,
     inbox: mpsc::Sender<(PeerName, Bytes)>,
     blocked: RwLock<HashSet<PeerName>>,
+    /// Peers whose frames are dropped on arrival, heartbeats excepted: one-way loss.
+    deaf_to: RwLock<HashSet<PeerName>>,
     counters: Counters,
     next_conn: AtomicU64,
     stop: watch::Sender<bool>,
@@ -267,6 +269,7 @@ impl Mesh {
             address_book: Mutex::new(HashMap::new()),
             inbox: inbox_tx,
             blocked: RwLock::new(HashSet::new()),
+            deaf_to: RwLock::new(HashSet::new()),
             counters: Counters::default(),
             next_conn: AtomicU64::new(1),
             stop,
@@ -412,6 +415,20 @@ impl Mesh {
 
     fn is_blocked(&self, peer: &str) -> bool {
         self.inner.blocked.read().unwrap_or_else(|e| e.into_inner()).contains(peer)
+    }
+
+    /// One-way loss: drops every frame `peer` sends here except heartbeats, so the link
+    /// stays up while what travels on it from that side is lost. Traffic the other way flows.
+    pub fn deafen(&self, peer: &str) {
+        self.inner.deaf_to.write().unwrap_or_else(|e| e.into_inner()).insert(PeerName::from(peer));
+    }
+
+    pub fn undeafen(&self, peer: &str) {
+        self.inner.deaf_to.write().unwrap_or_else(|e| e.into_inner()).remove(peer);
+    }
+
+    fn is_deaf_to(&self, peer: &str) -> bool {
+        self.inner.deaf_to.read().unwrap_or_else(|e| e.into_inner()).contains(peer)
     }
 
     // ---- status ----
@@ -789,6 +806,7 @@ impl Mesh {
             self.inner.counters.bytes_in.fetch_add(body.len() as u64 + 4, Ordering::Relaxed);
             match wire::decode(&body) {
                 Ok(Incoming::Heartbeat) => {}
+                Ok(Incoming::Msg(_)) if self.is_deaf_to(&peer) => {}
                 Ok(Incoming::Msg(m)) => self.drive(|n| n.handle(&peer, m)),
                 Err(e) => {
                     self.inner.counters.bad_frames.fetch_add(1, Ordering::Relaxed);

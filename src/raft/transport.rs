@@ -167,6 +167,7 @@ impl MeshTransport {
             }
             f.insert(desc.id, tx);
         }
+        tracing::info!(id = format!("{:x}", desc.id), from = %src, "fetching a snapshot");
         let (me, raft) = (self.clone(), raft.clone());
         tokio::spawn(async move {
             let started = std::time::Instant::now();

@@ -2,4 +2,5 @@
 //! linearizability. See docs/reliability.md.
 
 pub mod check;
+pub mod netns;
 pub mod run;

@@ -1,24 +1,29 @@
-//! The harness: N real `meshkv` members on loopback, concurrent clients on a small key
-//! space, faults from a seeded schedule, and the checks at the end.
+//! The harness: N real `meshkv` members on loopback (or on hosts of their own in network
+//! namespaces), concurrent clients on a small key space, faults from a seeded schedule,
+//! and the checks at the end.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tonic::transport::{Channel, Endpoint};
 
 use super::check::{self, Input, Op, Output};
+use super::netns::Netns;
+use crate::pb::etcdserverpb::cluster_client::ClusterClient;
 use crate::pb::etcdserverpb::kv_client::KvClient;
 use crate::pb::etcdserverpb::maintenance_client::MaintenanceClient;
 use crate::pb::etcdserverpb::{
-    compare, request_op, Compare, DeleteRangeRequest, HashKvRequest, PutRequest, RangeRequest, RequestOp,
-    StatusRequest, TxnRequest,
+    compare, request_op, Compare, DeleteRangeRequest, HashKvRequest, MemberListRequest, PutRequest, RangeRequest,
+    RequestOp, StatusRequest, StatusResponse, TxnRequest,
 };
+use crate::raft::transport::member_id;
 
 /// Faults the schedule draws from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +34,48 @@ pub enum Fault {
     Pause,
     /// Cut one member off from the others at the mesh, then heal.
     Partition,
+    /// One member drops what one other sends it (heartbeats excepted), at the mesh.
+    OneWay,
+    /// A real network partition between namespaces: one member's routes to the others
+    /// blackholed, or its link pulled. Runs members in network namespaces (root only).
+    NetPartition,
+    /// A follower falls behind while down; as the leader streams it a snapshot, the
+    /// leader is killed.
+    SnapshotLeaderKill,
+    /// A new member joins under load (and stays as a learner or voter).
+    Join,
+    /// A voter dies for good and the cluster replaces it with a learner.
+    Replace,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 8] = [
+        Fault::Kill,
+        Fault::Pause,
+        Fault::Partition,
+        Fault::OneWay,
+        Fault::NetPartition,
+        Fault::SnapshotLeaderKill,
+        Fault::Join,
+        Fault::Replace,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Pause => "pause",
+            Fault::Partition => "partition",
+            Fault::OneWay => "one-way",
+            Fault::NetPartition => "net-partition",
+            Fault::SnapshotLeaderKill => "snapshot-leader-kill",
+            Fault::Join => "join",
+            Fault::Replace => "replace",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Fault> {
+        Fault::ALL.into_iter().find(|f| f.name() == s)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -65,11 +112,23 @@ impl Report {
     }
 }
 
+/// Raft entries between snapshots on every member: small, so that members that fall
+/// behind are sent snapshots often.
+const SNAPSHOT_COUNT: u64 = 500;
+/// How long a voter may be gone before it is replaced: longer than any fault holds one.
+const DEAD_MEMBER_SECS: u64 = 10;
+
 struct Member {
+    index: usize,
     name: String,
-    client_port: u16,
-    child: Option<Child>,
+    endpoint: String,
+    peer_addr: String,
+    data_dir: PathBuf,
+    log: PathBuf,
     args: Vec<String>,
+    child: Option<Child>,
+    /// Killed for good (replaced): no longer part of the cluster.
+    retired: bool,
 }
 
 fn free_port() -> u16 {
@@ -77,19 +136,6 @@ fn free_port() -> u16 {
 }
 
 impl Member {
-    fn start(&mut self, cfg: &TortureConfig) -> std::io::Result<()> {
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(cfg.dir.join(format!("{}.log", self.name)))?;
-        let child = Command::new(&cfg.binary)
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
-        self.child = Some(child);
-        Ok(())
-    }
-
     fn signal(&self, sig: i32) {
         if let Some(c) = &self.child {
             // SAFETY: kill(2) on a child we spawned and have not reaped.
@@ -106,8 +152,8 @@ impl Member {
         }
     }
 
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+    fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0)
     }
 }
 
@@ -121,48 +167,368 @@ async fn channel(ep: &str) -> Option<Channel> {
         .ok()
 }
 
+async fn status(ep: &str) -> Option<StatusResponse> {
+    let ch = channel(ep).await?;
+    MaintenanceClient::new(ch).status(StatusRequest {}).await.ok().map(|r| r.into_inner())
+}
+
 fn block_file(dir: &Path, name: &str) -> PathBuf {
     dir.join(format!("block-{name}"))
+}
+
+/// The members and the network they run on.
+struct Cluster {
+    cfg: TortureConfig,
+    members: Vec<Member>,
+    netns: Option<Netns>,
+    /// Client endpoints of the members in the cluster, shared with the clients.
+    endpoints: Arc<RwLock<Vec<String>>>,
+}
+
+impl Cluster {
+    /// Creates member `index` (not started); founders wait for each other, others join.
+    fn add_member(&mut self, founders: Option<usize>, join: &str) -> std::io::Result<usize> {
+        let index = self.members.len();
+        let name = format!("m{index}");
+        let (host, client_port, peer_port) = match &mut self.netns {
+            Some(n) => {
+                n.add_host(index)?;
+                // A host of its own: its ports cannot collide with anyone's.
+                (n.addr(index), 2379, 2380)
+            }
+            None => ("127.0.0.1".to_string(), free_port(), free_port()),
+        };
+        let data_dir = self.cfg.dir.join(&name);
+        let mut args: Vec<String> = [
+            "--name",
+            &name,
+            "--data-dir",
+            &data_dir.display().to_string(),
+            "--listen-client-urls",
+            &format!("http://{host}:{client_port}"),
+            "--listen-peer-urls",
+            &format!("http://{host}:{peer_port}"),
+            "--mesh-block-file",
+            &block_file(&self.cfg.dir, &name).display().to_string(),
+            "--snapshot-count",
+            &SNAPSHOT_COUNT.to_string(),
+            "--voters",
+            &self.cfg.members.to_string(),
+            "--dead-member-timeout",
+            &DEAD_MEMBER_SECS.to_string(),
+            "--log-level",
+            "info",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if !join.is_empty() {
+            args.extend(["--join".to_string(), join.to_string()]);
+        }
+        if let Some(n) = founders {
+            args.extend(["--bootstrap-expect".to_string(), n.to_string()]);
+        }
+        args.extend(self.cfg.member_args.iter().cloned());
+        std::fs::write(block_file(&self.cfg.dir, &name), "")?;
+        self.members.push(Member {
+            index,
+            log: self.cfg.dir.join(format!("{name}.log")),
+            name,
+            endpoint: format!("http://{host}:{client_port}"),
+            peer_addr: format!("{host}:{peer_port}"),
+            data_dir,
+            args,
+            child: None,
+            retired: false,
+        });
+        Ok(index)
+    }
+
+    fn start(&mut self, i: usize) -> std::io::Result<()> {
+        let m = &self.members[i];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&m.log)?;
+        let mut cmd = match &self.netns {
+            Some(n) => n.command(m.index, &self.cfg.binary),
+            None => std::process::Command::new(&self.cfg.binary),
+        };
+        let child =
+            cmd.args(&m.args).env_remove("RUST_LOG").stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn()?;
+        self.members[i].child = Some(child);
+        Ok(())
+    }
+
+    fn live(&self) -> Vec<usize> {
+        self.members.iter().filter(|m| !m.retired).map(|m| m.index).collect()
+    }
+
+    fn publish_endpoints(&self) {
+        let eps = self.members.iter().filter(|m| !m.retired).map(|m| m.endpoint.clone()).collect();
+        *self.endpoints.write().unwrap_or_else(|e| e.into_inner()) = eps;
+    }
+
+    fn by_id(&self, id: u64) -> Option<usize> {
+        self.members.iter().find(|m| !m.retired && member_id(&m.name) == id).map(|m| m.index)
+    }
+
+    /// The member the others follow, as the first member that answers says.
+    async fn leader(&self) -> Option<usize> {
+        for i in self.live() {
+            if let Some(s) = status(&self.members[i].endpoint).await {
+                if s.leader != 0 {
+                    return self.by_id(s.leader);
+                }
+            }
+        }
+        None
+    }
+
+    /// The cluster's members as one that answers lists them: (name, is_learner).
+    async fn member_list(&self) -> Option<Vec<(String, bool)>> {
+        for i in self.live() {
+            if let Some(ch) = channel(&self.members[i].endpoint).await {
+                if let Ok(r) = ClusterClient::new(ch).member_list(MemberListRequest { linearizable: false }).await {
+                    return Some(r.into_inner().members.into_iter().map(|m| (m.name, m.is_learner)).collect());
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until `cond` holds of the member list, up to `timeout`.
+    async fn wait_members(&self, timeout: Duration, cond: impl Fn(&[(String, bool)]) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.member_list().await.is_some_and(|l| cond(&l)) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        false
+    }
+
+    /// Starts a new member that joins through a live one; true once it is in the list
+    /// and answers.
+    async fn join(&mut self, rng: &mut StdRng) -> std::io::Result<Option<usize>> {
+        let live = self.live();
+        let via = self.members[live[rng.random_range(0..live.len())]].peer_addr.clone();
+        let i = self.add_member(None, &via)?;
+        self.start(i)?;
+        let name = self.members[i].name.clone();
+        let joined = self.wait_members(Duration::from_secs(30), |l| l.iter().any(|(n, _)| *n == name)).await;
+        if !joined {
+            tracing::warn!(member = %name, "the new member did not join in time");
+            return Ok(None);
+        }
+        self.publish_endpoints();
+        Ok(Some(i))
+    }
+
+    /// Writes filler under keys of their own so that snapshots take a while to send.
+    async fn ballast(&self, bytes: usize) {
+        let Some(ep) = self.endpoints.read().unwrap_or_else(|e| e.into_inner()).first().cloned() else { return };
+        let Some(ch) = channel(&ep).await else { return };
+        let mut kv = KvClient::new(ch);
+        let value = Bytes::from(vec![b'b'; 64 * 1024]);
+        for n in 0..bytes / value.len() {
+            let req =
+                PutRequest { key: Bytes::from(format!("ballast/{n:05}")), value: value.clone(), ..Default::default() };
+            for _ in 0..10 {
+                if kv.put(req.clone()).await.is_ok() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+
+    /// Injects one fault on member `i`, holds it, and undoes it. Returns the name it is
+    /// counted under.
+    async fn inject(&mut self, fault: Fault, i: usize, hold: Duration, rng: &mut StdRng) -> std::io::Result<String> {
+        let name = self.members[i].name.clone();
+        tracing::info!(fault = fault.name(), member = %name, ?hold, "fault");
+        match fault {
+            Fault::Kill => {
+                self.members[i].kill9();
+                tokio::time::sleep(hold).await;
+                self.start(i)?;
+            }
+            Fault::Pause => {
+                self.members[i].signal(libc::SIGSTOP);
+                tokio::time::sleep(hold).await;
+                self.members[i].signal(libc::SIGCONT);
+            }
+            Fault::Partition => {
+                let others: Vec<String> =
+                    self.live().into_iter().filter(|&o| o != i).map(|o| self.members[o].name.clone()).collect();
+                std::fs::write(block_file(&self.cfg.dir, &name), others.join("\n"))?;
+                for o in &others {
+                    std::fs::write(block_file(&self.cfg.dir, o), &name)?;
+                }
+                tokio::time::sleep(hold).await;
+                self.clear_blocks()?;
+            }
+            Fault::OneWay => {
+                let others: Vec<usize> = self.live().into_iter().filter(|&o| o != i).collect();
+                if let Some(&o) = others.get(rng.random_range(0..others.len().max(1))) {
+                    // i no longer hears o; o hears i.
+                    std::fs::write(block_file(&self.cfg.dir, &name), format!("<{}", self.members[o].name))?;
+                    tokio::time::sleep(hold).await;
+                    self.clear_blocks()?;
+                }
+            }
+            Fault::NetPartition => {
+                let others: Vec<usize> = self.live().into_iter().filter(|&o| o != i).collect();
+                let isolate = rng.random_bool(0.5);
+                if let Some(n) = &mut self.netns {
+                    if isolate {
+                        n.isolate(i)?;
+                    } else {
+                        n.cut(i, &others)?;
+                    }
+                    tokio::time::sleep(hold).await;
+                    n.heal()?;
+                }
+                return Ok(if isolate { "net-isolate" } else { "net-partition" }.to_string());
+            }
+            Fault::SnapshotLeaderKill => return self.snapshot_leader_kill(hold, rng).await,
+            Fault::Join => {
+                if self.live().len() >= self.cfg.members + 2 {
+                    // Enough spares: a kill instead keeps the member count bounded.
+                    return Box::pin(self.inject(Fault::Kill, i, hold, rng)).await;
+                }
+                self.join(rng).await?;
+            }
+            Fault::Replace => return self.replace(rng).await,
+        }
+        Ok(fault.name().to_string())
+    }
+
+    fn clear_blocks(&self) -> std::io::Result<()> {
+        for m in &self.members {
+            std::fs::write(block_file(&self.cfg.dir, &m.name), "")?;
+        }
+        Ok(())
+    }
+
+    /// Kills a follower until the log has moved well past it, restarts it, and kills the
+    /// leader as soon as the follower starts fetching the snapshot it is sent.
+    async fn snapshot_leader_kill(&mut self, hold: Duration, rng: &mut StdRng) -> std::io::Result<String> {
+        let Some(leader) = self.leader().await else { return Ok("snapshot-leader-kill-no-leader".into()) };
+        let followers: Vec<usize> = self.live().into_iter().filter(|&o| o != leader).collect();
+        if followers.is_empty() {
+            return Ok("snapshot-no-follower".into());
+        }
+        let f = followers[rng.random_range(0..followers.len())];
+        self.members[f].kill9();
+        let ep = self.members[leader].endpoint.clone();
+        let from = status(&ep).await.map_or(0, |s| s.raft_index);
+        let deadline = Instant::now() + Duration::from_secs(6);
+        while Instant::now() < deadline {
+            if status(&ep).await.is_some_and(|s| s.raft_index > from + 3 * SNAPSHOT_COUNT) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let offset = self.members[f].log_len();
+        self.start(f)?;
+        // The follower names its snapshot's sender in its log.
+        let tail = |m: &Member| {
+            let log = std::fs::read(&m.log).unwrap_or_default();
+            String::from_utf8_lossy(log.get(offset as usize..).unwrap_or_default()).into_owned()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut sender = None;
+        while sender.is_none() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            sender = tail(&self.members[f])
+                .lines()
+                .find(|l| l.contains("fetching a snapshot"))
+                .and_then(|l| l.split("from=").nth(1))
+                .and_then(|s| s.split_whitespace().next())
+                .map(str::to_string);
+        }
+        let Some(sender) = sender else { return Ok("snapshot-not-sent".into()) };
+        let Some(s) = self.members.iter().position(|m| !m.retired && m.name == sender) else {
+            return Ok("snapshot-not-sent".into());
+        };
+        tracing::info!(follower = %self.members[f].name, sender = %sender, "killing the snapshot's sender");
+        self.members[s].kill9();
+        // Counted as caught mid-transfer only if the follower had not finished fetching.
+        let late = tail(&self.members[f]).contains("snapshot fetched");
+        tokio::time::sleep(hold).await;
+        self.start(s)?;
+        Ok(if late { "snapshot-leader-kill-late".into() } else { Fault::SnapshotLeaderKill.name().to_string() })
+    }
+
+    /// Makes sure a learner stands by, then kills a voter for good and waits until the
+    /// cluster has replaced it.
+    async fn replace(&mut self, rng: &mut StdRng) -> std::io::Result<String> {
+        let Some(list) = self.member_list().await else { return Ok("replace-no-answer".into()) };
+        if !list.iter().any(|(_, learner)| *learner) && self.join(rng).await?.is_none() {
+            return Ok("replace-join-failed".into());
+        }
+        // A learner is promoted only once caught up; the replacement waits for that anyway.
+        let Some(list) = self.member_list().await else { return Ok("replace-no-answer".into()) };
+        let voters: Vec<usize> = list
+            .iter()
+            .filter(|(_, learner)| !learner)
+            .filter_map(|(n, _)| self.members.iter().position(|m| !m.retired && m.name == *n))
+            .collect();
+        if voters.is_empty() {
+            return Ok("replace-no-voter".into());
+        }
+        let v = voters[rng.random_range(0..voters.len())];
+        let name = self.members[v].name.clone();
+        tracing::info!(member = %name, "killing a voter for good");
+        self.members[v].kill9();
+        self.members[v].retired = true;
+        self.publish_endpoints();
+        let want = voters.len();
+        let replaced = self
+            .wait_members(Duration::from_secs(DEAD_MEMBER_SECS + 30), |l| {
+                !l.iter().any(|(n, _)| *n == name) && l.iter().filter(|(_, learner)| !learner).count() >= want
+            })
+            .await;
+        if !replaced {
+            tracing::warn!(member = %name, "the dead voter was not replaced in time");
+            return Ok("replace-timed-out".into());
+        }
+        let _ = std::fs::remove_dir_all(&self.members[v].data_dir);
+        Ok(Fault::Replace.name().to_string())
+    }
 }
 
 /// Runs the harness; the report says what the checks found.
 pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
     std::fs::create_dir_all(&cfg.dir)?;
-    let names: Vec<String> = (0..cfg.members).map(|i| format!("m{i}")).collect();
-    let peer_ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
-    let mut members: Vec<Member> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| {
-            let client_port = free_port();
-            let mut args: Vec<String> = vec![
-                "--name".into(),
-                n.clone(),
-                "--data-dir".into(),
-                cfg.dir.join(n).display().to_string(),
-                "--listen-client-urls".into(),
-                format!("http://127.0.0.1:{client_port}"),
-                "--listen-peer-urls".into(),
-                format!("http://127.0.0.1:{}", peer_ports[i]),
-                "--join".into(),
-                format!("127.0.0.1:{}", peer_ports[(i + 1) % names.len()]),
-                "--bootstrap-expect".into(),
-                names.len().to_string(),
-                "--mesh-block-file".into(),
-                block_file(&cfg.dir, n).display().to_string(),
-                "--snapshot-count".into(),
-                "500".into(),
-            ];
-            args.extend(cfg.member_args.iter().cloned());
-            Member { name: n.clone(), client_port, child: None, args }
-        })
-        .collect();
-    for m in &mut members {
-        std::fs::write(block_file(&cfg.dir, &m.name), "")?;
-        m.start(&cfg)?;
+    let netns = if cfg.faults.contains(&Fault::NetPartition) { Some(Netns::new()?) } else { None };
+    let mut cluster = Cluster { cfg: cfg.clone(), members: Vec::new(), netns, endpoints: Arc::default() };
+    let n = cfg.members;
+    // Founders each name the next one as the peer to join through.
+    let hosts: Vec<String> = match &cluster.netns {
+        Some(ns) => (0..n).map(|i| format!("{}:2380", ns.addr(i))).collect(),
+        None => Vec::new(),
+    };
+    for i in 0..n {
+        let idx = cluster.add_member(Some(n), hosts.get((i + 1) % n).map_or("", |s| s.as_str()))?;
+        debug_assert_eq!(idx, i);
     }
-    let endpoints: Vec<String> = members.iter().map(Member::endpoint).collect();
-    wait_for_leader(&endpoints, Duration::from_secs(60)).await;
+    if cluster.netns.is_none() {
+        // Ports were picked as members were made: point each at the next one now.
+        for i in 0..n {
+            let next = cluster.members[(i + 1) % n].peer_addr.clone();
+            cluster.members[i].args.extend(["--join".to_string(), next]);
+        }
+    }
+    for i in 0..n {
+        cluster.start(i)?;
+    }
+    cluster.publish_endpoints();
+    let founders = cluster.endpoints.read().unwrap_or_else(|e| e.into_inner()).clone();
+    wait_for_leader(&founders, Duration::from_secs(60)).await;
+    if cfg.faults.contains(&Fault::SnapshotLeaderKill) {
+        cluster.ballast(32 << 20).await;
+    }
 
     let start = Instant::now();
     let now_us = move || start.elapsed().as_micros() as u64;
@@ -170,7 +536,7 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
     let history: Arc<Mutex<BTreeMap<String, Vec<Op>>>> = Arc::default();
     let mut tasks = Vec::new();
     for c in 0..cfg.clients {
-        let (endpoints, history, keys) = (endpoints.clone(), history.clone(), cfg.keys);
+        let (endpoints, history, keys) = (cluster.endpoints.clone(), history.clone(), cfg.keys);
         let seed = cfg.seed.wrapping_mul(31).wrapping_add(c as u64);
         tasks.push(tokio::spawn(async move { client_loop(c, seed, endpoints, keys, deadline, history, now_us).await }));
     }
@@ -179,45 +545,29 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
     let mut rng = StdRng::seed_from_u64(cfg.seed);
     let mut faults = 0;
     let mut by_kind = BTreeMap::new();
+    let mut deck: Vec<Fault> = Vec::new();
     let quiet_at = deadline - Duration::from_secs(3).min(cfg.duration / 4);
     while !cfg.faults.is_empty() && Instant::now() + Duration::from_secs(4) < quiet_at {
         tokio::time::sleep(Duration::from_millis(rng.random_range(500..2000))).await;
-        let i = rng.random_range(0..members.len());
+        let live = cluster.live();
+        let i = live[rng.random_range(0..live.len())];
         let hold = Duration::from_millis(rng.random_range(1000..3000));
-        let fault = cfg.faults[rng.random_range(0..cfg.faults.len())];
-        faults += 1;
-        *by_kind.entry(format!("{fault:?}").to_lowercase()).or_insert(0) += 1;
-        tracing::info!(?fault, member = %members[i].name, ?hold, "fault");
-        match fault {
-            Fault::Kill => {
-                members[i].kill9();
-                tokio::time::sleep(hold).await;
-                members[i].start(&cfg)?;
-            }
-            Fault::Pause => {
-                members[i].signal(libc::SIGSTOP);
-                tokio::time::sleep(hold).await;
-                members[i].signal(libc::SIGCONT);
-            }
-            Fault::Partition => {
-                let others: Vec<String> =
-                    members.iter().filter(|m| m.name != members[i].name).map(|m| m.name.clone()).collect();
-                std::fs::write(block_file(&cfg.dir, &members[i].name), others.join("\n"))?;
-                for o in &others {
-                    std::fs::write(block_file(&cfg.dir, o), &members[i].name)?;
-                }
-                tokio::time::sleep(hold).await;
-                for m in &members {
-                    std::fs::write(block_file(&cfg.dir, &m.name), "")?;
-                }
-            }
+        // Faults come in shuffled rounds, each kind once a round: every kind gets its turn.
+        if deck.is_empty() {
+            deck = cfg.faults.clone();
+            deck.shuffle(&mut rng);
         }
+        let Some(fault) = deck.pop() else { break };
+        let kind = cluster.inject(fault, i, hold, &mut rng).await?;
+        faults += 1;
+        *by_kind.entry(kind).or_insert(0) += 1;
     }
     for t in tasks {
         let _ = t.await;
     }
 
     // Final reads of every key, then the checks.
+    let endpoints = cluster.endpoints.read().unwrap_or_else(|e| e.into_inner()).clone();
     wait_for_leader(&endpoints, Duration::from_secs(30)).await;
     {
         let mut kv = None;
@@ -262,8 +612,16 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
             report.violations.push((key.clone(), path));
         }
     }
-    report.hash_mismatch = compare_hashes(&endpoints).await;
-    for m in &mut members {
+    // Agreement among the members the cluster lists (a replaced one is gone).
+    let listed = cluster.member_list().await.unwrap_or_default();
+    let in_cluster: Vec<String> = cluster
+        .members
+        .iter()
+        .filter(|m| !m.retired && listed.iter().any(|(n, _)| *n == m.name))
+        .map(|m| m.endpoint.clone())
+        .collect();
+    report.hash_mismatch = compare_hashes(&in_cluster).await;
+    for m in &mut cluster.members {
         m.signal(libc::SIGCONT);
         m.kill9();
     }
@@ -323,21 +681,25 @@ async fn compare_hashes(endpoints: &[String]) -> Option<Vec<u32>> {
 async fn client_loop(
     id: usize,
     seed: u64,
-    endpoints: Vec<String>,
+    endpoints: Arc<RwLock<Vec<String>>>,
     keys: usize,
     deadline: Instant,
     history: Arc<Mutex<BTreeMap<String, Vec<Op>>>>,
     now_us: impl Fn() -> u64,
 ) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut member = id % endpoints.len();
+    let mut member = id;
     let mut kv: Option<KvClient<Channel>> = None;
     let mut n = 0u64;
     while Instant::now() < deadline {
         if kv.is_none() {
-            kv = channel(&endpoints[member]).await.map(KvClient::new);
+            let ep = {
+                let eps = endpoints.read().unwrap_or_else(|e| e.into_inner());
+                eps[member % eps.len().max(1)].clone()
+            };
+            kv = channel(&ep).await.map(KvClient::new);
             if kv.is_none() {
-                member = (member + 1) % endpoints.len();
+                member += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -407,7 +769,7 @@ async fn client_loop(
         if output.is_none() {
             // Try another member next time: this one may be down or cut off.
             kv = None;
-            member = (member + 1) % endpoints.len();
+            member += 1;
         }
         if failed {
             continue;
