@@ -55,6 +55,8 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// Time without a leader before an election.
     pub election_timeout: Duration,
+    /// How often a watcher that asked for progress notifications hears the revision.
+    pub watch_progress_notify_interval: Duration,
     pub log_level: String,
 }
 
@@ -81,6 +83,7 @@ impl Default for Config {
             max_txn_ops: 128,
             heartbeat_interval: Duration::from_millis(100),
             election_timeout: Duration::from_millis(1000),
+            watch_progress_notify_interval: Duration::from_secs(600),
             log_level: "info".into(),
         }
     }

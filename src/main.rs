@@ -170,9 +170,32 @@ struct ServeArgs {
     /// Time without a leader before a member starts an election, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     election_timeout: u64,
+    /// How often watchers that asked for progress notifications hear the current revision
+    /// (a duration: 500ms, 5s, 10m).
+    #[arg(long, alias = "experimental-watch-progress-notify-interval", default_value = "10m", value_parser = parse_duration)]
+    watch_progress_notify_interval: Duration,
     /// Log level: debug, info, warn or error.
     #[arg(long, default_value = "info")]
     log_level: String,
+}
+
+/// A duration as etcd's flags take it: a number with a unit (ms, s, m, h), or seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: f64 = n.parse().map_err(|_| format!("invalid duration {s:?}"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration {s:?}: use ms, s, m or h")),
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("invalid duration {s:?}: must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 impl ServeArgs {
@@ -200,6 +223,7 @@ impl ServeArgs {
             max_txn_ops: self.max_txn_ops,
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
             election_timeout: Duration::from_millis(self.election_timeout),
+            watch_progress_notify_interval: self.watch_progress_notify_interval,
             log_level: self.log_level,
         }
     }

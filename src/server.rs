@@ -358,7 +358,14 @@ pub async fn run(
         let router = Server::builder()
             .tcp_nodelay(true)
             .add_service(KvServer::new(api::kv::KvService::new(ctx.clone())).max_decoding_message_size(decode_limit))
-            .add_service(WatchServer::new(api::watch::WatchService).max_decoding_message_size(decode_limit))
+            .add_service(
+                WatchServer::new(api::watch::WatchService::new(
+                    ctx.clone(),
+                    cfg.watch_progress_notify_interval,
+                    cfg.max_request_bytes,
+                ))
+                .max_decoding_message_size(decode_limit),
+            )
             .add_service(LeaseServer::new(api::lease::LeaseService).max_decoding_message_size(decode_limit))
             .add_service(ClusterServer::new(api::cluster::ClusterService::new(ctx.clone())))
             .add_service(MaintenanceServer::new(api::maintenance::MaintenanceService::new(ctx.clone())))

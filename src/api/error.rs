@@ -41,6 +41,7 @@ impl From<MvccError> for Status {
             MvccError::FutureRev => etcd(Code::OutOfRange, "mvcc: required revision is a future revision"),
             MvccError::KeyNotFound => etcd(Code::InvalidArgument, "key not found"),
             MvccError::LeaseNotFound => etcd(Code::NotFound, "requested lease not found"),
+            MvccError::LeaseExists => etcd(Code::FailedPrecondition, "lease already exists"),
             e @ (MvccError::Engine(_) | MvccError::Corrupt(..)) => {
                 tracing::error!(error = %e, "storage error");
                 Status::new(Code::Internal, format!("etcdserver: {e}"))

@@ -17,7 +17,7 @@ pub mod revision;
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
 use prost::Message;
@@ -25,12 +25,15 @@ use rocksdb::{IteratorMode, WriteBatch};
 
 use crate::pb::etcdserverpb::{
     compare, range_request, request_op, response_op, CompactionRequest, CompactionResponse, Compare,
-    DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
-    ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest,
+    LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp,
+    TxnRequest, TxnResponse,
 };
-use crate::pb::meshkvpb::{internal_request, InternalRequest};
-use crate::pb::mvccpb::KeyValue;
-use crate::store::engine::{Engine, EngineError, CF_KV, CF_META};
+use crate::pb::meshkvpb::{internal_request, InternalRequest, LeaseRecord};
+use crate::pb::mvccpb::{Event, KeyValue};
+use crate::store::engine::{Engine, EngineError, CF_KV, CF_LEASE, CF_META};
+use crate::store::lease::LeaseTable;
+use crate::store::watch::{delete_event, put_event, EventBatch, KeyRange, WatchHub};
 
 pub use index::{KeyAt, KeyIndex, RangeEnd};
 pub use revision::Revision;
@@ -50,6 +53,8 @@ pub enum MvccError {
     KeyNotFound,
     #[error("requested lease not found")]
     LeaseNotFound,
+    #[error("lease already exists")]
+    LeaseExists,
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error("corrupt value at revision {0:?}: {1}")]
@@ -63,6 +68,8 @@ pub enum WriteResponse {
     DeleteRange(DeleteRangeResponse),
     Txn(TxnResponse),
     Compaction(CompactionResponse),
+    LeaseGrant(LeaseGrantResponse),
+    LeaseRevoke(LeaseRevokeResponse),
     /// An entry with nothing to apply (such as a new leader's empty entry).
     Empty,
 }
@@ -78,6 +85,9 @@ pub struct MvccStore {
     current: AtomicI64,
     compacted: AtomicI64,
     applied: AtomicU64,
+    /// Lock order: `index` before `leases`.
+    leases: RwLock<LeaseTable>,
+    hub: WatchHub,
 }
 
 /// The state of one write request while it is applied.
@@ -86,6 +96,8 @@ struct WriteTxn {
     main: i64,
     /// Next sub revision; > 0 once something changed.
     sub: i64,
+    /// What it changed, for watchers.
+    events: Vec<Event>,
 }
 
 impl WriteTxn {
@@ -107,6 +119,24 @@ impl WriteTxn {
     }
 }
 
+/// One request being applied: the state it changes.
+struct Apply<'a> {
+    ix: &'a mut KeyIndex,
+    leases: &'a mut LeaseTable,
+    batch: &'a mut WriteBatch,
+    pending: &'a mut Pending,
+    w: &'a mut WriteTxn,
+}
+
+/// What a store reads back from disk at start.
+struct Loaded {
+    index: KeyIndex,
+    current: i64,
+    compacted: i64,
+    applied: u64,
+    leases: LeaseTable,
+}
+
 fn lock_poisoned() -> ! {
     // A panic while holding the index lock leaves it inconsistent with RocksDB; the
     // member cannot go on serving from it.
@@ -116,32 +146,42 @@ fn lock_poisoned() -> ! {
 impl MvccStore {
     /// Opens the store on `engine`, rebuilding the key index from the `kv` column family.
     pub fn open(engine: Engine) -> Result<Self, MvccError> {
-        let (index, current, compacted, applied) = Self::load_all(&engine)?;
+        let l = Self::load_all(&engine)?;
         Ok(Self {
             engine,
-            index: RwLock::new(index),
-            current: AtomicI64::new(current),
-            compacted: AtomicI64::new(compacted),
-            applied: AtomicU64::new(applied),
+            index: RwLock::new(l.index),
+            current: AtomicI64::new(l.current),
+            compacted: AtomicI64::new(l.compacted),
+            applied: AtomicU64::new(l.applied),
+            leases: RwLock::new(l.leases),
+            hub: WatchHub::default(),
         })
     }
 
     /// Reloads everything from disk, after a snapshot replaced it.
     pub fn reload(&self) -> Result<(), MvccError> {
-        let (index, current, compacted, applied) = Self::load_all(&self.engine)?;
+        let l = Self::load_all(&self.engine)?;
+        let before = self.revision();
         let mut ix = self.index.write().unwrap_or_else(|_| lock_poisoned());
-        *ix = index;
-        self.current.store(current, Ordering::Release);
-        self.compacted.store(compacted, Ordering::Release);
-        self.applied.store(applied, Ordering::Release);
+        *ix = l.index;
+        *self.leases.write().unwrap_or_else(|_| lock_poisoned()) = l.leases;
+        self.current.store(l.current, Ordering::Release);
+        self.compacted.store(l.compacted, Ordering::Release);
+        self.applied.store(l.applied, Ordering::Release);
+        drop(ix);
+        if l.current > before {
+            // The events in between came with the snapshot, not one by one.
+            self.hub.publish(EventBatch { from: before + 1, to: l.current, events: None });
+        }
         Ok(())
     }
 
-    fn load_all(engine: &Engine) -> Result<(KeyIndex, i64, i64, u64), MvccError> {
+    fn load_all(engine: &Engine) -> Result<Loaded, MvccError> {
         let applied = engine.get_u64(CF_META, META_APPLIED)?.unwrap_or(0);
         let mut current = engine.get_u64(CF_META, META_REVISION)?.unwrap_or(1) as i64;
         let compacted = engine.get_u64(CF_META, META_COMPACTED)?.unwrap_or(0) as i64;
         let mut index = KeyIndex::default();
+        let mut key_lease = HashMap::new();
         let db = engine.db();
         for item in db.iterator_cf(engine.cf(CF_KV), IteratorMode::Start) {
             let (k, v) = item.map_err(EngineError::from)?;
@@ -149,13 +189,91 @@ impl MvccStore {
                 .ok_or_else(|| EngineError::Corrupt { cf: CF_KV, what: format!("bad revision key {k:?}") })?;
             let kv = KeyValue::decode(v.as_ref()).map_err(|e| MvccError::Corrupt(rev, e.to_string()))?;
             if tombstone {
+                key_lease.remove(&kv.key);
                 index.tombstone(&kv.key, rev);
             } else {
+                if kv.lease != 0 {
+                    key_lease.insert(kv.key.clone(), kv.lease);
+                } else {
+                    key_lease.remove(&kv.key);
+                }
                 index.restore_put(kv.key, rev, kv.create_revision, kv.version);
             }
             current = current.max(rev.main);
         }
-        Ok((index, current, compacted, applied))
+        let mut records = Vec::new();
+        for item in db.iterator_cf(engine.cf(CF_LEASE), IteratorMode::Start) {
+            let (k, v) = item.map_err(EngineError::from)?;
+            let r = LeaseRecord::decode(v.as_ref())
+                .map_err(|e| EngineError::Corrupt { cf: CF_LEASE, what: format!("lease {k:?}: {e}") })?;
+            records.push((r.id, r.ttl));
+        }
+        let leases = LeaseTable::rebuild(records, key_lease);
+        Ok(Loaded { index, current, compacted, applied, leases })
+    }
+
+    /// Listens to every change applied from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<std::sync::Arc<EventBatch>> {
+        self.hub.subscribe()
+    }
+
+    /// The leases, for reading.
+    pub fn leases(&self) -> RwLockReadGuard<'_, LeaseTable> {
+        self.leases.read().unwrap_or_else(|_| lock_poisoned())
+    }
+
+    /// The events of revisions `from..=to` on keys in `range` (None: every key), read
+    /// from the history, in revision order. Stops after about `max` events, at the end
+    /// of a revision; returns the events and the last revision they fully cover.
+    pub fn events(
+        &self,
+        range: Option<&KeyRange>,
+        from: i64,
+        to: i64,
+        max: usize,
+    ) -> Result<(Vec<Event>, i64), MvccError> {
+        if from < self.compact_revision() {
+            return Err(MvccError::Compacted);
+        }
+        let to = to.min(self.revision());
+        let mut out = Vec::new();
+        let start = Revision::new(from, 0).to_key(false);
+        let iter = self
+            .engine
+            .db()
+            .iterator_cf(self.engine.cf(CF_KV), IteratorMode::From(&start, rocksdb::Direction::Forward));
+        let (mut scanned, mut main, mut covered) = (0usize, 0i64, to);
+        for item in iter {
+            let (k, v) = item.map_err(EngineError::from)?;
+            let Some((rev, tombstone)) = Revision::from_key(&k) else { continue };
+            if rev.main > to {
+                break;
+            }
+            if rev.main != main {
+                // A revision ends here; a revision is never split between two reads.
+                if scanned >= max {
+                    covered = rev.main - 1;
+                    break;
+                }
+                main = rev.main;
+            }
+            scanned += 1;
+            let kv = KeyValue::decode(v.as_ref()).map_err(|e| MvccError::Corrupt(rev, e.to_string()))?;
+            if range.is_some_and(|r| !r.contains(&kv.key)) {
+                continue;
+            }
+            out.push(if tombstone { delete_event(kv.key, rev.main) } else { put_event(kv) });
+        }
+        Ok((out, covered))
+    }
+
+    /// The key as it was at revision `rev`, if it existed then and is still in the history.
+    pub fn get_at(&self, key: &[u8], rev: i64) -> Option<KeyValue> {
+        if rev < self.compact_revision() || rev <= 0 {
+            return None;
+        }
+        let at = self.index.read().unwrap_or_else(|_| lock_poisoned()).get(key, rev)?;
+        self.load(at.modified, None).ok()
     }
 
     /// The newest revision. A fresh store is at revision 1, as etcd's is.
@@ -318,6 +436,7 @@ impl MvccStore {
         };
         let mut batch = WriteBatch::default();
         let mut pending = Pending::new();
+        let mut events = Vec::new();
         let mut rev = self.revision();
         let mut out = Vec::with_capacity(entries.len());
         for (index, req) in entries {
@@ -333,45 +452,60 @@ impl MvccStore {
             if let internal_request::Request::Compaction(c) = req {
                 // Readers must never see the index compacted past the revision they read
                 // at, so what came before is published first.
-                self.commit(std::mem::take(&mut batch), rev, *index - 1, None)?;
+                self.commit(std::mem::take(&mut batch), rev, *index - 1, None, std::mem::take(&mut events))?;
                 pending.clear();
                 let mut ix = self.index.write().unwrap_or_else(|_| lock_poisoned());
                 let res = self.compact(&mut ix, &mut batch, c, rev, self.compact_revision());
                 drop(ix);
                 let ok = res.is_ok();
-                self.commit(std::mem::take(&mut batch), rev, *index, ok.then_some(c.revision))?;
+                self.commit(std::mem::take(&mut batch), rev, *index, ok.then_some(c.revision), Vec::new())?;
                 out.push(res.map(WriteResponse::Compaction));
                 continue;
             }
-            let mut w = WriteTxn { main: rev + 1, sub: 0 };
+            let mut w = WriteTxn { main: rev + 1, sub: 0, events: Vec::new() };
             let res = {
                 let mut ix = self.index.write().unwrap_or_else(|_| lock_poisoned());
+                let ix = &mut *ix;
+                let mut leases = self.leases.write().unwrap_or_else(|_| lock_poisoned());
+                let leases = &mut *leases;
+                let mut a = Apply { ix, leases, batch: &mut batch, pending: &mut pending, w: &mut w };
                 match req {
-                    internal_request::Request::Put(p) => self
-                        .check_put(&ix, p, rev)
-                        .and_then(|()| self.put(&mut ix, &mut batch, &mut pending, &mut w, p))
-                        .map(WriteResponse::Put),
-                    internal_request::Request::DeleteRange(d) => {
-                        self.delete_range(&mut ix, &mut batch, &mut pending, &mut w, d).map(WriteResponse::DeleteRange)
+                    internal_request::Request::Put(p) => {
+                        self.check_put(&a, p, rev).and_then(|()| self.put(&mut a, p)).map(WriteResponse::Put)
                     }
-                    internal_request::Request::Txn(t) => {
-                        self.txn(&mut ix, &mut batch, &mut pending, &mut w, t).map(WriteResponse::Txn)
+                    internal_request::Request::DeleteRange(d) => {
+                        self.delete_range(&mut a, d).map(WriteResponse::DeleteRange)
+                    }
+                    internal_request::Request::Txn(t) => self.txn(&mut a, t).map(WriteResponse::Txn),
+                    internal_request::Request::LeaseGrant(g) => {
+                        self.lease_grant(&mut a, g, rev).map(WriteResponse::LeaseGrant)
+                    }
+                    internal_request::Request::LeaseRevoke(r) => {
+                        self.lease_revoke(&mut a, r).map(WriteResponse::LeaseRevoke)
                     }
                     internal_request::Request::Compaction(_) => unreachable!("handled above"),
                 }
             };
             if w.changed() {
                 rev = w.main;
+                events.append(&mut w.events);
             }
             out.push(res);
         }
-        self.commit(batch, rev, last_index, None)?;
+        self.commit(batch, rev, last_index, None, events)?;
         Ok(out)
     }
 
-    /// Writes an applied batch with the applied index and revision, then publishes it
-    /// to readers.
-    fn commit(&self, mut batch: WriteBatch, rev: i64, applied: u64, compacted: Option<i64>) -> Result<(), MvccError> {
+    /// Writes an applied batch with the applied index and revision, publishes it to
+    /// readers, then its events to watchers.
+    fn commit(
+        &self,
+        mut batch: WriteBatch,
+        rev: i64,
+        applied: u64,
+        compacted: Option<i64>,
+        events: Vec<Event>,
+    ) -> Result<(), MvccError> {
         let meta = self.engine.cf(CF_META);
         batch.put_cf(meta, META_APPLIED, applied.to_be_bytes());
         batch.put_cf(meta, META_REVISION, (rev as u64).to_be_bytes());
@@ -381,45 +515,74 @@ impl MvccStore {
         // Not synced: the Raft log is, and the applied index rides in this batch, so a
         // lost tail is re-applied from the log at start.
         self.engine.write(batch, false)?;
-        self.current.store(rev, Ordering::Release);
+        let before = self.current.swap(rev, Ordering::AcqRel);
         self.applied.store(applied, Ordering::Release);
         if let Some(c) = compacted {
             self.compacted.store(c, Ordering::Release);
         }
+        if rev > before {
+            self.hub.publish(EventBatch { from: before + 1, to: rev, events: Some(events) });
+        }
         Ok(())
+    }
+
+    fn lease_grant(&self, a: &mut Apply, g: &LeaseGrantRequest, rev: i64) -> Result<LeaseGrantResponse, MvccError> {
+        if a.leases.contains(g.id) {
+            return Err(MvccError::LeaseExists);
+        }
+        a.leases.grant(g.id, g.ttl);
+        let record = LeaseRecord { id: g.id, ttl: g.ttl };
+        a.batch.put_cf(self.engine.cf(CF_LEASE), g.id.to_be_bytes(), record.encode_to_vec());
+        Ok(LeaseGrantResponse {
+            header: Some(ResponseHeader { revision: rev, ..Default::default() }),
+            id: g.id,
+            ttl: g.ttl,
+            error: String::new(),
+        })
+    }
+
+    /// Removes a lease and deletes every key it holds, all in one revision.
+    fn lease_revoke(&self, a: &mut Apply, r: &LeaseRevokeRequest) -> Result<LeaseRevokeResponse, MvccError> {
+        if !a.leases.contains(r.id) {
+            return Err(MvccError::LeaseNotFound);
+        }
+        for key in a.leases.revoke(r.id) {
+            if a.ix.get(&key, a.w.read_rev()).is_some() {
+                self.tombstone(a, key);
+            }
+        }
+        a.batch.delete_cf(self.engine.cf(CF_LEASE), r.id.to_be_bytes());
+        Ok(LeaseRevokeResponse { header: Some(ResponseHeader { revision: a.w.read_rev(), ..Default::default() }) })
+    }
+
+    fn tombstone(&self, a: &mut Apply, key: Bytes) {
+        let rev = a.w.next();
+        a.ix.tombstone(&key, rev);
+        a.leases.detach(&key);
+        let tomb = KeyValue { key: key.clone(), mod_revision: rev.main, ..Default::default() };
+        a.batch.put_cf(self.engine.cf(CF_KV), rev.to_key(true), tomb.encode_to_vec());
+        a.w.events.push(delete_event(key, rev.main));
     }
 
     /// Checks a Put against the state at `rev` before anything is written: etcd fails
     /// the whole request (and a whole Txn) on these.
-    fn check_put(&self, ix: &KeyIndex, p: &PutRequest, rev: i64) -> Result<(), MvccError> {
-        if (p.ignore_value || p.ignore_lease) && ix.get(&p.key, rev).is_none() {
+    fn check_put(&self, a: &Apply, p: &PutRequest, rev: i64) -> Result<(), MvccError> {
+        if (p.ignore_value || p.ignore_lease) && a.ix.get(&p.key, rev).is_none() {
             return Err(MvccError::KeyNotFound);
         }
-        if p.lease != 0 && !self.lease_exists(p.lease) {
+        if p.lease != 0 && !a.leases.contains(p.lease) {
             return Err(MvccError::LeaseNotFound);
         }
         Ok(())
     }
 
-    /// No lease can exist until the Lease service grants one.
-    fn lease_exists(&self, _id: i64) -> bool {
-        false
-    }
-
-    fn put(
-        &self,
-        ix: &mut KeyIndex,
-        batch: &mut WriteBatch,
-        pending: &mut Pending,
-        w: &mut WriteTxn,
-        p: &PutRequest,
-    ) -> Result<PutResponse, MvccError> {
-        let prev = match ix.get(&p.key, w.read_rev()) {
-            Some(at) => Some(self.load(at.modified, Some(pending))?),
+    fn put(&self, a: &mut Apply, p: &PutRequest) -> Result<PutResponse, MvccError> {
+        let prev = match a.ix.get(&p.key, a.w.read_rev()) {
+            Some(at) => Some(self.load(at.modified, Some(a.pending))?),
             None => None,
         };
-        let rev = w.next();
-        let at = ix.put(p.key.clone(), rev);
+        let rev = a.w.next();
+        let at = a.ix.put(p.key.clone(), rev);
         let kv = KeyValue {
             key: p.key.clone(),
             create_revision: at.created,
@@ -434,50 +597,43 @@ impl MvccStore {
                 _ => p.lease,
             },
         };
-        batch.put_cf(self.engine.cf(CF_KV), rev.to_key(false), kv.encode_to_vec());
-        pending.insert(rev, kv);
+        a.leases.attach(&kv.key, kv.lease);
+        a.batch.put_cf(self.engine.cf(CF_KV), rev.to_key(false), kv.encode_to_vec());
+        a.pending.insert(rev, kv.clone());
+        a.w.events.push(put_event(kv));
         Ok(PutResponse {
             header: Some(ResponseHeader { revision: rev.main, ..Default::default() }),
             prev_kv: if p.prev_kv { prev } else { None },
         })
     }
 
-    fn delete_range(
-        &self,
-        ix: &mut KeyIndex,
-        batch: &mut WriteBatch,
-        pending: &mut Pending,
-        w: &mut WriteTxn,
-        d: &DeleteRangeRequest,
-    ) -> Result<DeleteRangeResponse, MvccError> {
+    fn delete_range(&self, a: &mut Apply, d: &DeleteRangeRequest) -> Result<DeleteRangeResponse, MvccError> {
         let end = RangeEnd::from_request(&d.range_end);
         let mut found = Vec::new();
-        ix.range(&d.key, &end, w.read_rev(), |k, at| {
+        a.ix.range(&d.key, &end, a.w.read_rev(), |k, at| {
             found.push((k.clone(), at));
             true
         });
-        let prev_kvs = if d.prev_kv { self.load_many(&found, Some(pending))? } else { Vec::new() };
-        for (key, _) in &found {
-            let rev = w.next();
-            ix.tombstone(key, rev);
-            let tomb = KeyValue { key: key.clone(), mod_revision: rev.main, ..Default::default() };
-            batch.put_cf(self.engine.cf(CF_KV), rev.to_key(true), tomb.encode_to_vec());
+        let prev_kvs = if d.prev_kv { self.load_many(&found, Some(a.pending))? } else { Vec::new() };
+        let deleted = found.len() as i64;
+        for (key, _) in found {
+            self.tombstone(a, key);
         }
         Ok(DeleteRangeResponse {
-            header: Some(ResponseHeader { revision: w.read_rev(), ..Default::default() }),
-            deleted: found.len() as i64,
+            header: Some(ResponseHeader { revision: a.w.read_rev(), ..Default::default() }),
+            deleted,
             prev_kvs,
         })
     }
 
-    fn compare(&self, ix: &KeyIndex, c: &Compare, rev: i64, pending: &Pending) -> Result<bool, MvccError> {
+    fn compare(&self, a: &Apply, c: &Compare, rev: i64) -> Result<bool, MvccError> {
         let end = match c.range_end.as_ref() {
             [] => RangeEnd::Single,
             [0] => RangeEnd::Unbounded,
             e => RangeEnd::Before(Bytes::copy_from_slice(e)),
         };
         let mut found = Vec::new();
-        ix.range(&c.key, &end, rev, |k, at| {
+        a.ix.range(&c.key, &end, rev, |k, at| {
             found.push((k.clone(), at));
             true
         });
@@ -486,23 +642,16 @@ impl MvccStore {
             // A missing key compares as zero values, but its value cannot be compared.
             return Ok(target != compare::CompareTarget::Value && compare_kv(c, &KeyValue::default()));
         }
-        let kvs = self.load_many(&found, Some(pending))?;
+        let kvs = self.load_many(&found, Some(a.pending))?;
         Ok(kvs.iter().all(|kv| compare_kv(c, kv)))
     }
 
     /// Decides every branch of a Txn (nested ones included) against the state before it,
     /// as etcd does, and checks the chosen ops before any of them runs.
-    fn txn_path(
-        &self,
-        ix: &KeyIndex,
-        t: &TxnRequest,
-        rev: i64,
-        pending: &Pending,
-        path: &mut Vec<bool>,
-    ) -> Result<(), MvccError> {
+    fn txn_path(&self, a: &Apply, t: &TxnRequest, rev: i64, path: &mut Vec<bool>) -> Result<(), MvccError> {
         let mut ok = true;
         for c in &t.compare {
-            if !self.compare(ix, c, rev, pending)? {
+            if !self.compare(a, c, rev)? {
                 ok = false;
                 break;
             }
@@ -511,39 +660,29 @@ impl MvccStore {
         let ops = if ok { &t.success } else { &t.failure };
         for op in ops {
             match &op.request {
-                Some(request_op::Request::RequestPut(p)) => self.check_put(ix, p, rev)?,
+                Some(request_op::Request::RequestPut(p)) => self.check_put(a, p, rev)?,
                 Some(request_op::Request::RequestRange(r)) => {
                     self.check_read_rev(r.revision, rev)?;
                 }
-                Some(request_op::Request::RequestTxn(inner)) => self.txn_path(ix, inner, rev, pending, path)?,
+                Some(request_op::Request::RequestTxn(inner)) => self.txn_path(a, inner, rev, path)?,
                 _ => {}
             }
         }
         Ok(())
     }
 
-    fn txn(
-        &self,
-        ix: &mut KeyIndex,
-        batch: &mut WriteBatch,
-        pending: &mut Pending,
-        w: &mut WriteTxn,
-        t: &TxnRequest,
-    ) -> Result<TxnResponse, MvccError> {
+    fn txn(&self, a: &mut Apply, t: &TxnRequest) -> Result<TxnResponse, MvccError> {
         let mut path = Vec::new();
-        self.txn_path(ix, t, w.main - 1, pending, &mut path)?;
+        self.txn_path(a, t, a.w.main - 1, &mut path)?;
         let mut path = path.into_iter();
-        let mut resp = self.run_txn(ix, batch, pending, w, t, &mut path)?;
-        resp.header = Some(ResponseHeader { revision: w.read_rev(), ..Default::default() });
+        let mut resp = self.run_txn(a, t, &mut path)?;
+        resp.header = Some(ResponseHeader { revision: a.w.read_rev(), ..Default::default() });
         Ok(resp)
     }
 
     fn run_txn(
         &self,
-        ix: &mut KeyIndex,
-        batch: &mut WriteBatch,
-        pending: &mut Pending,
-        w: &mut WriteTxn,
+        a: &mut Apply,
         t: &TxnRequest,
         path: &mut std::vec::IntoIter<bool>,
     ) -> Result<TxnResponse, MvccError> {
@@ -553,25 +692,23 @@ impl MvccStore {
         for op in ops {
             let response = match &op.request {
                 Some(request_op::Request::RequestRange(r)) => {
-                    let rev = if r.revision > 0 { r.revision } else { w.read_rev() };
-                    let (found, count) = select(ix, r, rev);
+                    let rev = if r.revision > 0 { r.revision } else { a.w.read_rev() };
+                    let (found, count) = select(a.ix, r, rev);
                     Some(response_op::Response::ResponseRange(self.finish_range(
                         r,
                         found,
                         count,
-                        w.read_rev(),
-                        Some(pending),
+                        a.w.read_rev(),
+                        Some(a.pending),
                     )?))
                 }
-                Some(request_op::Request::RequestPut(p)) => {
-                    Some(response_op::Response::ResponsePut(self.put(ix, batch, pending, w, p)?))
-                }
+                Some(request_op::Request::RequestPut(p)) => Some(response_op::Response::ResponsePut(self.put(a, p)?)),
                 Some(request_op::Request::RequestDeleteRange(d)) => {
-                    Some(response_op::Response::ResponseDeleteRange(self.delete_range(ix, batch, pending, w, d)?))
+                    Some(response_op::Response::ResponseDeleteRange(self.delete_range(a, d)?))
                 }
                 Some(request_op::Request::RequestTxn(inner)) => {
-                    let mut r = self.run_txn(ix, batch, pending, w, inner, path)?;
-                    r.header = Some(ResponseHeader { revision: w.read_rev(), ..Default::default() });
+                    let mut r = self.run_txn(a, inner, path)?;
+                    r.header = Some(ResponseHeader { revision: a.w.read_rev(), ..Default::default() });
                     Some(response_op::Response::ResponseTxn(r))
                 }
                 None => None,

@@ -1,0 +1,139 @@
+//! Leases as the replicated state sees them: which exist, their granted TTL, and which
+//! keys each holds. When a lease runs out is not part of it: only the leader keeps time,
+//! and it revokes through Raft like any other write.
+
+use std::collections::{BTreeSet, HashMap};
+
+use bytes::Bytes;
+
+/// etcd's largest lease TTL, in seconds.
+pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
+
+#[derive(Debug, Clone, Default)]
+pub struct LeaseEntry {
+    pub ttl: i64,
+    pub keys: BTreeSet<Bytes>,
+}
+
+/// Every lease and the keys attached to it.
+#[derive(Debug, Default)]
+pub struct LeaseTable {
+    leases: HashMap<i64, LeaseEntry>,
+    /// The lease of each key that has one.
+    key_lease: HashMap<Bytes, i64>,
+}
+
+impl LeaseTable {
+    /// Builds the table from lease records and the lease of each live key.
+    pub fn rebuild(records: impl IntoIterator<Item = (i64, i64)>, key_lease: HashMap<Bytes, i64>) -> Self {
+        let mut leases: HashMap<i64, LeaseEntry> =
+            records.into_iter().map(|(id, ttl)| (id, LeaseEntry { ttl, keys: BTreeSet::new() })).collect();
+        let mut kept = HashMap::with_capacity(key_lease.len());
+        for (key, id) in key_lease {
+            if let Some(l) = leases.get_mut(&id) {
+                l.keys.insert(key.clone());
+                kept.insert(key, id);
+            }
+        }
+        Self { leases, key_lease: kept }
+    }
+
+    pub fn contains(&self, id: i64) -> bool {
+        self.leases.contains_key(&id)
+    }
+
+    pub fn get(&self, id: i64) -> Option<&LeaseEntry> {
+        self.leases.get(&id)
+    }
+
+    /// Every lease: (id, granted TTL).
+    pub fn all(&self) -> Vec<(i64, i64)> {
+        let mut v: Vec<_> = self.leases.iter().map(|(id, l)| (*id, l.ttl)).collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.leases.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.leases.is_empty()
+    }
+
+    pub fn grant(&mut self, id: i64, ttl: i64) {
+        self.leases.insert(id, LeaseEntry { ttl, keys: BTreeSet::new() });
+    }
+
+    /// Removes the lease; returns the keys it held.
+    pub fn revoke(&mut self, id: i64) -> BTreeSet<Bytes> {
+        let keys = self.leases.remove(&id).map(|l| l.keys).unwrap_or_default();
+        for k in &keys {
+            self.key_lease.remove(k);
+        }
+        keys
+    }
+
+    /// Records that `key` now has `lease` (0: none), detaching it from any other.
+    pub fn attach(&mut self, key: &Bytes, lease: i64) {
+        let old = if lease == 0 { self.key_lease.remove(key) } else { self.key_lease.insert(key.clone(), lease) };
+        if let Some(old) = old.filter(|&o| o != lease) {
+            if let Some(l) = self.leases.get_mut(&old) {
+                l.keys.remove(key);
+            }
+        }
+        if lease != 0 {
+            if let Some(l) = self.leases.get_mut(&lease) {
+                l.keys.insert(key.clone());
+            }
+        }
+    }
+
+    /// Records that `key` was deleted.
+    pub fn detach(&mut self, key: &[u8]) {
+        if let Some(old) = self.key_lease.remove(key) {
+            if let Some(l) = self.leases.get_mut(&old) {
+                l.keys.remove(key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_move_between_leases_and_leave_with_their_deletion() {
+        let mut t = LeaseTable::default();
+        t.grant(1, 10);
+        t.grant(2, 20);
+        let k = Bytes::from_static(b"k");
+        t.attach(&k, 1);
+        assert!(t.get(1).unwrap().keys.contains(&k));
+        t.attach(&k, 2);
+        assert!(t.get(1).unwrap().keys.is_empty());
+        assert!(t.get(2).unwrap().keys.contains(&k));
+        t.attach(&k, 0);
+        assert!(t.get(2).unwrap().keys.is_empty());
+        t.attach(&k, 1);
+        t.detach(&k);
+        assert!(t.get(1).unwrap().keys.is_empty());
+        t.attach(&k, 1);
+        assert_eq!(t.revoke(1).into_iter().collect::<Vec<_>>(), vec![k.clone()]);
+        assert!(!t.contains(1));
+        // A later put of the key with no lease finds nothing to detach.
+        t.attach(&k, 0);
+        assert_eq!(t.all(), vec![(2, 20)]);
+    }
+
+    #[test]
+    fn rebuild_drops_attachments_to_leases_that_are_gone() {
+        let mut key_lease = HashMap::new();
+        key_lease.insert(Bytes::from_static(b"a"), 7);
+        key_lease.insert(Bytes::from_static(b"b"), 8);
+        let t = LeaseTable::rebuild([(7, 30)], key_lease);
+        assert_eq!(t.get(7).unwrap().keys.len(), 1);
+        assert!(!t.contains(8));
+    }
+}
