@@ -323,7 +323,9 @@ pub async fn run(
     )?;
     tokio::spawn(transport.receive(started.handle.clone()));
 
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ctx = Ctx {
+        stop: stop_rx.clone(),
         id: Arc::new(Identity {
             member_id,
             name: cfg.name.clone(),
@@ -337,7 +339,6 @@ pub async fn run(
         unsafe_no_read_index: cfg.unsafe_no_read_index,
     };
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let raft_status = ctx.raft.clone();
     tokio::spawn(async move {
         let removed = async {
@@ -353,6 +354,7 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let decode_limit = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
+    let lessor = api::lease::Lessor::start(ctx.clone(), cfg.election_timeout);
     let mut servers = Vec::new();
     for listener in listeners {
         let router = Server::builder()
@@ -366,12 +368,15 @@ pub async fn run(
                 ))
                 .max_decoding_message_size(decode_limit),
             )
-            .add_service(LeaseServer::new(api::lease::LeaseService).max_decoding_message_size(decode_limit))
+            .add_service(
+                LeaseServer::new(api::lease::LeaseService::new(ctx.clone(), lessor.clone(), cfg.election_timeout))
+                    .max_decoding_message_size(decode_limit),
+            )
             .add_service(ClusterServer::new(api::cluster::ClusterService::new(ctx.clone())))
             .add_service(MaintenanceServer::new(api::maintenance::MaintenanceService::new(ctx.clone())))
             .add_service(AuthServer::new(api::auth::AuthService::new(ctx.clone())))
-            .add_service(LockServer::new(api::lock::LockService))
-            .add_service(ElectionServer::new(api::election::ElectionService))
+            .add_service(LockServer::new(api::lock::LockService::new(ctx.clone())))
+            .add_service(ElectionServer::new(api::election::ElectionService::new(ctx.clone())))
             .add_service(crate::pb::meshkvpb::admin_server::AdminServer::new(api::admin::AdminService::new(
                 ctx.clone(),
             )));
@@ -381,6 +386,7 @@ pub async fn run(
         })));
     }
     drop(ctx);
+    drop(lessor);
     for a in &bound {
         tracing::info!("ready to serve client requests on http://{a}");
     }

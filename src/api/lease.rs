@@ -1,9 +1,329 @@
-//! The Lease service. Leases arrive with the coordination API; until then every call
-//! answers UNIMPLEMENTED.
+//! The Lease service, and the lessor that keeps lease time on the leader.
+//!
+//! Which leases exist and which keys they hold is replicated state (`store::lease`):
+//! grants and revokes go through Raft. Time is not: only the leader tracks when each
+//! lease runs out, and it revokes an expired lease through Raft like any other write, so
+//! every member deletes its keys at the same revision. KeepAlive and TimeToLive need
+//! that clock, so a follower forwards them to the leader. When a member becomes leader,
+//! every lease starts over with its full TTL plus an election timeout — etcd's rule —
+//! so a lease kept alive through a leader change never expires for it.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Response, Status, Streaming};
+
+use super::Ctx;
+use crate::pb::etcdserverpb::lease_client::LeaseClient;
 use crate::pb::etcdserverpb::lease_server::Lease;
+use crate::pb::etcdserverpb::{
+    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest,
+    LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest,
+    LeaseTimeToLiveResponse,
+};
+use crate::pb::meshkvpb::internal_request::Request as Write;
+use crate::raft::directory::{self, Directory};
+use crate::store::lease::MAX_LEASE_TTL;
+use crate::store::mvcc::WriteResponse;
 
-pub struct LeaseService;
+/// Metadata on a request a follower forwarded to the leader: it is never forwarded again.
+const FORWARDED: &str = "meshkv-forwarded";
+/// How often the leader looks for expired leases.
+const TICK: Duration = Duration::from_millis(100);
+
+#[derive(Default)]
+struct Clock {
+    /// The term in which this member last became leader; None while it is not.
+    primary_term: Option<u64>,
+    expiry: HashMap<i64, Instant>,
+    /// Revokes proposed and not yet applied, with when they were proposed.
+    revoking: HashMap<i64, Instant>,
+}
+
+/// Keeps lease time on the leader.
+pub struct Lessor {
+    ctx: Ctx,
+    /// Added to every lease's TTL when this member becomes leader.
+    extend: Duration,
+    clock: Mutex<Clock>,
+}
+
+impl Lessor {
+    /// Starts the lessor's clock; it runs until the runtime stops.
+    pub fn start(ctx: Ctx, election_timeout: Duration) -> Arc<Self> {
+        let me = Arc::new(Self { ctx, extend: election_timeout, clock: Mutex::default() });
+        let weak = Arc::downgrade(&me);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(me) = weak.upgrade() else { return };
+                me.tick();
+            }
+        });
+        me
+    }
+
+    fn is_leader(&self) -> bool {
+        self.ctx.raft.status().leader() == self.ctx.id.member_id
+    }
+
+    fn clock(&self) -> std::sync::MutexGuard<'_, Clock> {
+        self.clock.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Brings the clock in line with the leases that exist: new ones start their TTL now,
+    /// revoked ones are forgotten; on becoming leader, all start over.
+    fn sync(&self, clock: &mut Clock, now: Instant) {
+        let term = self.ctx.raft.status().term();
+        let leases = self.ctx.store.leases().all();
+        if clock.primary_term != Some(term) {
+            clock.primary_term = Some(term);
+            clock.revoking.clear();
+            clock.expiry =
+                leases.iter().map(|&(id, ttl)| (id, now + self.extend + Duration::from_secs(ttl as u64))).collect();
+            return;
+        }
+        for &(id, ttl) in &leases {
+            clock.expiry.entry(id).or_insert_with(|| now + Duration::from_secs(ttl as u64));
+        }
+        if clock.expiry.len() != leases.len() {
+            let live: std::collections::HashSet<i64> = leases.iter().map(|(id, _)| *id).collect();
+            clock.expiry.retain(|id, _| live.contains(id));
+            clock.revoking.retain(|id, _| live.contains(id));
+        }
+    }
+
+    fn tick(&self) {
+        if !self.is_leader() {
+            let mut clock = self.clock();
+            if clock.primary_term.is_some() {
+                *clock = Clock::default();
+            }
+            return;
+        }
+        let now = Instant::now();
+        let expired: Vec<i64> = {
+            let mut clock = self.clock();
+            self.sync(&mut clock, now);
+            let Clock { expiry, revoking, .. } = &mut *clock;
+            let due: Vec<i64> = expiry
+                .iter()
+                .filter(|(id, at)| {
+                    **at <= now && revoking.get(id).is_none_or(|t| now.duration_since(*t) > Duration::from_secs(3))
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            for id in &due {
+                revoking.insert(*id, now);
+            }
+            due
+        };
+        for id in expired {
+            let raft = self.ctx.raft.clone();
+            tokio::spawn(async move {
+                if let Err(e) = raft.propose(Write::LeaseRevoke(LeaseRevokeRequest { id })).await {
+                    tracing::debug!(lease = format!("{id:x}"), error = %e, "revoking an expired lease failed; will retry");
+                }
+            });
+        }
+    }
+
+    /// KeepAlive on the leader: the lease's TTL starts over. None if it does not exist
+    /// or already ran out.
+    fn renew(&self, id: i64) -> Option<i64> {
+        let ttl = self.ctx.store.leases().get(id)?.ttl;
+        let now = Instant::now();
+        let mut clock = self.clock();
+        self.sync(&mut clock, now);
+        let at = clock.expiry.get_mut(&id)?;
+        if *at <= now {
+            return None;
+        }
+        *at = now + Duration::from_secs(ttl as u64);
+        Some(ttl)
+    }
+
+    /// Whole seconds left, on the leader.
+    fn remaining(&self, id: i64) -> Option<i64> {
+        let now = Instant::now();
+        let mut clock = self.clock();
+        self.sync(&mut clock, now);
+        clock.expiry.get(&id).map(|at| at.saturating_duration_since(now).as_secs() as i64)
+    }
+}
+
+pub struct LeaseService {
+    ctx: Ctx,
+    lessor: Arc<Lessor>,
+    /// etcd's minimum TTL: one and a half election timeouts, rounded up to a second.
+    min_ttl: i64,
+    leader_channel: Arc<Mutex<Option<(String, Channel)>>>,
+}
+
+impl LeaseService {
+    pub fn new(ctx: Ctx, lessor: Arc<Lessor>, election_timeout: Duration) -> Self {
+        let min_ttl = (election_timeout.as_secs_f64() * 1.5).ceil().max(1.0) as i64;
+        Self { ctx, lessor, min_ttl, leader_channel: Arc::default() }
+    }
+
+    /// A channel to the leader's client URL, for requests that need its clock.
+    async fn leader(&self) -> Result<Channel, Status> {
+        let status = self.ctx.raft.status();
+        let leader = status.leader();
+        if leader == 0 {
+            return Err(Status::new(Code::Unavailable, "etcdserver: no leader"));
+        }
+        let name = status.membership().names.get(&leader).cloned().unwrap_or_default();
+        let url = self
+            .ctx
+            .mesh
+            .with_channel::<Directory, _>(directory::CHANNEL, |d| d.client_urls(&name))
+            .unwrap_or_default()
+            .into_iter()
+            .next()
+            .ok_or_else(|| Status::new(Code::Unavailable, "etcdserver: leader changed"))?;
+        if let Some((u, ch)) = &*self.leader_channel.lock().unwrap_or_else(|e| e.into_inner()) {
+            if *u == url {
+                return Ok(ch.clone());
+            }
+        }
+        let ch = Endpoint::from_shared(url.clone())
+            .map_err(|e| Status::internal(e.to_string()))?
+            .connect_timeout(Duration::from_secs(1))
+            .connect_lazy();
+        *self.leader_channel.lock().unwrap_or_else(|e| e.into_inner()) = Some((url, ch.clone()));
+        Ok(ch)
+    }
+
+    fn forwarded<T>(req: T) -> Request<T> {
+        let mut r = Request::new(req);
+        r.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        r
+    }
+
+    /// One KeepAlive, answered here on the leader or by the leader.
+    async fn keep_alive_once(&self, id: i64, forwarded: bool) -> Result<LeaseKeepAliveResponse, Status> {
+        // The header is taken before the renewal, as etcd does: a lease revoked at some
+        // revision is never seen renewed at a later one.
+        let header = self.ctx.header(None);
+        if self.lessor.is_leader() {
+            let ttl = self.lessor.renew(id).unwrap_or(0);
+            return Ok(LeaseKeepAliveResponse { header, id, ttl });
+        }
+        if forwarded {
+            return Err(Status::new(Code::Unavailable, "etcdserver: not leader"));
+        }
+        let mut client = LeaseClient::new(self.leader().await?);
+        let req = LeaseKeepAliveRequest { id };
+        let mut stream = client.lease_keep_alive(Self::forwarded(tokio_stream::once(req))).await?.into_inner();
+        match stream.message().await? {
+            Some(r) => Ok(r),
+            None => Err(Status::new(Code::Unavailable, "etcdserver: leader changed")),
+        }
+    }
+}
+
+fn is_forwarded<T>(r: &Request<T>) -> bool {
+    r.metadata().get(FORWARDED).is_some()
+}
 
 #[tonic::async_trait]
-impl Lease for LeaseService {}
+impl Lease for LeaseService {
+    async fn lease_grant(&self, request: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+        let mut req = request.into_inner();
+        if req.ttl > MAX_LEASE_TTL {
+            return Err(Status::new(Code::OutOfRange, "etcdserver: too large lease TTL"));
+        }
+        req.ttl = req.ttl.max(self.min_ttl);
+        while req.id == 0 {
+            // Positive ids only, as etcd chooses them.
+            req.id = (rand::random::<u64>() >> 1) as i64;
+        }
+        match self.ctx.raft.propose(Write::LeaseGrant(req)).await? {
+            WriteResponse::LeaseGrant(mut r) => {
+                r.header = self.ctx.header(r.header);
+                Ok(Response::new(r))
+            }
+            _ => Err(Status::internal("etcdserver: unexpected apply result for lease grant")),
+        }
+    }
+
+    async fn lease_revoke(
+        &self,
+        request: Request<LeaseRevokeRequest>,
+    ) -> Result<Response<LeaseRevokeResponse>, Status> {
+        match self.ctx.raft.propose(Write::LeaseRevoke(request.into_inner())).await? {
+            WriteResponse::LeaseRevoke(mut r) => {
+                r.header = self.ctx.header(r.header);
+                Ok(Response::new(r))
+            }
+            _ => Err(Status::internal("etcdserver: unexpected apply result for lease revoke")),
+        }
+    }
+
+    async fn lease_keep_alive(
+        &self,
+        request: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<tonic::codegen::BoxStream<LeaseKeepAliveResponse>>, Status> {
+        let forwarded = is_forwarded(&request);
+        let mut incoming = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        let me = LeaseService {
+            ctx: self.ctx.clone(),
+            lessor: self.lessor.clone(),
+            min_ttl: self.min_ttl,
+            leader_channel: self.leader_channel.clone(),
+        };
+        tokio::spawn(async move {
+            loop {
+                let req = tokio::select! {
+                    _ = me.ctx.stopped() => return,
+                    _ = tx.closed() => return,
+                    r = incoming.message() => r,
+                };
+                let Ok(Some(req)) = req else { return };
+                let resp = me.keep_alive_once(req.id, forwarded).await;
+                let failed = resp.is_err();
+                if tx.send(resp).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn lease_time_to_live(
+        &self,
+        request: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        if !self.lessor.is_leader() {
+            if forwarded {
+                return Err(Status::new(Code::Unavailable, "etcdserver: not leader"));
+            }
+            let mut client = LeaseClient::new(self.leader().await?);
+            let mut resp = client.lease_time_to_live(Self::forwarded(req)).await?.into_inner();
+            resp.header = self.ctx.header(None);
+            return Ok(Response::new(resp));
+        }
+        let header = self.ctx.header(None);
+        let entry = self.ctx.store.leases().get(req.id).cloned();
+        let (Some(entry), Some(ttl)) = (entry, self.lessor.remaining(req.id)) else {
+            return Ok(Response::new(LeaseTimeToLiveResponse { header, id: req.id, ttl: -1, ..Default::default() }));
+        };
+        let keys = if req.keys { entry.keys.into_iter().collect() } else { Vec::new() };
+        Ok(Response::new(LeaseTimeToLiveResponse { header, id: req.id, ttl, granted_ttl: entry.ttl, keys }))
+    }
+
+    async fn lease_leases(&self, _: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+        let leases = self.ctx.store.leases().all().into_iter().map(|(id, _)| LeaseStatus { id }).collect();
+        Ok(Response::new(LeaseLeasesResponse { header: self.ctx.header(None), leases }))
+    }
+}

@@ -1,9 +1,50 @@
-//! The v3lock Lock service. It is built on leases, and answers UNIMPLEMENTED until they
-//! exist.
+//! The v3lock service: a distributed mutex on a name, as etcd's server-side lock.
+//! `Lock` returns once the caller owns the lock; the key it returns is the ownership,
+//! held until `Unlock` deletes it or the lease ends.
 
+use tonic::{Code, Request, Response, Status};
+
+use super::coord::{self, Withdraw};
+use super::Ctx;
+use crate::pb::etcdserverpb::{DeleteRangeRequest, ResponseHeader};
+use crate::pb::meshkvpb::internal_request::Request as Write;
 use crate::pb::v3lockpb::lock_server::Lock;
+use crate::pb::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
+use crate::store::mvcc::WriteResponse;
 
-pub struct LockService;
+pub struct LockService {
+    ctx: Ctx,
+}
+
+impl LockService {
+    pub fn new(ctx: Ctx) -> Self {
+        Self { ctx }
+    }
+}
 
 #[tonic::async_trait]
-impl Lock for LockService {}
+impl Lock for LockService {
+    async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
+        let req = request.into_inner();
+        let ctx = &self.ctx;
+        let lease = coord::session_lease(ctx, req.lease).await?;
+        let (kv, _) = coord::enter(ctx, &req.name, lease, bytes::Bytes::new()).await?;
+        // If the caller gives up while waiting, its key goes, as etcd's mutex does.
+        let withdraw = Withdraw::new(ctx, kv.key.clone());
+        coord::wait_turn(ctx, &req.name, kv.create_revision).await?;
+        if !coord::still_there(ctx, &kv.key, kv.create_revision)? {
+            return Err(Status::new(Code::Unknown, "session expired"));
+        }
+        withdraw.disarm();
+        let header = ctx.header(Some(ResponseHeader { revision: kv.mod_revision, ..Default::default() }));
+        Ok(Response::new(LockResponse { header, key: kv.key }))
+    }
+
+    async fn unlock(&self, request: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
+        let key = request.into_inner().key;
+        match self.ctx.raft.propose(Write::DeleteRange(DeleteRangeRequest { key, ..Default::default() })).await? {
+            WriteResponse::DeleteRange(r) => Ok(Response::new(UnlockResponse { header: self.ctx.header(r.header) })),
+            _ => Err(Status::internal("etcdserver: unexpected apply result for unlock")),
+        }
+    }
+}

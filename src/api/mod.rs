@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod cluster;
+pub mod coord;
 pub mod election;
 pub mod error;
 pub mod kv;
@@ -39,9 +40,17 @@ pub struct Ctx {
     pub max_txn_ops: usize,
     /// Deliberately broken: linearizable reads skip ReadIndex (test-only).
     pub unsafe_no_read_index: bool,
+    /// Set when the member stops: long-lived streams and waits end.
+    pub stop: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Ctx {
+    /// Resolves once the member is stopping.
+    pub async fn stopped(&self) {
+        let mut stop = self.stop.clone();
+        let _ = stop.wait_for(|s| *s).await;
+    }
+
     /// Completes a header: cluster, member and term; the revision of `partial` is kept,
     /// or the store's newest when it has none.
     pub fn header(&self, partial: Option<ResponseHeader>) -> Option<ResponseHeader> {

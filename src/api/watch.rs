@@ -126,10 +126,14 @@ impl WatchStream {
         progress_every: Duration,
     ) {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + progress_every, progress_every);
+        let ctx = self.ctx.clone();
+        let stopped = ctx.stopped();
+        tokio::pin!(stopped);
         loop {
             let behind = self.watchers.values().any(|w| !w.synced);
             let step = tokio::select! {
                 biased;
+                _ = &mut stopped => return,
                 _ = self.tx.closed() => return,
                 req = incoming.message() => match req {
                     Ok(Some(req)) => self.on_request(req).await,
