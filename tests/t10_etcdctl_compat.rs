@@ -1,16 +1,43 @@
 //! Real etcdctl against the real `meshkv` binary prints what it prints against real etcd.
 //!
-//! The scenario is `tests/compat/etcdctl_scenario.txt`; the reference transcript,
-//! recorded from Debian's etcd-server, is `tests/compat/etcdctl_expected.txt`. To record
-//! it again: `MESHKV_RECORD_ETCD=1 cargo test --test t10_etcdctl_compat`.
+//! Each scenario in `tests/compat/` (`*_scenario.txt`) has a reference transcript beside
+//! it (`*_expected.txt`), recorded from Debian's etcd-server. To record them again:
+//! `MESHKV_RECORD_ETCD=1 cargo test --test t10_etcdctl_compat`.
+//!
+//! Scenario lines are etcdctl arguments, run in order. Beyond plain steps:
+//! - `... <<EOF` feeds the lines up to `EOF` on stdin; `... <@N` feeds N bytes of `x`;
+//! - `... => VAR` keeps the second word of the output (a lease id) as `$VAR`, which later
+//!   lines may use; the output shows `$VAR` in its place;
+//! - `@N ...` runs a command that does not end by itself (watch, lock, elect) until it
+//!   has printed N lines, then stops it with SIGTERM;
+//! - `&NAME N ...` starts such a command in the background and goes on once it has
+//!   printed N lines; `stop NAME N` waits for N lines in all, stops it and shows its output.
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use common::*;
 
+enum Kind {
+    Run,
+    /// Run until this many lines, then stop.
+    Until(usize),
+    /// Start in the background as NAME; go on after this many lines.
+    Start(String, usize),
+    /// Stop background NAME after this many lines in all.
+    Stop(String, usize),
+}
+
 struct Step {
+    kind: Kind,
     args: Vec<String>,
     stdin: Option<Vec<u8>>,
+    capture: Option<String>,
 }
 
 fn parse_scenario(text: &str) -> Vec<Step> {
@@ -36,19 +63,45 @@ fn parse_scenario(text: &str) -> Vec<Step> {
         } else {
             (line.to_string(), None)
         };
-        let args = shell_words::split(&cmd).expect("scenario line is shell words");
-        steps.push(Step { args, stdin });
+        let (cmd, capture) = match cmd.split_once("=>") {
+            Some((c, var)) => (c.to_string(), Some(var.trim().to_string())),
+            None => (cmd, None),
+        };
+        let mut args = shell_words::split(&cmd).expect("scenario line is shell words");
+        let number = |s: &str| s.parse::<usize>().expect("a line count");
+        let kind = if let Some(n) = args[0].strip_prefix('@') {
+            let n = number(n);
+            args.remove(0);
+            Kind::Until(n)
+        } else if let Some(name) = args[0].strip_prefix('&') {
+            let (name, n) = (name.to_string(), number(&args[1]));
+            args.drain(..2);
+            Kind::Start(name, n)
+        } else if args[0] == "stop" {
+            let k = Kind::Stop(args[1].clone(), number(&args[2]));
+            args.clear();
+            k
+        } else {
+            Kind::Run
+        };
+        steps.push(Step { kind, args, stdin, capture });
     }
     steps
 }
 
-/// Masks what differs between any two servers: ids, terms and timestamps.
-fn normalize(out: &Output) -> String {
+/// Masks what differs between any two servers: ids, terms and timestamps; lease ids
+/// kept in variables show as the variable, other lease ids (sessions') as `<lease>`.
+fn normalize(out: &Output, vars: &BTreeMap<String, String>) -> String {
     let ids = regex::Regex::new(r#""(cluster_id|member_id|raft_term)":\d+"#).unwrap();
     let warn = regex::Regex::new(r#"^\{"level":"warn".*"error":"(.*)"\}$"#).unwrap();
+    let lease = regex::Regex::new(r"\b[0-9a-f]{16}\b").unwrap();
     let mut s = String::new();
     for line in out.stdout.lines() {
-        s.push_str(&ids.replace_all(line, "\"$1\":N"));
+        let mut line = ids.replace_all(line, "\"$1\":N").into_owned();
+        for (k, v) in vars {
+            line = line.replace(v.as_str(), &format!("${k}"));
+        }
+        s.push_str(&lease.replace_all(&line, "<lease>"));
         s.push('\n');
     }
     for line in out.stderr.lines() {
@@ -61,32 +114,142 @@ fn normalize(out: &Output) -> String {
     s
 }
 
-fn transcript(endpoint: &str) -> String {
-    let scenario = std::fs::read_to_string(repo_path("tests/compat/etcdctl_scenario.txt")).unwrap();
-    let mut t = String::new();
-    for step in parse_scenario(&scenario) {
-        let args: Vec<&str> = step.args.iter().map(String::as_str).collect();
-        let out = etcdctl(endpoint, &args, step.stdin.as_deref());
-        t.push_str(&format!("$ etcdctl {}\n", shell_words::join(&step.args)));
-        t.push_str(&normalize(&out));
+/// A command that runs until stopped, its output gathered as it comes.
+struct Background {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+    args: Vec<String>,
+}
+
+impl Background {
+    fn start(endpoint: &str, args: &[String]) -> Self {
+        let mut child = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={endpoint}"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run etcdctl");
+        let gather = |mut r: Box<dyn Read + Send>| {
+            let buf = Arc::new(Mutex::new(String::new()));
+            let b = buf.clone();
+            std::thread::spawn(move || {
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = r.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    b.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..n]));
+                }
+            });
+            buf
+        };
+        let stdout = gather(Box::new(child.stdout.take().unwrap()));
+        let stderr = gather(Box::new(child.stderr.take().unwrap()));
+        Self { child, stdout, stderr, args: args.to_vec() }
     }
+
+    fn wait_lines(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.stdout.lock().unwrap().lines().count() < n {
+            assert!(
+                Instant::now() < deadline,
+                "etcdctl {:?} printed fewer than {n} lines: {:?}",
+                self.args,
+                self.stdout
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM, then what it printed.
+    fn stop(mut self) -> Output {
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Let the readers drain the pipes.
+        std::thread::sleep(Duration::from_millis(50));
+        let stdout = self.stdout.lock().unwrap().clone();
+        let stderr = self.stderr.lock().unwrap().clone();
+        Output { status: status.code().unwrap_or(-1), stdout, stderr }
+    }
+}
+
+fn transcript(endpoint: &str, scenario: &str) -> String {
+    let scenario = std::fs::read_to_string(repo_path(&format!("tests/compat/{scenario}_scenario.txt"))).unwrap();
+    let mut t = String::new();
+    let mut vars: BTreeMap<String, String> = BTreeMap::new();
+    let mut running: BTreeMap<String, Background> = BTreeMap::new();
+    for step in parse_scenario(&scenario) {
+        let args: Vec<String> =
+            step.args.iter().map(|a| vars.iter().fold(a.clone(), |a, (k, v)| a.replace(&format!("${k}"), v))).collect();
+        let shown = shell_words::join(&step.args);
+        let out = match step.kind {
+            Kind::Run => {
+                let a: Vec<&str> = args.iter().map(String::as_str).collect();
+                t.push_str(&format!("$ etcdctl {shown}\n"));
+                etcdctl(endpoint, &a, step.stdin.as_deref())
+            }
+            Kind::Until(n) => {
+                let bg = Background::start(endpoint, &args);
+                bg.wait_lines(n);
+                t.push_str(&format!("$ etcdctl {shown} (stopped after {n} lines)\n"));
+                bg.stop()
+            }
+            Kind::Start(name, n) => {
+                let bg = Background::start(endpoint, &args);
+                bg.wait_lines(n);
+                running.insert(name, bg);
+                continue;
+            }
+            Kind::Stop(name, n) => {
+                let bg = running.remove(&name).expect("stop names a started command");
+                bg.wait_lines(n);
+                t.push_str(&format!(
+                    "$ etcdctl {} (in the background; stopped after {n} lines)\n",
+                    shell_words::join(&bg.args)
+                ));
+                bg.stop()
+            }
+        };
+        if let Some(var) = &step.capture {
+            let word = out.stdout.split_whitespace().nth(1).unwrap_or_default().to_string();
+            vars.insert(var.clone(), word);
+        }
+        t.push_str(&normalize(&out, &vars));
+    }
+    assert!(running.is_empty(), "every background command is stopped");
     t
 }
 
-#[test]
-fn etcdctl_output_matches_real_etcd() {
-    let expected_path = repo_path("tests/compat/etcdctl_expected.txt");
+fn compare_with_etcd(scenario: &str) {
+    let expected_path = repo_path(&format!("tests/compat/{scenario}_expected.txt"));
     if std::env::var_os("MESHKV_RECORD_ETCD").is_some() {
         let dir = tempdir();
         let etcd = start_etcd(&dir.path().join("etcd"));
-        let t = transcript(&etcd.client_addr);
+        let t = transcript(&etcd.client_addr, scenario);
         std::fs::write(&expected_path, t).unwrap();
         return;
     }
     let expected = std::fs::read_to_string(&expected_path).expect("recorded etcd transcript");
     let dir = tempdir();
     let server = start_meshkv(&dir.path().join("data"), &[]);
-    let got = transcript(&server.client_addr);
+    let got = transcript(&server.client_addr, scenario);
     if got != expected {
         let mut report = String::new();
         for (i, (g, e)) in got.lines().zip(expected.lines()).enumerate() {
@@ -94,11 +257,20 @@ fn etcdctl_output_matches_real_etcd() {
                 report.push_str(&format!("line {}:\n  meshkv: {g}\n  etcd:   {e}\n", i + 1));
             }
         }
-        std::fs::write(dir.path().join("meshkv_transcript.txt"), &got).unwrap();
         panic!(
             "etcdctl output differs from real etcd ({} vs {} lines):\n{report}\nfull meshkv transcript:\n{got}",
             got.lines().count(),
             expected.lines().count()
         );
     }
+}
+
+#[test]
+fn etcdctl_kv_output_matches_real_etcd() {
+    compare_with_etcd("etcdctl");
+}
+
+#[test]
+fn etcdctl_watch_lease_lock_and_elect_output_matches_real_etcd() {
+    compare_with_etcd("coord");
 }
