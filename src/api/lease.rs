@@ -42,6 +42,9 @@ struct Clock {
     expiry: HashMap<i64, Instant>,
     /// Revokes proposed and not yet applied, with when they were proposed.
     revoking: HashMap<i64, Instant>,
+    /// The leases that existed at the last tick as a follower: the ones a new leader
+    /// inherits (and extends); those granted since start with their plain TTL.
+    inherited: std::collections::HashSet<i64>,
 }
 
 /// Keeps lease time on the leader.
@@ -85,8 +88,14 @@ impl Lessor {
         if clock.primary_term != Some(term) {
             clock.primary_term = Some(term);
             clock.revoking.clear();
-            clock.expiry =
-                leases.iter().map(|&(id, ttl)| (id, now + self.extend + Duration::from_secs(ttl as u64))).collect();
+            let inherited = std::mem::take(&mut clock.inherited);
+            clock.expiry = leases
+                .iter()
+                .map(|&(id, ttl)| {
+                    let extend = if inherited.contains(&id) { self.extend } else { Duration::ZERO };
+                    (id, now + extend + Duration::from_secs(ttl as u64))
+                })
+                .collect();
             return;
         }
         for &(id, ttl) in &leases {
@@ -101,10 +110,12 @@ impl Lessor {
 
     fn tick(&self) {
         if !self.is_leader() {
+            let leases = self.ctx.store.leases().all();
             let mut clock = self.clock();
             if clock.primary_term.is_some() {
                 *clock = Clock::default();
             }
+            clock.inherited = leases.into_iter().map(|(id, _)| id).collect();
             return;
         }
         let now = Instant::now();

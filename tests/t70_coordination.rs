@@ -1,0 +1,162 @@
+//! Leases, watches and locks as coordination: a lease runs out on time and its keys'
+//! deletions reach watchers; a lease kept alive survives the leader's death; and a lock
+//! taken a thousand times by twenty clients through three members is never held twice.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use etcd_client::{Client, EventType, GetOptions, LockOptions, PutOptions, WatchOptions};
+
+/// Three members on loopback that form one cluster; returns them with their data dirs.
+fn three_members(root: &std::path::Path) -> Vec<Proc> {
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut members: Vec<Proc> = (0..3)
+        .map(|i| {
+            let name = format!("m{i}");
+            let join = format!("127.0.0.1:{}", ports[(i + 1) % 3]);
+            let args = ["--name", name.as_str(), "--bootstrap-expect", "3", "--join", join.as_str()];
+            spawn_meshkv(&root.join(&name), &format!("http://127.0.0.1:{}", ports[i]), &args)
+        })
+        .collect();
+    for m in &mut members {
+        m.wait_ready(Duration::from_secs(60));
+    }
+    members
+}
+
+async fn connect(endpoints: &[String]) -> Client {
+    let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(3));
+    Client::connect(endpoints, Some(opts)).await.unwrap()
+}
+
+/// The index of the member that leads, once there is one.
+async fn leader(members: &[Proc]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        for (i, m) in members.iter().enumerate() {
+            if let Ok(mut c) = Client::connect([m.endpoint()], None).await {
+                if let Ok(s) = c.status().await {
+                    if s.leader() != 0 && s.leader() == s.header().map_or(0, |h| h.member_id()) {
+                        return i;
+                    }
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_runs_out_within_its_ttl_and_watchers_see_its_keys_go() {
+    let dir = tempdir();
+    let server = start_meshkv(&dir.path().join("data"), &[]);
+    let mut c = connect(&[server.endpoint()]).await;
+    let mut events = c.watch("svc/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+    let granted = Instant::now();
+    let lease = c.lease_grant(3, None).await.unwrap().id();
+    for k in ["svc/a", "svc/b", "svc/c"] {
+        c.put(k, "up", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    }
+    let mut deleted = Vec::new();
+    let mut revisions = Vec::new();
+    while deleted.len() < 3 {
+        let resp = tokio::time::timeout(Duration::from_secs(10), events.message()).await.unwrap().unwrap().unwrap();
+        for e in resp.events() {
+            if e.event_type() == EventType::Delete {
+                let kv = e.kv().unwrap();
+                deleted.push(kv.key_str().unwrap().to_string());
+                revisions.push(kv.mod_revision());
+            }
+        }
+    }
+    let took = granted.elapsed();
+    assert!(took <= Duration::from_secs(4), "the lease of 3 s ran out after {took:?}");
+    assert!(took >= Duration::from_secs(3), "not before its TTL: {took:?}");
+    deleted.sort();
+    assert_eq!(deleted, ["svc/a", "svc/b", "svc/c"]);
+    assert!(revisions.iter().all(|r| *r == revisions[0]), "one revision deletes them all: {revisions:?}");
+    assert_eq!(c.get("svc/", Some(GetOptions::new().with_prefix())).await.unwrap().count(), 0);
+    assert_eq!(c.lease_time_to_live(lease, None).await.unwrap().ttl(), -1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_kept_alive_outlives_the_leader_and_one_left_alone_does_not() {
+    let dir = tempdir();
+    let mut members = three_members(dir.path());
+    let l = leader(&members).await;
+    let f = (l + 1) % 3;
+    let other = (l + 2) % 3;
+    // The client talks to a follower, which forwards keep-alives to the leader.
+    let mut c = connect(&[members[f].endpoint(), members[other].endpoint()]).await;
+    let kept = c.lease_grant(3, None).await.unwrap().id();
+    let left = c.lease_grant(3, None).await.unwrap().id();
+    c.put("kept", "1", Some(PutOptions::new().with_lease(kept))).await.unwrap();
+    c.put("left", "1", Some(PutOptions::new().with_lease(left))).await.unwrap();
+    let (mut keeper, _) = c.lease_keep_alive(kept).await.unwrap();
+    keeper.keep_alive().await.unwrap();
+    members[l].kill9();
+    let killed = Instant::now();
+    // Keep the lease alive, once a second, for three TTLs across the failover.
+    let mut renewed = 0;
+    while killed.elapsed() < Duration::from_secs(9) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match keeper.keep_alive().await {
+            Ok(()) => renewed += 1,
+            Err(_) => {
+                if let Ok((k, _)) = c.lease_keep_alive(kept).await {
+                    keeper = k;
+                }
+            }
+        }
+    }
+    assert!(renewed >= 5, "keep-alives went through: {renewed}");
+    let g = c.get("kept", None).await.unwrap();
+    assert_eq!(g.count(), 1, "the kept-alive lease's key is still there");
+    assert!(c.lease_time_to_live(kept, None).await.unwrap().ttl() > 0);
+    assert_eq!(c.get("left", None).await.unwrap().count(), 0, "the lease nobody kept ran out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lock_is_never_held_twice_and_every_client_gets_its_turns() {
+    const CLIENTS: usize = 20;
+    const ROUNDS: usize = 50;
+    let dir = tempdir();
+    let members = three_members(dir.path());
+    let endpoints: Vec<String> = members.iter().map(Proc::endpoint).collect();
+    let holders = Arc::new(AtomicUsize::new(0));
+    let overlaps = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..CLIENTS {
+        let ep = vec![endpoints[i % endpoints.len()].clone()];
+        let (holders, overlaps) = (holders.clone(), overlaps.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = connect(&ep).await;
+            let lease = c.lease_grant(120, None).await.unwrap().id();
+            let mut turns = 0;
+            for _ in 0..ROUNDS {
+                let key = c.lock("the-lock", Some(LockOptions::new().with_lease(lease))).await.unwrap().key().to_vec();
+                if holders.fetch_add(1, Ordering::SeqCst) != 0 {
+                    overlaps.fetch_add(1, Ordering::SeqCst);
+                }
+                tokio::task::yield_now().await;
+                holders.fetch_sub(1, Ordering::SeqCst);
+                c.unlock(key).await.unwrap();
+                turns += 1;
+            }
+            turns
+        }));
+    }
+    let mut turns = Vec::new();
+    for t in tasks {
+        turns.push(tokio::time::timeout(Duration::from_secs(240), t).await.expect("lock rounds finish").unwrap());
+    }
+    assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two clients held the lock at once");
+    assert!(turns.iter().all(|t| *t == ROUNDS), "every client got all its turns: {turns:?}");
+    let mut c = connect(&endpoints).await;
+    assert_eq!(c.get("the-lock/", Some(GetOptions::new().with_prefix())).await.unwrap().count(), 0);
+}
