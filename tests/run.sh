@@ -8,5 +8,15 @@ cd "$(dirname "$0")/.."
 meshkv_need_apt etcd-client
 # The fault harness puts members in network namespaces of their own (as root).
 meshkv_need_apt iproute2
+# The python etcd3 client, from PyPI, runs tests/python/test_etcd3.py (pinned to the
+# versions of its dependencies it works with).
+if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  meshkv_need_apt python3 python3-venv
+fi
+MESHKV_PY="$HOME/.cache/meshkv/py"
+[ -x "$MESHKV_PY/bin/python" ] || python3 -m venv "$MESHKV_PY"
+"$MESHKV_PY/bin/python" -c 'import etcd3' >/dev/null 2>&1 ||
+  "$MESHKV_PY/bin/pip" install -q etcd3==0.12.0 tenacity==6.3.1 protobuf==3.20.3
+export MESHKV_PYTHON="$MESHKV_PY/bin/python"
 cargo build --tests --bins
 cargo test --no-fail-fast -- --test-threads=2
