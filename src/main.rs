@@ -71,7 +71,7 @@ struct StatusArgs {
 
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
-    /// Workload: put, range (linearizable), range-serializable, or mesh (MeshConn datagrams).
+    /// Workload: put, range (linearizable), range-serializable, watch, or mesh (MeshConn datagrams).
     #[arg(default_value = "put")]
     workload: String,
     /// Comma-separated endpoints (host:port or http://host:port).
@@ -101,6 +101,18 @@ struct BenchArgs {
     /// Seconds per measurement, for the mesh workload.
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
+    /// watch: watchers, spread over --streams streams; each watches one of --key-space keys.
+    #[arg(long, default_value_t = 1000)]
+    watchers: usize,
+    /// watch: gRPC watch streams carrying the watchers.
+    #[arg(long, default_value_t = 10)]
+    streams: usize,
+    /// watch: puts per second, open loop.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// watch: extra streams watching every key that are never read.
+    #[arg(long, default_value_t = 0)]
+    stalled: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -253,6 +265,36 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", bench::mesh::MeshBench::table_header());
         for r in results {
             println!("{}", r.table_row());
+        }
+        return Ok(());
+    }
+    if args.workload == "watch" {
+        let cfg = bench::watch::WatchBenchConfig {
+            watchers: args.watchers,
+            streams: args.streams,
+            keys: args.key_space.max(1),
+            puts: args.total,
+            rate: args.rate,
+            stalled: args.stalled,
+        };
+        let conn = BenchConfig {
+            endpoints: args.endpoints,
+            conns: args.conns,
+            clients: 0,
+            total: 0,
+            key_size: 0,
+            val_size: 0,
+            key_space: 0,
+            sequential_keys: false,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let report = rt.block_on(async {
+            let chans = bench::connect(&conn).await?;
+            anyhow::Ok(bench::watch::run(chans, cfg).await?)
+        })?;
+        println!("{}", report.line());
+        if report.disorder + report.wrong_counts > 0 {
+            anyhow::bail!("watchers missed, repeated or reordered events");
         }
         return Ok(());
     }

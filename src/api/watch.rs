@@ -203,10 +203,9 @@ impl WatchStream {
         if c.start_revision < 0 {
             return self.send(refuse("etcdserver: mvcc: required revision has been compacted")).await;
         }
-        if c.range_end.len() > 1 || (c.range_end.len() == 1 && c.range_end[0] != 0) {
-            if key.as_ref() >= c.range_end.as_ref() {
-                return self.send(refuse("mvcc: watcher range is empty")).await;
-            }
+        let bounded = c.range_end.len() > 1 || (c.range_end.len() == 1 && c.range_end[0] != 0);
+        if bounded && key.as_ref() >= c.range_end.as_ref() {
+            return self.send(refuse("mvcc: watcher range is empty")).await;
         }
         let id = if c.watch_id == 0 {
             while self.watchers.contains_key(&self.next_auto) {

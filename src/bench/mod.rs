@@ -3,6 +3,7 @@
 //! errors are counted and reported, never hidden.
 
 pub mod mesh;
+pub mod watch;
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;

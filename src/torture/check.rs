@@ -111,6 +111,9 @@ fn canonical(ops: &[Op], initial: &Option<String>) -> Vec<Op> {
 /// How many operations of each class of unknown outcome a search path has used.
 type Usage = std::collections::BTreeMap<usize, u32>;
 
+/// Explored states: (known operations' hash, value) with the usages seen there.
+type Cache = std::collections::HashMap<((u64, u64), Option<String>), Vec<Usage>>;
+
 fn dominates(a: &Usage, b: &Usage) -> bool {
     // `a` used no more of any class than `b`: whatever `b` can still do, `a` can too.
     a.iter().all(|(c, n)| b.get(c).is_some_and(|m| n <= m))
@@ -160,7 +163,7 @@ pub fn linearizable(ops: &[Op], initial: Option<String>) -> bool {
         ops.iter().enumerate().filter(|(_, o)| o.complete.is_some()).map(|(i, o)| (ret(o), i)).collect();
     let mut hash = (0u64, 0u64);
     let mut usage = Usage::new();
-    let mut cache: std::collections::HashMap<((u64, u64), Option<String>), Vec<Usage>> = Default::default();
+    let mut cache: Cache = Default::default();
     let mut stack: Vec<(usize, Option<String>)> = Vec::new();
     let mut state = initial;
     let mut next_try = (false, 0usize);

@@ -1,0 +1,210 @@
+//! `meshkv bench watch`: W watchers over S streams on K keys, P puts at a set rate, and a
+//! checker: every watcher must get every put on its key exactly once, in revision order.
+//! Some streams can be left stalled (never read) to show that they slow nobody.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::pb::etcdserverpb::kv_client::KvClient;
+use crate::pb::etcdserverpb::watch_client::WatchClient;
+use crate::pb::etcdserverpb::{watch_request, PutRequest, WatchCreateRequest, WatchRequest};
+
+#[derive(Clone, Debug)]
+pub struct WatchBenchConfig {
+    pub watchers: usize,
+    pub streams: usize,
+    pub keys: usize,
+    pub puts: usize,
+    /// Puts per second (open loop).
+    pub rate: f64,
+    /// Streams whose watchers see every key and which are never read.
+    pub stalled: usize,
+}
+
+#[derive(Debug)]
+pub struct WatchReport {
+    pub events: u64,
+    pub seconds: f64,
+    pub put_seconds: f64,
+    pub latency: Histogram<u64>,
+    /// Events out of order or repeated.
+    pub disorder: u64,
+    /// Watchers that got fewer (or more) events than there were puts on their key.
+    pub wrong_counts: u64,
+    pub put_errors: u64,
+    pub put_count: u64,
+}
+
+impl WatchReport {
+    pub fn line(&self) -> String {
+        let ms = |q: f64| self.latency.value_at_quantile(q) as f64 / 1000.0;
+        format!(
+            "{{\"workload\":\"watch\",\"events\":{},\"events_per_sec\":{:.1},\"puts_per_sec\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"max_ms\":{:.3},\"disorder\":{},\"wrong_counts\":{},\"put_errors\":{}}}",
+            self.events,
+            self.events as f64 / self.seconds,
+            self.put_count as f64 / self.put_seconds.max(1e-9),
+            ms(0.5),
+            ms(0.99),
+            self.latency.max() as f64 / 1000.0,
+            self.disorder,
+            self.wrong_counts,
+            self.put_errors
+        )
+    }
+}
+
+/// Per watcher of one stream: the last revision it got and how many events.
+type Seen = Arc<Mutex<Vec<(i64, u64)>>>;
+
+fn key(k: usize) -> Bytes {
+    Bytes::from(format!("watch-bench/{k:06}"))
+}
+
+/// Opens a stream with the given watchers (key index per watcher); returns the requests'
+/// sender (kept open) and the responses.
+async fn open(
+    ch: Channel,
+    keys: &[Option<usize>],
+) -> Result<(mpsc::Sender<WatchRequest>, tonic::Streaming<crate::pb::etcdserverpb::WatchResponse>), tonic::Status> {
+    let (tx, rx) = mpsc::channel(keys.len().max(1));
+    let mut resp = WatchClient::new(ch).watch(ReceiverStream::new(rx)).await?.into_inner();
+    for (i, k) in keys.iter().enumerate() {
+        let (key, range_end) = match k {
+            Some(k) => (key(*k), Bytes::new()),
+            None => (Bytes::from_static(b"watch-bench/"), Bytes::from_static(b"watch-bench0")),
+        };
+        let create = WatchCreateRequest { key, range_end, watch_id: i as i64 + 1, ..Default::default() };
+        let _ = tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await;
+    }
+    let mut created = 0;
+    while created < keys.len() {
+        match resp.message().await? {
+            Some(r) if r.created => created += 1,
+            Some(_) => {}
+            None => return Err(tonic::Status::unavailable("watch stream ended")),
+        }
+    }
+    Ok((tx, resp))
+}
+
+pub async fn run(chans: Vec<Channel>, cfg: WatchBenchConfig) -> Result<WatchReport, tonic::Status> {
+    let keys = cfg.keys.max(1);
+    let streams = cfg.streams.max(1);
+    let per_stream = cfg.watchers.div_ceil(streams);
+    // Puts on each key, and when each put (by its value) was sent.
+    let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; cfg.puts]));
+    let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3).expect("histogram")));
+    let events = Arc::new(AtomicU64::new(0));
+    let disorder = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    // Per stream: the key of each watcher, and what it saw.
+    let mut seen: Vec<Seen> = Vec::new();
+    let mut watcher_keys: Vec<Vec<usize>> = Vec::new();
+    let mut held = Vec::new();
+    let mut w = 0usize;
+    for s in 0..streams {
+        let n = per_stream.min(cfg.watchers.saturating_sub(w));
+        if n == 0 {
+            break;
+        }
+        let ks: Vec<usize> = (w..w + n).map(|i| i % keys).collect();
+        w += n;
+        let (tx, mut resp) =
+            open(chans[s % chans.len()].clone(), &ks.iter().map(|k| Some(*k)).collect::<Vec<_>>()).await?;
+        held.push(tx);
+        let state = Arc::new(Mutex::new(vec![(0i64, 0u64); n]));
+        seen.push(state.clone());
+        watcher_keys.push(ks);
+        let (sent, latency, events, disorder) = (sent.clone(), latency.clone(), events.clone(), disorder.clone());
+        readers.push(tokio::spawn(async move {
+            while let Ok(Some(r)) = resp.message().await {
+                let now = Instant::now();
+                let i = (r.watch_id - 1) as usize;
+                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                let Some((last, count)) = st.get_mut(i) else { continue };
+                for ev in &r.events {
+                    let Some(kv) = &ev.kv else { continue };
+                    if kv.mod_revision <= *last {
+                        disorder.fetch_add(1, Ordering::Relaxed);
+                    }
+                    *last = kv.mod_revision;
+                    *count += 1;
+                    events.fetch_add(1, Ordering::Relaxed);
+                    let seq: usize =
+                        std::str::from_utf8(&kv.value).ok().and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
+                    if let Some(Some(t)) = sent.lock().unwrap_or_else(|e| e.into_inner()).get(seq) {
+                        let _ = latency
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .record(now.duration_since(*t).as_micros() as u64);
+                    }
+                }
+            }
+        }));
+    }
+    // Stalled streams: watching every key, never read.
+    for s in 0..cfg.stalled {
+        let (tx, resp) = open(chans[s % chans.len()].clone(), &[None]).await?;
+        held.push(tx);
+        std::mem::forget(resp);
+    }
+
+    // The puts, open loop at the rate asked.
+    let start = Instant::now();
+    let mut per_key = vec![0u64; keys];
+    let put_errors = Arc::new(AtomicU64::new(0));
+    let mut puts = Vec::with_capacity(cfg.puts);
+    for seq in 0..cfg.puts {
+        let due = start + Duration::from_secs_f64(seq as f64 / cfg.rate.max(1.0));
+        tokio::time::sleep_until(due.into()).await;
+        let k = seq % keys;
+        per_key[k] += 1;
+        sent.lock().unwrap_or_else(|e| e.into_inner())[seq] = Some(Instant::now());
+        let mut kv = KvClient::new(chans[seq % chans.len()].clone());
+        let errors = put_errors.clone();
+        puts.push(tokio::spawn(async move {
+            let req = PutRequest { key: key(k), value: Bytes::from(seq.to_string()), ..Default::default() };
+            if kv.put(req).await.is_err() {
+                errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for p in puts {
+        let _ = p.await;
+    }
+    let put_seconds = start.elapsed().as_secs_f64();
+    // Wait until every watcher has everything (or a deadline).
+    let expected: u64 = watcher_keys.iter().flatten().map(|k| per_key[*k]).sum();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while events.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let mut wrong_counts = 0;
+    for (state, ks) in seen.iter().zip(&watcher_keys) {
+        let st = state.lock().unwrap_or_else(|e| e.into_inner());
+        wrong_counts += st.iter().zip(ks).filter(|((_, count), k)| *count != per_key[**k]).count() as u64;
+    }
+    for r in readers {
+        r.abort();
+    }
+    drop(held);
+    let latency = latency.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Ok(WatchReport {
+        events: events.load(Ordering::Relaxed),
+        seconds,
+        put_seconds,
+        latency,
+        disorder: disorder.load(Ordering::Relaxed),
+        wrong_counts,
+        put_errors: put_errors.load(Ordering::Relaxed),
+        put_count: cfg.puts as u64,
+    })
+}
