@@ -454,6 +454,10 @@ fn torture(args: TortureArgs) -> anyhow::Result<()> {
     for (key, path) in &report.violations {
         println!("violation on {key}: {}", path.display());
     }
+    println!("watch: {} events, {} problems", report.watch_events, report.watch_problems.len());
+    for p in report.watch_problems.iter().take(20) {
+        println!("watch problem: {p}");
+    }
     if !report.ok() {
         anyhow::bail!("torture found violations; data and logs in {}", dir.display());
     }

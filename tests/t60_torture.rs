@@ -29,6 +29,9 @@ fn seeded_short_run_under_every_mesh_fault_is_linearizable() {
     println!("{summary}");
     assert!(ok, "{text}");
     assert!(summary.contains("0 keys not linearizable") && summary.contains("hashes agree"), "{summary}");
+    let watch = text.lines().find(|l| l.starts_with("watch:")).unwrap_or_default();
+    println!("{watch}");
+    assert!(watch.ends_with(" 0 problems") && !watch.starts_with("watch: 0 events"), "{text}");
     for kind in ["\"kill\"", "\"pause\"", "\"partition\"", "\"one-way\"", "\"replace\"", "\"snapshot-leader-kill"] {
         assert!(summary.contains(kind), "the run injected {kind}: {summary}");
     }

@@ -104,11 +104,14 @@ pub struct Report {
     pub violations: Vec<(String, PathBuf)>,
     /// HashKV per member at one revision, when they disagree.
     pub hash_mismatch: Option<Vec<u32>>,
+    /// Events a resuming watcher saw, and what was wrong with them.
+    pub watch_events: usize,
+    pub watch_problems: Vec<String>,
 }
 
 impl Report {
     pub fn ok(&self) -> bool {
-        self.violations.is_empty() && self.hash_mismatch.is_none()
+        self.violations.is_empty() && self.hash_mismatch.is_none() && self.watch_problems.is_empty()
     }
 }
 
@@ -534,6 +537,8 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
     let now_us = move || start.elapsed().as_micros() as u64;
     let deadline = start + cfg.duration;
     let history: Arc<Mutex<BTreeMap<String, Vec<Op>>>> = Arc::default();
+    let watch_log: Arc<Mutex<Vec<WatchEvent>>> = Arc::default();
+    let watcher = tokio::spawn(watch_loop(cluster.endpoints.clone(), watch_log.clone()));
     let mut tasks = Vec::new();
     for c in 0..cfg.clients {
         let (endpoints, history, keys) = (cluster.endpoints.clone(), history.clone(), cfg.keys);
@@ -621,11 +626,146 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
         .map(|m| m.endpoint.clone())
         .collect();
     report.hash_mismatch = compare_hashes(&in_cluster).await;
+    // The watcher must reach the final revision, then agree with the clients' history.
+    let last = final_revision(&in_cluster).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while watch_log.lock().unwrap_or_else(|e| e.into_inner()).last().map_or(0, |e| e.rev) < last
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    watcher.abort();
+    let events = watch_log.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    report.watch_events = events.len();
+    report.watch_problems = check_watch(&events, &history, last);
     for m in &mut cluster.members {
         m.signal(libc::SIGCONT);
         m.kill9();
     }
     Ok(report)
+}
+
+/// One event as the torture watcher saw it.
+#[derive(Clone, Debug)]
+struct WatchEvent {
+    rev: i64,
+    key: String,
+    /// None for a deletion.
+    value: Option<String>,
+}
+
+/// Watches every key from revision 1 on, through whichever member answers, resuming
+/// after the last revision it got whenever its stream breaks.
+async fn watch_loop(endpoints: Arc<RwLock<Vec<String>>>, log: Arc<Mutex<Vec<WatchEvent>>>) {
+    use crate::pb::etcdserverpb::watch_client::WatchClient;
+    use crate::pb::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
+    let mut member = 0usize;
+    loop {
+        let ep = {
+            let eps = endpoints.read().unwrap_or_else(|e| e.into_inner());
+            eps[member % eps.len().max(1)].clone()
+        };
+        member += 1;
+        let next = log.lock().unwrap_or_else(|e| e.into_inner()).last().map_or(1, |e| e.rev + 1);
+        let Some(ch) = channel(&ep).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let create = WatchCreateRequest {
+            key: Bytes::from_static(b"k"),
+            range_end: Bytes::from_static(b"l"),
+            start_revision: next,
+            ..Default::default()
+        };
+        let req = WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) };
+        // Keep the request side open for as long as the stream lives.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let _ = tx.send(req).await;
+        let mut client = WatchClient::new(ch);
+        let Ok(resp) = client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await else { continue };
+        let mut stream = resp.into_inner();
+        loop {
+            // A member that stops answering (paused, cut off) is left after a while.
+            let msg = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
+            let Ok(Ok(Some(r))) = msg else { break };
+            if r.canceled {
+                break;
+            }
+            let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+            for ev in r.events {
+                let Some(kv) = ev.kv else { continue };
+                let delete = ev.r#type == crate::pb::mvccpb::event::EventType::Delete as i32;
+                log.push(WatchEvent {
+                    rev: kv.mod_revision,
+                    key: String::from_utf8_lossy(&kv.key).into_owned(),
+                    value: (!delete).then(|| String::from_utf8_lossy(&kv.value).into_owned()),
+                });
+            }
+        }
+        drop(tx);
+    }
+}
+
+/// The newest revision among the members.
+async fn final_revision(endpoints: &[String]) -> i64 {
+    let mut rev = 0;
+    for ep in endpoints {
+        if let Some(s) = status(ep).await {
+            rev = rev.max(s.header.map_or(0, |h| h.revision));
+        }
+    }
+    rev
+}
+
+/// Watch guarantees: revisions never go back and no event comes twice; every event
+/// is a write some client made; every acknowledged write is among the events.
+fn check_watch(events: &[WatchEvent], history: &BTreeMap<String, Vec<Op>>, last: i64) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut prev = 0;
+    for e in events {
+        if e.rev < prev {
+            problems.push(format!("revision {} after {prev}", e.rev));
+        }
+        prev = e.rev;
+        if !seen.insert((e.rev, e.key.clone())) {
+            problems.push(format!("event on {} at {} twice", e.key, e.rev));
+        }
+    }
+    let written: std::collections::HashSet<(String, String)> = history
+        .iter()
+        .flat_map(|(k, ops)| {
+            ops.iter().filter_map(move |o| match &o.input {
+                Input::Write(v) | Input::Cas { new: v, .. } => Some((k.clone(), v.clone())),
+                _ => None,
+            })
+        })
+        .collect();
+    let put: std::collections::HashSet<(String, String)> =
+        events.iter().filter_map(|e| e.value.clone().map(|v| (e.key.clone(), v))).collect();
+    for p in put.difference(&written) {
+        problems.push(format!("event {p:?} that no client wrote"));
+    }
+    if prev < last {
+        problems.push(format!("the watcher reached revision {prev}, not {last}"));
+        return problems;
+    }
+    for (k, ops) in history {
+        for o in ops {
+            let acked = match (&o.input, &o.output) {
+                (Input::Write(v), Some(Output::Written)) | (Input::Cas { new: v, .. }, Some(Output::Cas(true))) => {
+                    Some(v)
+                }
+                _ => None,
+            };
+            if let Some(v) = acked {
+                if !put.contains(&(k.clone(), v.clone())) {
+                    problems.push(format!("acknowledged write {k}={v} never seen by the watcher"));
+                }
+            }
+        }
+    }
+    problems
 }
 
 async fn wait_for_leader(endpoints: &[String], timeout: Duration) {
