@@ -160,3 +160,80 @@ async fn a_lock_is_never_held_twice_and_every_client_gets_its_turns() {
     let mut c = connect(&endpoints).await;
     assert_eq!(c.get("the-lock/", Some(GetOptions::new().with_prefix())).await.unwrap().count(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_filters_previous_values_progress_and_fragments() {
+    use etcd_client::{Txn, TxnOp, WatchFilterType};
+    let dir = tempdir();
+    let server = start_meshkv(
+        &dir.path().join("data"),
+        &["--max-request-bytes", "16384", "--watch-progress-notify-interval", "500ms"],
+    );
+    let mut c = connect(&[server.endpoint()]).await;
+    c.put("f/a", "1", None).await.unwrap();
+    let opts =
+        WatchOptions::new().with_prefix().with_filters([WatchFilterType::NoPut]).with_prev_key().with_watch_id(5);
+    let mut s = c.watch("f/", Some(opts)).await.unwrap();
+    s.watch("g", Some(WatchOptions::new().with_progress_notify().with_watch_id(77))).await.unwrap();
+    let big = "x".repeat(3000);
+    for i in 0..5 {
+        c.put(format!("big/{i}"), big.clone(), None).await.unwrap();
+    }
+    let from = c.get("big/0", None).await.unwrap().header().unwrap().revision() + 1;
+    let opts = WatchOptions::new().with_prefix().with_fragment().with_prev_key().with_start_revision(from);
+    s.watch("big/", Some(opts.with_watch_id(88))).await.unwrap();
+    let mut got = Vec::new();
+    let next = async |s: &mut etcd_client::WatchStream| {
+        tokio::time::timeout(Duration::from_secs(5), s.message()).await.expect("a watch response").unwrap().unwrap()
+    };
+    // The three creations.
+    while got.iter().filter(|r: &&etcd_client::WatchResponse| r.created()).count() < 3 {
+        got.push(next(&mut s).await);
+    }
+    c.put("f/a", "2", None).await.unwrap();
+    c.delete("f/a", None).await.unwrap();
+    let puts: Vec<TxnOp> = (0..5).map(|i| TxnOp::put(format!("big/{i}"), big.clone(), None)).collect();
+    let rev = c.txn(Txn::new().and_then(puts)).await.unwrap().header().unwrap().revision();
+    // NOPUT: only the deletion, with the value before it.
+    let del = loop {
+        let r = next(&mut s).await;
+        if r.watch_id() == 5 && !r.events().is_empty() {
+            break r;
+        }
+        got.push(r);
+    };
+    assert_eq!(del.events().len(), 1);
+    assert_eq!(del.events()[0].event_type(), EventType::Delete);
+    assert_eq!(del.events()[0].prev_kv().unwrap().value(), b"2");
+    // One revision of 30 KB with previous values, split into fragments under 16 KB.
+    let mut frags: Vec<etcd_client::WatchResponse> = Vec::new();
+    while frags.iter().map(|r| r.events().len()).sum::<usize>() < 5 {
+        let r = next(&mut s).await;
+        if r.watch_id() == 88 {
+            frags.push(r);
+        }
+    }
+    assert!(frags.len() >= 2, "fragmented: {}", frags.len());
+    let events: Vec<i64> =
+        frags.iter().flat_map(|r| r.events().iter().map(|e| e.kv().unwrap().mod_revision())).collect();
+    assert_eq!(events, vec![rev; 5]);
+    // Progress: asked for, and by the interval for the quiet watcher 77.
+    s.request_progress().await.unwrap();
+    let (mut asked, mut notified) = (false, false);
+    while !(asked && notified) {
+        let r = next(&mut s).await;
+        if r.events().is_empty() && !r.created() && !r.canceled() {
+            assert!(r.header().unwrap().revision() >= rev);
+            asked |= r.watch_id() == -1;
+            notified |= r.watch_id() == 77;
+        }
+    }
+    s.cancel(77).await.unwrap();
+    loop {
+        let r = next(&mut s).await;
+        if r.canceled() {
+            assert_eq!(r.watch_id(), 77);
+            break;
+        }
+    }
+}
