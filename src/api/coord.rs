@@ -69,10 +69,7 @@ pub async fn session_lease(ctx: &Ctx, lease: i64) -> Result<i64, Status> {
     if lease != 0 {
         return Ok(lease);
     }
-    let mut id = 0;
-    while id == 0 {
-        id = (rand::random::<u64>() >> 1) as i64;
-    }
+    let id = super::lease::new_lease_id();
     match ctx.raft.propose(Write::LeaseGrant(LeaseGrantRequest { ttl: SESSION_TTL, id })).await? {
         WriteResponse::LeaseGrant(r) => Ok(r.id),
         _ => Err(Status::internal("etcdserver: unexpected apply result for lease grant")),

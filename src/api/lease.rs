@@ -240,6 +240,12 @@ impl LeaseService {
     }
 }
 
+/// A lease id chosen by the server: positive, and always sixteen hex digits, as etcd's
+/// ids are (clients print them with %016x, some with plain %x).
+pub fn new_lease_id() -> i64 {
+    ((rand::random::<u64>() >> 4) | (1 << 60)) as i64
+}
+
 fn is_forwarded<T>(r: &Request<T>) -> bool {
     r.metadata().get(FORWARDED).is_some()
 }
@@ -252,9 +258,8 @@ impl Lease for LeaseService {
             return Err(Status::new(Code::OutOfRange, "etcdserver: too large lease TTL"));
         }
         req.ttl = req.ttl.max(self.min_ttl);
-        while req.id == 0 {
-            // Positive ids only, as etcd chooses them.
-            req.id = (rand::random::<u64>() >> 1) as i64;
+        if req.id == 0 {
+            req.id = new_lease_id();
         }
         match self.ctx.raft.propose(Write::LeaseGrant(req)).await? {
             WriteResponse::LeaseGrant(mut r) => {
