@@ -151,8 +151,7 @@ impl Lessor {
         let ttl = self.ctx.store.leases().get(id)?.ttl;
         let now = Instant::now();
         let mut clock = self.clock();
-        self.sync(&mut clock, now);
-        let at = clock.expiry.get_mut(&id)?;
+        let at = self.expiry_of(&mut clock, id, ttl, now);
         if *at <= now {
             return None;
         }
@@ -162,13 +161,24 @@ impl Lessor {
 
     /// Whole seconds left, on the leader.
     fn remaining(&self, id: i64) -> Option<i64> {
+        let ttl = self.ctx.store.leases().get(id)?.ttl;
         let now = Instant::now();
         let mut clock = self.clock();
-        self.sync(&mut clock, now);
-        clock.expiry.get(&id).map(|at| at.saturating_duration_since(now).as_secs() as i64)
+        let at = self.expiry_of(&mut clock, id, ttl, now);
+        Some(at.saturating_duration_since(now).as_secs() as i64)
+    }
+
+    /// One existing lease's expiry, without visiting every lease unless this member has
+    /// just become leader.
+    fn expiry_of<'c>(&self, clock: &'c mut Clock, id: i64, ttl: i64, now: Instant) -> &'c mut Instant {
+        if clock.primary_term != Some(self.ctx.raft.status().term()) {
+            self.sync(clock, now);
+        }
+        clock.expiry.entry(id).or_insert_with(|| now + Duration::from_secs(ttl as u64))
     }
 }
 
+#[derive(Clone)]
 pub struct LeaseService {
     ctx: Ctx,
     lessor: Arc<Lessor>,
@@ -290,12 +300,7 @@ impl Lease for LeaseService {
         let forwarded = is_forwarded(&request);
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
-        let me = LeaseService {
-            ctx: self.ctx.clone(),
-            lessor: self.lessor.clone(),
-            min_ttl: self.min_ttl,
-            leader_channel: self.leader_channel.clone(),
-        };
+        let me = self.clone();
         tokio::spawn(async move {
             loop {
                 let req = tokio::select! {
