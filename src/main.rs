@@ -71,48 +71,72 @@ struct StatusArgs {
 
 #[derive(clap::Args, Debug)]
 struct BenchArgs {
-    /// Workload: put, range (linearizable), range-serializable, watch, or mesh (MeshConn datagrams).
+    /// Workload: put, range (linearizable), range-serializable, txn-mixed, lease, watch,
+    /// mesh (MeshConn datagrams), fsync (this disk); or `report FILE...` to make the
+    /// table of medians (and --plot) from JSON lines, or `ready` to time how long until the
+    /// endpoint answers a read.
     #[arg(default_value = "put")]
     workload: String,
+    /// report: files of JSON lines written by --json.
+    inputs: Vec<PathBuf>,
     /// Comma-separated endpoints (host:port or http://host:port).
     #[arg(long, default_value = "127.0.0.1:2379", value_delimiter = ',')]
     endpoints: Vec<String>,
     /// gRPC connections shared by the clients.
     #[arg(long, default_value_t = 10)]
     conns: usize,
-    /// Concurrent clients, each with one request in flight.
+    /// Concurrent clients, each with one request in flight (watch: clients putting).
     #[arg(long, default_value_t = 100)]
     clients: usize,
-    /// Requests in all.
+    /// Requests in all (watch: puts; fsync: syncs), unless --duration is given.
     #[arg(long, default_value_t = 10_000)]
     total: usize,
+    /// Seconds to run for, instead of --total (mesh: seconds per measurement, default 3).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Requests per second over all clients, open loop (watch: puts per second).
+    /// Without it, the clients go as fast as the server answers.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Key size in bytes.
     #[arg(long, default_value_t = 8)]
     key_size: usize,
-    /// Value size in bytes.
+    /// Value size in bytes (fsync: bytes appended per sync).
     #[arg(long, default_value_t = 256)]
     val_size: usize,
-    /// Distinct keys (0: as many as requests).
+    /// Distinct keys (0: as many as requests; reads and txn-mixed: 1,000).
     #[arg(long, default_value_t = 0)]
     key_space: usize,
     /// Write keys in order rather than spread over the key space.
     #[arg(long)]
     sequential_keys: bool,
-    /// Seconds per measurement, for the mesh workload.
-    #[arg(long, default_value_t = 3.0)]
-    duration: f64,
     /// watch: watchers, spread over --streams streams; each watches one of --key-space keys.
     #[arg(long, default_value_t = 1000)]
     watchers: usize,
     /// watch: gRPC watch streams carrying the watchers.
     #[arg(long, default_value_t = 10)]
     streams: usize,
-    /// watch: puts per second, open loop.
-    #[arg(long, default_value_t = 1000.0)]
-    rate: f64,
     /// watch: extra streams watching every key that are never read.
     #[arg(long, default_value_t = 0)]
     stalled: usize,
+    /// The system under test, recorded in the JSON line (say meshkv or etcd).
+    #[arg(long, default_value = "")]
+    label: String,
+    /// What this run measures, for grouping rounds in `report` [default: the workload].
+    #[arg(long, default_value = "")]
+    case: String,
+    /// Append the JSON line to this file as well.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw latency by percentile to this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+    /// fsync: the directory to sync a file in (the disk under test).
+    #[arg(long, default_value = ".")]
+    dir: PathBuf,
+    /// ready: give up after this many seconds.
+    #[arg(long, default_value_t = 600.0)]
+    timeout: f64,
 }
 
 #[derive(clap::Args, Debug)]
@@ -258,71 +282,108 @@ async fn shutdown_signal() {
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
-    use meshkv::bench::{self, BenchConfig, Workload};
+    use meshkv::bench::{self, record, BenchConfig, Workload};
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if args.workload == "mesh" {
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-        let results = rt.block_on(bench::mesh::run(std::time::Duration::from_secs_f64(args.duration)));
+        let seconds = args.duration.unwrap_or(3.0);
+        let results = rt.block_on(bench::mesh::run(std::time::Duration::from_secs_f64(seconds)));
         println!("{}", bench::mesh::MeshBench::table_header());
         for r in results {
             println!("{}", r.table_row());
         }
         return Ok(());
     }
-    if args.workload == "watch" {
-        let cfg = bench::watch::WatchBenchConfig {
-            watchers: args.watchers,
-            streams: args.streams,
-            keys: args.key_space.max(1),
-            puts: args.total,
-            rate: args.rate,
-            stalled: args.stalled,
-        };
-        let conn = BenchConfig {
-            endpoints: args.endpoints,
-            conns: args.conns,
-            clients: 0,
-            total: 0,
-            key_size: 0,
-            val_size: 0,
-            key_space: 0,
-            sequential_keys: false,
-        };
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-        let report = rt.block_on(async {
-            let chans = bench::connect(&conn).await?;
-            anyhow::Ok(bench::watch::run(chans, cfg).await?)
-        })?;
-        println!("{}", report.line());
-        if report.disorder + report.wrong_counts > 0 {
-            anyhow::bail!("watchers missed, repeated or reordered events");
+    if args.workload == "report" {
+        let mut records = Vec::new();
+        for f in &args.inputs {
+            let text = std::fs::read_to_string(f).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+            records.extend(record::parse_lines(&text));
+        }
+        anyhow::ensure!(!records.is_empty(), "no records in {:?}", args.inputs);
+        let summaries = record::summarize(&records);
+        let has = |l: &str| summaries.iter().any(|s| s.label == l);
+        if has("meshkv") && has("etcd") {
+            println!("{}", record::ratio_table(&summaries, "meshkv", "etcd"));
+        }
+        println!("{}", record::median_table(&summaries));
+        if let Some(p) = &args.plot {
+            record::plot_svg(p, &summaries).map_err(|e| anyhow::anyhow!("plot {}: {e}", p.display()))?;
         }
         return Ok(());
     }
-    let workload = match args.workload.as_str() {
-        "put" => Workload::Put,
-        "range" => Workload::RangeLinearizable,
-        "range-serializable" => Workload::RangeSerializable,
-        other => anyhow::bail!("unknown workload {other:?}: put, range or range-serializable"),
-    };
     let cfg = BenchConfig {
-        endpoints: args.endpoints,
+        endpoints: args.endpoints.clone(),
         conns: args.conns,
         clients: args.clients,
         total: args.total,
+        duration: args.duration.map(std::time::Duration::from_secs_f64),
+        rate: args.rate,
         key_size: args.key_size,
         val_size: args.val_size,
         key_space: args.key_space,
         sequential_keys: args.sequential_keys,
+        label: args.label.clone(),
+        case: args.case.clone(),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let bar = indicatif::ProgressBar::new(cfg.total as u64);
-    let b = bar.clone();
-    let report = rt.block_on(bench::run(&cfg, workload, move |n| b.set_position(n)))?;
-    bar.finish_and_clear();
+    if args.workload == "ready" {
+        let ms = rt.block_on(bench::ready(&cfg, std::time::Duration::from_secs_f64(args.timeout)))?;
+        println!("{{\"ready_ms\":{ms:.1}}}");
+        return Ok(());
+    }
+    let report = match args.workload.as_str() {
+        "fsync" => bench::fsync::run(&cfg, &args.dir, args.total, args.val_size)?,
+        "watch" => {
+            let wcfg = bench::watch::WatchBenchConfig {
+                watchers: args.watchers,
+                streams: args.streams,
+                keys: args.key_space.max(1),
+                puts: args.total,
+                rate: args.rate,
+                put_clients: args.clients,
+                stalled: args.stalled,
+            };
+            let r = rt.block_on(async {
+                let chans = bench::connect(&cfg).await?;
+                anyhow::Ok(bench::watch::run(chans, wcfg).await?)
+            })?;
+            r.record(&cfg)
+        }
+        other => {
+            let Some(workload) = Workload::parse(other) else {
+                anyhow::bail!(
+                    "unknown workload {other:?}: put, range, range-serializable, txn-mixed, lease, watch, mesh, fsync, report or ready"
+                );
+            };
+            let bar = match cfg.duration {
+                Some(d) => indicatif::ProgressBar::new(d.as_secs()),
+                None => indicatif::ProgressBar::new(cfg.total as u64),
+            };
+            let b = bar.clone();
+            let timed = cfg.duration.is_some();
+            let start = std::time::Instant::now();
+            let rec = rt.block_on(bench::run(&cfg, workload, move |n| {
+                b.set_position(if timed { start.elapsed().as_secs() } else { n })
+            }))?;
+            bar.finish_and_clear();
+            rec
+        }
+    };
     println!("{}", report.json_line());
-    println!("{}\n{}", bench::Report::table_header(), report.table_row());
+    println!("{}\n{}", record::Record::table_header(), report.table_row());
+    if let Some(path) = &args.json {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        writeln!(f, "{}", report.json_line())?;
+    }
+    if let Some(p) = &args.plot {
+        record::plot_svg(p, &record::summarize(std::slice::from_ref(&report)))
+            .map_err(|e| anyhow::anyhow!("plot {}: {e}", p.display()))?;
+    }
     if let Some(e) = &report.first_error {
         eprintln!("first error: {e}");
+    }
+    if report.workload == "watch" && report.extra.get("disorder").copied().unwrap_or(0.0) + report.extra.get("wrong_counts").copied().unwrap_or(0.0) > 0.0 {
+        anyhow::bail!("watchers missed, repeated or reordered events");
     }
     Ok(())
 }

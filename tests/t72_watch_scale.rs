@@ -30,10 +30,11 @@ fn ten_thousand_watchers_get_every_event_once_in_order() {
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     println!("{text}");
     assert!(out.status.success(), "{text}");
-    let line = text.lines().find(|l| l.starts_with("{\"workload\":\"watch\"")).expect("a report line");
-    assert!(line.contains("\"events\":500000,"), "100 watchers a key, 50 puts a key, 100 keys: {line}");
-    assert!(line.contains("\"disorder\":0,") && line.contains("\"wrong_counts\":0,"), "{line}");
-    assert!(line.contains("\"put_errors\":0"), "{line}");
+    let records = meshkv::bench::record::parse_lines(&text);
+    let r = records.iter().find(|r| r.workload == "watch").expect("a report line");
+    assert_eq!(r.ok, 500_000, "100 watchers a key, 50 puts a key, 100 keys: {r:?}");
+    assert_eq!((r.extra["disorder"], r.extra["wrong_counts"], r.extra["put_errors"]), (0.0, 0.0, 0.0), "{r:?}");
+    assert_eq!(r.errors, 0, "{r:?}");
     let rss = rss_kib(server.child.id());
     println!("member RSS after the run: {} MiB", rss / 1024);
     assert!(rss > 0 && rss < 1024 * 1024, "memory stays bounded with stalled watchers: {rss} KiB");

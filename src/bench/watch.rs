@@ -2,7 +2,7 @@
 //! checker: every watcher must get every put on its key exactly once, in revision order.
 //! Some streams can be left stalled (never read) to show that they slow nobody.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
+use super::{BenchConfig, Record};
 use crate::pb::etcdserverpb::kv_client::KvClient;
 use crate::pb::etcdserverpb::watch_client::WatchClient;
 use crate::pb::etcdserverpb::{watch_request, PutRequest, WatchCreateRequest, WatchRequest};
@@ -22,8 +23,9 @@ pub struct WatchBenchConfig {
     pub streams: usize,
     pub keys: usize,
     pub puts: usize,
-    /// Puts per second (open loop).
-    pub rate: f64,
+    /// Puts per second (open loop); none: `put_clients` put as fast as they can.
+    pub rate: Option<f64>,
+    pub put_clients: usize,
     /// Streams whose watchers see every key and which are never read.
     pub stalled: usize,
 }
@@ -43,20 +45,16 @@ pub struct WatchReport {
 }
 
 impl WatchReport {
-    pub fn line(&self) -> String {
-        let ms = |q: f64| self.latency.value_at_quantile(q) as f64 / 1000.0;
-        format!(
-            "{{\"workload\":\"watch\",\"events\":{},\"events_per_sec\":{:.1},\"puts_per_sec\":{:.1},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"max_ms\":{:.3},\"disorder\":{},\"wrong_counts\":{},\"put_errors\":{}}}",
-            self.events,
-            self.events as f64 / self.seconds,
-            self.put_count as f64 / self.put_seconds.max(1e-9),
-            ms(0.5),
-            ms(0.99),
-            self.latency.max() as f64 / 1000.0,
-            self.disorder,
-            self.wrong_counts,
-            self.put_errors
-        )
+    /// Throughput is events delivered per second; latency is put sent to event received.
+    pub fn record(&self, cfg: &BenchConfig) -> Record {
+        let mut r = Record::new(cfg, "watch", self.events, Duration::from_secs_f64(self.seconds), &self.latency);
+        r.errors = self.put_errors + self.disorder + self.wrong_counts;
+        r.extra.insert("puts".into(), self.put_count as f64);
+        r.extra.insert("puts_per_sec".into(), self.put_count as f64 / self.put_seconds.max(1e-9));
+        r.extra.insert("put_errors".into(), self.put_errors as f64);
+        r.extra.insert("disorder".into(), self.disorder as f64);
+        r.extra.insert("wrong_counts".into(), self.wrong_counts as f64);
+        r
     }
 }
 
@@ -73,8 +71,9 @@ async fn open(
     ch: Channel,
     keys: &[Option<usize>],
 ) -> Result<(mpsc::Sender<WatchRequest>, tonic::Streaming<crate::pb::etcdserverpb::WatchResponse>), tonic::Status> {
+    // Every create request is queued before the call: a server may send no response
+    // headers (etcd does not) until it has something to say.
     let (tx, rx) = mpsc::channel(keys.len().max(1));
-    let mut resp = WatchClient::new(ch).watch(ReceiverStream::new(rx)).await?.into_inner();
     for (i, k) in keys.iter().enumerate() {
         let (key, range_end) = match k {
             Some(k) => (key(*k), Bytes::new()),
@@ -83,6 +82,7 @@ async fn open(
         let create = WatchCreateRequest { key, range_end, watch_id: i as i64 + 1, ..Default::default() };
         let _ = tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await;
     }
+    let mut resp = WatchClient::new(ch).watch(ReceiverStream::new(rx)).await?.into_inner();
     let mut created = 0;
     while created < keys.len() {
         match resp.message().await? {
@@ -156,23 +156,34 @@ pub async fn run(chans: Vec<Channel>, cfg: WatchBenchConfig) -> Result<WatchRepo
         std::mem::forget(resp);
     }
 
-    // The puts, open loop at the rate asked.
+    // The puts: open loop at the rate asked, or as fast as `put_clients` clients go.
     let start = Instant::now();
     let mut per_key = vec![0u64; keys];
-    let put_errors = Arc::new(AtomicU64::new(0));
-    let mut puts = Vec::with_capacity(cfg.puts);
     for seq in 0..cfg.puts {
-        let due = start + Duration::from_secs_f64(seq as f64 / cfg.rate.max(1.0));
-        tokio::time::sleep_until(due.into()).await;
-        let k = seq % keys;
-        per_key[k] += 1;
-        sent.lock().unwrap_or_else(|e| e.into_inner())[seq] = Some(Instant::now());
-        let mut kv = KvClient::new(chans[seq % chans.len()].clone());
-        let errors = put_errors.clone();
+        per_key[seq % keys] += 1;
+    }
+    let put_errors = Arc::new(AtomicU64::new(0));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut puts = Vec::new();
+    for c in 0..cfg.put_clients.max(1) {
+        let mut kv = KvClient::new(chans[c % chans.len()].clone());
+        let (errors, next, sent) = (put_errors.clone(), next.clone(), sent.clone());
+        let (total, rate) = (cfg.puts, cfg.rate);
         puts.push(tokio::spawn(async move {
-            let req = PutRequest { key: key(k), value: Bytes::from(seq.to_string()), ..Default::default() };
-            if kv.put(req).await.is_err() {
-                errors.fetch_add(1, Ordering::Relaxed);
+            loop {
+                let seq = next.fetch_add(1, Ordering::Relaxed);
+                if seq >= total {
+                    break;
+                }
+                if let Some(rate) = rate {
+                    let due = start + Duration::from_secs_f64(seq as f64 / rate.max(1e-3));
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                sent.lock().unwrap_or_else(|e| e.into_inner())[seq] = Some(Instant::now());
+                let req = PutRequest { key: key(seq % keys), value: Bytes::from(seq.to_string()), ..Default::default() };
+                if kv.put(req).await.is_err() {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }));
     }
