@@ -4,6 +4,11 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+
+// The allocator: fewer cycles than glibc's malloc on the many small, short-lived buffers of
+// gRPC and Raft (measured in docs/performance.md).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use meshkv::config::Config;
 use tracing_subscriber::EnvFilter;
 
@@ -283,6 +288,11 @@ async fn shutdown_signal() {
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
     use meshkv::bench::{self, record, BenchConfig, Workload};
+    // Output piped into `head` ends quietly, as a command-line tool's should.
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if args.workload == "mesh" {
         let seconds = args.duration.unwrap_or(3.0);
