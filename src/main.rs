@@ -316,6 +316,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             println!("{}", record::ratio_table(&summaries, "meshkv", "etcd"));
         }
         println!("{}", record::median_table(&summaries));
+        print!("{}", record::fsync_lines(&summaries));
         if let Some(p) = &args.plot {
             record::plot_svg(p, &summaries).map_err(|e| anyhow::anyhow!("plot {}: {e}", p.display()))?;
         }

@@ -237,3 +237,23 @@ async fn watch_filters_previous_values_progress_and_fragments() {
         }
     }
 }
+
+/// A lease granted through a follower is known to the leader by the time the follower
+/// forwards its first keep-alive: many clients granting, renewing and revoking through
+/// both followers at once never see "requested lease not found".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_granted_through_a_follower_can_be_kept_alive_at_once() {
+    let dir = tempdir();
+    let members = three_members(dir.path());
+    let l = leader(&members).await;
+    let followers = format!("{},{}", members[(l + 1) % 3].client_addr, members[(l + 2) % 3].client_addr);
+    let out = std::process::Command::new(meshkv_bin())
+        .args(["bench", "lease", "--endpoints", &followers, "--clients", "60", "--conns", "6", "--duration", "4"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    let r = &meshkv::bench::record::parse_lines(&text)[0];
+    assert!(r.ok > 100, "{text}");
+    assert_eq!(r.errors, 0, "{text}");
+}

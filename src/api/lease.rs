@@ -222,14 +222,28 @@ impl LeaseService {
         Ok(ch)
     }
 
-    fn forwarded<T>(req: T) -> Request<T> {
+    /// A request for the leader, carrying what this member has applied: the leader
+    /// answers only once it has applied as much, so a lease granted here is known there.
+    fn forwarded<T>(&self, req: T) -> Request<T> {
         let mut r = Request::new(req);
-        r.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        r.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from(self.ctx.store.applied_index()));
         r
     }
 
+    /// On the leader, before answering a forwarded request: waits (a little) until this
+    /// member has applied what the forwarding member had.
+    async fn catch_up(&self, applied: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while self.ctx.store.applied_index() < applied && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     /// One KeepAlive, answered here on the leader or by the leader.
-    async fn keep_alive_once(&self, id: i64, forwarded: bool) -> Result<LeaseKeepAliveResponse, Status> {
+    async fn keep_alive_once(&self, id: i64, forwarded: Option<u64>) -> Result<LeaseKeepAliveResponse, Status> {
+        if let Some(applied) = forwarded {
+            self.catch_up(applied).await;
+        }
         // The header is taken before the renewal, as etcd does: a lease revoked at some
         // revision is never seen renewed at a later one.
         let header = self.ctx.header(None);
@@ -237,12 +251,12 @@ impl LeaseService {
             let ttl = self.lessor.renew(id).unwrap_or(0);
             return Ok(LeaseKeepAliveResponse { header, id, ttl });
         }
-        if forwarded {
+        if forwarded.is_some() {
             return Err(Status::new(Code::Unavailable, "etcdserver: not leader"));
         }
         let mut client = LeaseClient::new(self.leader().await?);
         let req = LeaseKeepAliveRequest { id };
-        let mut stream = client.lease_keep_alive(Self::forwarded(tokio_stream::once(req))).await?.into_inner();
+        let mut stream = client.lease_keep_alive(self.forwarded(tokio_stream::once(req))).await?.into_inner();
         match stream.message().await? {
             Some(r) => Ok(r),
             None => Err(Status::new(Code::Unavailable, "etcdserver: leader changed")),
@@ -256,8 +270,11 @@ pub fn new_lease_id() -> i64 {
     ((rand::random::<u64>() >> 4) | (1 << 60)) as i64
 }
 
-fn is_forwarded<T>(r: &Request<T>) -> bool {
-    r.metadata().get(FORWARDED).is_some()
+/// For a request a follower forwarded: the index that follower had applied (0 if it did
+/// not say).
+fn is_forwarded<T>(r: &Request<T>) -> Option<u64> {
+    let v = r.metadata().get(FORWARDED)?;
+    Some(v.to_str().ok().and_then(|s| s.parse().ok()).unwrap_or(0))
 }
 
 #[tonic::async_trait]
@@ -325,12 +342,15 @@ impl Lease for LeaseService {
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let req = request.into_inner();
+        if let Some(applied) = forwarded {
+            self.catch_up(applied).await;
+        }
         if !self.lessor.is_leader() {
-            if forwarded {
+            if forwarded.is_some() {
                 return Err(Status::new(Code::Unavailable, "etcdserver: not leader"));
             }
             let mut client = LeaseClient::new(self.leader().await?);
-            let mut resp = client.lease_time_to_live(Self::forwarded(req)).await?.into_inner();
+            let mut resp = client.lease_time_to_live(self.forwarded(req)).await?.into_inner();
             resp.header = self.ctx.header(None);
             return Ok(Response::new(resp));
         }

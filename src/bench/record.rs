@@ -176,6 +176,9 @@ pub fn ratio_table(summaries: &[Summary], a: &str, b: &str) -> String {
     for case in cases {
         let find = |l: &str| summaries.iter().find(|s| s.case == case && s.label == l);
         let (sa, sb) = (find(a), find(b));
+        if sa.is_none() && sb.is_none() {
+            continue;
+        }
         let get = |s: Option<&Summary>, f: fn(&Summary) -> f64| s.map_or(f64::NAN, f);
         let rounds = sa.or(sb).map_or(0, |s| s.rounds);
         let errors = sa.map_or(0, |s| s.errors) + sb.map_or(0, |s| s.errors);
@@ -191,6 +194,25 @@ pub fn ratio_table(summaries: &[Summary], a: &str, b: &str) -> String {
             num(qa, 2),
             num(qb, 2),
             num(qa / qb, 2),
+        );
+    }
+    out
+}
+
+/// Single-client put latency against this disk's fsync latency (the `fsync` workload),
+/// as lines of text; empty without an fsync record.
+pub fn fsync_lines(summaries: &[Summary]) -> String {
+    let Some(disk) = summaries.iter().find(|s| s.typical.workload == "fsync") else {
+        return String::new();
+    };
+    let mut out = format!("fsync p50 on this disk: {:.3} ms\n", disk.p50_ms);
+    for s in summaries.iter().filter(|s| s.typical.workload == "put" && s.typical.clients == 1) {
+        out += &format!(
+            "{} on {}: p50 {:.3} ms = {:.2} x fsync\n",
+            s.case,
+            s.label,
+            s.p50_ms,
+            s.p50_ms / disk.p50_ms
         );
     }
     out
@@ -317,6 +339,15 @@ mod tests {
         assert_eq!(s[0].typical.ops_per_sec, 200.0);
         let t = ratio_table(&s, "meshkv", "etcd");
         assert!(t.contains("| put | 3 | 200 | 100 | **2.00** | 1.00 | 5.00 | 2.00 | 10.00 | 0.20 | 0 |"), "{t}");
+
+        let mut disk = rec("disk", "fsync", 5000.0, 0.4);
+        disk.workload = "fsync".into();
+        let mut one = rec("meshkv", "put, 1 client", 3000.0, 0.6);
+        one.clients = 1;
+        let s = summarize(&[disk, one]);
+        assert!(!ratio_table(&s, "meshkv", "etcd").contains("fsync"), "only cases of the two systems");
+        let f = fsync_lines(&s);
+        assert_eq!(f, "fsync p50 on this disk: 0.200 ms\nput, 1 client on meshkv: p50 0.300 ms = 1.50 x fsync\n");
     }
 
     #[test]
