@@ -19,6 +19,9 @@ pub const CF_META: &str = "meta";
 pub const CF_LEASE: &str = "lease";
 pub const CF_AUTH: &str = "auth";
 
+/// The memory all memtables may use together.
+const DB_WRITE_BUFFER_BYTES: usize = 64 << 20;
+
 pub const ALL_CFS: [&str; 6] = [CF_RAFT_LOG, CF_RAFT_STATE, CF_KV, CF_META, CF_LEASE, CF_AUTH];
 
 /// Failure of the storage engine. Always fatal for the request; the member keeps running.
@@ -44,6 +47,9 @@ impl Engine {
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
+        // All memtables together stay under this: the largest is flushed when they reach
+        // it, so memory does not grow with the number of column families.
+        opts.set_db_write_buffer_size(DB_WRITE_BUFFER_BYTES);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let cfs = ALL_CFS.iter().map(|name| {
             let mut cf = Options::default();
