@@ -257,3 +257,23 @@ async fn a_lease_granted_through_a_follower_can_be_kept_alive_at_once() {
     assert!(r.ok > 100, "{text}");
     assert_eq!(r.errors, 0, "{text}");
 }
+
+/// Linearizable reads through both followers at once: each follower's ReadIndex round
+/// is its own at the leader, so none waits for a retry (half an election timeout, 500 ms).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_reads_through_two_followers_never_wait_for_a_retry() {
+    let dir = tempdir();
+    let members = three_members(dir.path());
+    let l = leader(&members).await;
+    let followers = format!("{},{}", members[(l + 1) % 3].client_addr, members[(l + 2) % 3].client_addr);
+    let out = std::process::Command::new(meshkv_bin())
+        .args(["bench", "range", "--endpoints", &followers, "--clients", "60", "--conns", "6", "--duration", "3"])
+        .output()
+        .unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    let r = &meshkv::bench::record::parse_lines(&text)[0];
+    assert_eq!(r.errors, 0, "{text}");
+    assert!(r.ok > 1000, "{text}");
+    assert!(r.max_ms < 450.0, "a read waited for its round to be asked again: {text}");
+}

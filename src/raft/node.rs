@@ -592,7 +592,13 @@ impl Driver {
         self.next_read_ctx += 1;
         let batch = std::mem::take(&mut self.reads_new);
         self.reads_asked.insert(ctx, (batch, Instant::now()));
-        self.node.read_index(ctx.to_be_bytes().to_vec());
+        // The leader keeps one pending round per context: it must be unique across the
+        // members, or a follower's round that meets another member's with the same number
+        // is dropped and only asked again half an election timeout later.
+        let mut c = Vec::with_capacity(16);
+        c.extend_from_slice(&self.cfg.id.to_be_bytes());
+        c.extend_from_slice(&ctx.to_be_bytes());
+        self.node.read_index(c);
     }
 
     /// Fails every request whose client has stopped waiting, so nothing here grows
@@ -678,7 +684,10 @@ impl Driver {
             self.engine.write(batch, true)?;
         }
         for rs in rd.take_read_states() {
-            let ctx = rs.request_ctx.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            let ctx = match rs.request_ctx.split_at_checked(8) {
+                Some((id, n)) if id == self.cfg.id.to_be_bytes() => n.try_into().map(u64::from_be_bytes).unwrap_or(0),
+                _ => 0,
+            };
             if let Some((waiters, _)) = self.reads_asked.remove(&ctx) {
                 self.reads_ready.push((rs.index, waiters));
             }
