@@ -393,7 +393,11 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if let Some(e) = &report.first_error {
         eprintln!("first error: {e}");
     }
-    if report.workload == "watch" && report.extra.get("disorder").copied().unwrap_or(0.0) + report.extra.get("wrong_counts").copied().unwrap_or(0.0) > 0.0 {
+    if report.workload == "watch"
+        && report.extra.get("disorder").copied().unwrap_or(0.0)
+            + report.extra.get("wrong_counts").copied().unwrap_or(0.0)
+            > 0.0
+    {
         anyhow::bail!("watchers missed, repeated or reordered events");
     }
     Ok(())

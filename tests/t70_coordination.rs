@@ -33,6 +33,11 @@ async fn connect(endpoints: &[String]) -> Client {
     Client::connect(endpoints, Some(opts)).await.unwrap()
 }
 
+/// The client addresses of the two members other than `leader`, comma-separated.
+fn followers(members: &[Proc], leader: usize) -> String {
+    format!("{},{}", members[(leader + 1) % 3].client_addr, members[(leader + 2) % 3].client_addr)
+}
+
 /// The index of the member that leads, once there is one.
 async fn leader(members: &[Proc]) -> usize {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -246,16 +251,9 @@ async fn a_lease_granted_through_a_follower_can_be_kept_alive_at_once() {
     let dir = tempdir();
     let members = three_members(dir.path());
     let l = leader(&members).await;
-    let followers = format!("{},{}", members[(l + 1) % 3].client_addr, members[(l + 2) % 3].client_addr);
-    let out = std::process::Command::new(meshkv_bin())
-        .args(["bench", "lease", "--endpoints", &followers, "--clients", "60", "--conns", "6", "--duration", "4"])
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{text}");
-    let r = &meshkv::bench::record::parse_lines(&text)[0];
-    assert!(r.ok > 100, "{text}");
-    assert_eq!(r.errors, 0, "{text}");
+    let r = bench_record(&followers(&members, l), &["lease", "--clients", "60", "--conns", "6", "--duration", "4"]);
+    assert!(r.ok > 100, "{r:?}");
+    assert_eq!(r.errors, 0, "{r:?}");
 }
 
 /// Linearizable reads through both followers at once: each follower's ReadIndex round
@@ -265,15 +263,8 @@ async fn linearizable_reads_through_two_followers_never_wait_for_a_retry() {
     let dir = tempdir();
     let members = three_members(dir.path());
     let l = leader(&members).await;
-    let followers = format!("{},{}", members[(l + 1) % 3].client_addr, members[(l + 2) % 3].client_addr);
-    let out = std::process::Command::new(meshkv_bin())
-        .args(["bench", "range", "--endpoints", &followers, "--clients", "60", "--conns", "6", "--duration", "3"])
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{text}");
-    let r = &meshkv::bench::record::parse_lines(&text)[0];
-    assert_eq!(r.errors, 0, "{text}");
-    assert!(r.ok > 1000, "{text}");
-    assert!(r.max_ms < 450.0, "a read waited for its round to be asked again: {text}");
+    let r = bench_record(&followers(&members, l), &["range", "--clients", "60", "--conns", "6", "--duration", "3"]);
+    assert_eq!(r.errors, 0, "{r:?}");
+    assert!(r.ok > 1000, "{r:?}");
+    assert!(r.max_ms < 450.0, "a read waited for its round to be asked again: {r:?}");
 }

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
 fn rss_kib(pid: u32) -> u64 {
@@ -21,17 +19,9 @@ fn rss_kib(pid: u32) -> u64 {
 fn ten_thousand_watchers_get_every_event_once_in_order() {
     let dir = tempdir();
     let server = start_meshkv(&dir.path().join("data"), &[]);
-    let out = Command::new(meshkv_bin())
-        .args(["bench", "watch", "--endpoints", &server.client_addr])
-        .args(["--watchers", "10000", "--streams", "20", "--key-space", "100"])
-        .args(["--total", "5000", "--rate", "1000", "--stalled", "2", "--conns", "4"])
-        .output()
-        .unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    println!("{text}");
-    assert!(out.status.success(), "{text}");
-    let records = meshkv::bench::record::parse_lines(&text);
-    let r = records.iter().find(|r| r.workload == "watch").expect("a report line");
+    let args = ["watch", "--watchers", "10000", "--streams", "20", "--key-space", "100", "--total", "5000"];
+    let r =
+        bench_record(&server.client_addr, &[&args[..], &["--rate", "1000", "--stalled", "2", "--conns", "4"]].concat());
     assert_eq!(r.ok, 500_000, "100 watchers a key, 50 puts a key, 100 keys: {r:?}");
     assert_eq!((r.extra["disorder"], r.extra["wrong_counts"], r.extra["put_errors"]), (0.0, 0.0, 0.0), "{r:?}");
     assert_eq!(r.errors, 0, "{r:?}");

@@ -7,16 +7,7 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use meshkv::bench::record::{parse_lines, Record};
-
-fn bench(endpoint: &str, args: &[&str]) -> Record {
-    let out = Command::new(meshkv_bin()).args(["bench"]).args(args).args(["--endpoints", endpoint]).output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "bench {args:?}:\n{text}");
-    let mut rs = parse_lines(&text);
-    assert_eq!(rs.len(), 1, "one JSON line: {text}");
-    rs.remove(0)
-}
+use meshkv::bench::record::parse_lines;
 
 fn count(endpoint: &str, prefix: &str) -> u64 {
     let out = etcdctl(endpoint, &["get", prefix, "--prefix", "--limit", "1", "-w", "json"], None);
@@ -32,13 +23,16 @@ fn every_workload_runs_and_its_counts_are_what_the_server_holds() {
     let ep = server.client_addr.clone();
 
     // 300 puts over 300 distinct keys of 6 bytes: the server holds exactly those.
-    let put = bench(&ep, &["put", "--total", "300", "--key-space", "300", "--key-size", "6", "--clients", "8", "--conns", "2"]);
+    let put = bench_record(
+        &ep,
+        &["put", "--total", "300", "--key-space", "300", "--key-size", "6", "--clients", "8", "--conns", "2"],
+    );
     assert_eq!((put.ok, put.errors), (300, 0), "{put:?}");
     assert_eq!(count(&ep, "0"), 300, "every put landed on its own key");
     assert!(put.p50_ms > 0.0 && put.p50_ms <= put.p99_ms && put.p99_ms <= put.max_ms, "{put:?}");
 
     for w in ["range", "range-serializable", "lease"] {
-        let r = bench(&ep, &[w, "--total", "200", "--clients", "4", "--conns", "2", "--key-space", "50"]);
+        let r = bench_record(&ep, &[w, "--total", "200", "--clients", "4", "--conns", "2", "--key-space", "50"]);
         assert_eq!((r.ok, r.errors), (200, 0), "{w}: {r:?}");
     }
     // Every lease was revoked again.
@@ -46,7 +40,10 @@ fn every_workload_runs_and_its_counts_are_what_the_server_holds() {
     assert!(leases.stdout.starts_with("found 0 leases"), "{leases:?}");
 
     // Eight clients updating one key with compare-and-swap must collide.
-    let txn = bench(&ep, &["txn-mixed", "--total", "400", "--clients", "8", "--conns", "2", "--key-space", "1", "--key-size", "3"]);
+    let txn = bench_record(
+        &ep,
+        &["txn-mixed", "--total", "400", "--clients", "8", "--conns", "2", "--key-space", "1", "--key-size", "3"],
+    );
     assert_eq!((txn.ok, txn.errors), (400, 0), "{txn:?}");
     assert!(txn.conflicts > 0 && txn.conflicts < 400, "some updates lost the race: {txn:?}");
     let got = etcdctl(&ep, &["get", "000", "-w", "json"], None);
@@ -55,7 +52,10 @@ fn every_workload_runs_and_its_counts_are_what_the_server_holds() {
     // The loading pass wrote the key once; every successful update once more.
     assert_eq!(version, 1 + 400 - txn.conflicts, "successful updates are exactly the writes: {txn:?}");
 
-    let watch = bench(&ep, &["watch", "--watchers", "100", "--streams", "4", "--key-space", "5", "--total", "200", "--clients", "4"]);
+    let watch = bench_record(
+        &ep,
+        &["watch", "--watchers", "100", "--streams", "4", "--key-space", "5", "--total", "200", "--clients", "4"],
+    );
     assert_eq!((watch.ok, watch.errors), (100 * 200 / 5, 0), "20 watchers a key, 40 puts a key: {watch:?}");
 }
 
@@ -66,23 +66,24 @@ fn rate_and_duration_are_kept_and_report_compares_two_systems() {
     let ep = server.client_addr.clone();
 
     // Open loop: 150 requests due at 100 a second take a second and a half at least.
-    let paced = bench(&ep, &["put", "--total", "150", "--rate", "100", "--clients", "4", "--conns", "1"]);
+    let paced = bench_record(&ep, &["put", "--total", "150", "--rate", "100", "--clients", "4", "--conns", "1"]);
     assert_eq!(paced.ok, 150);
     assert!(paced.seconds >= 1.45 && paced.ops_per_sec <= 104.0, "{paced:?}");
     // Duration instead of a count.
-    let timed = bench(&ep, &["range-serializable", "--duration", "1.5", "--clients", "2", "--conns", "1"]);
+    let timed = bench_record(&ep, &["range-serializable", "--duration", "1.5", "--clients", "2", "--conns", "1"]);
     assert!(timed.seconds >= 1.45 && timed.seconds < 5.0 && timed.ok > 10, "{timed:?}");
 
     let out = dir.path().join("runs.jsonl");
     let json = out.to_str().unwrap();
     for (label, n) in [("meshkv", "120"), ("etcd", "60"), ("meshkv", "120"), ("etcd", "60")] {
-        bench(&ep, &["put", "--total", n, "--clients", "2", "--conns", "1", "--label", label, "--case", "put", "--json", json]);
+        bench_record(
+            &ep,
+            &["put", "--total", n, "--clients", "2", "--conns", "1", "--label", label, "--case", "put", "--json", json],
+        );
     }
     let svg = dir.path().join("lat.svg");
-    let rep = Command::new(meshkv_bin())
-        .args(["bench", "report", json, "--plot", svg.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let rep =
+        Command::new(meshkv_bin()).args(["bench", "report", json, "--plot", svg.to_str().unwrap()]).output().unwrap();
     let table = String::from_utf8_lossy(&rep.stdout);
     assert!(rep.status.success(), "{table}{}", String::from_utf8_lossy(&rep.stderr));
     assert!(table.contains("| case | rounds | meshkv ops/s | etcd ops/s | meshkv/etcd |"), "{table}");

@@ -25,8 +25,8 @@ use tonic::Status;
 use crate::pb::etcdserverpb::kv_client::KvClient;
 use crate::pb::etcdserverpb::lease_client::LeaseClient;
 use crate::pb::etcdserverpb::{
-    compare, request_op, Compare, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseKeepAliveResponse,
-    LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    compare, request_op, Compare, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseRevokeRequest,
+    PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 pub use record::Record;
 
@@ -199,23 +199,20 @@ impl Client {
             }
             Workload::Lease => {
                 let id = self.lease.lease_grant(LeaseGrantRequest { ttl: 60, id: 0 }).await?.into_inner().id;
-                let closed = || Status::unavailable("keep-alive stream closed");
-                let (tx, resp) = match &mut self.keepalive {
-                    Some((tx, resp)) => {
-                        tx.send(LeaseKeepAliveRequest { id }).await.map_err(|_| closed())?;
-                        (tx, resp)
-                    }
+                let req = LeaseKeepAliveRequest { id };
+                let closed = |_| Status::unavailable("keep-alive stream closed");
+                match &self.keepalive {
+                    Some((tx, _)) => tx.send(req).await.map_err(closed)?,
                     None => {
                         // The first request goes in before the call: a server may send no
                         // response headers (etcd does not) until it answers one.
                         let (tx, rx) = mpsc::channel(1);
-                        tx.send(LeaseKeepAliveRequest { id }).await.map_err(|_| closed())?;
+                        tx.send(req).await.map_err(closed)?;
                         let resp = self.lease.lease_keep_alive(ReceiverStream::new(rx)).await?.into_inner();
-                        let ka = self.keepalive.insert((tx, resp));
-                        (&mut ka.0, &mut ka.1)
+                        self.keepalive = Some((tx, resp));
                     }
-                };
-                let _ = tx;
+                }
+                let resp = &mut self.keepalive.as_mut().expect("opened above").1;
                 match resp.message().await {
                     Ok(Some(r)) if r.ttl > 0 => {}
                     Ok(Some(_)) => return Err(Status::not_found("etcdserver: requested lease not found")),
@@ -363,7 +360,8 @@ pub async fn ready(cfg: &BenchConfig, timeout: Duration) -> anyhow::Result<f64> 
     let start = Instant::now();
     let ep = cfg.endpoints.first().ok_or_else(|| anyhow::anyhow!("no endpoint"))?;
     let url = if ep.contains("://") { ep.clone() } else { format!("http://{ep}") };
-    let endpoint = Endpoint::from_shared(url)?.connect_timeout(Duration::from_millis(200)).timeout(Duration::from_secs(2));
+    let endpoint =
+        Endpoint::from_shared(url)?.connect_timeout(Duration::from_millis(200)).timeout(Duration::from_secs(2));
     loop {
         if let Ok(ch) = endpoint.connect().await {
             let req = RangeRequest { key: Bytes::from_static(b"meshkv-bench-ready"), ..Default::default() };

@@ -207,13 +207,7 @@ pub fn fsync_lines(summaries: &[Summary]) -> String {
     };
     let mut out = format!("fsync p50 on this disk: {:.3} ms\n", disk.p50_ms);
     for s in summaries.iter().filter(|s| s.typical.workload == "put" && s.typical.clients == 1) {
-        out += &format!(
-            "{} on {}: p50 {:.3} ms = {:.2} x fsync\n",
-            s.case,
-            s.label,
-            s.p50_ms,
-            s.p50_ms / disk.p50_ms
-        );
+        out += &format!("{} on {}: p50 {:.3} ms = {:.2} x fsync\n", s.case, s.label, s.p50_ms, s.p50_ms / disk.p50_ms);
     }
     out
 }
@@ -255,11 +249,9 @@ pub fn plot_svg(path: &Path, summaries: &[Summary]) -> Result<(), Box<dyn std::e
     // x: how many nines, -log10(1 - q), so p50 = 0.3, p99 = 2, p99.9 = 3; max drawn at 4.5.
     let x_of = |q: f64| if q >= 1.0 { 4.5 } else { -(1.0 - q).log10() };
     for (case, panel) in cases.iter().zip(panels.iter()) {
-        let lines: Vec<&Summary> = summaries.iter().filter(|s| s.case == *case && !s.typical.percentiles.is_empty()).collect();
-        let ymax = lines
-            .iter()
-            .flat_map(|s| s.typical.percentiles.iter().map(|p| p.1))
-            .fold(0.01f64, f64::max);
+        let lines: Vec<&Summary> =
+            summaries.iter().filter(|s| s.case == *case && !s.typical.percentiles.is_empty()).collect();
+        let ymax = lines.iter().flat_map(|s| s.typical.percentiles.iter().map(|p| p.1)).fold(0.01f64, f64::max);
         let ymin = lines
             .iter()
             .flat_map(|s| s.typical.percentiles.iter().map(|p| p.1))
@@ -354,7 +346,8 @@ mod tests {
     fn a_plot_is_written_as_svg() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("lat.svg");
-        let s = summarize(&[rec("meshkv", "put", 2.0, 3.0), rec("etcd", "put", 1.0, 6.0), rec("etcd", "range", 1.0, 1.0)]);
+        let s =
+            summarize(&[rec("meshkv", "put", 2.0, 3.0), rec("etcd", "put", 1.0, 6.0), rec("etcd", "range", 1.0, 1.0)]);
         plot_svg(&path, &s).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("meshkv") && svg.contains("range"), "{svg}");

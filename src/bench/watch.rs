@@ -180,7 +180,8 @@ pub async fn run(chans: Vec<Channel>, cfg: WatchBenchConfig) -> Result<WatchRepo
                     tokio::time::sleep_until(due.into()).await;
                 }
                 sent.lock().unwrap_or_else(|e| e.into_inner())[seq] = Some(Instant::now());
-                let req = PutRequest { key: key(seq % keys), value: Bytes::from(seq.to_string()), ..Default::default() };
+                let req =
+                    PutRequest { key: key(seq % keys), value: Bytes::from(seq.to_string()), ..Default::default() };
                 if kv.put(req).await.is_err() {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }

@@ -841,37 +841,25 @@ impl Mesh {
                 _ = hb.tick() => wire::heartbeat(),
                 f = bulk.recv() => match f { Some(f) => f, None => return },
             };
-            let mut frames = vec![first];
-            let mut size = frames[0].len();
+            // One plaintext for the whole batch, sealed in as few chunks as fit: the
+            // reader's framer finds the frames again whatever the chunk boundaries.
             // Control first, then bulk, up to one batch per write.
-            while size < BATCH {
-                if let Ok(f) = control.try_recv() {
-                    size += f.len();
-                    frames.push(f);
-                    continue;
-                }
-                match bulk.try_recv() {
-                    Ok(f) => {
-                        size += f.len();
-                        frames.push(f);
-                    }
-                    Err(_) => break,
-                }
+            plain.clear();
+            plain.extend_from_slice(&first);
+            let mut frames = 1u64;
+            while plain.len() < BATCH {
+                let Ok(f) = control.try_recv().or_else(|_| bulk.try_recv()) else { break };
+                plain.extend_from_slice(&f);
+                frames += 1;
             }
             if self.is_blocked(&peer) {
                 continue;
             }
-            // One plaintext for the whole batch, sealed in as few chunks as fit: the
-            // reader's framer finds the frames again whatever the chunk boundaries.
-            plain.clear();
-            for f in &frames {
-                plain.extend_from_slice(f);
-            }
             if sealer.seal_into(&plain, &mut out).is_err() {
                 return;
             }
-            self.inner.counters.frames_out.fetch_add(frames.len() as u64, Ordering::Relaxed);
-            self.inner.counters.bytes_out.fetch_add(size as u64, Ordering::Relaxed);
+            self.inner.counters.frames_out.fetch_add(frames, Ordering::Relaxed);
+            self.inner.counters.bytes_out.fetch_add(plain.len() as u64, Ordering::Relaxed);
             if w.write_all(&out).await.is_err() {
                 return;
             }

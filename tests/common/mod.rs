@@ -223,3 +223,14 @@ pub async fn eventually<F: std::future::Future<Output = bool>>(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Runs `meshkv bench ARGS --endpoints ENDPOINTS`, which must succeed, and returns its
+/// one record.
+pub fn bench_record(endpoints: &str, args: &[&str]) -> meshkv::bench::Record {
+    let out = Command::new(meshkv_bin()).arg("bench").args(args).args(["--endpoints", endpoints]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "bench {args:?}:\n{text}");
+    let mut rs = meshkv::bench::record::parse_lines(&text);
+    assert_eq!(rs.len(), 1, "one JSON line: {text}");
+    rs.remove(0)
+}
