@@ -22,9 +22,10 @@ use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use prost::Message as _;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message};
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message, MessageType};
 use raft::{RawNode, StateRole};
 use rocksdb::WriteBatch;
 use tokio::sync::oneshot;
@@ -127,7 +128,7 @@ type WriteReply = oneshot::Sender<Result<WriteResponse, RaftError>>;
 type ReadReply = oneshot::Sender<Result<(), RaftError>>;
 
 enum Command {
-    Propose { id: u64, data: Vec<u8>, reply: WriteReply, deadline: Instant },
+    Propose { id: u64, data: Bytes, reply: WriteReply, deadline: Instant },
     Read { reply: ReadReply, deadline: Instant },
     Step(Box<Message>),
     TransferLeader(u64),
@@ -173,7 +174,7 @@ impl RaftHandle {
     /// Proposes a write and waits until this member has applied it.
     pub async fn propose(&self, request: internal_request::Request) -> Result<WriteResponse, RaftError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let data = InternalRequest { id, request: Some(request) }.encode_to_vec();
+        let data = Bytes::from(InternalRequest { id, request: Some(request) }.encode_to_vec());
         if data.len() > self.max_request_bytes {
             return Err(RaftError::TooLarge);
         }
@@ -270,8 +271,10 @@ struct Driver {
     status: Arc<RaftStatus>,
     rx: Receiver<Command>,
     writes: HashMap<u64, Waiter<WriteResponse>>,
+    /// Proposals taken this turn, proposed together at its end.
+    proposals: Vec<Proposal>,
     /// Proposals made while there was no leader, retried once there is one.
-    stalled: Vec<(u64, Vec<u8>, Instant)>,
+    stalled: Vec<Proposal>,
     /// Reads waiting for the next ReadIndex round.
     reads_new: Vec<Waiter<()>>,
     /// Reads whose ReadIndex round is in flight, by round, with when it was asked.
@@ -386,6 +389,7 @@ pub fn start(
         status,
         rx,
         writes: HashMap::new(),
+        proposals: Vec::new(),
         stalled: Vec::new(),
         reads_new: Vec::new(),
         reads_asked: HashMap::new(),
@@ -419,6 +423,14 @@ fn proposal_id_base(member: u64) -> u64 {
 /// Most commands taken in one turn, so a flood of proposals cannot starve ticks.
 const MAX_COMMANDS_PER_TURN: usize = 8192;
 
+/// Largest total of entry bytes in one proposal message. A turn's proposals go to Raft
+/// in as few messages as this allows: the leader then sends one append per follower for
+/// all of them, and a follower forwards them to the leader in one message.
+const MAX_PROPOSAL_BATCH_BYTES: usize = 1 << 20;
+
+/// A write waiting to enter the log: (proposal id, encoded request, deadline).
+type Proposal = (u64, Bytes, Instant);
+
 impl Driver {
     fn run(mut self) {
         let mut last_tick = Instant::now();
@@ -444,11 +456,13 @@ impl Driver {
                     self.control_membership(last_tick);
                 }
             }
+            let mut proposals = std::mem::take(&mut self.proposals);
             if self.node.raft.leader_id != raft::INVALID_ID && !self.stalled.is_empty() {
-                for (id, data, deadline) in std::mem::take(&mut self.stalled) {
-                    self.propose(id, data, deadline);
-                }
+                let mut stalled = std::mem::take(&mut self.stalled);
+                stalled.append(&mut proposals);
+                proposals = stalled;
             }
+            self.propose(proposals);
             self.ask_read_index();
             if let Err(e) = self.on_ready() {
                 tracing::error!(error = %e, "storage failed; this member stops serving");
@@ -462,7 +476,7 @@ impl Driver {
         match cmd {
             Command::Propose { id, data, reply, deadline } => {
                 self.writes.insert(id, Waiter { reply, deadline });
-                self.propose(id, data, deadline);
+                self.proposals.push((id, data, deadline));
             }
             Command::Read { reply, deadline } => self.reads_new.push(Waiter { reply, deadline }),
             Command::Step(m) => {
@@ -572,10 +586,34 @@ impl Driver {
         *self.status.membership.write().unwrap_or_else(|e| e.into_inner()) = m;
     }
 
-    fn propose(&mut self, id: u64, data: Vec<u8>, deadline: Instant) {
-        if let Err(e) = self.node.propose(vec![], data.clone()) {
-            tracing::debug!(error = %e, "proposal held until there is a leader");
-            self.stalled.push((id, data, deadline));
+    /// Proposes writes in order, as few messages as [`MAX_PROPOSAL_BATCH_BYTES`] allows;
+    /// those Raft drops (no leader yet) wait in `stalled`.
+    fn propose(&mut self, proposals: Vec<Proposal>) {
+        let mut rest = proposals.as_slice();
+        while !rest.is_empty() {
+            let mut n = 0;
+            let mut bytes = 0;
+            while n < rest.len() && (n == 0 || bytes + rest[n].1.len() <= MAX_PROPOSAL_BATCH_BYTES) {
+                bytes += rest[n].1.len();
+                n += 1;
+            }
+            let (batch, tail) = rest.split_at(n);
+            rest = tail;
+            // What RawNode::propose builds for one entry, here for many.
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgPropose);
+            m.from = self.cfg.id;
+            m.set_entries(
+                batch
+                    .iter()
+                    .map(|(_, data, _)| Entry { data: data.clone(), ..Default::default() })
+                    .collect::<Vec<_>>()
+                    .into(),
+            );
+            if let Err(e) = self.node.step(m) {
+                tracing::debug!(error = %e, count = batch.len(), "proposals held until there is a leader");
+                self.stalled.extend_from_slice(batch);
+            }
         }
     }
 

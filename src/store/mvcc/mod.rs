@@ -577,9 +577,12 @@ impl MvccStore {
     }
 
     fn put(&self, a: &mut Apply, p: &PutRequest) -> Result<PutResponse, MvccError> {
+        // The previous value is read only when the request needs it: most puts do not,
+        // and the read may have to go to disk.
+        let needs_prev = p.prev_kv || p.ignore_value || p.ignore_lease;
         let prev = match a.ix.get(&p.key, a.w.read_rev()) {
-            Some(at) => Some(self.load(at.modified, Some(a.pending))?),
-            None => None,
+            Some(at) if needs_prev => Some(self.load(at.modified, Some(a.pending))?),
+            _ => None,
         };
         let rev = a.w.next();
         let at = a.ix.put(p.key.clone(), rev);
