@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tonic::transport::Server;
 
 use crate::api::{self, Ctx, Identity};
@@ -382,7 +383,9 @@ pub async fn run(
         let mut stop = stop_rx.clone();
         // Our own listener: the builder's TCP settings do not reach it, so Nagle's
         // algorithm is turned off here (with it, small replies wait for delayed ACKs).
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(|conn| conn.map(api::conn::Coalesced::new));
         servers.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
         })));

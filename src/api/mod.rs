@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod auth;
 pub mod cluster;
+pub mod conn;
 pub mod coord;
 pub mod election;
 pub mod error;

@@ -22,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
+use crate::api::conn::Coalesced;
 use crate::pb::etcdserverpb::kv_client::KvClient;
 use crate::pb::etcdserverpb::lease_client::LeaseClient;
 use crate::pb::etcdserverpb::{
@@ -129,13 +130,21 @@ fn key_for(cfg: &BenchConfig, space: usize, n: usize) -> Bytes {
     Bytes::from(format!("{k:0width$}", width = cfg.key_size.max(1)))
 }
 
-/// Connects `cfg.conns` channels spread over the endpoints.
+/// Connects `cfg.conns` channels spread over the endpoints. Their writes are coalesced
+/// as the server's are: the requests of many clients on one connection leave together,
+/// so the load generator spends less of the machine it shares with the server.
 pub async fn connect(cfg: &BenchConfig) -> Result<Vec<Channel>, tonic::transport::Error> {
     let mut chans = Vec::with_capacity(cfg.conns.max(1));
     for i in 0..cfg.conns.max(1) {
         let ep = &cfg.endpoints[i % cfg.endpoints.len()];
         let url = if ep.contains("://") { ep.clone() } else { format!("http://{ep}") };
-        chans.push(Endpoint::from_shared(url)?.tcp_nodelay(true).connect().await?);
+        let connector = tower::service_fn(|uri: tonic::transport::Uri| async move {
+            let host = uri.host().unwrap_or("127.0.0.1").trim_start_matches('[').trim_end_matches(']').to_string();
+            let tcp = tokio::net::TcpStream::connect((host, uri.port_u16().unwrap_or(2379))).await?;
+            tcp.set_nodelay(true)?;
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(Coalesced::new(tcp)))
+        });
+        chans.push(Endpoint::from_shared(url)?.connect_with_connector(connector).await?);
     }
     Ok(chans)
 }
