@@ -707,7 +707,13 @@ impl Driver {
         let mut batch = WriteBatch::default();
         let log = self.node.raft.raft_log.store();
         log.append(&mut batch, rd.entries());
+        // As etcd's MustSync: new entries, a new term or a vote must be on disk before
+        // anyone hears of them; a commit index alone need not be (it is learned again
+        // from the leader, and the WAL keeps it in order with what follows).
+        let mut sync = !rd.entries().is_empty();
         if let Some(hs) = rd.hs() {
+            let before = log.hard_state();
+            sync |= hs.term != before.term || hs.vote != before.vote;
             log.set_hard_state(&mut batch, hs);
             self.commit_to_save = None;
         } else if let Some(c) = self.commit_to_save.take() {
@@ -719,7 +725,7 @@ impl Driver {
                 .map_err(|e| EngineError::Corrupt { cf: "raft_log", what: e.to_string() })?;
         }
         if !batch.is_empty() {
-            self.engine.write(batch, true)?;
+            self.engine.write(batch, sync)?;
         }
         for rs in rd.take_read_states() {
             let ctx = match rs.request_ctx.split_at_checked(8) {

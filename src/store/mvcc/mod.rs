@@ -435,7 +435,7 @@ impl MvccStore {
             return Ok(Vec::new());
         };
         let mut batch = WriteBatch::default();
-        let mut pending = Pending::new();
+        let mut pending = Pending::with_capacity(entries.len());
         let mut events = Vec::new();
         let mut rev = self.revision();
         let mut out = Vec::with_capacity(entries.len());
@@ -580,9 +580,9 @@ impl MvccStore {
         // The previous value is read only when the request needs it: most puts do not,
         // and the read may have to go to disk.
         let needs_prev = p.prev_kv || p.ignore_value || p.ignore_lease;
-        let prev = match a.ix.get(&p.key, a.w.read_rev()) {
-            Some(at) if needs_prev => Some(self.load(at.modified, Some(a.pending))?),
-            _ => None,
+        let prev = match needs_prev.then(|| a.ix.get(&p.key, a.w.read_rev())).flatten() {
+            Some(at) => Some(self.load(at.modified, Some(a.pending))?),
+            None => None,
         };
         let rev = a.w.next();
         let at = a.ix.put(p.key.clone(), rev);
