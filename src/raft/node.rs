@@ -273,6 +273,10 @@ struct Driver {
     writes: HashMap<u64, Waiter<WriteResponse>>,
     /// Proposals taken this turn, proposed together at its end.
     proposals: Vec<Proposal>,
+    /// On the leader: entries followers forwarded this turn, proposed with `proposals`.
+    forwarded: Vec<Entry>,
+    /// On the leader: the commit index the followers were last sent.
+    commit_sent: u64,
     /// Proposals made while there was no leader, retried once there is one.
     stalled: Vec<Proposal>,
     /// Reads waiting for the next ReadIndex round.
@@ -362,6 +366,9 @@ pub fn start(
         max_inflight_msgs: 256,
         check_quorum: true,
         pre_vote: true,
+        // The leader tells followers a new commit index with its next appends, or once
+        // per turn when it has none to send (`tell_commit`), rather than on every ack.
+        skip_bcast_commit: true,
         ..Default::default()
     };
     let only_voter = log.conf_state().voters == [cfg.id] && log.conf_state().learners.is_empty();
@@ -390,6 +397,8 @@ pub fn start(
         rx,
         writes: HashMap::new(),
         proposals: Vec::new(),
+        forwarded: Vec::new(),
+        commit_sent: 0,
         stalled: Vec::new(),
         reads_new: Vec::new(),
         reads_asked: HashMap::new(),
@@ -463,7 +472,15 @@ impl Driver {
                 proposals = stalled;
             }
             self.propose(proposals);
+            self.tell_commit();
             self.ask_read_index();
+            if let Err(e) = self.on_ready() {
+                tracing::error!(error = %e, "storage failed; this member stops serving");
+                break;
+            }
+            // The turn may have committed more (this member's own sync counts): the
+            // followers hear of it now, not with the next turn's appends.
+            self.tell_commit();
             if let Err(e) = self.on_ready() {
                 tracing::error!(error = %e, "storage failed; this member stops serving");
                 break;
@@ -479,6 +496,11 @@ impl Driver {
                 self.proposals.push((id, data, deadline));
             }
             Command::Read { reply, deadline } => self.reads_new.push(Waiter { reply, deadline }),
+            Command::Step(mut m)
+                if m.get_msg_type() == MessageType::MsgPropose && self.node.raft.state == StateRole::Leader =>
+            {
+                self.forwarded.extend(m.take_entries().into_vec());
+            }
             Command::Step(m) => {
                 if let Err(e) = self.node.step(*m) {
                     tracing::debug!(error = %e, "raft message rejected");
@@ -586,34 +608,55 @@ impl Driver {
         *self.status.membership.write().unwrap_or_else(|e| e.into_inner()) = m;
     }
 
-    /// Proposes writes in order, as few messages as [`MAX_PROPOSAL_BATCH_BYTES`] allows;
-    /// those Raft drops (no leader yet) wait in `stalled`.
+    /// Proposes the entries followers forwarded this turn, then this member's writes, in
+    /// as few messages as [`MAX_PROPOSAL_BATCH_BYTES`] allows. Writes Raft drops (no
+    /// leader yet) wait in `stalled`; forwarded entries Raft drops are lost, as a
+    /// forwarded proposal may be, and their clients time out.
     fn propose(&mut self, proposals: Vec<Proposal>) {
-        let mut rest = proposals.as_slice();
-        while !rest.is_empty() {
-            let mut n = 0;
-            let mut bytes = 0;
-            while n < rest.len() && (n == 0 || bytes + rest[n].1.len() <= MAX_PROPOSAL_BATCH_BYTES) {
-                bytes += rest[n].1.len();
-                n += 1;
+        let forwarded = std::mem::take(&mut self.forwarded);
+        let entries = forwarded
+            .into_iter()
+            .map(|e| (e, None))
+            .chain(proposals.into_iter().map(|p| (Entry { data: p.1.clone(), ..Default::default() }, Some(p))));
+        let (mut batch, mut mine, mut bytes) = (Vec::new(), Vec::new(), 0);
+        for (entry, proposal) in entries {
+            if !batch.is_empty() && bytes + entry.data.len() > MAX_PROPOSAL_BATCH_BYTES {
+                self.step_proposals(std::mem::take(&mut batch), std::mem::take(&mut mine));
+                bytes = 0;
             }
-            let (batch, tail) = rest.split_at(n);
-            rest = tail;
-            // What RawNode::propose builds for one entry, here for many.
-            let mut m = Message::default();
-            m.set_msg_type(MessageType::MsgPropose);
-            m.from = self.cfg.id;
-            m.set_entries(
-                batch
-                    .iter()
-                    .map(|(_, data, _)| Entry { data: data.clone(), ..Default::default() })
-                    .collect::<Vec<_>>()
-                    .into(),
-            );
-            if let Err(e) = self.node.step(m) {
-                tracing::debug!(error = %e, count = batch.len(), "proposals held until there is a leader");
-                self.stalled.extend_from_slice(batch);
+            bytes += entry.data.len();
+            batch.push(entry);
+            mine.extend(proposal);
+        }
+        self.step_proposals(batch, mine);
+    }
+
+    fn step_proposals(&mut self, entries: Vec<Entry>, mine: Vec<Proposal>) {
+        if entries.is_empty() {
+            return;
+        }
+        // What RawNode::propose builds for one entry, here for many.
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgPropose);
+        m.from = self.cfg.id;
+        m.set_entries(entries.into());
+        match self.node.step(m) {
+            // On the leader the appends just sent carry the commit index.
+            Ok(()) => self.commit_sent = self.node.raft.raft_log.committed,
+            Err(e) => {
+                tracing::debug!(error = %e, count = mine.len(), "proposals held until there is a leader");
+                self.stalled.extend(mine);
             }
+        }
+    }
+
+    /// On the leader: sends the followers a commit index they have not heard yet (with
+    /// whatever entries they still miss).
+    fn tell_commit(&mut self) {
+        let r = &mut self.node.raft;
+        if r.state == StateRole::Leader && r.raft_log.committed > self.commit_sent {
+            self.commit_sent = r.raft_log.committed;
+            r.bcast_append();
         }
     }
 
