@@ -267,6 +267,11 @@ pub fn plot_svg(path: &Path, summaries: &[Summary]) -> Result<(), Box<dyn std::e
             .configure_mesh()
             .x_desc("percentile")
             .y_desc("latency ms")
+            .y_label_formatter(&|y| match *y {
+                y if y >= 10.0 => format!("{y:.0}"),
+                y if y >= 1.0 => format!("{y:.1}"),
+                y => format!("{y:.2}"),
+            })
             .x_labels(6)
             .x_label_formatter(&|x| match (*x * 10.0).round() as i64 {
                 0 => "p0".into(),
