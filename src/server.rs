@@ -405,7 +405,10 @@ pub async fn run(
     }
     tracing::info!("client listeners stopped; stopping raft");
     mesh.shutdown();
-    if started.thread.join().is_err() {
+    // Joined off the runtime's threads: the tasks still holding Raft handles must be
+    // able to run to their end, or the driver never sees its queue close.
+    let thread = started.thread;
+    if !matches!(tokio::task::spawn_blocking(move || thread.join()).await, Ok(Ok(()))) {
         tracing::error!("raft driver panicked");
     }
     Ok(())
