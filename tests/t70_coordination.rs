@@ -39,6 +39,14 @@ fn followers(members: &[Proc], leader: usize) -> String {
     format!("{},{}", members[(leader + 1) % 3].client_addr, members[(leader + 2) % 3].client_addr)
 }
 
+/// Runs `meshkv bench ARGS` through the two followers of a fresh three-member cluster.
+async fn bench_through_followers(args: &[&str]) -> meshkv::bench::Record {
+    let dir = tempdir();
+    let members = three_members(dir.path());
+    let l = leader(&members).await;
+    bench_record(&followers(&members, l), args)
+}
+
 /// The index of the member that leads, once there is one.
 async fn leader(members: &[Proc]) -> usize {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -249,10 +257,7 @@ async fn watch_filters_previous_values_progress_and_fragments() {
 /// both followers at once never see "requested lease not found".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_granted_through_a_follower_can_be_kept_alive_at_once() {
-    let dir = tempdir();
-    let members = three_members(dir.path());
-    let l = leader(&members).await;
-    let r = bench_record(&followers(&members, l), &["lease", "--clients", "60", "--conns", "6", "--duration", "4"]);
+    let r = bench_through_followers(&["lease", "--clients", "60", "--conns", "6", "--duration", "4"]).await;
     assert!(r.ok > 100, "{r:?}");
     assert_eq!(r.errors, 0, "{r:?}");
 }
@@ -261,20 +266,17 @@ async fn a_lease_granted_through_a_follower_can_be_kept_alive_at_once() {
 /// is its own at the leader, so none waits for a retry (half an election timeout, 500 ms).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linearizable_reads_through_two_followers_never_wait_for_a_retry() {
-    let dir = tempdir();
-    let members = three_members(dir.path());
-    let l = leader(&members).await;
-    let r = bench_record(&followers(&members, l), &["range", "--clients", "60", "--conns", "6", "--duration", "3"]);
+    let r = bench_through_followers(&["range", "--clients", "60", "--conns", "6", "--duration", "3"]).await;
     assert_eq!(r.errors, 0, "{r:?}");
     assert!(r.ok > 1000, "{r:?}");
     assert!(r.max_ms < 450.0, "a read waited for its round to be asked again: {r:?}");
 }
 
+/// The leader sends followers a new commit index once per turn, not after every
+/// acknowledgement. A follower that only heard of it with the next heartbeat (every
+/// 100 ms) would hold each write made through it that long.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_through_a_follower_is_answered_without_waiting_for_a_heartbeat() {
-    // The leader sends followers a new commit index once per turn, not after every
-    // acknowledgement. A follower that only heard of it with the next heartbeat (every
-    // 100 ms) would hold each write made through it that long.
     let dir = tempdir();
     let members = three_members(dir.path());
     let l = leader(&members).await;

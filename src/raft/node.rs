@@ -474,14 +474,13 @@ impl Driver {
             self.propose(proposals);
             self.tell_commit();
             self.ask_read_index();
-            if let Err(e) = self.on_ready() {
-                tracing::error!(error = %e, "storage failed; this member stops serving");
-                break;
-            }
-            // The turn may have committed more (this member's own sync counts): the
-            // followers hear of it now, not with the next turn's appends.
-            self.tell_commit();
-            if let Err(e) = self.on_ready() {
+            // The turn may commit more (this member's own sync counts): the followers
+            // hear of it at once, not with the next turn's appends.
+            let ready = self.on_ready().and_then(|()| {
+                self.tell_commit();
+                self.on_ready()
+            });
+            if let Err(e) = ready {
                 tracing::error!(error = %e, "storage failed; this member stops serving");
                 break;
             }
