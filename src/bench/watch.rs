@@ -102,6 +102,9 @@ pub async fn run(chans: Vec<Channel>, cfg: WatchBenchConfig) -> Result<WatchRepo
     let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; cfg.puts]));
     let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3).expect("histogram")));
     let events = Arc::new(AtomicU64::new(0));
+    // When the newest event arrived: the run ends with the last event, not when the
+    // waiting loop below next looks.
+    let last_event = Arc::new(Mutex::new(None::<Instant>));
     let disorder = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
     // Per stream: the key of each watcher, and what it saw.
@@ -122,10 +125,15 @@ pub async fn run(chans: Vec<Channel>, cfg: WatchBenchConfig) -> Result<WatchRepo
         let state = Arc::new(Mutex::new(vec![(0i64, 0u64); n]));
         seen.push(state.clone());
         watcher_keys.push(ks);
-        let (sent, latency, events, disorder) = (sent.clone(), latency.clone(), events.clone(), disorder.clone());
+        let (sent, latency, events, disorder, last_event) =
+            (sent.clone(), latency.clone(), events.clone(), disorder.clone(), last_event.clone());
         readers.push(tokio::spawn(async move {
             while let Ok(Some(r)) = resp.message().await {
                 let now = Instant::now();
+                if !r.events.is_empty() {
+                    let mut last = last_event.lock().unwrap_or_else(|e| e.into_inner());
+                    *last = (*last).max(Some(now));
+                }
                 let i = (r.watch_id - 1) as usize;
                 let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                 let Some((last, count)) = st.get_mut(i) else { continue };
@@ -198,7 +206,13 @@ pub async fn run(chans: Vec<Channel>, cfg: WatchBenchConfig) -> Result<WatchRepo
     while events.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let seconds = start.elapsed().as_secs_f64();
+    let done = events.load(Ordering::Relaxed) >= expected;
+    let last = *last_event.lock().unwrap_or_else(|e| e.into_inner());
+    let seconds = match last {
+        Some(t) if done => t.duration_since(start),
+        _ => start.elapsed(),
+    }
+    .as_secs_f64();
     let mut wrong_counts = 0;
     for (state, ks) in seen.iter().zip(&watcher_keys) {
         let st = state.lock().unwrap_or_else(|e| e.into_inner());
