@@ -1,5 +1,5 @@
 //! Consensus: the Raft driver (raft-rs `RawNode` and its Ready loop) and the Raft log
-//! storage on RocksDB.
+//! storage on RocksDB, made durable by a write-ahead file of its own (`wal`).
 //!
 //! The API hands this layer writes and read-index requests through a [`RaftHandle`];
 //! committed writes are applied to the store here, and each proposer is answered with
@@ -12,6 +12,7 @@ pub mod membership;
 pub mod node;
 pub mod snapshot;
 pub mod transport;
+pub mod wal;
 
 pub use node::{Bootstrap, Membership, RaftConfig, RaftHandle, RaftStatus, Started, Transport};
 pub use transport::{member_id, MeshTransport};

@@ -5,7 +5,8 @@
 //!    arrived while the last sync ran share the next Ready: this is the group commit;
 //! 2. tick the node when a tick interval has passed;
 //! 3. on a Ready: send its messages; apply its committed entries; persist its entries
-//!    and HardState in one synced RocksDB write; send its persisted messages; `advance`;
+//!    and HardState in one write, synced in the Raft log's file (`wal`); send its
+//!    persisted messages; `advance`;
 //!    then apply what the light ready commits and `advance_apply`.
 //!
 //! Applying a committed entry answers the member's own proposer, found by the proposal
@@ -32,6 +33,7 @@ use tokio::sync::oneshot;
 
 use super::log_store::LogStore;
 use super::membership::{Change, Controller, MembershipConfig, View};
+use super::wal::LogWal;
 use super::{logger, RaftError};
 use crate::pb::meshkvpb::{internal_request, InternalRequest, MemberContext, SnapshotDescriptor};
 use crate::store::engine::{Engine, EngineError, CF_META};
@@ -270,6 +272,8 @@ struct Driver {
     store: Arc<MvccStore>,
     status: Arc<RaftStatus>,
     rx: Receiver<Command>,
+    /// Where the Raft log's writes are made durable.
+    wal: LogWal,
     writes: HashMap<u64, Waiter<WriteResponse>>,
     /// Proposals taken this turn, proposed together at its end.
     proposals: Vec<Proposal>,
@@ -309,6 +313,10 @@ pub fn start(
     cluster_id: Arc<AtomicU64>,
     snapshots: Snapshots,
 ) -> Result<Started, EngineError> {
+    let (wal, replayed) = LogWal::open(engine.clone(), engine.db().path())?;
+    if replayed > 0 {
+        tracing::info!(records = replayed, "raft log writes replayed from its write-ahead file");
+    }
     let log = LogStore::open(engine.clone())?.with_snapshots(super::log_store::SnapshotSource {
         outgoing: snapshots.outgoing.clone(),
         name: cfg.name.clone(),
@@ -395,6 +403,7 @@ pub fn start(
         store,
         status,
         rx,
+        wal,
         writes: HashMap::new(),
         proposals: Vec::new(),
         forwarded: Vec::new(),
@@ -572,6 +581,9 @@ impl Driver {
             cf: "snapshot",
             what: format!("snapshot {:x} was not fetched", desc.id),
         })?;
+        // The log's records so far describe the log the snapshot replaces: they go to
+        // RocksDB now and are never replayed over it.
+        self.wal.next_lap()?;
         let meta = snap.get_metadata();
         let mut keys: Vec<(&[u8], Vec<u8>)> = vec![
             (b"applied_index", meta.index.to_be_bytes().to_vec()),
@@ -763,11 +775,14 @@ impl Driver {
         }
         let applied = self.store.applied_index();
         if applied > log.first_index_cached() + 2 * self.cfg.log_keep {
+            // The store's writes are not synced as they are applied; before entries leave
+            // the log, what applying them wrote must be on disk.
+            self.engine.db().flush_wal(true)?;
             log.compact(&mut batch, applied - self.cfg.log_keep)
                 .map_err(|e| EngineError::Corrupt { cf: "raft_log", what: e.to_string() })?;
         }
         if !batch.is_empty() {
-            self.engine.write(batch, sync)?;
+            self.wal.write(batch, sync)?;
         }
         for rs in rd.take_read_states() {
             let ctx = match rs.request_ctx.split_at_checked(8) {

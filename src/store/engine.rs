@@ -6,6 +6,10 @@
 //! | `raft_state` | `hard_state`, `conf_state`, `truncated` | protobuf / fixed bytes |
 //! | `kv` | revision (main, sub), plus `t` for a tombstone | `mvccpb::KeyValue` |
 //! | `meta` | `applied_index`, `revision`, `compact_revision`, `cluster_id`, `member_id` | u64 / i64 BE |
+//!
+//! `raft_state` also keeps `wal_lap`: the Raft driver's writes to `raft_log` and
+//! `raft_state` skip RocksDB's WAL and are made durable by the Raft log's own file
+//! (`crate::raft::wal`); every other write goes through RocksDB's WAL.
 
 use std::path::Path;
 use std::sync::Arc;

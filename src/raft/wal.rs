@@ -1,0 +1,267 @@
+//! The Raft log's own write-ahead file.
+//!
+//! The Raft log and HardState live in RocksDB, but their writes skip RocksDB's WAL and are
+//! made durable here instead: each write batch is appended to `raft-log.wal` as a record
+//! and the file is synced. The file is zeroed to `LAP_BYTES` when made and reused from
+//! its start once full (after RocksDB has flushed what it covers); a record larger than
+//! what is left grows it. Syncing a record then rewrites blocks the file already has, which
+//! does not change the file's size: on this kind of disk it costs a third less time and
+//! CPU than RocksDB's WAL, which grows with every write.
+//!
+//! A record is `len u32 | lap u32 | crc32(lap ‖ data) u32 | data` (little endian), where
+//! data is the RocksDB write batch. Each pass over the file has its lap number, kept in
+//! `raft_state` under `wal_lap`; opening replays the records of the current lap from the
+//! start of the file up to the first that is torn or of another lap, flushes, and starts
+//! a new lap. Replaying is idempotent: the records are puts and deletes in the order they
+//! were made, so replaying them over a state that already has some of them ends in the
+//! same state.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use rocksdb::{FlushOptions, WriteBatch, WriteOptions};
+
+use crate::store::engine::{Engine, EngineError, CF_RAFT_LOG, CF_RAFT_STATE};
+
+/// Bytes written in one pass before the file is reused from its start.
+const LAP_BYTES: u64 = 64 << 20;
+/// The file grows by this much (zeroed, synced) when a record would pass its end.
+const GROW_BYTES: u64 = 1 << 20;
+const HEADER: usize = 12;
+const KEY_LAP: &[u8] = b"wal_lap";
+pub const FILE_NAME: &str = "raft-log.wal";
+
+fn err(what: String) -> EngineError {
+    EngineError::Corrupt { cf: CF_RAFT_LOG, what }
+}
+
+fn io(what: &str, e: std::io::Error) -> EngineError {
+    err(format!("{what}: {e}"))
+}
+
+pub struct LogWal {
+    engine: Engine,
+    path: PathBuf,
+    file: File,
+    lap: u32,
+    /// Where the next record goes.
+    pos: u64,
+    /// The file's length: zeroed space up to here.
+    len: u64,
+}
+
+impl LogWal {
+    /// Opens the file in `dir`, replays the current lap's records into RocksDB and starts
+    /// a new lap. Returns the log and how many records it replayed.
+    pub fn open(engine: Engine, dir: &Path) -> Result<(Self, usize), EngineError> {
+        let path = dir.join(FILE_NAME);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| io("opening the raft log file", e))?;
+        let lap = engine
+            .db()
+            .get_cf(engine.cf(CF_RAFT_STATE), KEY_LAP)?
+            .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
+            .map(u32::from_be_bytes);
+        let mut replayed = 0;
+        if let Some(lap) = lap {
+            let mut bytes = Vec::new();
+            file.seek(SeekFrom::Start(0)).map_err(|e| io("reading the raft log file", e))?;
+            file.read_to_end(&mut bytes).map_err(|e| io("reading the raft log file", e))?;
+            let mut wo = WriteOptions::default();
+            wo.disable_wal(true);
+            for data in records(&bytes, lap) {
+                engine.db().write_opt(WriteBatch::from_data(data), &wo)?;
+                replayed += 1;
+            }
+        }
+        let len = file.metadata().map_err(|e| io("reading the raft log file", e))?.len();
+        let mut wal = Self { engine, path, file, lap: lap.unwrap_or(0), pos: 0, len };
+        if len < LAP_BYTES {
+            // Zeroed at once (tens of milliseconds): growing it later would stall writes.
+            wal.grow(LAP_BYTES)?;
+        }
+        wal.next_lap()?;
+        Ok((wal, replayed))
+    }
+
+    /// Writes `batch` to RocksDB, durably when `sync` (else it is durable with the next
+    /// synced one).
+    pub fn write(&mut self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
+        let data = batch.data();
+        let need = (HEADER + data.len()) as u64;
+        if self.pos > 0 && self.pos + need > LAP_BYTES.max(self.len) {
+            self.next_lap()?;
+        }
+        if self.pos + need > self.len {
+            self.grow(self.pos + need)?;
+        }
+        let mut rec = Vec::with_capacity(HEADER + data.len());
+        rec.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&self.lap.to_le_bytes());
+        rec.extend_from_slice(&checksum(self.lap, data).to_le_bytes());
+        rec.extend_from_slice(data);
+        self.file.write_all_at(&rec, self.pos).map_err(|e| io("writing the raft log file", e))?;
+        self.pos += need;
+        if sync {
+            self.file.sync_data().map_err(|e| io("syncing the raft log file", e))?;
+        }
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.engine.db().write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Makes everything written so far durable in RocksDB itself and starts the file over:
+    /// at a lap's end, and before a snapshot replaces the log.
+    pub fn next_lap(&mut self) -> Result<(), EngineError> {
+        let db = self.engine.db();
+        let mut fo = FlushOptions::default();
+        fo.set_wait(true);
+        db.flush_cfs_opt(&[self.engine.cf(CF_RAFT_LOG), self.engine.cf(CF_RAFT_STATE)], &fo)?;
+        self.lap = self.lap.wrapping_add(1);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        db.put_cf_opt(self.engine.cf(CF_RAFT_STATE), KEY_LAP, self.lap.to_be_bytes(), &wo)?;
+        self.pos = 0;
+        Ok(())
+    }
+
+    /// Extends the file with zeros to at least `to`, and makes its new length durable.
+    fn grow(&mut self, to: u64) -> Result<(), EngineError> {
+        let new_len = to.div_ceil(GROW_BYTES) * GROW_BYTES;
+        let zeros = vec![0u8; (new_len - self.len) as usize];
+        self.file.write_all_at(&zeros, self.len).map_err(|e| io("growing the raft log file", e))?;
+        self.file.sync_all().map_err(|e| io("growing the raft log file", e))?;
+        self.len = new_len;
+        tracing::debug!(path = %self.path.display(), bytes = new_len, "raft log file grown");
+        Ok(())
+    }
+}
+
+fn checksum(lap: u32, data: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&lap.to_le_bytes());
+    h.update(data);
+    h.finalize()
+}
+
+/// The data of the records of `lap` from the start of `bytes`, up to the first record
+/// that is torn, zero, or of another lap.
+fn records(bytes: &[u8], lap: u32) -> impl Iterator<Item = &[u8]> {
+    let mut at = 0usize;
+    std::iter::from_fn(move || {
+        let h = bytes.get(at..at + HEADER)?;
+        let word = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        let (len, rec_lap, crc) = (word(0) as usize, word(4), word(8));
+        if len == 0 || rec_lap != lap {
+            return None;
+        }
+        let data = bytes.get(at + HEADER..at + HEADER + len)?;
+        if checksum(lap, data) != crc {
+            return None;
+        }
+        at += HEADER + len;
+        Some(data)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(engine: &Engine, k: u8) -> WriteBatch {
+        let mut b = WriteBatch::default();
+        b.put_cf(engine.cf(CF_RAFT_LOG), [k], [k; 100]);
+        b
+    }
+
+    /// The data dir as a crash leaves it: the files on disk, without what only the
+    /// process's memory held (the engine in `dir` is still open).
+    fn crashed_copy(dir: &Path) -> tempfile::TempDir {
+        let copy = tempfile::tempdir().unwrap();
+        for f in std::fs::read_dir(dir).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), copy.path().join(f.file_name())).unwrap();
+        }
+        copy
+    }
+
+    fn keys(engine: &Engine) -> Vec<u8> {
+        engine
+            .db()
+            .iterator_cf(engine.cf(CF_RAFT_LOG), rocksdb::IteratorMode::Start)
+            .map(|kv| kv.unwrap().0[0])
+            .collect()
+    }
+
+    /// Writes that never reached an SST file come back from the file after a crash (the
+    /// process ends without RocksDB flushing or closing); a torn last record is dropped.
+    #[test]
+    fn unflushed_writes_come_back_and_a_torn_tail_is_dropped() {
+        let live = tempfile::tempdir().unwrap();
+        let engine = Engine::open(live.path()).unwrap();
+        {
+            let (mut wal, replayed) = LogWal::open(engine.clone(), live.path()).unwrap();
+            assert_eq!(replayed, 0);
+            for k in 1..=3 {
+                wal.write(put(&engine, k), true).unwrap();
+            }
+            let mut del = WriteBatch::default();
+            del.delete_cf(engine.cf(CF_RAFT_LOG), [2u8]);
+            wal.write(del, false).unwrap();
+            wal.write(put(&engine, 4), true).unwrap();
+        }
+        let dir = crashed_copy(live.path());
+        // Tear the last record (key 4): its end never reached the disk.
+        let path = dir.path().join(FILE_NAME);
+        let bytes = std::fs::read(&path).unwrap();
+        let used = records(&bytes, 1).map(|d| d.len() + HEADER).sum::<usize>();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xff; 8], (used - 8) as u64).unwrap();
+        drop(f);
+
+        let engine = Engine::open(dir.path()).unwrap();
+        assert_eq!(keys(&engine), Vec::<u8>::new(), "the writes skipped RocksDB's own WAL");
+        let (mut wal, replayed) = LogWal::open(engine.clone(), dir.path()).unwrap();
+        assert_eq!(replayed, 4);
+        assert_eq!(keys(&engine), [1, 3]);
+
+        // The new lap starts over the old records, which are not replayed again.
+        wal.write(put(&engine, 9), true).unwrap();
+        let dir = crashed_copy(dir.path());
+        let engine = Engine::open(dir.path()).unwrap();
+        let (_wal, replayed) = LogWal::open(engine.clone(), dir.path()).unwrap();
+        assert_eq!(replayed, 1);
+        assert_eq!(keys(&engine), [1, 3, 9]);
+    }
+
+    /// A full lap flushes RocksDB and starts the file over; nothing is lost across it.
+    #[test]
+    fn a_lap_ends_with_a_flush_and_the_file_is_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path()).unwrap();
+        let (mut wal, _) = LogWal::open(engine.clone(), dir.path()).unwrap();
+        let big = vec![7u8; 1 << 20];
+        for i in 0..(LAP_BYTES / (1 << 20) + 3) {
+            let mut b = WriteBatch::default();
+            b.put_cf(engine.cf(CF_RAFT_LOG), i.to_be_bytes(), &big);
+            wal.write(b, i % 8 == 0).unwrap();
+        }
+        let lap = wal.lap;
+        assert!(lap >= 2, "a second lap began");
+        let len = std::fs::metadata(dir.path().join(FILE_NAME)).unwrap().len();
+        assert!(len <= LAP_BYTES + 2 * GROW_BYTES + (1 << 20), "the file is reused, not grown: {len}");
+        let dir = crashed_copy(dir.path());
+        let engine = Engine::open(dir.path()).unwrap();
+        let (_wal, _) = LogWal::open(engine.clone(), dir.path()).unwrap();
+        let n = engine.db().iterator_cf(engine.cf(CF_RAFT_LOG), rocksdb::IteratorMode::Start).count() as u64;
+        assert_eq!(n, LAP_BYTES / (1 << 20) + 3);
+    }
+}
