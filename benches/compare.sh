@@ -51,7 +51,8 @@ bench() { # bench SYSTEM CASE WORKLOAD ARGS...
 
 # This disk's fsync latency: the floor for a single client's put.
 "$MESHKV" bench fsync --dir "$OUT" --total 2000 --val-size 2048 --label disk --case "fsync (disk)" \
-  --json "$RESULTS" | head -1 >&2
+  --json "$RESULTS" >"$OUT/last.txt"
+head -1 "$OUT/last.txt" >&2
 
 for n in $MEMBERS; do
   for ((r = 1; r <= ROUNDS; r++)); do
@@ -77,7 +78,8 @@ if [ "$LOAD" = 1 ]; then
     echo "== 1M keys, $sys" >&2
     start "$sys" 1 "$OUT/data-$sys"
     "$MESHKV" bench put --endpoints "$ENDPOINTS" --clients 100 --conns 10 --total 1000000 --key-space 1000000 \
-      --sequential-keys --val-size 256 --label "$sys" --case "load 1M keys" --json "$RESULTS" | head -1 >&2
+      --sequential-keys --val-size 256 --label "$sys" --case "load 1M keys" --json "$RESULTS" >"$OUT/last.txt"
+    head -1 "$OUT/last.txt" >&2
     sleep 5 # let background flushes settle before reading memory
     rss=$(rss_kib "${PIDS[0]}")
     echo "{\"label\":\"$sys\",\"case\":\"RSS after 1M keys (KiB)\",\"rss_kib\":$rss}" | tee -a "$OUT/load.jsonl" >&2
