@@ -95,6 +95,9 @@ impl LogWal {
     /// synced one).
     pub fn write(&mut self, batch: WriteBatch, sync: bool) -> Result<(), EngineError> {
         let data = batch.data();
+        if data.len() >= u32::MAX as usize {
+            return Err(err(format!("a raft log write of {} bytes does not fit a record", data.len())));
+        }
         let need = (HEADER + data.len()) as u64;
         if self.pos > 0 && self.pos + need > LAP_BYTES.max(self.len) {
             self.next_lap()?;
