@@ -534,6 +534,9 @@ fn torture(args: TortureArgs) -> anyhow::Result<()> {
     for p in report.watch_problems.iter().take(20) {
         println!("watch problem: {p}");
     }
+    if !report.answered() {
+        anyhow::bail!("no operation was answered: the members never served; data and logs in {}", dir.display());
+    }
     if !report.ok() {
         anyhow::bail!("torture found violations; data and logs in {}", dir.display());
     }

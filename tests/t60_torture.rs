@@ -78,3 +78,24 @@ fn a_build_that_skips_read_index_is_caught() {
     let body = std::fs::read_to_string(report.expect("a violation report").path()).unwrap();
     assert!(body.starts_with("seed 2\n") && body.contains("shortest failing history"), "{body}");
 }
+
+/// A run whose members never serve checks nothing, and says so instead of passing.
+#[test]
+fn a_run_in_which_nothing_is_answered_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("run").display().to_string();
+    let (ok, text) = torture(&[
+        "--duration",
+        "3",
+        "--seed",
+        "3",
+        "--faults",
+        "pause",
+        "--dir",
+        &d,
+        "--member-args",
+        "--no-such-flag",
+    ]);
+    assert!(!ok, "a run without members passed: {text}");
+    assert!(text.contains("seed 3: 0 operations") && text.contains("no operation was answered"), "{text}");
+}

@@ -110,8 +110,15 @@ pub struct Report {
 }
 
 impl Report {
+    /// Nothing wrong was found, and something was checked: a run in which no operation
+    /// got an answer (members that never served) proves nothing.
     pub fn ok(&self) -> bool {
-        self.violations.is_empty() && self.hash_mismatch.is_none() && self.watch_problems.is_empty()
+        self.answered() && self.violations.is_empty() && self.hash_mismatch.is_none() && self.watch_problems.is_empty()
+    }
+
+    /// Some operation's outcome is known.
+    pub fn answered(&self) -> bool {
+        self.ops > self.unknown
     }
 }
 
