@@ -6,6 +6,7 @@
 //! then request `n` is due at `start + n / rate`, and its latency counts from when it was
 //! due, so a server that falls behind is charged for the queue it causes.
 
+pub mod conn;
 pub mod fsync;
 pub mod mesh;
 pub mod record;
@@ -19,16 +20,16 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::Status;
 
-use crate::api::conn::Coalesced;
 use crate::pb::etcdserverpb::kv_client::KvClient;
 use crate::pb::etcdserverpb::lease_client::LeaseClient;
 use crate::pb::etcdserverpb::{
     compare, request_op, Compare, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseRevokeRequest,
     PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
+use conn::{Conn, ConnError};
 pub use record::Record;
 
 /// What to run and how hard.
@@ -130,29 +131,19 @@ fn key_for(cfg: &BenchConfig, space: usize, n: usize) -> Bytes {
     Bytes::from(format!("{k:0width$}", width = cfg.key_size.max(1)))
 }
 
-/// Connects `cfg.conns` channels spread over the endpoints. Their writes are coalesced
-/// as the server's are: the requests of many clients on one connection leave together,
-/// so the load generator spends less of the machine it shares with the server.
-pub async fn connect(cfg: &BenchConfig) -> Result<Vec<Channel>, tonic::transport::Error> {
-    let mut chans = Vec::with_capacity(cfg.conns.max(1));
+/// Connects `cfg.conns` connections spread over the endpoints.
+pub async fn connect(cfg: &BenchConfig) -> Result<Vec<Conn>, ConnError> {
+    let mut conns = Vec::with_capacity(cfg.conns.max(1));
     for i in 0..cfg.conns.max(1) {
-        let ep = &cfg.endpoints[i % cfg.endpoints.len()];
-        let url = if ep.contains("://") { ep.clone() } else { format!("http://{ep}") };
-        let connector = tower::service_fn(|uri: tonic::transport::Uri| async move {
-            let host = uri.host().unwrap_or("127.0.0.1").trim_start_matches('[').trim_end_matches(']').to_string();
-            let tcp = tokio::net::TcpStream::connect((host, uri.port_u16().unwrap_or(2379))).await?;
-            tcp.set_nodelay(true)?;
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(Coalesced::new(tcp)))
-        });
-        chans.push(Endpoint::from_shared(url)?.connect_with_connector(connector).await?);
+        conns.push(Conn::connect(&cfg.endpoints[i % cfg.endpoints.len()]).await?);
     }
-    Ok(chans)
+    Ok(conns)
 }
 
 /// One client: its stubs and, for the lease workload, its keep-alive stream.
 struct Client {
-    kv: KvClient<Channel>,
-    lease: LeaseClient<Channel>,
+    kv: KvClient<Conn>,
+    lease: LeaseClient<Conn>,
     keepalive: Option<(mpsc::Sender<LeaseKeepAliveRequest>, tonic::Streaming<LeaseKeepAliveResponse>)>,
 }
 
@@ -163,12 +154,8 @@ enum Outcome {
 }
 
 impl Client {
-    fn new(ch: Channel) -> Client {
-        Client {
-            kv: KvClient::new(ch.clone()).max_decoding_message_size(usize::MAX),
-            lease: LeaseClient::new(ch),
-            keepalive: None,
-        }
+    fn new(conn: &Conn) -> Client {
+        Client { kv: conn.kv().max_decoding_message_size(usize::MAX), lease: conn.lease(), keepalive: None }
     }
 
     async fn op(&mut self, workload: Workload, key: Bytes, value: &Bytes) -> Result<Outcome, Status> {
@@ -255,7 +242,7 @@ pub async fn run(
     cfg: &BenchConfig,
     workload: Workload,
     progress: impl Fn(u64) + Send + Sync + 'static,
-) -> Result<Record, tonic::transport::Error> {
+) -> Result<Record, ConnError> {
     let chans = connect(cfg).await?;
     let space = key_space(cfg, workload);
     let value = Bytes::from(vec![b'v'; cfg.val_size]);
@@ -295,7 +282,7 @@ pub async fn run(
 async fn drive(
     cfg: &BenchConfig,
     workload: Workload,
-    chans: &[Channel],
+    chans: &[Conn],
     value: &Bytes,
     progress: Arc<dyn Fn(u64) + Send + Sync>,
 ) -> (Vec<Tally>, Duration) {
@@ -305,7 +292,7 @@ async fn drive(
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(cfg.clients);
     for i in 0..cfg.clients.max(1) {
-        let mut client = Client::new(chans[i % chans.len()].clone());
+        let mut client = Client::new(&chans[i % chans.len()]);
         let cfg = cfg.clone();
         let (next, done, progress, value) = (next.clone(), done.clone(), progress.clone(), value.clone());
         tasks.push(tokio::spawn(async move {

@@ -10,11 +10,9 @@ use bytes::Bytes;
 use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
+use super::conn::Conn;
 use super::{BenchConfig, Record};
-use crate::pb::etcdserverpb::kv_client::KvClient;
-use crate::pb::etcdserverpb::watch_client::WatchClient;
 use crate::pb::etcdserverpb::{watch_request, PutRequest, WatchCreateRequest, WatchRequest};
 
 #[derive(Clone, Debug)]
@@ -68,7 +66,7 @@ fn key(k: usize) -> Bytes {
 /// Opens a stream with the given watchers (key index per watcher); returns the requests'
 /// sender (kept open) and the responses.
 async fn open(
-    ch: Channel,
+    ch: Conn,
     keys: &[Option<usize>],
 ) -> Result<(mpsc::Sender<WatchRequest>, tonic::Streaming<crate::pb::etcdserverpb::WatchResponse>), tonic::Status> {
     // Every create request is queued before the call: a server may send no response
@@ -82,7 +80,7 @@ async fn open(
         let create = WatchCreateRequest { key, range_end, watch_id: i as i64 + 1, ..Default::default() };
         let _ = tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await;
     }
-    let mut resp = WatchClient::new(ch).watch(ReceiverStream::new(rx)).await?.into_inner();
+    let mut resp = ch.watch().watch(ReceiverStream::new(rx)).await?.into_inner();
     let mut created = 0;
     while created < keys.len() {
         match resp.message().await? {
@@ -94,7 +92,7 @@ async fn open(
     Ok((tx, resp))
 }
 
-pub async fn run(chans: Vec<Channel>, cfg: WatchBenchConfig) -> Result<WatchReport, tonic::Status> {
+pub async fn run(chans: Vec<Conn>, cfg: WatchBenchConfig) -> Result<WatchReport, tonic::Status> {
     let keys = cfg.keys.max(1);
     let streams = cfg.streams.max(1);
     let per_stream = cfg.watchers.div_ceil(streams);
@@ -174,7 +172,7 @@ pub async fn run(chans: Vec<Channel>, cfg: WatchBenchConfig) -> Result<WatchRepo
     let next = Arc::new(AtomicUsize::new(0));
     let mut puts = Vec::new();
     for c in 0..cfg.put_clients.max(1) {
-        let mut kv = KvClient::new(chans[c % chans.len()].clone());
+        let mut kv = chans[c % chans.len()].kv();
         let (errors, next, sent) = (put_errors.clone(), next.clone(), sent.clone());
         let (total, rate) = (cfg.puts, cfg.rate);
         puts.push(tokio::spawn(async move {

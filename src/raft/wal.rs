@@ -214,6 +214,7 @@ impl LogWal {
     /// Makes everything written so far durable in RocksDB itself and starts the file over:
     /// at a lap's end, and before a snapshot replaces the log.
     pub fn next_lap(&mut self) -> Result<(), EngineError> {
+        let started = std::time::Instant::now();
         let db = self.engine.db();
         let mut fo = FlushOptions::default();
         fo.set_wait(true);
@@ -222,6 +223,7 @@ impl LogWal {
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
         db.put_cf_opt(self.engine.cf(CF_RAFT_STATE), KEY_LAP, self.lap.to_be_bytes(), &wo)?;
+        tracing::debug!(lap = self.lap, bytes = self.pos, took = ?started.elapsed(), "raft log file starts a new lap");
         self.pos = 0;
         self.held.clear();
         self.tail.clear();

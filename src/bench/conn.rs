@@ -1,0 +1,81 @@
+//! The load generator's gRPC connections: an HTTP/2 connection whose request handle is
+//! called by the clients directly.
+//!
+//! tonic's `Channel` puts a queue and a task in front of the connection, so each request
+//! wakes one more task, and the connection writes each request as it reaches it: one
+//! system call per request. Here the clients hand their requests to the connection's own
+//! handle, and the connection (through [`Coalesced`]) writes what its clients sent in the
+//! same turn together, as etcd's Go client does. The load generator then spends less of
+//! the machine it shares with the server.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tonic::body::Body;
+use tonic::codegen::http::{Request, Response, Uri};
+
+use crate::api::conn::Coalesced;
+use crate::pb::etcdserverpb::kv_client::KvClient;
+use crate::pb::etcdserverpb::lease_client::LeaseClient;
+use crate::pb::etcdserverpb::watch_client::WatchClient;
+
+/// One HTTP/2 connection to an endpoint; clones share it.
+#[derive(Clone)]
+pub struct Conn {
+    send: SendRequest<Body>,
+    origin: Uri,
+}
+
+pub type ConnError = anyhow::Error;
+
+impl Conn {
+    /// Connects to `endpoint` (`host:port` or `http://host:port`).
+    pub async fn connect(endpoint: &str) -> Result<Conn, ConnError> {
+        let url = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
+        let origin: Uri = url.parse()?;
+        let host = origin
+            .host()
+            .ok_or_else(|| anyhow::anyhow!("endpoint {endpoint}: no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let tcp = tokio::net::TcpStream::connect((host, origin.port_u16().unwrap_or(2379))).await?;
+        tcp.set_nodelay(true)?;
+        let (send, conn) =
+            http2::Builder::new(TokioExecutor::new()).handshake(TokioIo::new(Coalesced::new(tcp))).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "bench connection closed");
+            }
+        });
+        Ok(Conn { send, origin })
+    }
+
+    pub fn kv(&self) -> KvClient<Conn> {
+        KvClient::with_origin(self.clone(), self.origin.clone())
+    }
+
+    pub fn lease(&self) -> LeaseClient<Conn> {
+        LeaseClient::with_origin(self.clone(), self.origin.clone())
+    }
+
+    pub fn watch(&self) -> WatchClient<Conn> {
+        WatchClient::with_origin(self.clone(), self.origin.clone())
+    }
+}
+
+impl tower::Service<Request<Body>> for Conn {
+    type Response = Response<hyper::body::Incoming>;
+    type Error = hyper::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.send.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        Box::pin(self.send.send_request(req))
+    }
+}
