@@ -43,6 +43,8 @@ const HEADER: usize = 12;
 const BLOCK: usize = 4096;
 /// Records kept back by writes that need not be durable are written once they reach this.
 const HELD_BYTES: usize = 64 << 10;
+/// The direct-write buffer is kept between writes up to this size.
+const OUT_KEPT_BYTES: usize = 4 << 20;
 const KEY_LAP: &[u8] = b"wal_lap";
 pub const FILE_NAME: &str = "raft-log.wal";
 
@@ -208,6 +210,10 @@ impl LogWal {
         file.write_all_at(out, start)?;
         self.tail.clear();
         self.tail.extend_from_slice(&out[used / BLOCK * BLOCK..used]);
+        if self.out.len() > OUT_KEPT_BYTES {
+            // A rare large write (a follower catching up) does not pin its buffer.
+            self.out = Vec::new();
+        }
         Ok(())
     }
 
