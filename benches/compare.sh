@@ -67,7 +67,7 @@ for n in $MEMBERS; do
       bench "$sys" "txn-mixed, 100 clients, ${n}m" txn-mixed --clients 100 --conns 10 --key-space 1000 "${d[@]}"
       bench "$sys" "lease, 100 clients, ${n}m" lease --clients 100 --conns 10 "${d[@]}"
       bench "$sys" "watch events, 1000 watchers, ${n}m" watch --watchers 1000 --streams 10 --key-space 10 \
-        --clients 20 --conns 10 --total 2000
+        --clients 20 --conns 10 --total 10000
       stop
     done
   done
