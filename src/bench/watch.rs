@@ -56,8 +56,14 @@ impl WatchReport {
     }
 }
 
-/// Per watcher of one stream: the last revision it got and how many events.
-type Seen = Arc<Mutex<Vec<(i64, u64)>>>;
+/// What one stream's reader saw, kept by the reader alone (locked once per response,
+/// never by another reader): per watcher the last revision it got and how many events,
+/// the put-to-event latencies, when the newest event arrived.
+struct Seen {
+    watchers: Vec<(i64, u64)>,
+    latency: Histogram<u64>,
+    last_event: Option<Instant>,
+}
 
 fn key(k: usize) -> Bytes {
     Bytes::from(format!("watch-bench/{k:06}"))
@@ -96,17 +102,14 @@ pub async fn run(chans: Vec<Conn>, cfg: WatchBenchConfig) -> Result<WatchReport,
     let keys = cfg.keys.max(1);
     let streams = cfg.streams.max(1);
     let per_stream = cfg.watchers.div_ceil(streams);
-    // Puts on each key, and when each put (by its value) was sent.
-    let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; cfg.puts]));
-    let latency = Arc::new(Mutex::new(Histogram::<u64>::new(3).expect("histogram")));
+    // When each put (by its value) was sent, in nanoseconds after `start` (0: not yet).
+    let start = Instant::now();
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..cfg.puts).map(|_| AtomicU64::new(0)).collect());
     let events = Arc::new(AtomicU64::new(0));
-    // When the newest event arrived: the run ends with the last event, not when the
-    // waiting loop below next looks.
-    let last_event = Arc::new(Mutex::new(None::<Instant>));
     let disorder = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
-    // Per stream: the key of each watcher, and what it saw.
-    let mut seen: Vec<Seen> = Vec::new();
+    // Per stream: the key of each watcher, and what its reader saw.
+    let mut seen: Vec<Arc<Mutex<Seen>>> = Vec::new();
     let mut watcher_keys: Vec<Vec<usize>> = Vec::new();
     let mut held = Vec::new();
     let mut w = 0usize;
@@ -120,38 +123,48 @@ pub async fn run(chans: Vec<Conn>, cfg: WatchBenchConfig) -> Result<WatchReport,
         let (tx, mut resp) =
             open(chans[s % chans.len()].clone(), &ks.iter().map(|k| Some(*k)).collect::<Vec<_>>()).await?;
         held.push(tx);
-        let state = Arc::new(Mutex::new(vec![(0i64, 0u64); n]));
+        let state = Arc::new(Mutex::new(Seen {
+            watchers: vec![(0i64, 0u64); n],
+            latency: Histogram::<u64>::new(3).expect("histogram"),
+            last_event: None,
+        }));
         seen.push(state.clone());
         watcher_keys.push(ks);
-        let (sent, latency, events, disorder, last_event) =
-            (sent.clone(), latency.clone(), events.clone(), disorder.clone(), last_event.clone());
+        let (sent, events, disorder) = (sent.clone(), events.clone(), disorder.clone());
         readers.push(tokio::spawn(async move {
             while let Ok(Some(r)) = resp.message().await {
                 let now = Instant::now();
+                let since_start = now.duration_since(start).as_nanos() as u64;
+                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                let st = &mut *st;
                 if !r.events.is_empty() {
-                    let mut last = last_event.lock().unwrap_or_else(|e| e.into_inner());
-                    *last = (*last).max(Some(now));
+                    st.last_event = Some(now);
                 }
                 let i = (r.watch_id - 1) as usize;
-                let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-                let Some((last, count)) = st.get_mut(i) else { continue };
+                let Some((last, count)) = st.watchers.get_mut(i) else { continue };
+                let (mut got, mut out_of_order) = (0, 0);
                 for ev in &r.events {
                     let Some(kv) = &ev.kv else { continue };
                     if kv.mod_revision <= *last {
-                        disorder.fetch_add(1, Ordering::Relaxed);
+                        out_of_order += 1;
                     }
                     *last = kv.mod_revision;
-                    *count += 1;
-                    events.fetch_add(1, Ordering::Relaxed);
+                    got += 1;
                     let seq: usize =
                         std::str::from_utf8(&kv.value).ok().and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
-                    if let Some(Some(t)) = sent.lock().unwrap_or_else(|e| e.into_inner()).get(seq) {
-                        let _ = latency
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .record(now.duration_since(*t).as_micros() as u64);
+                    match sent.get(seq).map(|t| t.load(Ordering::Relaxed)) {
+                        Some(at) if at > 0 => {
+                            let _ = st.latency.record(since_start.saturating_sub(at) / 1000);
+                        }
+                        _ => {}
                     }
                 }
+                *count += got;
+                if out_of_order > 0 {
+                    disorder.fetch_add(out_of_order, Ordering::Relaxed);
+                }
+                // Last: the waiting loop below reads the state once this says all came.
+                events.fetch_add(got, Ordering::Relaxed);
             }
         }));
     }
@@ -163,7 +176,6 @@ pub async fn run(chans: Vec<Conn>, cfg: WatchBenchConfig) -> Result<WatchReport,
     }
 
     // The puts: open loop at the rate asked, or as fast as `put_clients` clients go.
-    let start = Instant::now();
     let mut per_key = vec![0u64; keys];
     for seq in 0..cfg.puts {
         per_key[seq % keys] += 1;
@@ -185,7 +197,7 @@ pub async fn run(chans: Vec<Conn>, cfg: WatchBenchConfig) -> Result<WatchReport,
                     let due = start + Duration::from_secs_f64(seq as f64 / rate.max(1e-3));
                     tokio::time::sleep_until(due.into()).await;
                 }
-                sent.lock().unwrap_or_else(|e| e.into_inner())[seq] = Some(Instant::now());
+                sent[seq].store((start.elapsed().as_nanos() as u64).max(1), Ordering::Relaxed);
                 let req =
                     PutRequest { key: key(seq % keys), value: Bytes::from(seq.to_string()), ..Default::default() };
                 if kv.put(req).await.is_err() {
@@ -205,22 +217,23 @@ pub async fn run(chans: Vec<Conn>, cfg: WatchBenchConfig) -> Result<WatchReport,
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let done = events.load(Ordering::Relaxed) >= expected;
-    let last = *last_event.lock().unwrap_or_else(|e| e.into_inner());
+    let mut latency = Histogram::<u64>::new(3).expect("histogram");
+    let (mut last, mut wrong_counts) = (None::<Instant>, 0);
+    for (state, ks) in seen.iter().zip(&watcher_keys) {
+        let st = state.lock().unwrap_or_else(|e| e.into_inner());
+        wrong_counts += st.watchers.iter().zip(ks).filter(|((_, count), k)| *count != per_key[**k]).count() as u64;
+        let _ = latency.add(&st.latency);
+        last = last.max(st.last_event);
+    }
     let seconds = match last {
         Some(t) if done => t.duration_since(start),
         _ => start.elapsed(),
     }
     .as_secs_f64();
-    let mut wrong_counts = 0;
-    for (state, ks) in seen.iter().zip(&watcher_keys) {
-        let st = state.lock().unwrap_or_else(|e| e.into_inner());
-        wrong_counts += st.iter().zip(ks).filter(|((_, count), k)| *count != per_key[**k]).count() as u64;
-    }
     for r in readers {
         r.abort();
     }
     drop(held);
-    let latency = latency.lock().unwrap_or_else(|e| e.into_inner()).clone();
     Ok(WatchReport {
         events: events.load(Ordering::Relaxed),
         seconds,
