@@ -170,13 +170,10 @@ impl LogWal {
         if end > self.len {
             self.grow(end)?;
         }
-        if self.direct.is_some() {
-            match self.write_direct() {
-                Ok(()) => {
-                    self.pos = end;
-                    self.held.clear();
-                    return Ok(());
-                }
+        let mut written = false;
+        if let Some(file) = &self.direct {
+            match write_direct(file, &mut self.out, &mut self.tail, self.pos, &self.held) {
+                Ok(()) => written = true,
                 // An alignment the device does not take: the page cache from now on.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::warn!(error = %e, "direct writes refused; raft log file written through the page cache");
@@ -185,35 +182,12 @@ impl LogWal {
                 Err(e) => return Err(io("writing the raft log file", e)),
             }
         }
-        self.file.write_all_at(&self.held, self.pos).map_err(|e| io("writing the raft log file", e))?;
-        self.file.sync_data().map_err(|e| io("syncing the raft log file", e))?;
+        if !written {
+            self.file.write_all_at(&self.held, self.pos).map_err(|e| io("writing the raft log file", e))?;
+            self.file.sync_data().map_err(|e| io("syncing the raft log file", e))?;
+        }
         self.pos = end;
         self.held.clear();
-        Ok(())
-    }
-
-    /// Writes the block holding `pos` from its start (`tail`), the held records, and zeros
-    /// to the end of their last block, in one direct, durable write; keeps the new tail.
-    fn write_direct(&mut self) -> std::io::Result<()> {
-        let Some(file) = &self.direct else { return Ok(()) };
-        let start = self.pos - self.tail.len() as u64;
-        let used = self.tail.len() + self.held.len();
-        let len = used.div_ceil(BLOCK) * BLOCK;
-        if self.out.len() < len + BLOCK {
-            self.out.resize(len + BLOCK, 0);
-        }
-        let at = self.out.as_ptr().align_offset(BLOCK);
-        let out = &mut self.out[at..at + len];
-        out[..self.tail.len()].copy_from_slice(&self.tail);
-        out[self.tail.len()..used].copy_from_slice(&self.held);
-        out[used..].fill(0);
-        file.write_all_at(out, start)?;
-        self.tail.clear();
-        self.tail.extend_from_slice(&out[used / BLOCK * BLOCK..used]);
-        if self.out.len() > OUT_KEPT_BYTES {
-            // A rare large write (a follower catching up) does not pin its buffer.
-            self.out = Vec::new();
-        }
         Ok(())
     }
 
@@ -246,6 +220,31 @@ impl LogWal {
         tracing::debug!(path = %self.path.display(), bytes = new_len, "raft log file grown");
         Ok(())
     }
+}
+
+/// Writes the block holding `pos` from its start (`tail`), then `held`, then zeros to the
+/// end of their last block, in one direct, durable write at `pos - tail.len()`; leaves in
+/// `tail` the bytes of the new last block before the new end. `out` is reused room.
+fn write_direct(file: &File, out: &mut Vec<u8>, tail: &mut Vec<u8>, pos: u64, held: &[u8]) -> std::io::Result<()> {
+    let start = pos - tail.len() as u64;
+    let used = tail.len() + held.len();
+    let len = used.div_ceil(BLOCK) * BLOCK;
+    if out.len() < len + BLOCK {
+        out.resize(len + BLOCK, 0);
+    }
+    let at = out.as_ptr().align_offset(BLOCK);
+    let block = &mut out[at..at + len];
+    block[..tail.len()].copy_from_slice(tail);
+    block[tail.len()..used].copy_from_slice(held);
+    block[used..].fill(0);
+    file.write_all_at(block, start)?;
+    tail.clear();
+    tail.extend_from_slice(&block[used / BLOCK * BLOCK..used]);
+    if out.len() > OUT_KEPT_BYTES {
+        // A rare large write (a follower catching up) does not pin its buffer.
+        *out = Vec::new();
+    }
+    Ok(())
 }
 
 fn checksum(lap: u32, data: &[u8]) -> u32 {
