@@ -19,7 +19,7 @@ use crate::config::{parse_listen_url, Config, ConfigError};
 use crate::mesh::{GossipData, Mesh, MeshConn};
 use crate::pb::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
-    maintenance_server::MaintenanceServer, watch_server::WatchServer,
+    maintenance_server::MaintenanceServer,
 };
 use crate::pb::v3electionpb::election_server::ElectionServer;
 use crate::pb::v3lockpb::lock_server::LockServer;
@@ -360,14 +360,10 @@ pub async fn run(
         let router = Server::builder()
             .tcp_nodelay(true)
             .add_service(KvServer::new(api::kv::KvService::new(ctx.clone())).max_decoding_message_size(decode_limit))
-            .add_service(
-                WatchServer::new(api::watch::WatchService::new(
-                    ctx.clone(),
-                    cfg.watch_progress_notify_interval,
-                    cfg.max_request_bytes,
-                ))
-                .max_decoding_message_size(decode_limit),
-            )
+            .add_service(api::watch_wire::WatchServer::new(
+                api::watch::WatchService::new(ctx.clone(), cfg.watch_progress_notify_interval, cfg.max_request_bytes),
+                decode_limit,
+            ))
             .add_service(
                 LeaseServer::new(api::lease::LeaseService::new(ctx.clone(), lessor.clone(), cfg.election_timeout))
                     .max_decoding_message_size(decode_limit),

@@ -14,6 +14,7 @@ pub mod lock;
 pub mod maintenance;
 pub mod validate;
 pub mod watch;
+pub mod watch_wire;
 
 use std::sync::Arc;
 

@@ -20,11 +20,11 @@ use bytes::Bytes;
 use prost::Message;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Status, Streaming};
 
+use super::watch_wire::{encode_header, EncodedEvents, Outgoing};
 use super::Ctx;
 use crate::pb::etcdserverpb::watch_create_request::FilterType;
-use crate::pb::etcdserverpb::watch_server::Watch;
 use crate::pb::etcdserverpb::{watch_request, ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse};
 use crate::pb::mvccpb::{event::EventType, Event};
 use crate::store::watch::{EventBatch, KeyRange};
@@ -47,13 +47,12 @@ impl WatchService {
     }
 }
 
-#[tonic::async_trait]
-impl Watch for WatchService {
-    async fn watch(
-        &self,
-        request: Request<Streaming<WatchRequest>>,
-    ) -> Result<Response<tonic::codegen::BoxStream<WatchResponse>>, Status> {
-        let incoming = request.into_inner();
+/// The responses of one watch stream, as the codec writes them.
+pub type OutgoingStream = ReceiverStream<Result<Outgoing, Status>>;
+
+impl WatchService {
+    /// Serves one watch stream: its task runs until the client or the member goes.
+    pub fn open(&self, incoming: Streaming<WatchRequest>) -> OutgoingStream {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         // Subscribe before anything is read from the store, so no batch falls between.
         let hub = self.ctx.store.subscribe();
@@ -68,7 +67,7 @@ impl Watch for WatchService {
             hub_at: self.ctx.store.revision(),
         };
         tokio::spawn(stream.run(incoming, hub, self.progress_every));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        ReceiverStream::new(rx)
     }
 }
 
@@ -103,7 +102,7 @@ impl Watcher {
 
 struct WatchStream {
     ctx: Ctx,
-    tx: mpsc::Sender<Result<WatchResponse, Status>>,
+    tx: mpsc::Sender<Result<Outgoing, Status>>,
     max_response_bytes: usize,
     watchers: BTreeMap<i64, Watcher>,
     /// Single-key watchers by key, so an event finds them without visiting every watcher.
@@ -163,8 +162,8 @@ impl WatchStream {
         self.ctx.header(Some(ResponseHeader { revision, ..Default::default() }))
     }
 
-    async fn send(&self, resp: WatchResponse) -> Result<(), Gone> {
-        self.tx.send(Ok(resp)).await.map_err(|_| Gone)
+    async fn send(&self, resp: impl Into<Outgoing>) -> Result<(), Gone> {
+        self.tx.send(Ok(resp.into())).await.map_err(|_| Gone)
     }
 
     async fn on_request(&mut self, req: WatchRequest) -> Result<(), Gone> {
@@ -281,22 +280,36 @@ impl WatchStream {
             }
         };
         self.hub_at = b.to;
-        let mut out: BTreeMap<i64, Vec<Event>> = BTreeMap::new();
-        for ev in events {
+        // Which of the batch's events each synced watcher gets, by index.
+        let mut out: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+        for (i, ev) in events.iter().enumerate() {
             let Some(kv) = &ev.kv else { continue };
             let keyed = self.by_key.get(&kv.key).map(Vec::as_slice).unwrap_or_default();
             for id in keyed.iter().chain(&self.ranged) {
                 if let Some(w) = self.watchers.get(id) {
                     if w.synced && w.wants(ev) {
-                        out.entry(*id).or_default().push(ev.clone());
+                        out.entry(*id).or_default().push(i);
                     }
                 }
             }
         }
         // A synced watcher's `next` is left where it was: below `hub_at` it means nothing,
         // and `unsync_all` moves it up before it is used again.
-        for (id, events) in out {
-            self.deliver(id, events, b.to).await?;
+        let mut encoded = EncodedEvents::new(events);
+        let mut header = None;
+        for (id, wanted) in out {
+            let Some(w) = self.watchers.get_mut(&id) else { continue };
+            w.quiet = false;
+            if w.prev_kv || w.fragment {
+                // Built for this watcher alone: previous values are looked up, and a
+                // large response may be split.
+                let mine = wanted.iter().map(|i| events[*i].clone()).collect();
+                self.deliver(id, mine, b.to).await?;
+                continue;
+            }
+            let header = header.get_or_insert_with(|| encode_header(&self.header(b.to).unwrap_or_default())).clone();
+            let events = wanted.iter().map(|i| encoded.get(*i)).collect();
+            self.send(Outgoing::Events { header, watch_id: id, events }).await?;
         }
         Ok(())
     }

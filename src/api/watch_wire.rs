@@ -1,0 +1,232 @@
+//! How watch responses reach the wire.
+//!
+//! A put seen by a thousand watchers is a thousand responses that differ only in their
+//! watch id. The stream task encodes each event once per batch and the same bytes go
+//! into every response that carries it; a response is then a copy of a few encoded
+//! parts, not a protobuf message built and encoded again per watcher.
+//!
+//! tonic's generated server fixes the codec to prost's, so the Watch service is routed
+//! here by hand: the same path and limits, with a codec that writes either kind of
+//! response and reads requests as prost does.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use prost::Message;
+use tonic::codec::{Codec, EncodeBuf, Encoder};
+use tonic::codegen::{http, Body, StdError};
+use tonic::server::{Grpc, NamedService, StreamingService};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::watch::WatchService;
+use crate::pb::etcdserverpb::{ResponseHeader, WatchRequest, WatchResponse};
+use crate::pb::mvccpb::Event;
+
+/// The gRPC path of etcd's one watch method.
+const WATCH_PATH: &str = "/etcdserverpb.Watch/Watch";
+/// Field numbers in etcd's WatchResponse.
+const HEADER_FIELD: u32 = 1;
+const WATCH_ID_FIELD: u32 = 2;
+const EVENTS_FIELD: u32 = 11;
+
+/// One response for the client.
+pub enum Outgoing {
+    /// Built as a message (created, canceled, progress, fragments, previous values).
+    Message(WatchResponse),
+    /// Events for one watcher from parts encoded once for all: the header field and
+    /// each event field, as made by [`encode_header`] and [`EncodedEvents`].
+    Events { header: Bytes, watch_id: i64, events: Vec<Bytes> },
+}
+
+impl Outgoing {
+    /// The response's protobuf encoding.
+    fn write(&self, dst: &mut impl BufMut) {
+        match self {
+            Outgoing::Message(m) => m.encode_raw(dst),
+            Outgoing::Events { header, watch_id, events } => {
+                dst.put_slice(header);
+                if *watch_id != 0 {
+                    prost::encoding::int64::encode(WATCH_ID_FIELD, watch_id, dst);
+                }
+                for e in events {
+                    dst.put_slice(e);
+                }
+            }
+        }
+    }
+}
+
+impl From<WatchResponse> for Outgoing {
+    fn from(r: WatchResponse) -> Self {
+        Outgoing::Message(r)
+    }
+}
+
+/// The header as WatchResponse field 1, ready to be copied into responses.
+pub fn encode_header(header: &ResponseHeader) -> Bytes {
+    let mut b = BytesMut::with_capacity(header.encoded_len() + 2);
+    prost::encoding::message::encode(HEADER_FIELD, header, &mut b);
+    b.freeze()
+}
+
+/// A batch's events, each encoded as WatchResponse field 11 the first time a watcher
+/// wants it, into one buffer for the batch.
+pub struct EncodedEvents<'a> {
+    events: &'a [Event],
+    done: Vec<Option<Bytes>>,
+    buf: BytesMut,
+}
+
+impl<'a> EncodedEvents<'a> {
+    pub fn new(events: &'a [Event]) -> Self {
+        Self { events, done: vec![None; events.len()], buf: BytesMut::new() }
+    }
+
+    pub fn get(&mut self, i: usize) -> Bytes {
+        if let Some(b) = &self.done[i] {
+            return b.clone();
+        }
+        let ev = &self.events[i];
+        if self.buf.capacity() < ev.encoded_len() + 12 {
+            // Room for the rest of the batch's events of about this size.
+            self.buf.reserve((ev.encoded_len() + 12) * (self.events.len() - i).min(64));
+        }
+        prost::encoding::message::encode(EVENTS_FIELD, ev, &mut self.buf);
+        let b = self.buf.split().freeze();
+        self.done[i] = Some(b.clone());
+        b
+    }
+}
+
+/// Writes both kinds of response; reads WatchRequests.
+#[derive(Default)]
+pub struct WatchCodec;
+
+pub struct OutgoingEncoder;
+
+impl Encoder for OutgoingEncoder {
+    type Item = Outgoing;
+    type Error = Status;
+
+    fn encode(&mut self, item: Outgoing, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.write(dst);
+        Ok(())
+    }
+}
+
+impl Codec for WatchCodec {
+    type Encode = Outgoing;
+    type Decode = WatchRequest;
+    type Encoder = OutgoingEncoder;
+    type Decoder = tonic_prost::ProstDecoder<WatchRequest>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        OutgoingEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+/// The Watch service as the router takes it.
+#[derive(Clone)]
+pub struct WatchServer {
+    service: Arc<WatchService>,
+    max_decoding_message_size: usize,
+}
+
+impl WatchServer {
+    pub fn new(service: WatchService, max_decoding_message_size: usize) -> Self {
+        Self { service: Arc::new(service), max_decoding_message_size }
+    }
+}
+
+impl NamedService for WatchServer {
+    const NAME: &'static str = "etcdserverpb.Watch";
+}
+
+struct Call(Arc<WatchService>);
+
+impl StreamingService<WatchRequest> for Call {
+    type Response = Outgoing;
+    type ResponseStream = super::watch::OutgoingStream;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Self::ResponseStream>, Status>> + Send>>;
+
+    fn call(&mut self, request: Request<Streaming<WatchRequest>>) -> Self::Future {
+        let service = self.0.clone();
+        Box::pin(async move { Ok(Response::new(service.open(request.into_inner()))) })
+    }
+}
+
+impl<B> tower::Service<http::Request<B>> for WatchServer
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() != WATCH_PATH {
+            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+        }
+        let call = Call(self.service.clone());
+        let limit = self.max_decoding_message_size;
+        Box::pin(async move {
+            let mut grpc = Grpc::new(WatchCodec).apply_max_message_size_config(Some(limit), None);
+            Ok(grpc.streaming(call, req).await)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::mvccpb::KeyValue;
+    use crate::store::watch::{delete_event, put_event};
+
+    /// The parts, put together, are the message prost would have written.
+    #[test]
+    fn shared_parts_read_back_as_the_response() {
+        let events = vec![
+            put_event(KeyValue {
+                key: Bytes::from_static(b"a"),
+                value: Bytes::from(vec![7u8; 300]),
+                create_revision: 2,
+                mod_revision: 5,
+                version: 3,
+                lease: 0,
+            }),
+            delete_event(Bytes::from_static(b"b"), 6),
+        ];
+        let header = ResponseHeader { cluster_id: 1, member_id: 2, revision: 6, raft_term: 3 };
+        let mut enc = EncodedEvents::new(&events);
+        for watch_id in [0i64, 1, -1, i64::MAX] {
+            let out = Outgoing::Events {
+                header: encode_header(&header),
+                watch_id,
+                events: vec![enc.get(0), enc.get(1), enc.get(0)],
+            };
+            let mut written = BytesMut::new();
+            out.write(&mut written);
+            let back = WatchResponse::decode(written.freeze()).expect("decodes");
+            let want = WatchResponse {
+                header: Some(header),
+                watch_id,
+                events: vec![events[0].clone(), events[1].clone(), events[0].clone()],
+                ..Default::default()
+            };
+            assert_eq!(back, want);
+        }
+    }
+}
