@@ -20,7 +20,6 @@ use tonic::codegen::http::{Request, Response, Uri};
 use crate::api::conn::Coalesced;
 use crate::pb::etcdserverpb::kv_client::KvClient;
 use crate::pb::etcdserverpb::lease_client::LeaseClient;
-use crate::pb::etcdserverpb::watch_client::WatchClient;
 
 /// One HTTP/2 connection to an endpoint; clones share it.
 #[derive(Clone)]
@@ -61,8 +60,9 @@ impl Conn {
         LeaseClient::with_origin(self.clone(), self.origin.clone())
     }
 
-    pub fn watch(&self) -> WatchClient<Conn> {
-        WatchClient::with_origin(self.clone(), self.origin.clone())
+    /// A bare gRPC client on this connection, for calls with a codec of their own.
+    pub fn grpc(&self) -> tonic::client::Grpc<Conn> {
+        tonic::client::Grpc::with_origin(self.clone(), self.origin.clone())
     }
 }
 

@@ -6,10 +6,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use hdrhistogram::Histogram;
+use prost::encoding::{decode_key, decode_varint, skip_field, DecodeContext, WireType};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codec::{Codec, DecodeBuf, Decoder};
+use tonic::Status;
 
 use super::conn::Conn;
 use super::{BenchConfig, Record};
@@ -65,6 +68,104 @@ struct Seen {
     last_event: Option<Instant>,
 }
 
+/// What the checker needs of a WatchResponse, read straight off the wire: the message
+/// itself (header, keys, values) is never built, so the load generator's share of the
+/// machine it shares with the server stays small.
+#[derive(Debug, Default, PartialEq)]
+struct Skim {
+    watch_id: i64,
+    created: bool,
+    /// Per event: its mod_revision and the put's sequence number (its value).
+    events: Vec<(i64, Option<usize>)>,
+}
+
+/// Reads one length-delimited field's bytes.
+fn take<'a>(b: &mut &'a [u8]) -> Option<&'a [u8]> {
+    let n = usize::try_from(decode_varint(b).ok()?).ok()?;
+    if n > b.len() {
+        return None;
+    }
+    let (field, rest) = b.split_at(n);
+    *b = rest;
+    Some(field)
+}
+
+/// Skips a field the checker has no use for.
+fn skip(b: &mut &[u8], tag: u32, wire: WireType) -> Option<()> {
+    skip_field(wire, tag, b, DecodeContext::default()).ok()
+}
+
+impl Skim {
+    fn read(mut b: &[u8]) -> Option<Skim> {
+        let mut s = Skim::default();
+        while !b.is_empty() {
+            match decode_key(&mut b).ok()? {
+                (2, WireType::Varint) => s.watch_id = decode_varint(&mut b).ok()? as i64,
+                (3, WireType::Varint) => s.created = decode_varint(&mut b).ok()? != 0,
+                (11, WireType::LengthDelimited) => s.events.push(Self::event(take(&mut b)?)?),
+                (tag, wire) => skip(&mut b, tag, wire)?,
+            }
+        }
+        Some(s)
+    }
+
+    /// An Event's kv (field 2): its mod_revision (3) and value (5).
+    fn event(mut b: &[u8]) -> Option<(i64, Option<usize>)> {
+        let (mut rev, mut seq) = (0, None);
+        while !b.is_empty() {
+            match decode_key(&mut b).ok()? {
+                (2, WireType::LengthDelimited) => {
+                    let mut kv = take(&mut b)?;
+                    while !kv.is_empty() {
+                        match decode_key(&mut kv).ok()? {
+                            (3, WireType::Varint) => rev = decode_varint(&mut kv).ok()? as i64,
+                            (5, WireType::LengthDelimited) => {
+                                seq = std::str::from_utf8(take(&mut kv)?).ok().and_then(|v| v.parse().ok())
+                            }
+                            (tag, wire) => skip(&mut kv, tag, wire)?,
+                        }
+                    }
+                }
+                (tag, wire) => skip(&mut b, tag, wire)?,
+            }
+        }
+        Some((rev, seq))
+    }
+}
+
+/// Writes WatchRequests as prost does; reads responses as [`Skim`]s.
+struct SkimCodec;
+
+struct SkimDecoder;
+
+impl Decoder for SkimDecoder {
+    type Item = Skim;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Skim>, Status> {
+        // The message is contiguous in tonic's buffer.
+        let n = src.remaining();
+        let skim = Skim::read(&src.chunk()[..n.min(src.chunk().len())]);
+        src.advance(n);
+        skim.map(Some).ok_or_else(|| Status::internal("malformed WatchResponse"))
+    }
+}
+
+impl Codec for SkimCodec {
+    type Encode = WatchRequest;
+    type Decode = Skim;
+    type Encoder = tonic_prost::ProstEncoder<WatchRequest>;
+    type Decoder = SkimDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::default()
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        SkimDecoder
+    }
+}
+
 fn key(k: usize) -> Bytes {
     Bytes::from(format!("watch-bench/{k:06}"))
 }
@@ -74,7 +175,7 @@ fn key(k: usize) -> Bytes {
 async fn open(
     ch: Conn,
     keys: &[Option<usize>],
-) -> Result<(mpsc::Sender<WatchRequest>, tonic::Streaming<crate::pb::etcdserverpb::WatchResponse>), tonic::Status> {
+) -> Result<(mpsc::Sender<WatchRequest>, tonic::Streaming<Skim>), Status> {
     // Every create request is queued before the call: a server may send no response
     // headers (etcd does not) until it has something to say.
     let (tx, rx) = mpsc::channel(keys.len().max(1));
@@ -86,19 +187,22 @@ async fn open(
         let create = WatchCreateRequest { key, range_end, watch_id: i as i64 + 1, ..Default::default() };
         let _ = tx.send(WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) }).await;
     }
-    let mut resp = ch.watch().watch(ReceiverStream::new(rx)).await?.into_inner();
+    let mut grpc = ch.grpc();
+    grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/etcdserverpb.Watch/Watch");
+    let mut resp = grpc.streaming(tonic::Request::new(ReceiverStream::new(rx)), path, SkimCodec).await?.into_inner();
     let mut created = 0;
     while created < keys.len() {
         match resp.message().await? {
             Some(r) if r.created => created += 1,
             Some(_) => {}
-            None => return Err(tonic::Status::unavailable("watch stream ended")),
+            None => return Err(Status::unavailable("watch stream ended")),
         }
     }
     Ok((tx, resp))
 }
 
-pub async fn run(chans: Vec<Conn>, cfg: WatchBenchConfig) -> Result<WatchReport, tonic::Status> {
+pub async fn run(chans: Vec<Conn>, cfg: WatchBenchConfig) -> Result<WatchReport, Status> {
     let keys = cfg.keys.max(1);
     let streams = cfg.streams.max(1);
     let per_stream = cfg.watchers.div_ceil(streams);
@@ -143,16 +247,13 @@ pub async fn run(chans: Vec<Conn>, cfg: WatchBenchConfig) -> Result<WatchReport,
                 let i = (r.watch_id - 1) as usize;
                 let Some((last, count)) = st.watchers.get_mut(i) else { continue };
                 let (mut got, mut out_of_order) = (0, 0);
-                for ev in &r.events {
-                    let Some(kv) = &ev.kv else { continue };
-                    if kv.mod_revision <= *last {
+                for (rev, seq) in &r.events {
+                    if *rev <= *last {
                         out_of_order += 1;
                     }
-                    *last = kv.mod_revision;
+                    *last = *rev;
                     got += 1;
-                    let seq: usize =
-                        std::str::from_utf8(&kv.value).ok().and_then(|v| v.parse().ok()).unwrap_or(usize::MAX);
-                    match sent.get(seq).map(|t| t.load(Ordering::Relaxed)) {
+                    match seq.and_then(|seq| sent.get(seq)).map(|t| t.load(Ordering::Relaxed)) {
                         Some(at) if at > 0 => {
                             let _ = st.latency.record(since_start.saturating_sub(at) / 1000);
                         }
@@ -244,4 +345,44 @@ pub async fn run(chans: Vec<Conn>, cfg: WatchBenchConfig) -> Result<WatchReport,
         put_errors: put_errors.load(Ordering::Relaxed),
         put_count: cfg.puts as u64,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::Skim;
+    use crate::pb::etcdserverpb::{ResponseHeader, WatchResponse};
+    use crate::pb::mvccpb::KeyValue;
+    use crate::store::watch::{delete_event, put_event};
+
+    #[test]
+    fn skim_reads_what_the_checker_needs_and_rejects_garbage() {
+        let put = |rev: i64, value: &'static [u8]| {
+            put_event(KeyValue {
+                key: "watch-bench/000001".into(),
+                value: bytes::Bytes::from_static(value),
+                create_revision: 2,
+                mod_revision: rev,
+                version: 1,
+                lease: 7,
+            })
+        };
+        let mut with_prev = put(9, b"41");
+        with_prev.prev_kv = Some(KeyValue { mod_revision: 8, value: "40".into(), ..Default::default() });
+        let r = WatchResponse {
+            header: Some(ResponseHeader { cluster_id: 1, member_id: 2, revision: 12, raft_term: 3 }),
+            watch_id: 5,
+            created: true,
+            cancel_reason: "none".into(),
+            events: vec![put(7, b"17"), with_prev, delete_event("k".into(), 10), put(11, b"not a number")],
+            ..Default::default()
+        };
+        let s = Skim::read(&r.encode_to_vec()).expect("reads");
+        let want =
+            Skim { watch_id: 5, created: true, events: vec![(7, Some(17)), (9, Some(41)), (10, None), (11, None)] };
+        assert_eq!(s, want);
+        let bytes = r.encode_to_vec();
+        assert_eq!(Skim::read(&bytes[..bytes.len() - 3]), None, "a cut message is refused");
+    }
 }
