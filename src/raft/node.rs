@@ -1,6 +1,7 @@
 //! The Raft driver: the `RawNode` and raft-rs's Ready loop, run by a thread of its own,
-//! or, while that thread is idle, by the client task whose write or read arrives (see
-//! `Shared`). Either way one turn runs at a time, under the driver's lock.
+//! or, while that thread is idle on a member alone, by the client task whose write or
+//! read arrives (see `Shared`). Either way one turn runs at a time, under the driver's
+//! lock.
 //!
 //! Each turn of the loop, in the order raft-rs requires:
 //! 1. take every queued command (proposals, read requests), so that all the writes that
@@ -20,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -97,6 +98,8 @@ pub struct RaftStatus {
     commit: AtomicU64,
     last_index: AtomicU64,
     is_learner: AtomicBool,
+    /// This member is the group's only member.
+    alone: AtomicBool,
     membership: RwLock<Membership>,
     /// The cluster's id; 0 until a joining member is added and learns it.
     pub cluster_id: Arc<AtomicU64>,
@@ -162,13 +165,15 @@ pub enum Bootstrap {
 
 /// The driver, shared by its thread and the tasks that hand it client requests.
 ///
-/// The thread parks while there is nothing to do. A client's write or read that finds
-/// it parked runs the driver's turn itself, on its own thread: a lone write then costs
-/// one sync and no hand-off between threads (two wake-ups of idle CPUs, each costing
-/// tens of microseconds on a virtual machine). Under load the thread is never parked
-/// and takes every request, batching them as before.
+/// The thread parks while there is nothing to do. On a member alone in its group, a
+/// client's write or read that finds it parked runs the driver's turn itself, on its
+/// own thread: a lone write then costs one sync and no hand-off between threads (two
+/// wake-ups of idle CPUs, each costing tens of microseconds on a virtual machine).
+/// Under load the thread is never parked and takes every request, batching them as
+/// before.
 struct Shared {
     driver: Mutex<Driver>,
+    status: Arc<RaftStatus>,
     /// The thread is parked (or about to park) with nothing queued that it knows of.
     idle: AtomicBool,
     /// Storage failed: the driver serves nothing more.
@@ -179,6 +184,10 @@ struct Shared {
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, Driver> {
         self.driver.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn alone(&self) -> bool {
+        self.status.alone.load(Ordering::Acquire)
     }
 
     fn wake(&self) {
@@ -296,14 +305,16 @@ impl RaftHandle {
         Ok(())
     }
 
-    /// Queues a client's write or read; if the driver's thread is idle, runs the turn
-    /// here rather than waking it. Only on a multi-threaded runtime, where the other
-    /// workers keep serving while this one syncs.
+    /// Queues a client's write or read; if the driver's thread is idle and this member
+    /// is alone, runs the turn here rather than waking it. Only on a multi-threaded
+    /// runtime, where the other workers keep serving while this one syncs. With peers,
+    /// a turn can hold this worker while the mesh's traffic waits on it: three members,
+    /// 100 clients, lost throughput that way, so they always hand over.
     fn send_client(&self, cmd: Command) -> Result<(), RaftError> {
         self.queue(cmd)?;
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if multi_thread && self.shared.idle.load(Ordering::Acquire) {
+        if multi_thread && self.shared.alone() && self.shared.idle.load(Ordering::Acquire) {
             if let Ok(mut d) = self.shared.driver.try_lock() {
                 self.shared.turn(&mut d);
                 return Ok(());
@@ -497,6 +508,7 @@ pub fn start(
     let next_id = proposal_id_base(driver.cfg.id);
     let shared = Arc::new(Shared {
         driver: Mutex::new(driver),
+        status: status.clone(),
         idle: AtomicBool::new(false),
         stopped: AtomicBool::new(false),
         thread: OnceLock::new(),
@@ -541,11 +553,36 @@ type Proposal = (u64, Bytes, Instant);
 fn run(shared: Arc<Shared>) {
     let mut wait = Duration::ZERO;
     loop {
-        shared.idle.store(true, Ordering::Release);
-        // Returns at once if woken since the last park: nothing queued is missed.
-        std::thread::park_timeout(wait);
-        shared.idle.store(false, Ordering::Release);
-        let mut d = shared.lock();
+        let mut d = if shared.alone() {
+            // Parked without the lock, so that a client's task can take the turn.
+            shared.idle.store(true, Ordering::Release);
+            // Returns at once if woken since the last park: nothing queued is missed.
+            std::thread::park_timeout(wait);
+            shared.idle.store(false, Ordering::Release);
+            let mut d = shared.lock();
+            // A wake whose command a client's turn already took, with no tick due, is
+            // no reason for a turn.
+            if d.last_tick.elapsed() < d.cfg.tick {
+                match d.rx.try_recv() {
+                    Ok(cmd) => d.handle(cmd),
+                    Err(TryRecvError::Empty) => {
+                        wait = d.cfg.tick.saturating_sub(d.last_tick.elapsed());
+                        continue;
+                    }
+                    Err(TryRecvError::Disconnected) => break,
+                }
+            }
+            d
+        } else {
+            // With peers every turn is this thread's: it waits on the queue itself.
+            let mut d = shared.lock();
+            match d.rx.recv_timeout(wait) {
+                Ok(cmd) => d.handle(cmd),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            d
+        };
         if !shared.turn(&mut d) {
             break;
         }
@@ -726,6 +763,8 @@ impl Driver {
         let cs = log.conf_state();
         let m = Membership { voters: cs.voters.clone(), learners: cs.learners.clone(), names: log.members() };
         self.status.is_learner.store(m.learners.contains(&self.cfg.id), Ordering::Release);
+        let alone = m.voters == [self.cfg.id] && m.learners.is_empty();
+        self.status.alone.store(alone, Ordering::Release);
         *self.status.membership.write().unwrap_or_else(|e| e.into_inner()) = m;
     }
 
