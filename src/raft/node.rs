@@ -100,6 +100,8 @@ pub struct RaftStatus {
     is_learner: AtomicBool,
     /// This member is the group's only member.
     alone: AtomicBool,
+    /// Commands the driver's last turn took: more than one means concurrent clients.
+    last_batch: AtomicU64,
     membership: RwLock<Membership>,
     /// The cluster's id; 0 until a joining member is added and learns it.
     pub cluster_id: Arc<AtomicU64>,
@@ -314,7 +316,10 @@ impl RaftHandle {
         self.queue(cmd)?;
         let multi_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-        if multi_thread && self.shared.alone() && self.shared.idle.load(Ordering::Acquire) {
+        // Only a lone client: with many, the turn is a group commit that would hold this
+        // worker through the sync while the replies it should write wait.
+        let lone = self.status.last_batch.load(Ordering::Relaxed) <= 1;
+        if multi_thread && lone && self.shared.alone() && self.shared.idle.load(Ordering::Acquire) {
             if let Ok(mut d) = self.shared.driver.try_lock() {
                 self.shared.turn(&mut d);
                 return Ok(());
@@ -358,6 +363,8 @@ struct Driver {
     store: Arc<MvccStore>,
     status: Arc<RaftStatus>,
     rx: Receiver<Command>,
+    /// Commands taken since the last turn ended.
+    handled: u64,
     last_tick: Instant,
     /// Where the Raft log's writes are made durable.
     wal: LogWal,
@@ -483,6 +490,7 @@ pub fn start(
         store,
         status: status.clone(),
         rx,
+        handled: 0,
         last_tick: Instant::now(),
         wal,
         writes: HashMap::new(),
@@ -629,6 +637,7 @@ impl Driver {
         self.on_ready()?;
         self.tell_commit();
         self.on_ready()?;
+        self.status.last_batch.store(std::mem::take(&mut self.handled), Ordering::Relaxed);
         Ok(open)
     }
 
@@ -645,6 +654,7 @@ impl Driver {
     }
 
     fn handle(&mut self, cmd: Command) {
+        self.handled += 1;
         match cmd {
             Command::Propose { id, data, reply, deadline } => {
                 self.writes.insert(id, Waiter { reply, deadline });
