@@ -171,8 +171,8 @@ pub enum Bootstrap {
 /// client's write or read that finds it parked runs the driver's turn itself, on its
 /// own thread: a lone write then costs one sync and no hand-off between threads (two
 /// wake-ups of idle CPUs, each costing tens of microseconds on a virtual machine).
-/// Under load the thread is never parked and takes every request, batching them as
-/// before.
+/// Only after a turn of one command: under load the thread can park between group
+/// commits, and the next group commit stays on it.
 struct Shared {
     driver: Mutex<Driver>,
     status: Arc<RaftStatus>,
@@ -314,12 +314,16 @@ impl RaftHandle {
     /// 100 clients, lost throughput that way, so they always hand over.
     fn send_client(&self, cmd: Command) -> Result<(), RaftError> {
         self.queue(cmd)?;
-        let multi_thread = tokio::runtime::Handle::try_current()
-            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
         // Only a lone client: with many, the turn is a group commit that would hold this
-        // worker through the sync while the replies it should write wait.
+        // worker through the sync while the replies it should write wait. The cheap
+        // checks first: with peers or under load, nothing more is looked up.
         let lone = self.status.last_batch.load(Ordering::Relaxed) <= 1;
-        if multi_thread && lone && self.shared.alone() && self.shared.idle.load(Ordering::Acquire) {
+        if self.shared.alone()
+            && lone
+            && self.shared.idle.load(Ordering::Acquire)
+            && tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+        {
             if let Ok(mut d) = self.shared.driver.try_lock() {
                 self.shared.turn(&mut d);
                 return Ok(());
