@@ -19,10 +19,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use prost::Message;
 use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Status, Streaming};
+use tonic::Streaming;
 
-use super::watch_wire::{encode_header, EncodedEvents, Outgoing};
+use super::watch_wire::{encode_header, EncodedEvents, Outgoing, OutgoingStream};
 use super::Ctx;
 use crate::pb::etcdserverpb::watch_create_request::FilterType;
 use crate::pb::etcdserverpb::{watch_request, ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse};
@@ -32,8 +31,11 @@ use crate::store::MvccError;
 
 /// Events read from the history per step, for all of a stream's unsynced watchers.
 const CATCH_UP_EVENTS: usize = 1000;
-/// Responses queued towards one client before its stream stops reading the hub.
-const STREAM_QUEUE: usize = 64;
+/// Runs of responses queued towards one client before its stream stops reading the hub.
+const STREAM_QUEUE: usize = 4;
+/// A run of responses ends when it has this many, or this many bytes of events.
+const RUN_RESPONSES: usize = 128;
+const RUN_BYTES: usize = 1 << 20;
 
 pub struct WatchService {
     ctx: Ctx,
@@ -47,9 +49,6 @@ impl WatchService {
     }
 }
 
-/// The responses of one watch stream, as the codec writes them.
-pub type OutgoingStream = ReceiverStream<Result<Outgoing, Status>>;
-
 impl WatchService {
     /// Serves one watch stream: its task runs until the client or the member goes.
     pub fn open(&self, incoming: Streaming<WatchRequest>) -> OutgoingStream {
@@ -59,6 +58,8 @@ impl WatchService {
         let stream = WatchStream {
             ctx: self.ctx.clone(),
             tx,
+            run: Vec::new(),
+            run_bytes: 0,
             max_response_bytes: self.max_response_bytes,
             watchers: BTreeMap::new(),
             by_key: HashMap::new(),
@@ -67,7 +68,7 @@ impl WatchService {
             hub_at: self.ctx.store.revision(),
         };
         tokio::spawn(stream.run(incoming, hub, self.progress_every));
-        ReceiverStream::new(rx)
+        OutgoingStream::new(rx)
     }
 }
 
@@ -102,7 +103,11 @@ impl Watcher {
 
 struct WatchStream {
     ctx: Ctx,
-    tx: mpsc::Sender<Result<Outgoing, Status>>,
+    /// Responses go out in runs: all that one step of the stream made, in order, as one
+    /// message on the channel rather than one each.
+    tx: mpsc::Sender<Vec<Outgoing>>,
+    run: Vec<Outgoing>,
+    run_bytes: usize,
     max_response_bytes: usize,
     watchers: BTreeMap<i64, Watcher>,
     /// Single-key watchers by key, so an event finds them without visiting every watcher.
@@ -152,7 +157,7 @@ impl WatchStream {
                 _ = tick.tick() => self.on_progress_tick().await,
                 _ = std::future::ready(()), if behind => self.catch_up().await,
             };
-            if step.is_err() {
+            if step.is_err() || self.flush().await.is_err() {
                 return;
             }
         }
@@ -162,8 +167,23 @@ impl WatchStream {
         self.ctx.header(Some(ResponseHeader { revision, ..Default::default() }))
     }
 
-    async fn send(&self, resp: impl Into<Outgoing>) -> Result<(), Gone> {
-        self.tx.send(Ok(resp.into())).await.map_err(|_| Gone)
+    /// Adds a response to the current run, which leaves when the step ends or it is full.
+    async fn send(&mut self, resp: impl Into<Outgoing>) -> Result<(), Gone> {
+        let resp = resp.into();
+        self.run_bytes += resp.size();
+        self.run.push(resp);
+        if self.run.len() >= RUN_RESPONSES || self.run_bytes >= RUN_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), Gone> {
+        if self.run.is_empty() {
+            return Ok(());
+        }
+        self.run_bytes = 0;
+        self.tx.send(std::mem::take(&mut self.run)).await.map_err(|_| Gone)
     }
 
     async fn on_request(&mut self, req: WatchRequest) -> Result<(), Gone> {

@@ -17,6 +17,8 @@ use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
 use tonic::codec::{Codec, EncodeBuf, Encoder};
 use tonic::codegen::{http, Body, StdError};
 use tonic::server::{Grpc, NamedService, StreamingService};
@@ -60,6 +62,16 @@ impl Outgoing {
     }
 }
 
+impl Outgoing {
+    /// About the bytes the response holds apart from what it shares with others.
+    pub fn size(&self) -> usize {
+        match self {
+            Outgoing::Message(m) => m.encoded_len(),
+            Outgoing::Events { events, .. } => 16 + 8 * events.len(),
+        }
+    }
+}
+
 impl From<WatchResponse> for Outgoing {
     fn from(r: WatchResponse) -> Self {
         Outgoing::Message(r)
@@ -99,6 +111,35 @@ impl<'a> EncodedEvents<'a> {
         let b = self.buf.split().freeze();
         self.done[i] = Some(b.clone());
         b
+    }
+}
+
+/// The responses of one watch stream: the stream's task sends them in runs, and they
+/// leave one by one for the codec, which writes those that are ready into one frame.
+pub struct OutgoingStream {
+    rx: mpsc::Receiver<Vec<Outgoing>>,
+    run: std::vec::IntoIter<Outgoing>,
+}
+
+impl OutgoingStream {
+    pub fn new(rx: mpsc::Receiver<Vec<Outgoing>>) -> Self {
+        Self { rx, run: Vec::new().into_iter() }
+    }
+}
+
+impl Stream for OutgoingStream {
+    type Item = Result<Outgoing, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(resp) = self.run.next() {
+                return Poll::Ready(Some(Ok(resp)));
+            }
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(run) => self.run = run.into_iter(),
+                None => return Poll::Ready(None),
+            }
+        }
     }
 }
 
@@ -154,7 +195,7 @@ struct Call(Arc<WatchService>);
 
 impl StreamingService<WatchRequest> for Call {
     type Response = Outgoing;
-    type ResponseStream = super::watch::OutgoingStream;
+    type ResponseStream = OutgoingStream;
     type Future = Pin<Box<dyn Future<Output = Result<Response<Self::ResponseStream>, Status>> + Send>>;
 
     fn call(&mut self, request: Request<Streaming<WatchRequest>>) -> Self::Future {
@@ -228,5 +269,27 @@ mod tests {
             };
             assert_eq!(back, want);
         }
+    }
+
+    /// Runs leave as single responses, in the order they were sent, and the stream ends
+    /// when its task is gone.
+    #[tokio::test]
+    async fn runs_leave_one_response_at_a_time_in_order() {
+        use tokio_stream::StreamExt;
+        let (tx, rx) = mpsc::channel(4);
+        let mut out = OutgoingStream::new(rx);
+        let resp = |id| Outgoing::Message(WatchResponse { watch_id: id, ..Default::default() });
+        tx.send(vec![resp(1), resp(2), resp(3)]).await.unwrap();
+        tx.send(vec![]).await.unwrap();
+        tx.send(vec![resp(4)]).await.unwrap();
+        drop(tx);
+        let mut ids = Vec::new();
+        while let Some(item) = out.next().await {
+            match item.expect("no error") {
+                Outgoing::Message(m) => ids.push(m.watch_id),
+                Outgoing::Events { .. } => panic!("only messages were sent"),
+            }
+        }
+        assert_eq!(ids, vec![1, 2, 3, 4]);
     }
 }
