@@ -293,15 +293,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    // One client with one request in flight: its task and its connection's run on one
-    // thread, so an answer reaches the client without a wake of another thread (on a
-    // virtual machine each such wake costs tens of microseconds of the latency measured).
-    // The watch workload keeps its readers apart from the client that puts.
-    let rt = if args.clients == 1 && args.workload != "watch" {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()?
-    } else {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()?
-    };
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if args.workload == "mesh" {
         let seconds = args.duration.unwrap_or(3.0);
         let results = rt.block_on(bench::mesh::run(std::time::Duration::from_secs_f64(seconds)));

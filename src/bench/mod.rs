@@ -29,7 +29,7 @@ use crate::pb::etcdserverpb::{
     compare, request_op, Compare, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseRevokeRequest,
     PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
-use conn::{Conn, ConnError};
+use conn::{Conn, ConnError, Shards};
 pub use record::Record;
 
 /// What to run and how hard.
@@ -243,7 +243,8 @@ pub async fn run(
     workload: Workload,
     progress: impl Fn(u64) + Send + Sync + 'static,
 ) -> Result<Record, ConnError> {
-    let chans = connect(cfg).await?;
+    let shards = Shards::new(cfg.conns)?;
+    let chans = shards.connect(&cfg.endpoints, cfg.conns).await?;
     let space = key_space(cfg, workload);
     let value = Bytes::from(vec![b'v'; cfg.val_size]);
     if matches!(workload, Workload::RangeLinearizable | Workload::RangeSerializable | Workload::TxnMixed) {
@@ -257,12 +258,12 @@ pub async fn run(
             clients: cfg.clients.clamp(1, 100),
             ..cfg.clone()
         };
-        let (tallies, _) = drive(&load, Workload::Put, &chans, &value, Arc::new(|_| {})).await;
+        let (tallies, _) = drive(&load, Workload::Put, &shards, &chans, &value, Arc::new(|_| {})).await;
         if let Some(e) = tallies.iter().find_map(|t| t.first_error.clone()) {
             tracing::warn!(error = %e, "loading the keys to read failed");
         }
     }
-    let (tallies, elapsed) = drive(cfg, workload, &chans, &value, Arc::new(progress)).await;
+    let (tallies, elapsed) = drive(cfg, workload, &shards, &chans, &value, Arc::new(progress)).await;
     let mut latency = histogram();
     let (mut ok, mut errors, mut conflicts, mut first_error) = (0, 0, 0, None);
     for t in tallies {
@@ -282,6 +283,7 @@ pub async fn run(
 async fn drive(
     cfg: &BenchConfig,
     workload: Workload,
+    shards: &Shards,
     chans: &[Conn],
     value: &Bytes,
     progress: Arc<dyn Fn(u64) + Send + Sync>,
@@ -292,10 +294,11 @@ async fn drive(
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(cfg.clients);
     for i in 0..cfg.clients.max(1) {
+        // A client runs beside its connection.
         let mut client = Client::new(&chans[i % chans.len()]);
         let cfg = cfg.clone();
         let (next, done, progress, value) = (next.clone(), done.clone(), progress.clone(), value.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.push(shards.of_conn(i % chans.len()).spawn(async move {
             let mut t = Tally { latency: histogram(), ok: 0, errors: 0, conflicts: 0, first_error: None };
             loop {
                 let n = next.fetch_add(1, Ordering::Relaxed);
