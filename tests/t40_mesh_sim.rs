@@ -108,10 +108,8 @@ fn unicast_crosses_multi_hop_routes() {
     converge(&mut sim, 200);
     sim.run_until_quiet(200);
     // The farthest peer from p0000 in its routing view.
-    let target = (1..100)
-        .filter(|&i| !sim.nodes[0].neighbours().contains(sim.name(i)))
-        .last()
-        .expect("a peer without a direct link");
+    let target =
+        (1..100).rfind(|&i| !sim.nodes[0].neighbours().contains(sim.name(i))).expect("a peer without a direct link");
     let dst = sim.name(target).clone();
     sim.act(0, |node| node.send_to(&dst, Bytes::from_static(b"over the hills"), false)).unwrap();
     sim.run_until_quiet(100);

@@ -19,9 +19,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tonic::body::Body;
 use tonic::codegen::http::{Request, Response, Uri};
 

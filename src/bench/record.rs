@@ -318,7 +318,7 @@ mod tests {
 
     #[test]
     fn medians_and_ratios_come_from_the_middle_round() {
-        let rs = vec![
+        let rs = [
             rec("meshkv", "put", 300.0, 3.0),
             rec("etcd", "put", 100.0, 9.0),
             rec("meshkv", "put", 100.0, 1.0),

@@ -470,11 +470,7 @@ mod tests {
     use raft::Storage;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = vec![index as u8].into();
-        e
+        Entry { index, term, data: vec![index as u8].into(), ..Default::default() }
     }
 
     #[test]

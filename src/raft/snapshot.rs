@@ -326,18 +326,9 @@ mod tests {
             let engine = Engine::open(&dir.path().join("db")).unwrap();
             let log = LogStore::open(engine.clone()).unwrap();
             let mut batch = WriteBatch::default();
-            let ents: Vec<Entry> = (1..=10)
-                .map(|i| {
-                    let mut e = Entry::default();
-                    e.index = i;
-                    e.term = 1;
-                    e
-                })
-                .collect();
+            let ents: Vec<Entry> = (1..=10).map(|i| Entry { index: i, term: 1, ..Default::default() }).collect();
             log.append(&mut batch, &ents);
-            let mut hs = HardState::default();
-            hs.term = 1;
-            hs.commit = 10;
+            let hs = HardState { term: 1, commit: 10, ..Default::default() };
             log.set_hard_state(&mut batch, &hs);
             batch.put_cf(engine.cf(CF_META), b"applied_index", 10u64.to_be_bytes());
             engine.write(batch, true).unwrap();
@@ -345,12 +336,8 @@ mod tests {
             let mut sink = SstSink::new(&staging, 0).unwrap();
             sink.push(Bytes::from_static(b"k1"), Bytes::from_static(b"v1")).unwrap();
             sink.finish().unwrap();
-            let mut meta = SnapshotMetadata::default();
-            meta.index = 20;
-            meta.term = 2;
-            let mut cs = ConfState::default();
-            cs.voters = vec![1];
-            meta.set_conf_state(cs);
+            let mut meta = SnapshotMetadata { index: 20, term: 2, ..Default::default() };
+            meta.set_conf_state(ConfState { voters: vec![1], ..Default::default() });
             let state = log.snapshot_state(&meta, [(1, "a".to_string())].into_iter().collect(), vec![]);
             begin_install(&engine, &staging, &[(b"applied_index", 20u64.to_be_bytes().to_vec())], &state).unwrap();
             // The process dies here.
