@@ -354,8 +354,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
                 stalled: args.stalled,
             };
             let r = rt.block_on(async {
-                let chans = bench::connect(&cfg).await?;
-                anyhow::Ok(bench::watch::run(chans, wcfg).await?)
+                let shards = bench::conn::Shards::new(cfg.conns)?;
+                let chans = shards.connect(&cfg.endpoints, cfg.conns).await?;
+                anyhow::Ok(bench::watch::run(&shards, chans, wcfg).await?)
             })?;
             r.record(&cfg)
         }

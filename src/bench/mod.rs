@@ -131,15 +131,6 @@ fn key_for(cfg: &BenchConfig, space: usize, n: usize) -> Bytes {
     Bytes::from(format!("{k:0width$}", width = cfg.key_size.max(1)))
 }
 
-/// Connects `cfg.conns` connections spread over the endpoints.
-pub async fn connect(cfg: &BenchConfig) -> Result<Vec<Conn>, ConnError> {
-    let mut conns = Vec::with_capacity(cfg.conns.max(1));
-    for i in 0..cfg.conns.max(1) {
-        conns.push(Conn::connect(&cfg.endpoints[i % cfg.endpoints.len()]).await?);
-    }
-    Ok(conns)
-}
-
 /// One client: its stubs and, for the lease workload, its keep-alive stream.
 struct Client {
     kv: KvClient<Conn>,

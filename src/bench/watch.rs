@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::{Codec, DecodeBuf, Decoder};
 use tonic::Status;
 
-use super::conn::Conn;
+use super::conn::{Conn, Shards};
 use super::{BenchConfig, Record};
 use crate::pb::etcdserverpb::{watch_request, PutRequest, WatchCreateRequest, WatchRequest};
 
@@ -202,7 +202,9 @@ async fn open(
     Ok((tx, resp))
 }
 
-pub async fn run(chans: Vec<Conn>, cfg: WatchBenchConfig) -> Result<WatchReport, Status> {
+/// Runs the watch workload over `chans`, made by `shards`: each stream's reader and each
+/// putting client run beside their connection.
+pub async fn run(shards: &Shards, chans: Vec<Conn>, cfg: WatchBenchConfig) -> Result<WatchReport, Status> {
     let keys = cfg.keys.max(1);
     let streams = cfg.streams.max(1);
     let per_stream = cfg.watchers.div_ceil(streams);
@@ -235,7 +237,7 @@ pub async fn run(chans: Vec<Conn>, cfg: WatchBenchConfig) -> Result<WatchReport,
         seen.push(state.clone());
         watcher_keys.push(ks);
         let (sent, events, disorder) = (sent.clone(), events.clone(), disorder.clone());
-        readers.push(tokio::spawn(async move {
+        readers.push(shards.of_conn(s % chans.len()).spawn(async move {
             while let Ok(Some(r)) = resp.message().await {
                 let now = Instant::now();
                 let since_start = now.duration_since(start).as_nanos() as u64;
@@ -288,7 +290,7 @@ pub async fn run(chans: Vec<Conn>, cfg: WatchBenchConfig) -> Result<WatchReport,
         let mut kv = chans[c % chans.len()].kv();
         let (errors, next, sent) = (put_errors.clone(), next.clone(), sent.clone());
         let (total, rate) = (cfg.puts, cfg.rate);
-        puts.push(tokio::spawn(async move {
+        puts.push(shards.of_conn(c % chans.len()).spawn(async move {
             loop {
                 let seq = next.fetch_add(1, Ordering::Relaxed);
                 if seq >= total {
