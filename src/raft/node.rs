@@ -1006,13 +1006,16 @@ impl Driver {
             };
             reqs.push((e.index, req));
         }
-        let results = self.store.apply(&reqs).map_err(|e| EngineError::Corrupt { cf: "kv", what: e.to_string() })?;
+        let (results, held) =
+            self.store.apply_held(&reqs).map_err(|e| EngineError::Corrupt { cf: "kv", what: e.to_string() })?;
         for ((_, req), res) in reqs.into_iter().zip(results) {
             let Some(req) = req else { continue };
             if let Some(w) = self.writes.remove(&req.id) {
                 let _ = w.reply.send(res.map_err(RaftError::Apply));
             }
         }
+        // The writers' tasks are woken first; the watchers' streams after them.
+        drop(held);
         self.release_reads();
         Ok(())
     }

@@ -43,6 +43,33 @@ impl WatchHub {
         // No listener is not an error.
         let _ = self.tx.send(Arc::new(batch));
     }
+
+    /// A place for batches to wait until the writes that made them are answered.
+    pub(crate) fn hold(&self) -> Held {
+        Held { tx: self.tx.clone(), batches: Vec::new() }
+    }
+}
+
+/// Applied batches not yet published: they go out, in order, when this is dropped. The
+/// Raft driver answers the writers first, so a put's reply does not wait behind the
+/// work of handing its events to every watcher.
+pub struct Held {
+    tx: broadcast::Sender<Arc<EventBatch>>,
+    batches: Vec<EventBatch>,
+}
+
+impl Held {
+    pub(crate) fn push(&mut self, batch: EventBatch) {
+        self.batches.push(batch);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for batch in self.batches.drain(..) {
+            let _ = self.tx.send(Arc::new(batch));
+        }
+    }
 }
 
 /// The keys one watcher covers: etcd's key and range_end.
@@ -71,5 +98,24 @@ pub fn delete_event(key: bytes::Bytes, rev: i64) -> Event {
         r#type: EventType::Delete as i32,
         kv: Some(KeyValue { key, mod_revision: rev, ..Default::default() }),
         prev_kv: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Held batches reach listeners only when let go, all of them, in the order made.
+    #[test]
+    fn held_batches_go_out_in_order_when_dropped() {
+        let hub = WatchHub::default();
+        let mut rx = hub.subscribe();
+        let mut held = hub.hold();
+        held.push(EventBatch { from: 1, to: 1, events: Some(vec![delete_event("a".into(), 1)]) });
+        held.push(EventBatch { from: 2, to: 3, events: None });
+        assert!(rx.try_recv().is_err(), "nothing is published while held");
+        drop(held);
+        let got: Vec<(i64, i64)> = std::iter::from_fn(|| rx.try_recv().ok()).map(|b| (b.from, b.to)).collect();
+        assert_eq!(got, vec![(1, 1), (2, 3)]);
     }
 }

@@ -33,7 +33,7 @@ use crate::pb::meshkvpb::{internal_request, InternalRequest, LeaseRecord};
 use crate::pb::mvccpb::{Event, KeyValue};
 use crate::store::engine::{Engine, EngineError, CF_KV, CF_LEASE, CF_META};
 use crate::store::lease::LeaseTable;
-use crate::store::watch::{delete_event, put_event, EventBatch, KeyRange, WatchHub};
+use crate::store::watch::{delete_event, put_event, EventBatch, Held, KeyRange, WatchHub};
 
 pub use index::{KeyAt, KeyIndex, RangeEnd};
 pub use revision::Revision;
@@ -431,8 +431,18 @@ impl MvccStore {
         &self,
         entries: &[(u64, Option<InternalRequest>)],
     ) -> Result<Vec<Result<WriteResponse, MvccError>>, MvccError> {
+        self.apply_held(entries).map(|(out, _published_on_drop)| out)
+    }
+
+    /// As [`apply`](Self::apply), but the batches' events reach watchers only when the
+    /// returned [`Held`] is dropped (also on error: what was written is published).
+    pub fn apply_held(
+        &self,
+        entries: &[(u64, Option<InternalRequest>)],
+    ) -> Result<(Vec<Result<WriteResponse, MvccError>>, Held), MvccError> {
+        let mut held = self.hub.hold();
         let Some(&(last_index, _)) = entries.last() else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), held));
         };
         let mut batch = WriteBatch::default();
         let mut pending = Pending::with_capacity(entries.len());
@@ -452,13 +462,14 @@ impl MvccStore {
             if let internal_request::Request::Compaction(c) = req {
                 // Readers must never see the index compacted past the revision they read
                 // at, so what came before is published first.
-                self.commit(std::mem::take(&mut batch), rev, *index - 1, None, std::mem::take(&mut events))?;
+                let before = std::mem::take(&mut events);
+                self.commit(std::mem::take(&mut batch), rev, *index - 1, None, before, &mut held)?;
                 pending.clear();
                 let mut ix = self.index.write().unwrap_or_else(|_| lock_poisoned());
                 let res = self.compact(&mut ix, &mut batch, c, rev, self.compact_revision());
                 drop(ix);
                 let ok = res.is_ok();
-                self.commit(std::mem::take(&mut batch), rev, *index, ok.then_some(c.revision), Vec::new())?;
+                self.commit(std::mem::take(&mut batch), rev, *index, ok.then_some(c.revision), Vec::new(), &mut held)?;
                 out.push(res.map(WriteResponse::Compaction));
                 continue;
             }
@@ -492,12 +503,12 @@ impl MvccStore {
             }
             out.push(res);
         }
-        self.commit(batch, rev, last_index, None, events)?;
-        Ok(out)
+        self.commit(batch, rev, last_index, None, events, &mut held)?;
+        Ok((out, held))
     }
 
     /// Writes an applied batch with the applied index and revision, publishes it to
-    /// readers, then its events to watchers.
+    /// readers, then hands its events to `held` for the watchers.
     fn commit(
         &self,
         mut batch: WriteBatch,
@@ -505,6 +516,7 @@ impl MvccStore {
         applied: u64,
         compacted: Option<i64>,
         events: Vec<Event>,
+        held: &mut Held,
     ) -> Result<(), MvccError> {
         let meta = self.engine.cf(CF_META);
         batch.put_cf(meta, META_APPLIED, applied.to_be_bytes());
@@ -521,7 +533,7 @@ impl MvccStore {
             self.compacted.store(c, Ordering::Release);
         }
         if rev > before {
-            self.hub.publish(EventBatch { from: before + 1, to: rev, events: Some(events) });
+            held.push(EventBatch { from: before + 1, to: rev, events: Some(events) });
         }
         Ok(())
     }
