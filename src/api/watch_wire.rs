@@ -60,9 +60,7 @@ impl Outgoing {
             }
         }
     }
-}
 
-impl Outgoing {
     /// About the bytes the response holds apart from what it shares with others.
     pub fn size(&self) -> usize {
         match self {

@@ -24,6 +24,7 @@ pub struct EventBatch {
 }
 
 /// The publishing side, owned by the store.
+#[derive(Clone)]
 pub struct WatchHub {
     tx: broadcast::Sender<Arc<EventBatch>>,
 }
@@ -46,7 +47,7 @@ impl WatchHub {
 
     /// A place for batches to wait until the writes that made them are answered.
     pub(crate) fn hold(&self) -> Held {
-        Held { tx: self.tx.clone(), batches: Vec::new() }
+        Held { hub: self.clone(), batches: Vec::new() }
     }
 }
 
@@ -54,7 +55,7 @@ impl WatchHub {
 /// Raft driver answers the writers first, so a put's reply does not wait behind the
 /// work of handing its events to every watcher.
 pub struct Held {
-    tx: broadcast::Sender<Arc<EventBatch>>,
+    hub: WatchHub,
     batches: Vec<EventBatch>,
 }
 
@@ -67,7 +68,7 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         for batch in self.batches.drain(..) {
-            let _ = self.tx.send(Arc::new(batch));
+            self.hub.publish(batch);
         }
     }
 }
