@@ -66,6 +66,7 @@ impl WatchService {
             ranged: BTreeSet::new(),
             next_auto: 0,
             hub_at: self.ctx.store.revision(),
+            deliveries: Vec::new(),
         };
         tokio::spawn(stream.run(incoming, hub, self.progress_every));
         OutgoingStream::new(rx)
@@ -117,6 +118,8 @@ struct WatchStream {
     next_auto: i64,
     /// The newest revision the hub has brought this stream.
     hub_at: i64,
+    /// A batch's deliveries, (watcher, event index), kept between batches for its room.
+    deliveries: Vec<(i64, usize)>,
 }
 
 /// The client went away.
@@ -300,38 +303,50 @@ impl WatchStream {
             }
         };
         self.hub_at = b.to;
-        // Which of the batch's events each synced watcher gets, by index.
-        let mut out: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
+        // Which of the batch's events each synced watcher gets, by index: gathered in the
+        // events' order, then grouped by watcher (the sort is stable, so each watcher's
+        // events stay in order).
+        let mut deliveries = std::mem::take(&mut self.deliveries);
+        deliveries.clear();
         for (i, ev) in events.iter().enumerate() {
             let Some(kv) = &ev.kv else { continue };
             let keyed = self.by_key.get(&kv.key).map(Vec::as_slice).unwrap_or_default();
             for id in keyed.iter().chain(&self.ranged) {
                 if let Some(w) = self.watchers.get(id) {
                     if w.synced && w.wants(ev) {
-                        out.entry(*id).or_default().push(i);
+                        deliveries.push((*id, i));
                     }
                 }
             }
         }
+        deliveries.sort_by_key(|&(id, _)| id);
         // A synced watcher's `next` is left where it was: below `hub_at` it means nothing,
         // and `unsync_all` moves it up before it is used again.
         let mut encoded = EncodedEvents::new(events);
         let mut header = None;
-        for (id, wanted) in out {
+        let mut sent = Ok(());
+        for group in deliveries.chunk_by(|a, b| a.0 == b.0) {
+            let id = group[0].0;
+            let wanted = group.iter().map(|&(_, i)| i);
             let Some(w) = self.watchers.get_mut(&id) else { continue };
             w.quiet = false;
-            if w.prev_kv || w.fragment {
+            sent = if w.prev_kv || w.fragment {
                 // Built for this watcher alone: previous values are looked up, and a
                 // large response may be split.
-                let mine = wanted.iter().map(|i| events[*i].clone()).collect();
-                self.deliver(id, mine, b.to).await?;
-                continue;
+                let mine = wanted.map(|i| events[i].clone()).collect();
+                self.deliver(id, mine, b.to).await
+            } else {
+                let header =
+                    header.get_or_insert_with(|| encode_header(&self.header(b.to).unwrap_or_default())).clone();
+                let events = wanted.map(|i| encoded.get(i)).collect();
+                self.send(Outgoing::Events { header, watch_id: id, events }).await
+            };
+            if sent.is_err() {
+                break;
             }
-            let header = header.get_or_insert_with(|| encode_header(&self.header(b.to).unwrap_or_default())).clone();
-            let events = wanted.iter().map(|i| encoded.get(*i)).collect();
-            self.send(Outgoing::Events { header, watch_id: id, events }).await?;
         }
-        Ok(())
+        self.deliveries = deliveries;
+        sent
     }
 
     /// One bounded step of reading the history for the unsynced watchers.
