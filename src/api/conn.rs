@@ -31,8 +31,9 @@ const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
 const RST_STREAM: u8 = 0x3;
 const END_STREAM: u8 = 0x1;
-/// Open requests tracked at most: more than a connection may have (its concurrent
-/// streams), so only bytes that are not HTTP/2 reach it; past it, none is added.
+/// Open requests tracked at most, so that a peer cannot grow the list without bound.
+/// Past it none is added: the connection then yields less often, which costs only the
+/// gathering of replies.
 const MAX_OPEN: usize = 4096;
 
 /// A frame's header: its payload's length, type, flags and stream.
