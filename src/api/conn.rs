@@ -135,24 +135,25 @@ impl Requests {
         });
     }
 
-    fn on_written(&mut self, bytes: &[u8]) {
-        let open = &mut self.open;
-        self.written.feed(bytes, |f| {
+    /// Passes `bytes` the server wrote from `written`, calling `ended` with each stream
+    /// a frame in them ends.
+    fn answers(written: &mut Frames, bytes: &[u8], mut ended: impl FnMut(u32)) {
+        written.feed(bytes, |f| {
             if f.ends_stream() {
-                Self::close(open, f.stream);
+                ended(f.stream);
             }
         });
+    }
+
+    fn on_written(&mut self, bytes: &[u8]) {
+        let open = &mut self.open;
+        Self::answers(&mut self.written, bytes, |s| Self::close(open, s));
     }
 
     /// Whether requests other than those `bytes` answer are still open.
     fn others_open(&self, bytes: &[u8]) -> bool {
         let mut answered = 0;
-        let mut frames = self.written;
-        frames.feed(bytes, |f| {
-            if f.ends_stream() && self.open.contains(&f.stream) {
-                answered += 1;
-            }
-        });
+        Self::answers(&mut self.written.clone(), bytes, |s| answered += usize::from(self.open.contains(&s)));
         self.open.len() > answered
     }
 }
