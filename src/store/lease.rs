@@ -76,16 +76,21 @@ impl LeaseTable {
 
     /// Records that `key` now has `lease` (0: none), detaching it from any other.
     pub fn attach(&mut self, key: &Bytes, lease: i64) {
-        let old = if lease == 0 { self.key_lease.remove(key) } else { self.key_lease.insert(key.clone(), lease) };
+        if lease == 0 {
+            self.detach(key);
+            return;
+        }
+        // Kept as a copy of its own bytes: `key` is a slice of the buffer it was decoded
+        // from, which would otherwise stay alive as long as the key holds the lease.
+        let key = &Bytes::copy_from_slice(key);
+        let old = self.key_lease.insert(key.clone(), lease);
         if let Some(old) = old.filter(|&o| o != lease) {
             if let Some(l) = self.leases.get_mut(&old) {
                 l.keys.remove(key);
             }
         }
-        if lease != 0 {
-            if let Some(l) = self.leases.get_mut(&lease) {
-                l.keys.insert(key.clone());
-            }
+        if let Some(l) = self.leases.get_mut(&lease) {
+            l.keys.insert(key.clone());
         }
     }
 
@@ -125,6 +130,16 @@ mod tests {
         // A later put of the key with no lease finds nothing to detach.
         t.attach(&k, 0);
         assert_eq!(t.all(), vec![(2, 20)]);
+    }
+
+    #[test]
+    fn an_attached_key_does_not_keep_the_buffer_it_was_decoded_from() {
+        let mut t = LeaseTable::default();
+        t.grant(1, 10);
+        let entry = Bytes::from(vec![b'k'; 4096]);
+        t.attach(&entry.slice(0..2), 1);
+        assert!(entry.is_unique(), "the table holds a copy of the key, not a slice of the entry");
+        assert!(t.get(1).unwrap().keys.contains(&Bytes::from_static(b"kk")));
     }
 
     #[test]

@@ -135,9 +135,20 @@ impl KeyIndex {
         }
     }
 
+    /// The generations of `key`, made empty if it is new. A new key is stored as a copy
+    /// of its own bytes: `key` is usually a slice of a larger buffer (the Raft entry or
+    /// the stored value it was decoded from), which the index would otherwise keep alive
+    /// for as long as the key exists.
+    fn generations(&mut self, key: Bytes) -> &mut Vec<Generation> {
+        if self.keys.contains_key(&key) {
+            return self.keys.entry(key).or_default();
+        }
+        self.keys.entry(Bytes::copy_from_slice(&key)).or_default()
+    }
+
     /// Records a put of `key` at `rev`; returns the key's version after it.
     pub fn put(&mut self, key: Bytes, rev: Revision) -> KeyAt {
-        let gens = self.keys.entry(key).or_default();
+        let gens = self.generations(key);
         match gens.last_mut() {
             Some(g) if g.tombstone.is_none() => {
                 g.revs.push(rev);
@@ -153,7 +164,7 @@ impl KeyIndex {
     /// Records a put read back from storage, where compaction may have removed the
     /// generation's earlier revisions: `created` and `version` come from the stored value.
     pub fn restore_put(&mut self, key: Bytes, rev: Revision, created: i64, version: i64) {
-        let gens = self.keys.entry(key).or_default();
+        let gens = self.generations(key);
         match gens.last_mut() {
             Some(g) if g.tombstone.is_none() => g.revs.push(rev),
             _ => gens.push(Generation { created, ver_base: version, revs: vec![rev], tombstone: None }),
@@ -221,6 +232,17 @@ mod tests {
         assert_eq!(ix.get(b"a", 4), None);
         assert_eq!(ix.get(b"a", 5), None);
         assert_eq!(ix.get(b"a", 9).map(|a| a.version), Some(1));
+    }
+
+    #[test]
+    fn a_new_key_does_not_keep_the_buffer_it_was_decoded_from() {
+        let mut ix = KeyIndex::default();
+        let entry = Bytes::from(vec![7u8; 4096]);
+        ix.put(entry.slice(10..13), r(2));
+        ix.restore_put(entry.slice(20..23), r(3), 3, 1);
+        ix.put(entry.slice(10..13), r(4));
+        assert!(entry.is_unique(), "the index holds copies of the keys, not slices of the entry");
+        assert_eq!(ix.get(&[7, 7, 7], 9).map(|a| a.version), Some(3));
     }
 
     #[test]
