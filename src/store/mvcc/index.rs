@@ -37,6 +37,13 @@ pub struct Dropped {
     pub tombstone: bool,
 }
 
+/// Starts a key's new generation. Most keys only ever have one, so the list grows by
+/// exactly one: a `Vec`'s first push would make room for four (256 bytes a key).
+fn begin(gens: &mut Vec<Generation>, g: Generation) {
+    gens.reserve_exact(1);
+    gens.push(g);
+}
+
 /// Key → generations, ordered by key.
 #[derive(Default, Debug)]
 pub struct KeyIndex {
@@ -155,7 +162,7 @@ impl KeyIndex {
                 KeyAt { modified: rev, created: g.created, version: g.ver_base + g.revs.len() as i64 - 1 }
             }
             _ => {
-                gens.push(Generation { created: rev.main, ver_base: 1, revs: vec![rev], tombstone: None });
+                begin(gens, Generation { created: rev.main, ver_base: 1, revs: vec![rev], tombstone: None });
                 KeyAt { modified: rev, created: rev.main, version: 1 }
             }
         }
@@ -167,7 +174,7 @@ impl KeyIndex {
         let gens = self.generations(key);
         match gens.last_mut() {
             Some(g) if g.tombstone.is_none() => g.revs.push(rev),
-            _ => gens.push(Generation { created, ver_base: version, revs: vec![rev], tombstone: None }),
+            _ => begin(gens, Generation { created, ver_base: version, revs: vec![rev], tombstone: None }),
         }
     }
 
@@ -243,6 +250,20 @@ mod tests {
         ix.put(entry.slice(10..13), r(4));
         assert!(entry.is_unique(), "the index holds copies of the keys, not slices of the entry");
         assert_eq!(ix.get(&[7, 7, 7], 9).map(|a| a.version), Some(3));
+    }
+
+    #[test]
+    fn a_key_has_room_for_the_generations_it_has_and_no_more() {
+        let mut ix = KeyIndex::default();
+        let k = Bytes::from_static(b"k");
+        ix.put(k.clone(), r(2));
+        ix.restore_put(Bytes::from_static(b"j"), r(3), 3, 1);
+        assert_eq!(ix.keys[&k].capacity(), 1);
+        assert_eq!(ix.keys[b"j".as_slice()].capacity(), 1);
+        ix.tombstone(b"k", r(4));
+        ix.put(k.clone(), r(5));
+        assert!(ix.keys[&k].capacity() <= 2);
+        assert_eq!(ix.get(b"k", 9), Some(KeyAt { modified: r(5), created: 5, version: 1 }));
     }
 
     #[test]
