@@ -142,21 +142,20 @@ impl KeyIndex {
         }
     }
 
-    /// The generations of `key`, made empty if it is new. A new key is stored as a copy
-    /// of its own bytes: `key` is usually a slice of a larger buffer (the Raft entry or
-    /// the stored value it was decoded from), which the index would otherwise keep alive
-    /// for as long as the key exists.
-    fn generations(&mut self, key: Bytes) -> &mut Vec<Generation> {
-        if self.keys.contains_key(&key) {
-            return self.keys.entry(key).or_default();
+    /// Calls `f` with the generations of `key`, made empty if it is new. A new key is
+    /// stored as a copy of its own bytes: `key` is usually a slice of a larger buffer (the
+    /// Raft entry or the stored value it was decoded from), which the index would
+    /// otherwise keep alive for as long as the key exists.
+    fn with_generations<R>(&mut self, key: Bytes, f: impl FnOnce(&mut Vec<Generation>) -> R) -> R {
+        if let Some(gens) = self.keys.get_mut(&key) {
+            return f(gens);
         }
-        self.keys.entry(Bytes::copy_from_slice(&key)).or_default()
+        f(self.keys.entry(Bytes::copy_from_slice(&key)).or_default())
     }
 
     /// Records a put of `key` at `rev`; returns the key's version after it.
     pub fn put(&mut self, key: Bytes, rev: Revision) -> KeyAt {
-        let gens = self.generations(key);
-        match gens.last_mut() {
+        self.with_generations(key, |gens| match gens.last_mut() {
             Some(g) if g.tombstone.is_none() => {
                 g.revs.push(rev);
                 KeyAt { modified: rev, created: g.created, version: g.ver_base + g.revs.len() as i64 - 1 }
@@ -165,17 +164,16 @@ impl KeyIndex {
                 begin(gens, Generation { created: rev.main, ver_base: 1, revs: vec![rev], tombstone: None });
                 KeyAt { modified: rev, created: rev.main, version: 1 }
             }
-        }
+        })
     }
 
     /// Records a put read back from storage, where compaction may have removed the
     /// generation's earlier revisions: `created` and `version` come from the stored value.
     pub fn restore_put(&mut self, key: Bytes, rev: Revision, created: i64, version: i64) {
-        let gens = self.generations(key);
-        match gens.last_mut() {
+        self.with_generations(key, |gens| match gens.last_mut() {
             Some(g) if g.tombstone.is_none() => g.revs.push(rev),
             _ => begin(gens, Generation { created, ver_base: version, revs: vec![rev], tombstone: None }),
-        }
+        })
     }
 
     /// Ends the key's live generation at `rev`. Returns false if the key was not live.
