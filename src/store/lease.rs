@@ -80,6 +80,9 @@ impl LeaseTable {
             self.detach(key);
             return;
         }
+        if self.key_lease.get(key) == Some(&lease) {
+            return;
+        }
         // Kept as a copy of its own bytes: `key` is a slice of the buffer it was decoded
         // from, which would otherwise stay alive as long as the key holds the lease.
         let key = &Bytes::copy_from_slice(key);
