@@ -76,25 +76,20 @@ impl LeaseTable {
 
     /// Records that `key` now has `lease` (0: none), detaching it from any other.
     pub fn attach(&mut self, key: &Bytes, lease: i64) {
-        if lease == 0 {
-            self.detach(key);
+        if self.key_lease.get(key) == Some(&lease) {
             return;
         }
-        if self.key_lease.get(key) == Some(&lease) {
+        self.detach(key);
+        if lease == 0 {
             return;
         }
         // Kept as a copy of its own bytes: `key` is a slice of the buffer it was decoded
         // from, which would otherwise stay alive as long as the key holds the lease.
-        let key = &Bytes::copy_from_slice(key);
-        let old = self.key_lease.insert(key.clone(), lease);
-        if let Some(old) = old.filter(|&o| o != lease) {
-            if let Some(l) = self.leases.get_mut(&old) {
-                l.keys.remove(key);
-            }
-        }
+        let key = Bytes::copy_from_slice(key);
         if let Some(l) = self.leases.get_mut(&lease) {
             l.keys.insert(key.clone());
         }
+        self.key_lease.insert(key, lease);
     }
 
     /// Records that `key` was deleted.
