@@ -49,15 +49,15 @@ bench() { # bench SYSTEM CASE WORKLOAD ARGS...
   grep -m1 '^{' "$OUT/last.txt" >&2 || true
 }
 
-# This disk's fsync latency: the floor for a single client's put.
-"$MESHKV" bench fsync --dir "$OUT" --total 2000 --val-size 2048 --label disk --case "fsync (disk)" \
-  --json "$RESULTS" >"$OUT/last.txt"
-head -1 "$OUT/last.txt" >&2
-
 for n in $MEMBERS; do
   for ((r = 1; r <= ROUNDS; r++)); do
     for sys in meshkv etcd; do
       echo "== $n member(s), round $r, $sys" >&2
+      # This disk's fsync latency, the floor for a single client's put, with nothing else
+      # running. The disk's speed drifts within minutes, so each round takes it anew.
+      "$MESHKV" bench fsync --dir "$OUT" --total 2000 --val-size 2048 --label disk --case "fsync (disk)" \
+        --json "$RESULTS" >"$OUT/last.txt"
+      head -1 "$OUT/last.txt" >&2
       start "$sys" "$n" "$OUT/data-$sys"
       d=(--duration "$SECONDS_PER")
       bench "$sys" "put, 100 clients, ${n}m" put --clients 100 --conns 10 "${d[@]}"
