@@ -16,6 +16,14 @@
 //! which requests are open from the HTTP/2 frame headers that pass through it: a
 //! HEADERS frame on a new client stream opens one; the server's frame that ends the
 //! stream (END_STREAM) or a reset from either side closes it.
+//!
+//! A stream the client still sends on (a watch, a lease's keep-alives) is not waiting
+//! for one answer: its replies come when something happens, perhaps long after. Replies
+//! to requests the client has sent whole (END_STREAM from the client) wait only for
+//! other such requests, so that a client's lone put is not held back by the watch it
+//! keeps on the same connection, as etcd's clients do. A write that carries a streamed
+//! reply (watch events) still waits for every other open stream: events fan out to many
+//! streams at once, and those of the others may join it.
 
 use std::io;
 use std::pin::Pin;
@@ -95,13 +103,20 @@ impl Frames {
     }
 }
 
+/// A client stream opened and not yet ended by the server or reset.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Open {
+    stream: u32,
+    /// The client has sent all of its request (END_STREAM).
+    whole: bool,
+}
+
 /// A server connection's requests not yet answered, as its frames show them.
 #[derive(Debug)]
 struct Requests {
     read: Frames,
     written: Frames,
-    /// Client streams opened and not yet ended by the server or reset.
-    open: Vec<u32>,
+    open: Vec<Open>,
     last_opened: u32,
 }
 
@@ -115,46 +130,65 @@ impl Requests {
         }
     }
 
-    fn close(open: &mut Vec<u32>, stream: u32) {
-        if let Some(i) = open.iter().position(|&s| s == stream) {
+    fn find(&self, stream: u32) -> Option<&Open> {
+        self.open.iter().find(|o| o.stream == stream)
+    }
+
+    fn close(open: &mut Vec<Open>, stream: u32) {
+        if let Some(i) = open.iter().position(|o| o.stream == stream) {
             open.swap_remove(i);
         }
     }
 
     fn on_read(&mut self, bytes: &[u8]) {
         let (open, last) = (&mut self.open, &mut self.last_opened);
-        self.read.feed(bytes, |f| match f.kind {
-            HEADERS if f.stream > *last && f.stream % 2 == 1 => {
-                *last = f.stream;
-                if open.len() < MAX_OPEN {
-                    open.push(f.stream);
+        self.read.feed(bytes, |f| {
+            let ends = f.flags & END_STREAM != 0;
+            match f.kind {
+                HEADERS if f.stream > *last && f.stream % 2 == 1 => {
+                    *last = f.stream;
+                    if open.len() < MAX_OPEN {
+                        open.push(Open { stream: f.stream, whole: ends });
+                    }
                 }
-            }
-            RST_STREAM => Self::close(open, f.stream),
-            _ => {}
-        });
-    }
-
-    /// Passes `bytes` the server wrote from `written`, calling `ended` with each stream
-    /// a frame in them ends.
-    fn answers(written: &mut Frames, bytes: &[u8], mut ended: impl FnMut(u32)) {
-        written.feed(bytes, |f| {
-            if f.ends_stream() {
-                ended(f.stream);
+                HEADERS | DATA if ends => {
+                    if let Some(o) = open.iter_mut().find(|o| o.stream == f.stream) {
+                        o.whole = true;
+                    }
+                }
+                RST_STREAM => Self::close(open, f.stream),
+                _ => {}
             }
         });
     }
 
     fn on_written(&mut self, bytes: &[u8]) {
         let open = &mut self.open;
-        Self::answers(&mut self.written, bytes, |s| Self::close(open, s));
+        self.written.feed(bytes, |f| {
+            if f.ends_stream() {
+                Self::close(open, f.stream);
+            }
+        });
     }
 
-    /// Whether requests other than those `bytes` answer are still open.
+    /// Whether requests other than those `bytes` answer are still open whose replies
+    /// could join them: when `bytes` carry part of a streamed reply, any open stream;
+    /// otherwise requests the client has sent whole.
     fn others_open(&self, bytes: &[u8]) -> bool {
-        let mut answered = 0;
-        Self::answers(&mut self.written.clone(), bytes, |s| answered += usize::from(self.open.contains(&s)));
-        self.open.len() > answered
+        let (mut streamed, mut answered, mut answered_whole) = (false, 0, 0);
+        self.written.clone().feed(bytes, |f| {
+            let open = self.find(f.stream);
+            streamed |= open.is_some_and(|o| !o.whole);
+            if f.ends_stream() {
+                answered += usize::from(open.is_some());
+                answered_whole += usize::from(open.is_some_and(|o| o.whole));
+            }
+        });
+        if streamed {
+            self.open.len() > answered
+        } else {
+            self.open.iter().filter(|o| o.whole).count() > answered_whole
+        }
     }
 }
 
@@ -326,27 +360,68 @@ mod tests {
         [b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(), frame(SETTINGS, 0, 0, 18)].concat()
     }
 
+    /// A streaming call the client keeps sending on (a watch): headers and a first
+    /// message, no END_STREAM.
+    fn stream(stream: u32) -> Vec<u8> {
+        [frame(HEADERS, 0x4, stream, 40), frame(DATA, 0, stream, 30)].concat()
+    }
+
+    /// Events on a streaming call: a message that does not end it.
+    fn events(stream: u32) -> Vec<u8> {
+        frame(DATA, 0, stream, 120)
+    }
+
+    impl Requests {
+        fn streams(&self) -> Vec<u32> {
+            self.open.iter().map(|o| o.stream).collect()
+        }
+    }
+
     #[test]
     fn requests_open_with_the_clients_headers_and_close_with_the_answer_that_ends_them() {
         let mut r = Requests::new();
         r.on_read(&[opening(), call(1)].concat());
-        assert_eq!(r.open, vec![1]);
+        assert_eq!(r.streams(), vec![1]);
         assert!(!r.others_open(&answer(1)), "the only request is the one answered");
         r.on_read(&call(3));
         assert!(r.others_open(&answer(1)), "3 waits for its answer");
         assert!(!r.others_open(&[answer(1), answer(3)].concat()));
         r.on_written(&answer(1));
-        assert_eq!(r.open, vec![3]);
+        assert_eq!(r.streams(), vec![3]);
         // The client's trailers or a stream it already opened open nothing.
         r.on_read(&frame(HEADERS, 0x5, 1, 10));
-        assert_eq!(r.open, vec![3]);
+        assert_eq!(r.streams(), vec![3]);
         // A reset from the client closes its stream.
         r.on_read(&[call(5), frame(RST_STREAM, 0, 3, 4)].concat());
-        assert_eq!(r.open, vec![5]);
+        assert_eq!(r.streams(), vec![5]);
         // So does one from the server.
         assert!(!r.others_open(&frame(RST_STREAM, 0, 5, 4)));
         r.on_written(&frame(RST_STREAM, 0, 5, 4));
         assert!(r.open.is_empty());
+    }
+
+    #[test]
+    fn an_answer_waits_for_requests_sent_whole_and_events_for_any_open_stream() {
+        let mut r = Requests::new();
+        r.on_read(&[opening(), stream(1), call(3)].concat());
+        assert_eq!(r.streams(), vec![1, 3]);
+        assert!(!r.others_open(&answer(3)), "the watch on 1 has no answer coming that could join 3's");
+        r.on_read(&call(5));
+        assert!(r.others_open(&answer(3)), "5 was sent whole: its answer is on its way");
+        assert!(!r.others_open(&[answer(3), answer(5)].concat()));
+        r.on_written(&[answer(3), answer(5)].concat());
+        assert_eq!(r.streams(), vec![1]);
+
+        // Events fan out to every watch stream at once: a write of them waits for the
+        // other open streams, whose events may join it.
+        r.on_read(&stream(7));
+        assert!(!r.others_open(&answer(9)), "two watches and nothing else: an answer goes at once");
+        assert!(r.others_open(&events(1)), "7's events may join 1's");
+        // A stream the client ends later (a request sent in parts) waits for its answer.
+        r.on_read(&frame(DATA, END_STREAM, 7, 10));
+        assert_eq!(r.open.iter().filter(|o| o.whole).map(|o| o.stream).collect::<Vec<_>>(), vec![7]);
+        assert!(r.others_open(&answer(9)), "7 is sent whole now");
+        assert!(!r.others_open(&answer(7)));
     }
 
     #[test]
@@ -356,7 +431,7 @@ mod tests {
         for piece in [1, 2, 7, 9, 10, 100, 4096] {
             let mut r = Requests::new();
             read.chunks(piece).for_each(|c| r.on_read(c));
-            assert_eq!(r.open, vec![1, 3, 5], "read in pieces of {piece}");
+            assert_eq!(r.streams(), vec![1, 3, 5], "read in pieces of {piece}");
             let mut chunks = written.chunks(piece);
             // Before each write, what is left of the answers is looked at from where the
             // last write stopped, inside a frame or not.
@@ -365,7 +440,7 @@ mod tests {
                 assert!(r.others_open(&rest), "5 is never answered");
                 r.on_written(c);
             }
-            assert_eq!(r.open, vec![5], "written in pieces of {piece}");
+            assert_eq!(r.streams(), vec![5], "written in pieces of {piece}");
         }
     }
 
