@@ -125,6 +125,8 @@ pub struct Summary {
     pub ops_per_sec: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Each round's throughput, in the order the rounds ran.
+    pub by_round: Vec<f64>,
     /// The round whose throughput is the median (lower middle), for plots.
     pub typical: Record,
 }
@@ -154,17 +156,32 @@ pub fn summarize(records: &[Record]) -> Vec<Summary> {
                 ops_per_sec: median(rs.iter().map(|r| r.ops_per_sec).collect()),
                 p50_ms: median(rs.iter().map(|r| r.p50_ms).collect()),
                 p99_ms: median(rs.iter().map(|r| r.p99_ms).collect()),
+                by_round: rs.iter().map(|r| r.ops_per_sec).collect(),
                 typical: by_tput[(by_tput.len() - 1) / 2].clone(),
             }
         })
         .collect()
 }
 
+/// The least and the greatest of `a`'s throughput over `b`'s in rounds run side by side
+/// (the i-th of each), as "least–greatest"; "–" when there are none.
+fn round_ratios(a: &[f64], b: &[f64]) -> String {
+    let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).filter(|r| r.is_finite()).collect();
+    let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if r.is_empty() {
+        "–".into()
+    } else {
+        format!("{lo:.2}–{hi:.2}")
+    }
+}
+
 /// The markdown table of medians. With two systems, `a` over `b` ratios: throughput
-/// (higher is better for `a`) and p99 latency (lower is better for `a`).
+/// (higher is better for `a`) and p99 latency (lower is better for `a`). Beside the ratio
+/// of the medians, the spread of the ratios of rounds run side by side.
 pub fn ratio_table(summaries: &[Summary], a: &str, b: &str) -> String {
     let mut out = format!(
-        "| case | rounds | {a} ops/s | {b} ops/s | {a}/{b} | {a} p50 ms | {b} p50 ms | {a} p99 ms | {b} p99 ms | p99 {a}/{b} | errors |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "| case | rounds | {a} ops/s | {b} ops/s | {a}/{b} | by round | {a} p50 ms | {b} p50 ms | {a} p99 ms | {b} p99 ms | p99 {a}/{b} | errors |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
     );
     let mut cases: Vec<&str> = Vec::new();
     for s in summaries {
@@ -184,8 +201,12 @@ pub fn ratio_table(summaries: &[Summary], a: &str, b: &str) -> String {
         let errors = sa.map_or(0, |s| s.errors) + sb.map_or(0, |s| s.errors);
         let (ta, tb) = (get(sa, |s| s.ops_per_sec), get(sb, |s| s.ops_per_sec));
         let (qa, qb) = (get(sa, |s| s.p99_ms), get(sb, |s| s.p99_ms));
+        let spread = match (sa, sb) {
+            (Some(x), Some(y)) => round_ratios(&x.by_round, &y.by_round),
+            _ => "–".into(),
+        };
         out += &format!(
-            "| {case} | {rounds} | {} | {} | **{}** | {} | {} | {} | {} | {} | {errors} |\n",
+            "| {case} | {rounds} | {} | {} | **{}** | {spread} | {} | {} | {} | {} | {} | {errors} |\n",
             num(ta, 0),
             num(tb, 0),
             num(ta / tb, 2),
@@ -335,7 +356,11 @@ mod tests {
         assert_eq!((s[1].label.as_str(), s[1].ops_per_sec, s[1].p99_ms), ("etcd", 100.0, 10.0));
         assert_eq!(s[0].typical.ops_per_sec, 200.0);
         let t = ratio_table(&s, "meshkv", "etcd");
-        assert!(t.contains("| put | 3 | 200 | 100 | **2.00** | 1.00 | 5.00 | 2.00 | 10.00 | 0.20 | 0 |"), "{t}");
+        assert!(
+            t.contains("| put | 3 | 200 | 100 | **2.00** | 0.91–3.00 | 1.00 | 5.00 | 2.00 | 10.00 | 0.20 | 0 |"),
+            "{t}"
+        );
+        assert_eq!(s[0].by_round, vec![300.0, 100.0, 200.0], "in the order the rounds ran");
 
         // The disk is measured in every round; the reference is the median of them.
         let mut rs: Vec<Record> = [0.4, 0.8, 0.2]
