@@ -167,13 +167,12 @@ pub fn summarize(records: &[Record]) -> Vec<Summary> {
 /// (the i-th of each), as "least–greatest"; "–" when there are none.
 fn round_ratios(a: &[f64], b: &[f64]) -> String {
     let r: Vec<f64> = a.iter().zip(b).map(|(x, y)| x / y).filter(|r| r.is_finite()).collect();
+    if r.is_empty() {
+        return "–".into();
+    }
     let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = r.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    if r.is_empty() {
-        "–".into()
-    } else {
-        format!("{lo:.2}–{hi:.2}")
-    }
+    format!("{lo:.2}–{hi:.2}")
 }
 
 /// The markdown table of medians. With two systems, `a` over `b` ratios: throughput
