@@ -1,5 +1,8 @@
 //! Acknowledged writes survive SIGKILL: 1,000 puts from 20 concurrent clients, a kill -9,
 //! a restart on the same data dir, and every key is there at its acknowledged revision.
+//! Once with the defaults (nothing flushed, the whole log applied again), once with a
+//! short log (`--snapshot-count 20`): the store is flushed and the log trimmed many times
+//! during the run, so the restart applies again only what the last flush did not cover.
 
 mod common;
 
@@ -10,9 +13,18 @@ use etcd_client::{Client, GetOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_puts_survive_sigkill() {
+    puts_survive_sigkill(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_puts_survive_sigkill_with_a_short_log() {
+    puts_survive_sigkill(&["--snapshot-count", "20"]).await;
+}
+
+async fn puts_survive_sigkill(flags: &[&str]) {
     let dir = tempdir();
     let data = dir.path().join("data");
-    let mut server = start_meshkv(&data, &[]);
+    let mut server = start_meshkv(&data, flags);
     let endpoint = server.endpoint();
 
     let mut tasks = Vec::new();
@@ -39,7 +51,7 @@ async fn acknowledged_puts_survive_sigkill() {
     let last = *revs.iter().max().unwrap();
 
     server.kill9();
-    let server = start_meshkv(&data, &[]);
+    let server = start_meshkv(&data, flags);
     let mut c = Client::connect([server.endpoint()], None).await.unwrap();
     let all = c.get("durable/", Some(GetOptions::new().with_prefix())).await.unwrap();
     assert_eq!(all.count(), 1000);
@@ -63,7 +75,7 @@ async fn acknowledged_puts_survive_sigkill() {
     drop(c);
     let mut server = server;
     assert!(server.terminate().is_some_and(|s| s.success()), "orderly exit on SIGTERM");
-    let server = start_meshkv(&data, &[]);
+    let server = start_meshkv(&data, flags);
     let mut c = Client::connect([server.endpoint()], None).await.unwrap();
     let g = c.get("after-restart", None).await.unwrap();
     assert_eq!(g.kvs()[0].mod_revision(), last + 1);

@@ -392,6 +392,8 @@ struct Driver {
     next_read_ctx: u64,
     /// A commit index raft-rs advanced in a light ready, persisted with the next write.
     commit_to_save: Option<u64>,
+    /// The applied index when a flush of the store was asked for, until it is on disk.
+    store_flush: Option<u64>,
     transport: Option<Arc<dyn Transport>>,
     controller: Controller,
     ticks: u64,
@@ -508,6 +510,7 @@ pub fn start(
         conf_waiters: Vec::new(),
         next_read_ctx: 1,
         commit_to_save: None,
+        store_flush: None,
         transport,
         controller: Controller::new(cfg_membership),
         ticks: 0,
@@ -552,6 +555,11 @@ fn proposal_id_base(member: u64) -> u64 {
 
 /// Most commands taken in one turn, so a flood of proposals cannot starve ticks.
 const MAX_COMMANDS_PER_TURN: usize = 8192;
+
+/// A flush of the store is started after this many times `log_keep` entries applied past
+/// those the log keeps: fewer, larger SST files than a flush per `log_keep`, and no more
+/// than this to apply again after a crash.
+const STORE_FLUSH_EVERY: u64 = 4;
 
 /// Largest total of entry bytes in one proposal message. A turn's proposals go to Raft
 /// in as few messages as this allows: the leader then sends one append per follower for
@@ -920,6 +928,7 @@ impl Driver {
             self.install_snapshot(&snap)?;
         }
         self.apply(rd.take_committed_entries())?;
+        let compact_to = self.compactable(self.node.raft.raft_log.store().first_index_cached())?;
 
         let mut batch = WriteBatch::default();
         let log = self.node.raft.raft_log.store();
@@ -936,13 +945,8 @@ impl Driver {
         } else if let Some(c) = self.commit_to_save.take() {
             log.set_commit(&mut batch, c);
         }
-        let applied = self.store.applied_index();
-        if applied > log.first_index_cached() + 2 * self.cfg.log_keep {
-            // The store's writes are not synced as they are applied; before entries leave
-            // the log, what applying them wrote must be on disk.
-            self.engine.db().flush_wal(true)?;
-            log.compact(&mut batch, applied - self.cfg.log_keep)
-                .map_err(|e| EngineError::Corrupt { cf: "raft_log", what: e.to_string() })?;
+        if let Some(upto) = compact_to {
+            log.compact(&mut batch, upto).map_err(|e| EngineError::Corrupt { cf: "raft_log", what: e.to_string() })?;
         }
         if !batch.is_empty() {
             self.wal.write(batch, sync)?;
@@ -1091,6 +1095,31 @@ impl Driver {
                 Ok(())
             }
         }
+    }
+
+    /// The index the log may be compacted to (the first entry it keeps), if it is time.
+    ///
+    /// The store's writes reach the disk only when its column families are flushed, so
+    /// an entry leaves the log only once the flushed state covers it; the last `log_keep`
+    /// entries stay for followers that lag. A flush is started every few `log_keep`
+    /// entries and, once done, lets the log shed what it covers.
+    fn compactable(&mut self, first: u64) -> Result<Option<u64>, EngineError> {
+        let keep = self.cfg.log_keep;
+        let applied = self.store.applied_index();
+        if applied < first + keep + STORE_FLUSH_EVERY * keep {
+            return Ok(None);
+        }
+        let Some(asked) = self.store_flush else {
+            self.store.start_flush()?;
+            self.store_flush = Some(applied);
+            return Ok(None);
+        };
+        let durable = self.store.durable_applied_index()?;
+        if durable < asked {
+            return Ok(None);
+        }
+        self.store_flush = None;
+        Ok(Some((durable + 1).min(applied - keep)))
     }
 
     fn release_reads(&mut self) {

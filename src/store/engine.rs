@@ -9,7 +9,15 @@
 //!
 //! `raft_state` also keeps `wal_lap`: the Raft driver's writes to `raft_log` and
 //! `raft_state` skip RocksDB's WAL and are made durable by the Raft log's own file
-//! (`crate::raft::wal`); every other write goes through RocksDB's WAL.
+//! (`crate::raft::wal`).
+//!
+//! The store's applied writes (`STORE_CFS`) skip RocksDB's WAL too, as etcd's backend
+//! keeps its consistent index: each applied batch carries the applied index, and the
+//! column families are flushed atomically, so what a crash leaves on disk is the state
+//! at one applied index, and the Raft log (which keeps every entry after the
+//! [`persisted`](Engine::get_u64_persisted) applied index) applies the rest again at
+//! start. Writes that are not replayable from the log (membership, snapshot installs,
+//! the member's identity) go through RocksDB's WAL and are synced.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,6 +35,9 @@ pub const CF_AUTH: &str = "auth";
 const DB_WRITE_BUFFER_BYTES: usize = 64 << 20;
 
 pub const ALL_CFS: [&str; 6] = [CF_RAFT_LOG, CF_RAFT_STATE, CF_KV, CF_META, CF_LEASE, CF_AUTH];
+
+/// The column families the store's applied writes go to.
+pub const STORE_CFS: [&str; 4] = [CF_KV, CF_META, CF_LEASE, CF_AUTH];
 
 /// Failure of the storage engine. Always fatal for the request; the member keeps running.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +66,10 @@ impl Engine {
         // it, so memory does not grow with the number of column families.
         opts.set_db_write_buffer_size(DB_WRITE_BUFFER_BYTES);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Writes that skip the WAL are only as durable as the flush that takes them to an
+        // SST file; flushing every column family in one step keeps what a crash leaves
+        // consistent across them.
+        opts.set_atomic_flush(true);
         let cfs = ALL_CFS.iter().map(|name| {
             let mut cf = Options::default();
             cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
@@ -86,17 +101,34 @@ impl Engine {
         Ok(())
     }
 
+    /// Writes a batch without RocksDB's WAL: it reaches the disk with the next flush of its
+    /// column families (a crash before then loses it whole).
+    pub fn write_unlogged(&self, batch: WriteBatch) -> Result<(), EngineError> {
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// Starts flushing the store's column families together and returns at once.
+    pub fn flush_store(&self) -> Result<(), EngineError> {
+        let mut fo = rocksdb::FlushOptions::default();
+        fo.set_wait(false);
+        let cfs: Vec<&ColumnFamily> = STORE_CFS.iter().map(|name| self.cf(name)).collect();
+        self.db.flush_cfs_opt(&cfs, &fo)?;
+        Ok(())
+    }
+
     pub fn get_u64(&self, cf: &'static str, key: &[u8]) -> Result<Option<u64>, EngineError> {
-        match self.db.get_pinned_cf(self.cf(cf), key)? {
-            None => Ok(None),
-            Some(v) => {
-                let b: [u8; 8] = v.as_ref().try_into().map_err(|_| EngineError::Corrupt {
-                    cf,
-                    what: format!("{} is {} bytes, not 8", String::from_utf8_lossy(key), v.len()),
-                })?;
-                Ok(Some(u64::from_be_bytes(b)))
-            }
-        }
+        decode_u64(cf, key, self.db.get_pinned_cf(self.cf(cf), key)?)
+    }
+
+    /// As [`get_u64`](Self::get_u64), but only what a crash would leave: the value in
+    /// SST files, not in memtables written without the WAL.
+    pub fn get_u64_persisted(&self, cf: &'static str, key: &[u8]) -> Result<Option<u64>, EngineError> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_read_tier(rocksdb::ReadTier::Persisted);
+        decode_u64(cf, key, self.db.get_pinned_cf_opt(self.cf(cf), key, &ro)?)
     }
 
     /// Bytes on disk: SST files plus memtables, over every column family.
@@ -111,6 +143,23 @@ impl Engine {
                 sst + mem
             })
             .sum()
+    }
+}
+
+fn decode_u64(
+    cf: &'static str,
+    key: &[u8],
+    value: Option<rocksdb::DBPinnableSlice<'_>>,
+) -> Result<Option<u64>, EngineError> {
+    match value {
+        None => Ok(None),
+        Some(v) => {
+            let b: [u8; 8] = v.as_ref().try_into().map_err(|_| EngineError::Corrupt {
+                cf,
+                what: format!("{} is {} bytes, not 8", String::from_utf8_lossy(key), v.len()),
+            })?;
+            Ok(Some(u64::from_be_bytes(b)))
+        }
     }
 }
 

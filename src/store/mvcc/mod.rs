@@ -290,6 +290,18 @@ impl MvccStore {
         self.applied.load(Ordering::Acquire)
     }
 
+    /// The applied index a crash now would leave: that of the last flush of the store's
+    /// column families. The Raft log must keep every entry after it.
+    pub fn durable_applied_index(&self) -> Result<u64, EngineError> {
+        Ok(self.engine.get_u64_persisted(CF_META, META_APPLIED)?.unwrap_or(0))
+    }
+
+    /// Starts a flush of what the store has applied; see
+    /// [`durable_applied_index`](Self::durable_applied_index).
+    pub fn start_flush(&self) -> Result<(), EngineError> {
+        self.engine.flush_store()
+    }
+
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
@@ -524,9 +536,9 @@ impl MvccStore {
         if let Some(c) = compacted {
             batch.put_cf(meta, META_COMPACTED, (c as u64).to_be_bytes());
         }
-        // Not synced: the Raft log is, and the applied index rides in this batch, so a
-        // lost tail is re-applied from the log at start.
-        self.engine.write(batch, false)?;
+        // Not in RocksDB's WAL: the Raft log is synced, and the applied index rides in this
+        // batch, so what a crash loses since the last flush is applied again from the log.
+        self.engine.write_unlogged(batch)?;
         let before = self.current.swap(rev, Ordering::AcqRel);
         self.applied.store(applied, Ordering::Release);
         if let Some(c) = compacted {
