@@ -171,3 +171,36 @@ impl Engine {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    /// What trimming the Raft log relies on: a write that skips the WAL counts as
+    /// persisted only once a flush of the store has taken it to a table file, and that
+    /// flush takes every column family of the store together.
+    #[test]
+    fn unlogged_writes_are_persisted_by_a_flush_of_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Engine::open(dir.path()).unwrap();
+        let mut b = WriteBatch::default();
+        b.put_cf(e.cf(CF_META), b"applied_index", 7u64.to_be_bytes());
+        b.put_cf(e.cf(CF_KV), b"k", b"v");
+        b.put_cf(e.cf(CF_RAFT_LOG), 1u64.to_be_bytes(), b"entry");
+        e.write_unlogged(b).unwrap();
+        assert_eq!(e.get_u64(CF_META, b"applied_index").unwrap(), Some(7));
+        assert_eq!(e.get_u64_persisted(CF_META, b"applied_index").unwrap(), None);
+
+        e.flush_store().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while e.get_u64_persisted(CF_META, b"applied_index").unwrap() != Some(7) {
+            assert!(Instant::now() < deadline, "the flush never reached the table files");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let table_files = |cf| e.db().property_int_value_cf(e.cf(cf), "rocksdb.num-files-at-level0").unwrap();
+        assert_eq!(table_files(CF_KV), Some(1), "the kv column family was flushed with meta");
+        assert_eq!(table_files(CF_RAFT_LOG), Some(0), "the Raft log's column family stays in its memtable");
+    }
+}
