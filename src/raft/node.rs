@@ -557,9 +557,10 @@ fn proposal_id_base(member: u64) -> u64 {
 const MAX_COMMANDS_PER_TURN: usize = 8192;
 
 /// A flush of the store is started after this many times `log_keep` entries applied past
-/// those the log keeps: fewer, larger SST files than a flush per `log_keep`, and no more
-/// than this to apply again after a crash.
+/// those the log keeps (fewer, larger SST files than a flush per `log_keep`), and at
+/// least every `STORE_FLUSH_MAX` entries: what a crash makes the log apply again.
 const STORE_FLUSH_EVERY: u64 = 4;
+const STORE_FLUSH_MAX: u64 = 40_000;
 
 /// Largest total of entry bytes in one proposal message. A turn's proposals go to Raft
 /// in as few messages as this allows: the leader then sends one append per follower for
@@ -1102,11 +1103,12 @@ impl Driver {
     /// The store's writes reach the disk only when its column families are flushed, so
     /// an entry leaves the log only once the flushed state covers it; the last `log_keep`
     /// entries stay for followers that lag. A flush is started every few `log_keep`
-    /// entries and, once done, lets the log shed what it covers.
+    /// entries (at most `STORE_FLUSH_MAX`) and, once done, lets the log shed what it
+    /// covers.
     fn compactable(&mut self, first: u64) -> Result<Option<u64>, EngineError> {
         let keep = self.cfg.log_keep;
         let applied = self.store.applied_index();
-        if applied < first + keep + STORE_FLUSH_EVERY * keep {
+        if applied < first + keep + (STORE_FLUSH_EVERY * keep).min(STORE_FLUSH_MAX) {
             return Ok(None);
         }
         let Some(asked) = self.store_flush else {
