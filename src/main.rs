@@ -532,6 +532,9 @@ fn torture(args: TortureArgs) -> anyhow::Result<()> {
         println!("violation on {key}: {}", path.display());
     }
     println!("watch: {} events, {} problems", report.watch_events, report.watch_problems.len());
+    for name in &report.unreplaced {
+        println!("liveness: the dead voter {name} was not replaced in time");
+    }
     for p in report.watch_problems.iter().take(20) {
         println!("watch problem: {p}");
     }
@@ -539,7 +542,7 @@ fn torture(args: TortureArgs) -> anyhow::Result<()> {
         anyhow::bail!("no operation was answered: the members never served; data and logs in {}", dir.display());
     }
     if !report.ok() {
-        anyhow::bail!("torture found violations; data and logs in {}", dir.display());
+        anyhow::bail!("torture found problems (see above); data and logs in {}", dir.display());
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

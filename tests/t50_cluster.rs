@@ -459,6 +459,76 @@ async fn members_behind_the_log_catch_up_from_snapshots() {
     client(&members[3]).await.put("through-d", "y", None).await.unwrap();
 }
 
+/// Regression: a new member whose snapshot took longer to fetch and install than the
+/// leader's log took to move past what it keeps was sent snapshot after snapshot and never
+/// caught up. A snapshot being served now holds the log from its index on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_catches_up_when_writes_outrun_its_snapshot() {
+    let root = tempdir();
+    let t = ["--snapshot-count", "20"];
+    let mut members = bootstrap_three(root.path(), &[&t, &t, &t]);
+    let c = client(&members[0]).await;
+    // About 12 MB of state: its transfer takes far longer than 20 entries' worth of writes.
+    let mut loads = Vec::new();
+    for w in 0..4 {
+        let mut c = c.clone();
+        loads.push(tokio::spawn(async move {
+            for i in 0..300 {
+                c.put(format!("big/{w}/{i:04}"), vec![b'b'; 10 << 10], None).await.unwrap();
+            }
+        }));
+    }
+    for l in loads {
+        l.await.unwrap();
+    }
+    // Writers that keep the log moving for the rest of the test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (mut c, stop) = (c.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let _ = c.put(format!("moving/{w}"), i.to_string(), None).await;
+                i += 1;
+            }
+            i
+        }));
+    }
+    let join = members[0].peer.clone();
+    let mut d = spawn(root.path(), "d", free_port(), &["--join", &join, "--snapshot-count", "20"]);
+    d.proc.wait_ready(Duration::from_secs(60));
+    members.push(d);
+    // Caught up: d's applied index reaches what the leader had committed a moment before.
+    let took = eventually("d to catch up while writes go on", Duration::from_secs(60), || async {
+        let Ok(s) = client(&members[0]).await.status().await else { return false };
+        let target = s.raft_index();
+        client(&members[3]).await.status().await.is_ok_and(|d| d.raft_index() >= target)
+            && members[3].proc.log().contains("snapshot installed")
+    })
+    .await;
+    let installs = members[3].proc.log().matches("snapshot installed").count();
+    // And it stays caught up from the log: a few thousand more writes need no snapshot.
+    let mut c = c.clone();
+    for i in 0..1000 {
+        c.put(format!("after/{i:04}"), "x", None).await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut written = 0;
+    for w in writers {
+        written += w.await.unwrap();
+    }
+    eventually("d to hold the last write", Duration::from_secs(30), || async {
+        let mut c = client(&members[3]).await;
+        c.get("after/0999", Some(GetOptions::new().with_serializable())).await.is_ok_and(|g| g.kvs().len() == 1)
+    })
+    .await;
+    let log = members[3].proc.log();
+    println!("d caught up in {took:?} after {installs} snapshot(s); {written} writes by the movers");
+    assert!(installs <= 3, "d installed {installs} snapshots before it caught up:\n{log}");
+    assert_eq!(log.matches("snapshot installed").count(), installs, "d needed another snapshot once caught up:\n{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_of_another_cluster_is_refused() {
     let root = tempdir();

@@ -152,6 +152,12 @@ impl LogStore {
         Ok(())
     }
 
+    /// The lowest log index of a snapshot this member is serving to a member not yet
+    /// caught up to it: the log is not compacted past it meanwhile.
+    pub fn snapshot_pin(&self, caught_up: impl Fn(u64, u64) -> bool) -> Option<u64> {
+        self.source.as_ref().and_then(|src| src.outgoing.pinned(caught_up))
+    }
+
     fn make_snapshot(&self, to: u64) -> Result<Snapshot, EngineError> {
         let Some(src) = &self.source else { return Err(corrupt("no snapshot source".into())) };
         let id: u64 = rand::random();
@@ -178,6 +184,7 @@ impl LogStore {
         let (applied, revision, compacted, cs, members) =
             src.outgoing.with(id, read).ok_or_else(|| corrupt("checkpoint vanished".into()))??;
         let term = raft::Storage::term(self, applied).map_err(|e| corrupt(e.to_string()))?;
+        src.outgoing.set_index(id, applied);
         let desc = crate::pb::meshkvpb::SnapshotDescriptor {
             id,
             source: src.name.clone(),

@@ -1105,10 +1105,20 @@ impl Driver {
     /// entries stay for followers that lag. A flush is started every few `log_keep`
     /// entries (at most `STORE_FLUSH_MAX`) and, once done, lets the log shed what it
     /// covers.
+    ///
+    /// A snapshot being served pins the log from its index on until its member's progress
+    /// reaches it: the member needs the entries after it once it has installed it.
     fn compactable(&mut self, first: u64) -> Result<Option<u64>, EngineError> {
         let keep = self.cfg.log_keep;
         let applied = self.store.applied_index();
         if applied < first + keep + (STORE_FLUSH_EVERY * keep).min(STORE_FLUSH_MAX) {
+            return Ok(None);
+        }
+        // A member gone from the group, or whose progress reached the snapshot, has it.
+        let prs = self.node.raft.prs();
+        let caught_up = |to: u64, index: u64| prs.get(to).is_none_or(|p| p.matched >= index);
+        let pin = self.node.raft.raft_log.store().snapshot_pin(caught_up).map_or(u64::MAX, |i| i + 1);
+        if pin <= first {
             return Ok(None);
         }
         let Some(asked) = self.store_flush else {
@@ -1121,7 +1131,7 @@ impl Driver {
             return Ok(None);
         }
         self.store_flush = None;
-        Ok(Some((durable + 1).min(applied - keep)))
+        Ok(Some((durable + 1).min(applied - keep).min(pin)))
     }
 
     fn release_reads(&mut self) {

@@ -42,6 +42,8 @@ struct Served {
     path: PathBuf,
     last_used: Instant,
     to: u64,
+    /// The log index the checkpoint covers, once read from it.
+    index: Option<u64>,
 }
 
 /// Leader side: checkpoints being served, by snapshot id.
@@ -67,8 +69,28 @@ impl Outgoing {
         names.extend(crate::store::engine::ALL_CFS);
         let db = DB::open_cf_for_read_only(&Options::default(), &path, names, false)?;
         let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
-        served.insert(id, Served { db, path, last_used: Instant::now(), to });
+        served.insert(id, Served { db, path, last_used: Instant::now(), to, index: None });
         Ok(())
+    }
+
+    /// Records the log index snapshot `id` covers: the log keeps what follows it while the
+    /// snapshot is served (see [`Outgoing::pinned`]).
+    pub fn set_index(&self, id: u64, index: u64) {
+        if let Some(s) = self.served.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&id) {
+            s.index = Some(index);
+        }
+    }
+
+    /// The lowest log index of a snapshot being served to a member that has not caught up
+    /// to it (`caught_up(member, index)`). A member that fetches a snapshot then needs the
+    /// entries right after it: were they compacted away meanwhile, it would be sent
+    /// another snapshot, and when a transfer takes longer than the log takes to move past
+    /// what it keeps, a new member never catches up. A served snapshot pins the log from
+    /// its index on until its member has it, or the transfer is forgotten (idle for the
+    /// expiry).
+    pub fn pinned(&self, caught_up: impl Fn(u64, u64) -> bool) -> Option<u64> {
+        let served = self.served.lock().unwrap_or_else(|e| e.into_inner());
+        served.values().filter_map(|s| s.index.filter(|&i| !caught_up(s.to, i))).min()
     }
 
     /// Runs `f` on the checkpoint of snapshot `id`.
@@ -354,5 +376,46 @@ mod tests {
         assert_eq!(log.members().get(&1).map(String::as_str), Some("a"));
         assert_eq!(engine.db().get_cf(engine.cf(CF_KV), b"k1").unwrap().as_deref(), Some(&b"v1"[..]));
         assert!(engine.db().get_cf(engine.cf(CF_META), META_INSTALLING).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_served_snapshot_pins_the_log_until_its_member_has_it() {
+        use crate::raft::log_store::SnapshotSource;
+        use std::sync::atomic::AtomicU64;
+        use std::sync::Arc;
+
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&dir.path().join("db")).unwrap();
+        let outgoing = Arc::new(Outgoing::new(dir.path().join("out")));
+        let source =
+            SnapshotSource { outgoing: outgoing.clone(), name: "a".into(), cluster_id: Arc::new(AtomicU64::new(1)) };
+        let log = LogStore::open(engine.clone()).unwrap().with_snapshots(source);
+        let applied = |i: u64| {
+            let mut batch = WriteBatch::default();
+            batch.put_cf(engine.cf(CF_META), b"applied_index", i.to_be_bytes());
+            engine.write(batch, true).unwrap();
+        };
+        let mut batch = WriteBatch::default();
+        let ents: Vec<Entry> = (1..=30).map(|i| Entry { index: i, term: 1, ..Default::default() }).collect();
+        log.append(&mut batch, &ents);
+        log.set_hard_state(&mut batch, &HardState { term: 1, commit: 30, ..Default::default() });
+        engine.write(batch, true).unwrap();
+        applied(25);
+        let behind = |_: u64, _: u64| false;
+        assert_eq!(log.snapshot_pin(behind), None);
+
+        assert_eq!(log.snapshot(20, 2).unwrap().get_metadata().index, 25);
+        assert_eq!(log.snapshot_pin(behind), Some(25));
+        applied(28);
+        assert_eq!(log.snapshot(26, 3).unwrap().get_metadata().index, 28);
+        assert_eq!(log.snapshot_pin(behind), Some(25), "the oldest transfer holds the log");
+        // Member 2 has its snapshot: only member 3's still holds the log.
+        assert_eq!(log.snapshot_pin(|to, i| to == 2 && i == 25), Some(28));
+        assert_eq!(log.snapshot_pin(|_, _| true), None);
+
+        let mut gone = outgoing.expire(Duration::ZERO);
+        gone.sort_unstable_by_key(|(_, to)| *to);
+        assert_eq!(gone.iter().map(|(_, to)| *to).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(log.snapshot_pin(behind), None);
     }
 }

@@ -107,13 +107,20 @@ pub struct Report {
     /// Events a resuming watcher saw, and what was wrong with them.
     pub watch_events: usize,
     pub watch_problems: Vec<String>,
+    /// Voters killed for good that the cluster did not replace in time: the membership
+    /// controller's promise, broken.
+    pub unreplaced: Vec<String>,
 }
 
 impl Report {
     /// Nothing wrong was found, and something was checked: a run in which no operation
     /// got an answer (members that never served) proves nothing.
     pub fn ok(&self) -> bool {
-        self.answered() && self.violations.is_empty() && self.hash_mismatch.is_none() && self.watch_problems.is_empty()
+        self.answered()
+            && self.violations.is_empty()
+            && self.hash_mismatch.is_none()
+            && self.watch_problems.is_empty()
+            && self.unreplaced.is_empty()
     }
 
     /// Some operation's outcome is known.
@@ -193,6 +200,9 @@ struct Cluster {
     netns: Option<Netns>,
     /// Client endpoints of the members in the cluster, shared with the clients.
     endpoints: Arc<RwLock<Vec<String>>>,
+    /// Voters killed for good and not replaced in time. Once there is one, no other voter
+    /// is killed for good: a second would take the quorum, and the rest of the run with it.
+    unreplaced: Vec<String>,
 }
 
 impl Cluster {
@@ -473,6 +483,9 @@ impl Cluster {
     /// Makes sure a learner stands by, then kills a voter for good and waits until the
     /// cluster has replaced it.
     async fn replace(&mut self, rng: &mut StdRng) -> std::io::Result<String> {
+        if !self.unreplaced.is_empty() {
+            return Ok("replace-skipped".into());
+        }
         let Some(list) = self.member_list().await else { return Ok("replace-no-answer".into()) };
         if !list.iter().any(|(_, learner)| *learner) && self.join(rng).await?.is_none() {
             return Ok("replace-join-failed".into());
@@ -501,6 +514,7 @@ impl Cluster {
             .await;
         if !replaced {
             tracing::warn!(member = %name, "the dead voter was not replaced in time");
+            self.unreplaced.push(name);
             return Ok("replace-timed-out".into());
         }
         let _ = std::fs::remove_dir_all(&self.members[v].data_dir);
@@ -512,7 +526,8 @@ impl Cluster {
 pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
     std::fs::create_dir_all(&cfg.dir)?;
     let netns = if cfg.faults.contains(&Fault::NetPartition) { Some(Netns::new()?) } else { None };
-    let mut cluster = Cluster { cfg: cfg.clone(), members: Vec::new(), netns, endpoints: Arc::default() };
+    let mut cluster =
+        Cluster { cfg: cfg.clone(), members: Vec::new(), netns, endpoints: Arc::default(), unreplaced: Vec::new() };
     let n = cfg.members;
     // Founders each name the next one as the peer to join through.
     let hosts: Vec<String> = match &cluster.netns {
@@ -607,7 +622,7 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
             }
         }
     }
-    let mut report = Report { faults, by_kind, ..Default::default() };
+    let mut report = Report { faults, by_kind, unreplaced: cluster.unreplaced.clone(), ..Default::default() };
     let history = history.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for (key, ops) in &history {
         report.ops += ops.len();
