@@ -341,7 +341,8 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         println!("{{\"ready_ms\":{ms:.1}}}");
         return Ok(());
     }
-    let report = match args.workload.as_str() {
+    let cpu_before = record::CpuTimes::now();
+    let mut report = match args.workload.as_str() {
         "fsync" => bench::fsync::run(&cfg, &args.dir, args.total, args.val_size)?,
         "watch" => {
             let wcfg = bench::watch::WatchBenchConfig {
@@ -380,6 +381,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             rec
         }
     };
+    if let (Some(before), Some(after)) = (cpu_before, record::CpuTimes::now()) {
+        report.steal_pct = after.steal_pct_since(&before);
+    }
     println!("{}", report.json_line());
     println!("{}\n{}", record::Record::table_header(), report.table_row());
     if let Some(path) = &args.json {

@@ -47,6 +47,44 @@ pub struct Record {
     pub extra: BTreeMap<String, f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_error: Option<String>,
+    /// Of the time this machine's CPUs were busy during the run, the percentage the host
+    /// took for itself (steal, on a virtual machine): a round that lost much of its CPU
+    /// this way says more about the host than about the system under test.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steal_pct: Option<f64>,
+}
+
+/// The machine's CPU time so far, from the first line of `/proc/stat` (in ticks).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct CpuTimes {
+    /// user, nice, system, irq, softirq and steal: time the CPUs were not idle.
+    busy: u64,
+    steal: u64,
+}
+
+impl CpuTimes {
+    /// Now, where the system has `/proc/stat`.
+    pub fn now() -> Option<CpuTimes> {
+        CpuTimes::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// From the text of `/proc/stat`: its `cpu` line counts user, nice, system, idle,
+    /// iowait, irq, softirq, steal, ... in that order.
+    fn parse(stat: &str) -> Option<CpuTimes> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let f: Vec<u64> = line.split_whitespace().skip(1).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+        let at = |i: usize| f.get(i).copied().unwrap_or(0);
+        let steal = at(7);
+        Some(CpuTimes { busy: at(0) + at(1) + at(2) + at(5) + at(6) + steal, steal })
+    }
+
+    /// The percentage of the busy time since `earlier` that was stolen; None when the
+    /// CPUs were idle throughout.
+    pub fn steal_pct_since(&self, earlier: &CpuTimes) -> Option<f64> {
+        let busy = self.busy.checked_sub(earlier.busy)?;
+        let steal = self.steal.checked_sub(earlier.steal)?;
+        (busy > 0).then(|| 100.0 * steal as f64 / busy as f64)
+    }
 }
 
 impl Record {
@@ -129,6 +167,8 @@ pub struct Summary {
     pub by_round: Vec<f64>,
     /// The round whose throughput is the median (lower middle), for plots.
     pub typical: Record,
+    /// The most CPU time the host took in any round, as a percentage (NaN if unknown).
+    pub steal_max_pct: f64,
 }
 
 /// Groups records by case and system, in the order they first appear.
@@ -158,6 +198,7 @@ pub fn summarize(records: &[Record]) -> Vec<Summary> {
                 p99_ms: median(rs.iter().map(|r| r.p99_ms).collect()),
                 by_round: rs.iter().map(|r| r.ops_per_sec).collect(),
                 typical: by_tput[(by_tput.len() - 1) / 2].clone(),
+                steal_max_pct: rs.iter().filter_map(|r| r.steal_pct).fold(f64::NAN, f64::max),
             }
         })
         .collect()
@@ -235,11 +276,12 @@ pub fn fsync_lines(summaries: &[Summary]) -> String {
 /// A table of medians for however many systems, one row per case and system.
 pub fn median_table(summaries: &[Summary]) -> String {
     let mut out = String::from(
-        "| case | system | rounds | ops/s | p50 ms | p99 ms | errors |\n| --- | --- | ---: | ---: | ---: | ---: | ---: |\n",
+        "| case | system | rounds | ops/s | p50 ms | p99 ms | errors | host steal, most % |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for s in summaries {
+        let steal = if s.steal_max_pct.is_nan() { "–".to_string() } else { format!("{:.0}", s.steal_max_pct) };
         out += &format!(
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {} |\n",
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {steal} |\n",
             s.case, s.label, s.rounds, s.ops_per_sec, s.p50_ms, s.p99_ms, s.errors
         );
     }
@@ -376,6 +418,28 @@ mod tests {
         assert!(!ratio_table(&s, "meshkv", "etcd").contains("fsync"), "only cases of the two systems");
         let f = fsync_lines(&s);
         assert_eq!(f, "fsync p50 on this disk: 0.200 ms (median of 3 runs)\nput, 1 client on meshkv: p50 0.300 ms = 1.50 x fsync\n");
+    }
+
+    #[test]
+    fn stolen_time_is_a_share_of_the_busy_time() {
+        let a = CpuTimes::parse("cpu  1000 0 200 5000 50 0 100 100 0 0\ncpu0 1 2 3\n").unwrap();
+        let b = CpuTimes::parse("cpu  1500 0 300 9000 60 0 150 250 0 0\n").unwrap();
+        // 150 stolen of 800 busy (500 user, 100 system, 50 softirq, 150 steal); idle and
+        // iowait are not busy.
+        assert_eq!(b.steal_pct_since(&a), Some(18.75));
+        assert_eq!(a.steal_pct_since(&a), None, "idle throughout");
+        assert_eq!(CpuTimes::parse("intr 1 2\n"), None);
+        assert_eq!(CpuTimes::parse("cpu  1 x 3\n"), None);
+
+        let mut rs = vec![rec("meshkv", "put", 1.0, 1.0), rec("meshkv", "put", 3.0, 1.0), rec("etcd", "put", 1.0, 1.0)];
+        rs[0].steal_pct = Some(4.0);
+        rs[1].steal_pct = Some(31.4);
+        let line = rs[1].json_line();
+        assert!(line.contains("\"steal_pct\":31.4"), "{line}");
+        assert!(!rs[2].json_line().contains("steal"), "left out when unknown");
+        let t = median_table(&summarize(&rs));
+        assert!(t.contains("| put | meshkv | 2 | 2 | 0.50 | 1.00 | 0 | 31 |"), "{t}");
+        assert!(t.contains("| put | etcd | 1 | 1 | 0.50 | 1.00 | 0 | – |"), "{t}");
     }
 
     #[test]
