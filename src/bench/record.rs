@@ -216,6 +216,15 @@ fn round_ratios(a: &[f64], b: &[f64]) -> String {
     format!("{lo:.2}–{hi:.2}")
 }
 
+/// `x` with `digits` decimals, or "–" when it is unknown (NaN).
+fn num(x: f64, digits: usize) -> String {
+    if x.is_nan() {
+        "–".to_string()
+    } else {
+        format!("{x:.digits$}")
+    }
+}
+
 /// The markdown table of medians. With two systems, `a` over `b` ratios: throughput
 /// (higher is better for `a`) and p99 latency (lower is better for `a`). Beside the ratio
 /// of the medians, the spread of the ratios of rounds run side by side.
@@ -229,7 +238,6 @@ pub fn ratio_table(summaries: &[Summary], a: &str, b: &str) -> String {
             cases.push(&s.case);
         }
     }
-    let num = |x: f64, digits: usize| if x.is_nan() { "–".to_string() } else { format!("{x:.digits$}") };
     for case in cases {
         let find = |l: &str| summaries.iter().find(|s| s.case == case && s.label == l);
         let (sa, sb) = (find(a), find(b));
@@ -279,10 +287,16 @@ pub fn median_table(summaries: &[Summary]) -> String {
         "| case | system | rounds | ops/s | p50 ms | p99 ms | errors | host steal, most % |\n| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for s in summaries {
-        let steal = if s.steal_max_pct.is_nan() { "–".to_string() } else { format!("{:.0}", s.steal_max_pct) };
         out += &format!(
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {steal} |\n",
-            s.case, s.label, s.rounds, s.ops_per_sec, s.p50_ms, s.p99_ms, s.errors
+            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {} | {} |\n",
+            s.case,
+            s.label,
+            s.rounds,
+            s.ops_per_sec,
+            s.p50_ms,
+            s.p99_ms,
+            s.errors,
+            num(s.steal_max_pct, 0)
         );
     }
     out

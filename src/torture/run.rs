@@ -622,7 +622,8 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
             }
         }
     }
-    let mut report = Report { faults, by_kind, unreplaced: cluster.unreplaced.clone(), ..Default::default() };
+    let mut report =
+        Report { faults, by_kind, unreplaced: std::mem::take(&mut cluster.unreplaced), ..Default::default() };
     let history = history.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for (key, ops) in &history {
         report.ops += ops.len();
