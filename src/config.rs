@@ -18,6 +18,9 @@ pub struct Config {
     pub listen_client_urls: Vec<String>,
     /// Client URLs told to clients (member list); defaults to the listen URLs.
     pub advertise_client_urls: Vec<String>,
+    /// URLs to serve only `/metrics` and the health endpoints on, as etcd's
+    /// --listen-metrics-urls (the client URLs serve them too).
+    pub listen_metrics_urls: Vec<String>,
     /// URLs the member serves peers (the mesh) on.
     pub listen_peer_urls: Vec<String>,
     /// The peer URL other members dial (as etcd's --initial-advertise-peer-urls);
@@ -67,6 +70,7 @@ impl Default for Config {
             data_dir: PathBuf::from("default.meshkv"),
             listen_client_urls: vec!["http://127.0.0.1:2379".into()],
             advertise_client_urls: vec![],
+            listen_metrics_urls: vec![],
             listen_peer_urls: vec!["http://127.0.0.1:2380".into()],
             advertise_peer_url: None,
             join: vec![],
@@ -156,6 +160,9 @@ impl Config {
         }
         for u in &self.listen_peer_urls {
             parse_listen_url("--listen-peer-urls", u)?;
+        }
+        for u in &self.listen_metrics_urls {
+            parse_listen_url("--listen-metrics-urls", u)?;
         }
         if self.max_request_bytes == 0 {
             return Err(ConfigError::ZeroRequestBytes);

@@ -159,6 +159,10 @@ struct ServeArgs {
     /// Comma-separated client URLs to advertise to clients [default: the listen URLs].
     #[arg(long, value_delimiter = ',')]
     advertise_client_urls: Vec<String>,
+    /// Comma-separated URLs to serve /metrics and the health endpoints on, besides the
+    /// client URLs.
+    #[arg(long, value_delimiter = ',')]
+    listen_metrics_urls: Vec<String>,
     /// Comma-separated URLs to serve mesh peers on.
     #[arg(long, default_value = "http://127.0.0.1:2380", value_delimiter = ',')]
     listen_peer_urls: Vec<String>,
@@ -259,6 +263,7 @@ impl ServeArgs {
             unsafe_no_read_index: self.unsafe_no_read_index,
             listen_client_urls: self.listen_client_urls,
             advertise_client_urls: self.advertise_client_urls,
+            listen_metrics_urls: self.listen_metrics_urls,
             listen_peer_urls: self.listen_peer_urls,
             max_request_bytes: self.max_request_bytes,
             max_txn_ops: self.max_txn_ops,

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt as _;
+use tonic::service::Routes;
 use tonic::transport::Server;
 
 use crate::api::{self, Ctx, Identity};
@@ -282,6 +283,13 @@ pub async fn run(
         }
     }
     let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let mut metrics_listeners = Vec::new();
+    for url in &cfg.listen_metrics_urls {
+        for addr in parse_listen_url("--listen-metrics-urls", url)? {
+            metrics_listeners.push(TcpListener::bind(addr).await.map_err(|err| ServerError::Listen { addr, err })?);
+        }
+    }
+    let metrics_bound: Vec<SocketAddr> = metrics_listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
     if cfg.advertise_client_urls.is_empty() {
         // Advertise where clients can really connect (a port of 0 was chosen at bind).
         cfg.advertise_client_urls = bound.iter().map(|a| format!("http://{a}")).collect();
@@ -355,27 +363,35 @@ pub async fn run(
     });
     let decode_limit = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let lessor = api::lease::Lessor::start(ctx.clone(), cfg.election_timeout);
+    let http = api::http::Http::new(ctx.clone());
+    let mut grpc = Routes::builder();
+    grpc.add_service(KvServer::new(api::kv::KvService::new(ctx.clone())).max_decoding_message_size(decode_limit))
+        .add_service(api::watch_wire::WatchServer::new(
+            api::watch::WatchService::new(ctx.clone(), cfg.watch_progress_notify_interval, cfg.max_request_bytes),
+            decode_limit,
+        ))
+        .add_service(
+            LeaseServer::new(api::lease::LeaseService::new(ctx.clone(), lessor.clone(), cfg.election_timeout))
+                .max_decoding_message_size(decode_limit),
+        )
+        .add_service(ClusterServer::new(api::cluster::ClusterService::new(ctx.clone())))
+        .add_service(MaintenanceServer::new(api::maintenance::MaintenanceService::new(ctx.clone())))
+        .add_service(AuthServer::new(api::auth::AuthService::new(ctx.clone())))
+        .add_service(LockServer::new(api::lock::LockService::new(ctx.clone())))
+        .add_service(ElectionServer::new(api::election::ElectionService::new(ctx.clone())))
+        .add_service(crate::pb::meshkvpb::admin_server::AdminServer::new(api::admin::AdminService::new(ctx.clone())));
+    // The plain endpoints beside gRPC, as etcd serves them on its client URLs.
+    let client_routes =
+        Routes::from(grpc.routes().into_axum_router().merge(http.router()).fallback(api::http::not_found));
+    let metrics_routes = Routes::from(http.router().fallback(api::http::not_found));
     let mut servers = Vec::new();
-    for listener in listeners {
-        let router = Server::builder()
-            .tcp_nodelay(true)
-            .add_service(KvServer::new(api::kv::KvService::new(ctx.clone())).max_decoding_message_size(decode_limit))
-            .add_service(api::watch_wire::WatchServer::new(
-                api::watch::WatchService::new(ctx.clone(), cfg.watch_progress_notify_interval, cfg.max_request_bytes),
-                decode_limit,
-            ))
-            .add_service(
-                LeaseServer::new(api::lease::LeaseService::new(ctx.clone(), lessor.clone(), cfg.election_timeout))
-                    .max_decoding_message_size(decode_limit),
-            )
-            .add_service(ClusterServer::new(api::cluster::ClusterService::new(ctx.clone())))
-            .add_service(MaintenanceServer::new(api::maintenance::MaintenanceService::new(ctx.clone())))
-            .add_service(AuthServer::new(api::auth::AuthService::new(ctx.clone())))
-            .add_service(LockServer::new(api::lock::LockService::new(ctx.clone())))
-            .add_service(ElectionServer::new(api::election::ElectionService::new(ctx.clone())))
-            .add_service(crate::pb::meshkvpb::admin_server::AdminServer::new(api::admin::AdminService::new(
-                ctx.clone(),
-            )));
+    let listening = listeners
+        .into_iter()
+        .map(|l| (l, &client_routes))
+        .chain(metrics_listeners.into_iter().map(|l| (l, &metrics_routes)));
+    for (listener, routes) in listening {
+        // HTTP/1.1 too, for the plain endpoints: probes and scrapers speak it.
+        let router = Server::builder().tcp_nodelay(true).accept_http1(true).add_routes(routes.clone());
         let mut stop = stop_rx.clone();
         // Our own listener: the builder's TCP settings do not reach it, so Nagle's
         // algorithm is turned off here (with it, small replies wait for delayed ACKs).
@@ -385,6 +401,9 @@ pub async fn run(
         servers.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
         })));
+    }
+    for a in &metrics_bound {
+        tracing::info!("serving metrics and health on http://{a}");
     }
     drop(ctx);
     drop(lessor);

@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 . deploy/deps.sh
 # etcdctl (v3 API) drives the server in the compatibility tests.
 meshkv_need_apt etcd-client
+# curl plays the probes and scrapers of the HTTP endpoints.
+meshkv_need_apt curl
 # The fault harness puts members in network namespaces of their own (as root).
 meshkv_need_apt iproute2
 # The python etcd3 client, from PyPI, runs tests/python/test_etcd3.py (pinned to the

@@ -611,3 +611,58 @@ async fn restarted_members_find_each_other_without_join() {
     let g = client(&members[2]).await.get("kept", None).await.unwrap();
     assert_eq!(g.kvs()[0].mod_revision(), rev);
 }
+
+/// `/health` on `m`: its status and what its JSON says.
+fn health(m: &Member, query: &str) -> (u16, String, String) {
+    let r = curl(&format!("{}/health{query}", m.proc.endpoint()), &[]);
+    let v: serde_json::Value = serde_json::from_str(r.body.trim()).unwrap_or_default();
+    let field = |k: &str| v[k].as_str().unwrap_or_default().to_string();
+    (r.status, field("health"), field("reason"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cut_off_from_the_majority_fails_its_health_checks_until_the_heal() {
+    let root = tempdir();
+    let block = |n: &str| root.path().join(format!("block-{n}"));
+    let files: Vec<String> = ["a", "b", "c"].iter().map(|n| block(n).display().to_string()).collect();
+    let members = bootstrap_three(
+        root.path(),
+        &[&["--mesh-block-file", &files[0]], &["--mesh-block-file", &files[1]], &["--mesh-block-file", &files[2]]],
+    );
+    let refs: Vec<&Member> = members.iter().collect();
+    eventually("a leader", Duration::from_secs(20), || async { leader_of(&refs).await.is_some() }).await;
+    for m in &members {
+        eventually(&format!("{} healthy", m.name), Duration::from_secs(20), || async { health(m, "").0 == 200 }).await;
+    }
+
+    // Cut c off from a and b.
+    std::fs::write(block("c"), "a\nb\n").unwrap();
+    std::fs::write(block("a"), "c\n").unwrap();
+    std::fs::write(block("b"), "c\n").unwrap();
+    let c = &members[2];
+    eventually("c to report itself unhealthy", Duration::from_secs(30), || async { health(c, "").0 == 503 }).await;
+    let (_, healthy, reason) = health(c, "");
+    assert_eq!(healthy, "false");
+    assert!(reason == "RAFT NO LEADER" || reason.starts_with("RANGE ERROR:"), "why: {reason}");
+    // It is alive and reads locally: a liveness probe must not restart it.
+    assert_eq!(health(c, "?serializable=true").0, 200);
+    assert_eq!(curl(&format!("{}/livez", c.proc.endpoint()), &[]).status, 200);
+    let ready = curl(&format!("{}/readyz", c.proc.endpoint()), &[]);
+    assert_eq!(ready.status, 503, "{ready:?}");
+    assert!(ready.body.starts_with("[+]serializable_read ok\n[-]linearizable_read failed: "), "{:?}", ready.body);
+    let scraped = curl(&format!("{}/metrics", c.proc.endpoint()), &[]).body;
+    assert_eq!(metric(&scraped, "etcd_server_has_leader"), Some(0.0));
+    // The majority stays ready.
+    let majority = curl(&format!("{}/readyz", members[0].proc.endpoint()), &[]);
+    assert_eq!((majority.status, majority.body.as_str()), (200, "ok\n"));
+
+    // Heal: c is healthy and ready again.
+    for n in ["a", "b", "c"] {
+        std::fs::write(block(n), "").unwrap();
+    }
+    eventually("c healthy after the heal", Duration::from_secs(30), || async { health(c, "").0 == 200 }).await;
+    assert_eq!(curl(&format!("{}/readyz", c.proc.endpoint()), &[]).status, 200);
+    let scraped = curl(&format!("{}/metrics", c.proc.endpoint()), &[]).body;
+    assert_eq!(metric(&scraped, "etcd_server_has_leader"), Some(1.0));
+    assert!(metric(&scraped, "etcd_server_leader_changes_seen_total").is_some_and(|n| n >= 1.0));
+}

@@ -9,11 +9,13 @@ pub mod directory;
 pub mod log_store;
 pub mod logger;
 pub mod membership;
+pub mod metrics;
 pub mod node;
 pub mod snapshot;
 pub mod transport;
 pub mod wal;
 
+pub use metrics::RaftMetrics;
 pub use node::{Bootstrap, Membership, RaftConfig, RaftHandle, RaftStatus, Started, Transport};
 pub use transport::{member_id, MeshTransport};
 

@@ -107,6 +107,7 @@ pub struct RaftStatus {
     pub cluster_id: Arc<AtomicU64>,
     /// Set once this member applied its own removal.
     pub removed: AtomicBool,
+    pub metrics: super::RaftMetrics,
 }
 
 impl RaftStatus {
@@ -242,8 +243,14 @@ impl RaftHandle {
         }
         let (reply, rx) = oneshot::channel();
         let deadline = Instant::now() + self.request_timeout;
-        self.send_client(Command::Propose { id, data, reply, deadline })?;
-        self.wait(rx).await?
+        let outcome = match self.send_client(Command::Propose { id, data, reply, deadline }) {
+            Ok(()) => self.wait(rx).await.and_then(|r| r),
+            Err(e) => Err(e),
+        };
+        if matches!(&outcome, Err(e) if !matches!(e, RaftError::Apply(_))) {
+            self.status.metrics.proposals_failed.inc();
+        }
+        outcome
     }
 
     /// Waits until this member's store reflects every write committed before the call:
@@ -413,7 +420,7 @@ pub fn start(
     cluster_id: Arc<AtomicU64>,
     snapshots: Snapshots,
 ) -> Result<Started, EngineError> {
-    let (wal, replayed) = LogWal::open(engine.clone(), engine.db().path())?;
+    let (mut wal, replayed) = LogWal::open(engine.clone(), engine.db().path())?;
     if replayed > 0 {
         tracing::info!(records = replayed, "raft log writes replayed from its write-ahead file");
     }
@@ -488,6 +495,7 @@ pub fn start(
     }
     let (tx, rx) = mpsc::sync_channel(cfg.queue_depth);
     let status = Arc::new(RaftStatus { id: cfg.id, cluster_id, ..Default::default() });
+    wal.time_syncs(status.metrics.wal_fsync.clone());
     let cfg_membership = cfg.membership.clone();
     let driver = Driver {
         cfg,
@@ -981,7 +989,10 @@ impl Driver {
     fn publish(&self) {
         let r = &self.node.raft;
         self.status.term.store(r.term, Ordering::Release);
-        self.status.leader.store(r.leader_id, Ordering::Release);
+        let was = self.status.leader.swap(r.leader_id, Ordering::AcqRel);
+        if r.leader_id != 0 && r.leader_id != was {
+            self.status.metrics.leader_changes.inc();
+        }
         self.status.commit.store(r.raft_log.committed, Ordering::Release);
         self.status.last_index.store(r.raft_log.last_index(), Ordering::Release);
         if r.state == StateRole::Leader && r.leader_id != self.cfg.id {
@@ -1011,8 +1022,10 @@ impl Driver {
             };
             reqs.push((e.index, req));
         }
+        let started = Instant::now();
         let (results, held) =
             self.store.apply_held(&reqs).map_err(|e| EngineError::Corrupt { cf: "kv", what: e.to_string() })?;
+        self.status.metrics.backend_commit.observe(started.elapsed().as_secs_f64());
         for ((_, req), res) in reqs.into_iter().zip(results) {
             let Some(req) = req else { continue };
             if let Some(w) = self.writes.remove(&req.id) {

@@ -75,6 +75,8 @@ pub struct LogWal {
     tail: Vec<u8>,
     /// Room for one aligned direct write, reused.
     out: Vec<u8>,
+    /// Where each sync's time goes, once the driver asks for it.
+    syncs: Option<prometheus::Histogram>,
 }
 
 impl LogWal {
@@ -123,6 +125,7 @@ impl LogWal {
             held: Vec::new(),
             tail: Vec::new(),
             out: Vec::new(),
+            syncs: None,
         };
         if len < LAP_BYTES {
             // Zeroed at once (tens of milliseconds): growing it later would stall writes.
@@ -164,12 +167,18 @@ impl LogWal {
         Ok(())
     }
 
+    /// Times every sync from now on into `h`.
+    pub fn time_syncs(&mut self, h: prometheus::Histogram) {
+        self.syncs = Some(h);
+    }
+
     /// Writes the held records at `pos` and makes them durable.
     fn write_held(&mut self) -> Result<(), EngineError> {
         let end = self.pos + self.held.len() as u64;
         if end > self.len {
             self.grow(end)?;
         }
+        let started = std::time::Instant::now();
         let mut written = false;
         if let Some(file) = &self.direct {
             match write_direct(file, &mut self.out, &mut self.tail, self.pos, &self.held) {
@@ -185,6 +194,9 @@ impl LogWal {
         if !written {
             self.file.write_all_at(&self.held, self.pos).map_err(|e| io("writing the raft log file", e))?;
             self.file.sync_data().map_err(|e| io("syncing the raft log file", e))?;
+        }
+        if let Some(h) = &self.syncs {
+            h.observe(started.elapsed().as_secs_f64());
         }
         self.pos = end;
         self.held.clear();

@@ -260,3 +260,45 @@ pub fn bench_record(endpoints: &str, args: &[&str]) -> meshkv::bench::Record {
     assert_eq!(rs.len(), 1, "one JSON line: {text}");
     rs.remove(0)
 }
+
+/// One HTTP exchange as curl saw it.
+#[derive(Debug)]
+pub struct HttpReply {
+    pub status: u16,
+    /// Header lines, lower-cased names: `name: value`.
+    pub headers: Vec<String>,
+    pub body: String,
+}
+
+impl HttpReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let prefix = format!("{}:", name.to_ascii_lowercase());
+        self.headers.iter().find_map(|h| h.strip_prefix(&prefix).map(str::trim))
+    }
+}
+
+/// Runs curl (HTTP/1.1 unless `args` say otherwise) with `args` against `url`.
+pub fn curl(url: &str, args: &[&str]) -> HttpReply {
+    let out = Command::new("curl")
+        .args(["-s", "-i", "--max-time", "30"])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("run curl (apt-get install curl)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("curl {url}: no reply: {text:?}"));
+    let mut lines = head.lines();
+    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let headers = lines
+        .map(|l| match l.split_once(':') {
+            Some((n, v)) => format!("{}:{v}", n.to_ascii_lowercase()),
+            None => l.to_string(),
+        })
+        .collect();
+    HttpReply { status, headers, body: body.to_string() }
+}
+
+/// The value of the unlabelled sample `name` in a Prometheus text exposition.
+pub fn metric(exposition: &str, name: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}

@@ -1,0 +1,342 @@
+//! The member's plain HTTP endpoints, served beside gRPC on every client URL (HTTP/1.1
+//! or HTTP/2) and alone on `--listen-metrics-urls`, as etcd serves them:
+//!
+//! - `/health`: `{"health":"true","reason":""}`, or 503 with `"false"` and why: no
+//!   leader (unless `?serializable=true`), or a read that fails or times out.
+//! - `/livez` (a serializable read) and `/readyz` (a serializable and a linearizable
+//!   read): `ok`, or 503 with each check's outcome; `?verbose` lists the checks,
+//!   `?exclude=NAME` skips one, `/livez/NAME` runs one alone.
+//! - `/version`: `{"etcdserver":…,"etcdcluster":…}`.
+//! - `/metrics`: Prometheus' text format, under etcd's metric names.
+//!
+//! Anything else gets 404, except gRPC requests (by their content type), which get
+//! gRPC's own "unimplemented".
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::response::Response;
+use axum::routing::{any, MethodRouter};
+use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+
+use super::Ctx;
+use crate::pb::etcdserverpb::RangeRequest;
+
+/// A check of `/livez` or `/readyz`, by its name in etcd.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Check {
+    SerializableRead,
+    LinearizableRead,
+}
+
+impl Check {
+    fn name(self) -> &'static str {
+        match self {
+            Check::SerializableRead => "serializable_read",
+            Check::LinearizableRead => "linearizable_read",
+        }
+    }
+}
+
+const LIVEZ: &[Check] = &[Check::SerializableRead];
+const READYZ: &[Check] = &[Check::SerializableRead, Check::LinearizableRead];
+
+/// The plain endpoints of one member, shared by every listener that serves them.
+pub struct Http {
+    ctx: Ctx,
+    metrics: Metrics,
+}
+
+impl Http {
+    pub fn new(ctx: Ctx) -> Arc<Self> {
+        let metrics = Metrics::new(&ctx);
+        Arc::new(Self { ctx, metrics })
+    }
+
+    /// The endpoints' routes; what none of them matches goes to the router's fallback
+    /// ([`not_found`] where nothing else is served).
+    pub fn router(self: &Arc<Self>) -> axum::Router {
+        let mut r = axum::Router::new()
+            .route("/health", handle(self, |ep, req| async move { ep.health(&req).await }))
+            .route("/version", handle(self, |ep, _| async move { ep.version() }))
+            .route("/metrics", handle(self, |ep, _| async move { ep.metrics() }));
+        for (path, checks) in [("/livez", LIVEZ), ("/readyz", READYZ)] {
+            r = r.route(path, handle(self, move |ep, req| async move { ep.probe(&req, path, checks).await }));
+            for &check in checks {
+                let one = move |ep: Arc<Http>, req: Parts| async move { ep.probe(&req, path, &[check]).await };
+                r = r.route(&format!("{path}/{}", check.name()), handle(self, one));
+            }
+        }
+        r
+    }
+}
+
+/// Any method: the endpoints answer the ones they refuse themselves, as etcd does.
+fn handle<F, Fut>(ep: &Arc<Http>, f: F) -> MethodRouter
+where
+    F: Fn(Arc<Http>, Parts) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response> + Send + 'static,
+{
+    let ep = ep.clone();
+    any(move |req: Request| f(ep.clone(), req.into_parts().0))
+}
+
+/// What matches no route: 404, or gRPC's "unimplemented" to a gRPC request.
+pub async fn not_found(req: Request) -> Response {
+    let grpc = req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        let (parts, ()) = tonic::Status::unimplemented("").into_http::<()>().into_parts();
+        return Response::from_parts(parts, Body::empty());
+    }
+    text(StatusCode::NOT_FOUND, "404 page not found\n".into())
+}
+
+/// A plain-text answer, as Go's `http.Error` writes it.
+fn text(status: StatusCode, body: String) -> Response {
+    let mut resp = Response::new(Body::from(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    resp
+}
+
+fn json(body: String) -> Response {
+    let mut resp = Response::new(Body::from(body));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn method_not_allowed() -> Response {
+    let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n".into());
+    resp.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+    resp
+}
+
+/// The values of the query parameter `name`, decoded where they need it.
+fn query<'a>(req: &'a Parts, name: &'a str) -> impl Iterator<Item = String> + 'a {
+    req.uri.query().unwrap_or("").split('&').filter_map(move |pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn has_query(req: &Parts, name: &str) -> bool {
+    query(req, name).next().is_some()
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match b[i] {
+            b'%' if i + 2 < b.len() => {
+                if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                out.push(b'%');
+            }
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl Http {
+    /// A read of one key, as the checks of etcd's health endpoints make.
+    async fn read(&self, serializable: bool) -> Result<(), String> {
+        if !serializable {
+            self.ctx.raft.read_index().await.map_err(|e| tonic::Status::from(e).message().to_string())?;
+        }
+        let req = RangeRequest { key: "health".into(), keys_only: true, limit: 1, ..Default::default() };
+        self.ctx.store.range(&req).map(|_| ()).map_err(|e| tonic::Status::from(e).message().to_string())
+    }
+
+    async fn health(&self, req: &Parts) -> Response {
+        if req.method != Method::GET {
+            return method_not_allowed();
+        }
+        let serializable = query(req, "serializable").any(|v| v == "true");
+        let reason = if !serializable && self.ctx.raft.status().leader() == 0 {
+            Some("RAFT NO LEADER".to_string())
+        } else {
+            self.read(serializable).await.err().map(|e| format!("RANGE ERROR:{e}"))
+        };
+        let healthy = reason.is_none();
+        let body = serde_json::json!({ "health": healthy.to_string(), "reason": reason.unwrap_or_default() });
+        if healthy {
+            self.metrics.health_success.inc();
+            text(StatusCode::OK, body.to_string())
+        } else {
+            self.metrics.health_failures.inc();
+            tracing::warn!(answer = %body, "serving /health false");
+            text(StatusCode::SERVICE_UNAVAILABLE, format!("{body}\n"))
+        }
+    }
+
+    /// `/livez` or `/readyz` (`path`), running `checks` less those excluded.
+    async fn probe(&self, req: &Parts, path: &str, checks: &[Check]) -> Response {
+        if req.method != Method::GET {
+            return method_not_allowed();
+        }
+        let excluded: Vec<String> = query(req, "exclude").collect();
+        let mut report = String::new();
+        let mut failed = false;
+        for &check in checks.iter().filter(|c| !excluded.iter().any(|e| e == c.name())) {
+            let outcome = match check {
+                Check::SerializableRead => self.read(true).await,
+                Check::LinearizableRead => self.read(false).await,
+            };
+            match outcome {
+                Ok(()) => report.push_str(&format!("[+]{} ok\n", check.name())),
+                Err(e) => {
+                    failed = true;
+                    report.push_str(&format!("[-]{} failed: {e}\n", check.name()));
+                }
+            }
+        }
+        if failed {
+            tracing::warn!(path, report = %report.trim_end(), "health check failed");
+            return text(StatusCode::SERVICE_UNAVAILABLE, format!("{report}\n"));
+        }
+        if !has_query(req, "verbose") {
+            report.clear();
+        }
+        text(StatusCode::OK, format!("{report}ok\n"))
+    }
+
+    fn version(&self) -> Response {
+        let v = crate::ETCD_COMPAT_VERSION;
+        let cluster = v.rsplit_once('.').map_or(v, |(minor, _)| minor);
+        json(serde_json::json!({ "etcdserver": v, "etcdcluster": format!("{cluster}.0") }).to_string())
+    }
+
+    fn metrics(&self) -> Response {
+        self.metrics.refresh(&self.ctx);
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.metrics.registry.gather(), &mut buf) {
+            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the metrics: {e}\n"));
+        }
+        let mut resp = Response::new(Body::from(buf));
+        if let Ok(v) = HeaderValue::from_str(encoder.format_type()) {
+            resp.headers_mut().insert(header::CONTENT_TYPE, v);
+        }
+        resp
+    }
+}
+
+/// The member's metrics: the Raft driver's own counters and timings, and gauges read from
+/// the member's state at each scrape.
+struct Metrics {
+    registry: Registry,
+    has_leader: IntGauge,
+    is_leader: IntGauge,
+    is_learner: IntGauge,
+    committed: IntGauge,
+    applied: IntGauge,
+    db_size: IntGauge,
+    keys: IntGauge,
+    revision: IntGauge,
+    compact_revision: IntGauge,
+    leases: IntGauge,
+    health_success: IntCounter,
+    health_failures: IntCounter,
+}
+
+impl Metrics {
+    fn new(ctx: &Ctx) -> Self {
+        let registry = Registry::new();
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("a valid metric name");
+            registry.register(Box::new(g.clone())).expect("registered once");
+            g
+        };
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("a valid metric name");
+            registry.register(Box::new(c.clone())).expect("registered once");
+            c
+        };
+        // Labelled once, with a value of 1, as etcd's.
+        let labelled = |name: &str, help: &str, label: &str, value: &str| {
+            let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("a valid metric name");
+            g.with_label_values(&[value]).set(1);
+            registry.register(Box::new(g)).expect("registered once");
+        };
+        labelled(
+            "etcd_server_id",
+            "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.",
+            "server_id",
+            &format!("{:x}", ctx.id.member_id),
+        );
+        labelled(
+            "etcd_server_version",
+            "Which version is running. 1 for 'server_version' label with current version.",
+            "server_version",
+            crate::ETCD_COMPAT_VERSION,
+        );
+        let raft = &ctx.raft.status().metrics;
+        for c in [raft.leader_changes.clone(), raft.proposals_failed.clone()] {
+            registry.register(Box::new(c)).expect("registered once");
+        }
+        for h in [raft.wal_fsync.clone(), raft.backend_commit.clone()] {
+            registry.register(Box::new(h)).expect("registered once");
+        }
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("registered once");
+        Self {
+            has_leader: gauge("etcd_server_has_leader", "Whether or not a leader exists. 1 is existence, 0 is not."),
+            is_leader: gauge("etcd_server_is_leader", "Whether or not this member is a leader. 1 if is, 0 otherwise."),
+            is_learner: gauge(
+                "etcd_server_is_learner",
+                "Whether or not this member is a learner. 1 if is, 0 otherwise.",
+            ),
+            committed: gauge(
+                "etcd_server_proposals_committed_total",
+                "The total number of consensus proposals committed.",
+            ),
+            applied: gauge("etcd_server_proposals_applied_total", "The total number of consensus proposals applied."),
+            db_size: gauge(
+                "etcd_mvcc_db_total_size_in_bytes",
+                "Total size of the underlying database physically allocated in bytes.",
+            ),
+            keys: gauge("etcd_debugging_mvcc_keys_total", "Total number of keys."),
+            revision: gauge("etcd_debugging_mvcc_current_revision", "The current revision of store."),
+            compact_revision: gauge(
+                "etcd_debugging_mvcc_compact_revision",
+                "The revision of the last compaction in store.",
+            ),
+            leases: gauge("etcd_debugging_lease_total", "The number of leases granted and not yet revoked or expired."),
+            health_success: counter("etcd_server_health_success", "The total number of successful health checks"),
+            health_failures: counter("etcd_server_health_failures", "The total number of failed health checks"),
+            registry,
+        }
+    }
+
+    fn refresh(&self, ctx: &Ctx) {
+        let raft = ctx.raft.status();
+        let leader = raft.leader();
+        self.has_leader.set(i64::from(leader != 0));
+        self.is_leader.set(i64::from(leader != 0 && leader == ctx.id.member_id));
+        self.is_learner.set(i64::from(raft.is_learner()));
+        self.committed.set(raft.commit_index() as i64);
+        self.applied.set(ctx.store.applied_index() as i64);
+        self.db_size.set(ctx.store.engine().size_bytes() as i64);
+        self.keys.set(ctx.store.key_count() as i64);
+        self.revision.set(ctx.store.revision());
+        self.compact_revision.set(ctx.store.compact_revision());
+        self.leases.set(ctx.store.leases().len() as i64);
+    }
+}
