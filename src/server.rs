@@ -363,7 +363,8 @@ pub async fn run(
     });
     let decode_limit = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let lessor = api::lease::Lessor::start(ctx.clone(), cfg.election_timeout);
-    let http = api::http::Http::new(ctx.clone());
+    let metrics = api::metrics::Metrics::new(&ctx);
+    let http = api::http::Http::new(ctx.clone(), metrics.clone());
     let mut grpc = Routes::builder();
     grpc.add_service(KvServer::new(api::kv::KvService::new(ctx.clone())).max_decoding_message_size(decode_limit))
         .add_service(api::watch_wire::WatchServer::new(
@@ -381,8 +382,13 @@ pub async fn run(
         .add_service(ElectionServer::new(api::election::ElectionService::new(ctx.clone())))
         .add_service(crate::pb::meshkvpb::admin_server::AdminServer::new(api::admin::AdminService::new(ctx.clone())));
     // The plain endpoints beside gRPC, as etcd serves them on its client URLs.
-    let client_routes =
-        Routes::from(grpc.routes().into_axum_router().merge(http.router()).fallback(api::http::not_found));
+    let client_routes = Routes::from(
+        grpc.routes()
+            .into_axum_router()
+            .layer(metrics.grpc_layer())
+            .merge(http.router())
+            .fallback(api::http::not_found),
+    );
     let metrics_routes = Routes::from(http.router().fallback(api::http::not_found));
     let mut servers = Vec::new();
     let listening = listeners
@@ -405,8 +411,8 @@ pub async fn run(
     for a in &metrics_bound {
         tracing::info!("serving metrics and health on http://{a}");
     }
-    drop(ctx);
-    drop(lessor);
+    // Only the servers may keep Raft handles now: the driver stops once they are gone.
+    drop((client_routes, metrics_routes, http, ctx, lessor));
     for a in &bound {
         tracing::info!("ready to serve client requests on http://{a}");
     }

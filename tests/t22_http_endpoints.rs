@@ -70,6 +70,22 @@ async fn health_probes_version_and_metrics_answer_as_etcd_does() {
     let id = format!("etcd_server_id{{server_id=\"{:x}\"}} 1", c.status().await.unwrap().header().unwrap().member_id());
     assert!(m.body.lines().any(|l| l == id), "{id} in:\n{}", m.body);
 
+    // Every gRPC call, by method and outcome, as etcd's grpc-prometheus counts them.
+    let grpc = |name: &str, labels: &str| metric(&m.body, &format!("{name}{{{labels}}}"));
+    let put = "grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"";
+    assert_eq!(grpc("grpc_server_started_total", put), Some(20.0), "{}", m.body);
+    assert_eq!(grpc("grpc_server_handled_total", &format!("grpc_code=\"OK\",{put}")), Some(20.0));
+    let future = c.get("k0", Some(etcd_client::GetOptions::new().with_revision(1000))).await;
+    assert!(future.is_err(), "a revision to come is refused");
+    let m = get("/metrics");
+    let range = "grpc_method=\"Range\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"";
+    assert_eq!(
+        metric(&m.body, &format!("grpc_server_handled_total{{grpc_code=\"OutOfRange\",{range}}}")),
+        Some(1.0),
+        "{}",
+        m.body
+    );
+
     // The metrics URL serves the same endpoints, and no gRPC.
     let other = format!("http://{}", metrics_addr(&p));
     assert_eq!(curl(&format!("{other}/readyz"), &[]).body, "ok\n");

@@ -21,8 +21,8 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::response::Response;
 use axum::routing::{any, MethodRouter};
-use prometheus::{Encoder, IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 
+use super::metrics::Metrics;
 use super::Ctx;
 use crate::pb::etcdserverpb::RangeRequest;
 
@@ -48,12 +48,11 @@ const READYZ: &[Check] = &[Check::SerializableRead, Check::LinearizableRead];
 /// The plain endpoints of one member, shared by every listener that serves them.
 pub struct Http {
     ctx: Ctx,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
 }
 
 impl Http {
-    pub fn new(ctx: Ctx) -> Arc<Self> {
-        let metrics = Metrics::new(&ctx);
+    pub fn new(ctx: Ctx, metrics: Arc<Metrics>) -> Arc<Self> {
         Arc::new(Self { ctx, metrics })
     }
 
@@ -222,121 +221,15 @@ impl Http {
     }
 
     fn metrics(&self) -> Response {
-        self.metrics.refresh(&self.ctx);
-        let mut buf = Vec::new();
-        let encoder = TextEncoder::new();
-        if let Err(e) = encoder.encode(&self.metrics.registry.gather(), &mut buf) {
-            return text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the metrics: {e}\n"));
+        match self.metrics.exposition(&self.ctx) {
+            Ok((content_type, buf)) => {
+                let mut resp = Response::new(Body::from(buf));
+                if let Ok(v) = HeaderValue::from_str(content_type) {
+                    resp.headers_mut().insert(header::CONTENT_TYPE, v);
+                }
+                resp
+            }
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the metrics: {e}\n")),
         }
-        let mut resp = Response::new(Body::from(buf));
-        if let Ok(v) = HeaderValue::from_str(encoder.format_type()) {
-            resp.headers_mut().insert(header::CONTENT_TYPE, v);
-        }
-        resp
-    }
-}
-
-/// The member's metrics: the Raft driver's own counters and timings, and gauges read from
-/// the member's state at each scrape.
-struct Metrics {
-    registry: Registry,
-    has_leader: IntGauge,
-    is_leader: IntGauge,
-    is_learner: IntGauge,
-    committed: IntGauge,
-    applied: IntGauge,
-    db_size: IntGauge,
-    keys: IntGauge,
-    revision: IntGauge,
-    compact_revision: IntGauge,
-    leases: IntGauge,
-    health_success: IntCounter,
-    health_failures: IntCounter,
-}
-
-impl Metrics {
-    fn new(ctx: &Ctx) -> Self {
-        let registry = Registry::new();
-        let gauge = |name: &str, help: &str| {
-            let g = IntGauge::new(name, help).expect("a valid metric name");
-            registry.register(Box::new(g.clone())).expect("registered once");
-            g
-        };
-        let counter = |name: &str, help: &str| {
-            let c = IntCounter::new(name, help).expect("a valid metric name");
-            registry.register(Box::new(c.clone())).expect("registered once");
-            c
-        };
-        // Labelled once, with a value of 1, as etcd's.
-        let labelled = |name: &str, help: &str, label: &str, value: &str| {
-            let g = IntGaugeVec::new(Opts::new(name, help), &[label]).expect("a valid metric name");
-            g.with_label_values(&[value]).set(1);
-            registry.register(Box::new(g)).expect("registered once");
-        };
-        labelled(
-            "etcd_server_id",
-            "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.",
-            "server_id",
-            &format!("{:x}", ctx.id.member_id),
-        );
-        labelled(
-            "etcd_server_version",
-            "Which version is running. 1 for 'server_version' label with current version.",
-            "server_version",
-            crate::ETCD_COMPAT_VERSION,
-        );
-        let raft = &ctx.raft.status().metrics;
-        for c in [raft.leader_changes.clone(), raft.proposals_failed.clone()] {
-            registry.register(Box::new(c)).expect("registered once");
-        }
-        for h in [raft.wal_fsync.clone(), raft.backend_commit.clone()] {
-            registry.register(Box::new(h)).expect("registered once");
-        }
-        #[cfg(target_os = "linux")]
-        registry
-            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
-            .expect("registered once");
-        Self {
-            has_leader: gauge("etcd_server_has_leader", "Whether or not a leader exists. 1 is existence, 0 is not."),
-            is_leader: gauge("etcd_server_is_leader", "Whether or not this member is a leader. 1 if is, 0 otherwise."),
-            is_learner: gauge(
-                "etcd_server_is_learner",
-                "Whether or not this member is a learner. 1 if is, 0 otherwise.",
-            ),
-            committed: gauge(
-                "etcd_server_proposals_committed_total",
-                "The total number of consensus proposals committed.",
-            ),
-            applied: gauge("etcd_server_proposals_applied_total", "The total number of consensus proposals applied."),
-            db_size: gauge(
-                "etcd_mvcc_db_total_size_in_bytes",
-                "Total size of the underlying database physically allocated in bytes.",
-            ),
-            keys: gauge("etcd_debugging_mvcc_keys_total", "Total number of keys."),
-            revision: gauge("etcd_debugging_mvcc_current_revision", "The current revision of store."),
-            compact_revision: gauge(
-                "etcd_debugging_mvcc_compact_revision",
-                "The revision of the last compaction in store.",
-            ),
-            leases: gauge("etcd_debugging_lease_total", "The number of leases granted and not yet revoked or expired."),
-            health_success: counter("etcd_server_health_success", "The total number of successful health checks"),
-            health_failures: counter("etcd_server_health_failures", "The total number of failed health checks"),
-            registry,
-        }
-    }
-
-    fn refresh(&self, ctx: &Ctx) {
-        let raft = ctx.raft.status();
-        let leader = raft.leader();
-        self.has_leader.set(i64::from(leader != 0));
-        self.is_leader.set(i64::from(leader != 0 && leader == ctx.id.member_id));
-        self.is_learner.set(i64::from(raft.is_learner()));
-        self.committed.set(raft.commit_index() as i64);
-        self.applied.set(ctx.store.applied_index() as i64);
-        self.db_size.set(ctx.store.engine().size_bytes() as i64);
-        self.keys.set(ctx.store.key_count() as i64);
-        self.revision.set(ctx.store.revision());
-        self.compact_revision.set(ctx.store.compact_revision());
-        self.leases.set(ctx.store.leases().len() as i64);
     }
 }

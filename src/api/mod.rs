@@ -13,6 +13,7 @@ pub mod kv;
 pub mod lease;
 pub mod lock;
 pub mod maintenance;
+pub mod metrics;
 pub mod validate;
 pub mod watch;
 pub mod watch_wire;
