@@ -1,4 +1,5 @@
-//! Compiles the etcd v3 protos (and meshkv's internal messages) with tonic-prost-build.
+//! Compiles the etcd v3 protos (and meshkv's internal messages) with tonic-prost-build,
+//! and lists every gRPC method they declare (`grpc_methods.rs`) for the metrics.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
@@ -19,5 +20,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .generate_default_stubs(true)
         .bytes(".")
         .compile_protos(&protos, &["proto"])?;
+    let mut methods = String::from(
+        "/// Every gRPC method the protos declare: path, service, method, and grpc-go's name for its kind.\n\
+         pub const GRPC_METHODS: &[(&str, &str, &str, &str)] = &[\n",
+    );
+    for p in protos {
+        for (service, method, kind) in rpcs(&std::fs::read_to_string(p)?) {
+            methods.push_str(&format!("    (\"/{service}/{method}\", \"{service}\", \"{method}\", \"{kind}\"),\n"));
+        }
+    }
+    methods.push_str("];\n");
+    std::fs::write(std::path::Path::new(&std::env::var("OUT_DIR")?).join("grpc_methods.rs"), methods)?;
     Ok(())
+}
+
+/// The rpcs of a proto file, one a line as ours are written: (package.Service, Method, kind).
+fn rpcs(proto: &str) -> Vec<(String, String, &'static str)> {
+    let (mut package, mut service, mut out) = (String::new(), String::new(), Vec::new());
+    for line in proto.lines().map(str::trim) {
+        if let Some(p) = line.strip_prefix("package ") {
+            package = p.trim_end_matches(';').trim().to_string();
+        } else if let Some(s) = line.strip_prefix("service ") {
+            service = format!("{package}.{}", s.trim_end_matches('{').trim());
+        } else if let Some(r) = line.strip_prefix("rpc ") {
+            let (name, rest) = r.split_once('(').expect("rpc Name(Request) returns (Response)");
+            let (request, response) = rest.split_once("returns").expect("rpc Name(Request) returns (Response)");
+            let streams = |s: &str| s.trim_start_matches([' ', '(']).starts_with("stream ");
+            let kind = match (streams(request), streams(response)) {
+                (false, false) => "unary",
+                (true, false) => "client_stream",
+                (false, true) => "server_stream",
+                (true, true) => "bidi_stream",
+            };
+            out.push((service.clone(), name.trim().to_string(), kind));
+        }
+    }
+    out
 }

@@ -75,6 +75,9 @@ async fn health_probes_version_and_metrics_answer_as_etcd_does() {
     let put = "grpc_method=\"Put\",grpc_service=\"etcdserverpb.KV\",grpc_type=\"unary\"";
     assert_eq!(grpc("grpc_server_started_total", put), Some(20.0), "{}", m.body);
     assert_eq!(grpc("grpc_server_handled_total", &format!("grpc_code=\"OK\",{put}")), Some(20.0));
+    // Every method is there from the start, at zero, as etcd lists them.
+    let snapshot = "grpc_method=\"Snapshot\",grpc_service=\"etcdserverpb.Maintenance\",grpc_type=\"server_stream\"";
+    assert_eq!(grpc("grpc_server_started_total", snapshot), Some(0.0));
     let future = c.get("k0", Some(etcd_client::GetOptions::new().with_revision(1000))).await;
     assert!(future.is_err(), "a revision to come is refused");
     let m = get("/metrics");

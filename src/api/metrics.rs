@@ -3,6 +3,7 @@
 //! counts, the process' own, and every gRPC call by method and outcome (etcd's
 //! `grpc_server_started_total` and `grpc_server_handled_total`).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -74,23 +75,7 @@ impl Metrics {
         for h in [raft.wal_fsync.clone(), raft.backend_commit.clone()] {
             registry.register(Box::new(h)).expect("registered once");
         }
-        let grpc = Arc::new(GrpcCounters {
-            started: IntCounterVec::new(
-                Opts::new("grpc_server_started_total", "Total number of RPCs started on the server."),
-                &["grpc_type", "grpc_service", "grpc_method"],
-            )
-            .expect("a valid metric name"),
-            handled: IntCounterVec::new(
-                Opts::new(
-                    "grpc_server_handled_total",
-                    "Total number of RPCs completed on the server, regardless of success or failure.",
-                ),
-                &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
-            )
-            .expect("a valid metric name"),
-        });
-        registry.register(Box::new(grpc.started.clone())).expect("registered once");
-        registry.register(Box::new(grpc.handled.clone())).expect("registered once");
+        let grpc = Arc::new(GrpcCounters::new(&registry));
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
@@ -154,9 +139,48 @@ impl Metrics {
     }
 }
 
+include!(concat!(env!("OUT_DIR"), "/grpc_methods.rs"));
+
+/// One method's counters, made ahead (at zero, as etcd's are) so that a call only finds
+/// them: by its path, among the methods the protos declare; other paths are not counted.
+struct MethodCounters {
+    started: IntCounter,
+    handled: [IntCounter; CODES.len()],
+}
+
 struct GrpcCounters {
-    started: IntCounterVec,
-    handled: IntCounterVec,
+    methods: HashMap<&'static str, Arc<MethodCounters>>,
+}
+
+impl GrpcCounters {
+    fn new(registry: &Registry) -> Self {
+        let started = IntCounterVec::new(
+            Opts::new("grpc_server_started_total", "Total number of RPCs started on the server."),
+            &["grpc_type", "grpc_service", "grpc_method"],
+        )
+        .expect("a valid metric name");
+        let handled = IntCounterVec::new(
+            Opts::new(
+                "grpc_server_handled_total",
+                "Total number of RPCs completed on the server, regardless of success or failure.",
+            ),
+            &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+        )
+        .expect("a valid metric name");
+        let methods = GRPC_METHODS
+            .iter()
+            .map(|&(path, service, method, kind)| {
+                let counters = MethodCounters {
+                    started: started.with_label_values(&[kind, service, method]),
+                    handled: CODES.map(|code| handled.with_label_values(&[kind, service, method, code])),
+                };
+                (path, Arc::new(counters))
+            })
+            .collect();
+        registry.register(Box::new(started)).expect("registered once");
+        registry.register(Box::new(handled)).expect("registered once");
+        Self { methods }
+    }
 }
 
 /// gRPC's status codes by number, as grpc-go names them.
@@ -179,36 +203,31 @@ const CODES: [&str; 17] = [
     "DataLoss",
     "Unauthenticated",
 ];
+const CANCELED: usize = 1;
+const UNKNOWN: usize = 2;
 
-/// One call being counted: its labels, until its status is known.
-struct Call {
-    counters: Arc<GrpcCounters>,
-    kind: &'static str,
-    service: String,
-    method: String,
-}
+/// One call being counted, until its status is known.
+struct Call(Arc<MethodCounters>);
 
 impl Call {
-    /// The call of a request to `path` (`/package.Service/Method`), counted as started.
-    fn start(counters: &Arc<GrpcCounters>, path: &str) -> Option<Call> {
-        let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-        let kind = match (service, method) {
-            ("etcdserverpb.Watch", "Watch") | ("etcdserverpb.Lease", "LeaseKeepAlive") => "bidi_stream",
-            ("etcdserverpb.Maintenance", "Snapshot") | ("v3electionpb.Election", "Observe") => "server_stream",
-            _ => "unary",
-        };
-        counters.started.with_label_values(&[kind, service, method]).inc();
-        Some(Call { counters: counters.clone(), kind, service: service.to_string(), method: method.to_string() })
+    /// The call of a request to `path`, counted as started, if it is a known method.
+    fn start(counters: &GrpcCounters, path: &str) -> Option<Call> {
+        let method = counters.methods.get(path)?;
+        method.started.inc();
+        Some(Call(method.clone()))
     }
 
-    fn handled(self, code: &str) {
-        self.counters.handled.with_label_values(&[self.kind, &self.service, &self.method, code]).inc();
+    /// Counts the call handled with `code` (an index into [`CODES`]).
+    fn handled(self, code: usize) {
+        if let Some(c) = self.0.handled.get(code) {
+            c.inc();
+        }
     }
 
     /// The code in `headers`' `grpc-status`, if they carry one.
-    fn code_in(headers: &axum::http::HeaderMap) -> Option<&'static str> {
+    fn code_in(headers: &axum::http::HeaderMap) -> Option<usize> {
         let n: usize = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
-        Some(CODES.get(n).copied().unwrap_or("Unknown"))
+        Some(if n < CODES.len() { n } else { UNKNOWN })
     }
 
     /// Counts the call handled when its status is known: at once when the response's
@@ -249,7 +268,7 @@ impl http_body::Body for Counted {
             }
             Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
                 if let Some(call) = self.call.take() {
-                    call.handled("Unknown");
+                    call.handled(UNKNOWN);
                 }
             }
             Poll::Pending => {}
@@ -269,7 +288,7 @@ impl http_body::Body for Counted {
 impl Drop for Counted {
     fn drop(&mut self) {
         if let Some(call) = self.call.take() {
-            call.handled("Canceled");
+            call.handled(CANCELED);
         }
     }
 }
