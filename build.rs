@@ -1,5 +1,7 @@
 //! Compiles the etcd v3 protos (and meshkv's internal messages) with tonic-prost-build,
-//! and lists every gRPC method they declare (`grpc_methods.rs`) for the metrics.
+//! gives etcd's messages the protobuf JSON mapping (pbjson, with the proto's own field
+//! names, as etcd's JSON gateway writes them), and lists every gRPC method they declare
+//! (`grpc_methods.rs`) for the metrics.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
@@ -15,11 +17,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in protos {
         println!("cargo:rerun-if-changed={p}");
     }
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    let descriptors = out.join("descriptors.bin");
     tonic_prost_build::configure()
+        .file_descriptor_set_path(&descriptors)
         // Services that a later release fills in answer UNIMPLEMENTED through default methods.
         .generate_default_stubs(true)
         .bytes(".")
         .compile_protos(&protos, &["proto"])?;
+    pbjson_build::Builder::new()
+        .register_descriptors(&std::fs::read(&descriptors)?)?
+        .preserve_proto_field_names()
+        .ignore_unknown_fields()
+        .build(&[".mvccpb", ".authpb", ".etcdserverpb", ".v3lockpb", ".v3electionpb"])?;
     let mut methods = String::from(
         "/// Every gRPC method the protos declare: path, service, method, and grpc-go's name for its kind.\n\
          pub const GRPC_METHODS: &[(&str, &str, &str, &str)] = &[\n",
@@ -30,7 +40,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     methods.push_str("];\n");
-    std::fs::write(std::path::Path::new(&std::env::var("OUT_DIR")?).join("grpc_methods.rs"), methods)?;
+    std::fs::write(out.join("grpc_methods.rs"), methods)?;
     Ok(())
 }
 

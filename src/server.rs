@@ -381,12 +381,14 @@ pub async fn run(
         .add_service(LockServer::new(api::lock::LockService::new(ctx.clone())))
         .add_service(ElectionServer::new(api::election::ElectionService::new(ctx.clone())))
         .add_service(crate::pb::meshkvpb::admin_server::AdminServer::new(api::admin::AdminService::new(ctx.clone())));
-    // The plain endpoints beside gRPC, as etcd serves them on its client URLs.
+    // The plain endpoints and the JSON gateway beside gRPC, as etcd serves them on its
+    // client URLs.
     let client_routes = Routes::from(
         grpc.routes()
             .into_axum_router()
             .layer(metrics.grpc_layer())
             .merge(http.router())
+            .merge(api::gateway::router(ctx.clone(), lessor.clone(), cfg.election_timeout))
             .fallback(api::http::not_found),
     );
     let metrics_routes = Routes::from(http.router().fallback(api::http::not_found));

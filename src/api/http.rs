@@ -95,7 +95,7 @@ pub async fn not_found(req: Request) -> Response {
 }
 
 /// A plain-text answer, as Go's `http.Error` writes it.
-fn text(status: StatusCode, body: String) -> Response {
+pub(super) fn text(status: StatusCode, body: String) -> Response {
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();

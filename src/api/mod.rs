@@ -8,6 +8,7 @@ pub mod conn;
 pub mod coord;
 pub mod election;
 pub mod error;
+pub mod gateway;
 pub mod http;
 pub mod kv;
 pub mod lease;
