@@ -383,12 +383,13 @@ pub async fn run(
         .add_service(crate::pb::meshkvpb::admin_server::AdminServer::new(api::admin::AdminService::new(ctx.clone())));
     // The plain endpoints and the JSON gateway beside gRPC, as etcd serves them on its
     // client URLs.
+    let grpc = grpc.routes();
+    let gateway = api::gateway::router(ctx.clone(), lessor.clone(), cfg.election_timeout, grpc.clone());
     let client_routes = Routes::from(
-        grpc.routes()
-            .into_axum_router()
+        grpc.into_axum_router()
             .layer(metrics.grpc_layer())
             .merge(http.router())
-            .merge(api::gateway::router(ctx.clone(), lessor.clone(), cfg.election_timeout))
+            .merge(gateway)
             .fallback(api::http::not_found),
     );
     let metrics_routes = Routes::from(http.router().fallback(api::http::not_found));

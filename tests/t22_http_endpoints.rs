@@ -161,7 +161,14 @@ fn the_json_gateway_answers_as_etcds_does() {
         let (m, e) = (ask(&meshkv), ask(&etcd));
         assert_eq!(m.status, e.status, "{path} {body}: meshkv {m:?}\netcd {e:?}");
         assert_eq!(m.header("content-type"), Some("application/json"), "{path}");
-        assert_eq!(comparable(&m.body), comparable(&e.body), "{path} {body}:\nmeshkv {}\netcd   {}", m.body, e.body);
+        let (mut mv, mut ev) = (comparable(&m.body), comparable(&e.body));
+        if *path == "/v3/lease/timetolive" {
+            // The seconds left depend on when each was asked: a second apart at most.
+            let left = |v: &mut serde_json::Value| v["TTL"].take().as_str().and_then(|t| t.parse::<i64>().ok());
+            let (ml, el) = (left(&mut mv), left(&mut ev));
+            assert!(ml.zip(el).is_some_and(|(m, e)| (m - e).abs() <= 1 && (58..=60).contains(&m)), "{ml:?} {el:?}");
+        }
+        assert_eq!(mv, ev, "{path} {body}:\nmeshkv {}\netcd   {}", m.body, e.body);
     }
 
     // Not JSON: refused with the gateway's error, in the decoder's own words.
@@ -171,4 +178,63 @@ fn the_json_gateway_answers_as_etcds_does() {
     // Only POST.
     let get = curl(&format!("{}/v3/kv/range", meshkv.endpoint()), &[]);
     assert_eq!((get.status, get.body.as_str()), (405, "Method Not Allowed\n"));
+}
+
+/// The first `n` lines curl prints of a streaming gateway call (`-N`), within a deadline.
+fn stream_lines(url: &str, body: &str, n: usize, before: impl FnOnce()) -> Vec<String> {
+    let mut child = std::process::Command::new("curl")
+        .args(["-s", "-N", "--max-time", "30", "-X", "POST", "-d", body, url])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("run curl");
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The first line says the stream is up; then whatever should cause the next ones.
+    let mut lines = vec![rx.recv_timeout(std::time::Duration::from_secs(20)).expect("a first line")];
+    before();
+    while lines.len() < n {
+        lines.push(
+            rx.recv_timeout(std::time::Duration::from_secs(20)).unwrap_or_else(|_| panic!("{n} lines: {lines:?}")),
+        );
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    lines
+}
+
+#[test]
+fn the_json_gateway_streams_watches_and_keep_alives_as_etcds_does() {
+    let (m_dir, e_dir) = (tempdir(), tempdir());
+    let meshkv = start_meshkv(m_dir.path(), &[]);
+    let etcd = start_etcd(e_dir.path());
+    for p in [&meshkv, &etcd] {
+        let url = |path: &str| format!("http://{}{path}", p.client_addr);
+        let put = || {
+            let r = curl(&url("/v3/kv/put"), &["-X", "POST", "-d", r#"{"key":"Zm9v","value":"YmFy"}"#]);
+            assert_eq!(r.status, 200, "{r:?}");
+        };
+        let watch = stream_lines(&url("/v3/watch"), r#"{"create_request":{"key":"Zm9v"}}"#, 2, put);
+        let granted = curl(&url("/v3/lease/grant"), &["-X", "POST", "-d", r#"{"TTL":60,"ID":"777"}"#]);
+        assert_eq!(granted.status, 200);
+        let kept = stream_lines(&url("/v3/lease/keepalive"), r#"{"ID":"777"}"#, 1, || {});
+        let missing = stream_lines(&url("/v3/lease/keepalive"), r#"{"ID":"778"}"#, 1, || {});
+        let seen: Vec<serde_json::Value> = watch.iter().chain(&kept).chain(&missing).map(|l| comparable(l)).collect();
+        println!("{}: {seen:?}", p.client_addr);
+        let expected = [
+            r#"{"result":{"header":{"cluster_id":"_","member_id":"_","revision":"1","raft_term":"_"},"created":true}}"#,
+            r#"{"result":{"header":{"cluster_id":"_","member_id":"_","revision":"2","raft_term":"_"},"events":[{"kv":{"key":"Zm9v","create_revision":"2","mod_revision":"2","version":"1","value":"YmFy"}}]}}"#,
+            r#"{"result":{"header":{"cluster_id":"_","member_id":"_","revision":"2","raft_term":"_"},"ID":"777","TTL":"60"}}"#,
+            r#"{"result":{"header":{"cluster_id":"_","member_id":"_","revision":"2","raft_term":"_"},"ID":"778"}}"#,
+        ];
+        let expected: Vec<serde_json::Value> = expected.iter().map(|l| comparable(l)).collect();
+        assert_eq!(seen, expected, "{}", p.client_addr);
+    }
 }

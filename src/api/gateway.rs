@@ -9,9 +9,12 @@
 //! ```
 //!
 //! A failed call answers with the HTTP status grpc-gateway gives its gRPC code and
-//! `{"error":…,"message":…,"code":…}`. Each call goes to the same service the gRPC route
-//! serves, in the same process. The streaming calls (watch, lease keep-alive, snapshot,
-//! observe) are gRPC only.
+//! `{"error":…,"message":…,"code":…}`. Each unary call goes to the same service the gRPC
+//! route serves, in the same process. The streaming calls (`/v3/watch`,
+//! `/v3/lease/keepalive`, `/v3/maintenance/snapshot`, `/v3/election/observe`) go through
+//! the gRPC routes themselves, as grpc-gateway's own client calls do: the JSON requests
+//! of the body (one or more) go in as gRPC messages, and each message that comes back
+//! goes out as a line, `{"result":…}`, for as long as the HTTP client stays.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,9 +24,16 @@ use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::routing::post;
+use bytes::{Buf, BufMut, BytesMut};
+use futures::StreamExt as _;
+use http_body::Frame;
+use http_body_util::{BodyExt as _, StreamBody};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::oneshot;
+use tonic::service::Routes;
 use tonic::{Code, Status};
+use tower::ServiceExt as _;
 
 use super::auth::AuthService;
 use super::cluster::ClusterService;
@@ -38,7 +48,11 @@ use crate::pb::etcdserverpb::cluster_server::Cluster;
 use crate::pb::etcdserverpb::kv_server::Kv;
 use crate::pb::etcdserverpb::lease_server::Lease;
 use crate::pb::etcdserverpb::maintenance_server::Maintenance;
+use crate::pb::etcdserverpb::{
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, SnapshotRequest, SnapshotResponse, WatchRequest, WatchResponse,
+};
 use crate::pb::v3electionpb::election_server::Election;
+use crate::pb::v3electionpb::{LeaderRequest, LeaderResponse};
 use crate::pb::v3lockpb::lock_server::Lock;
 
 /// The services the gateway's calls go to.
@@ -68,9 +82,23 @@ macro_rules! unary {
     }};
 }
 
-/// The gateway's routes: every unary call of etcd's services under its `/v3/…` path
-/// (etcd 3.4's older lease paths under `/v3/kv/lease/…` too).
-pub fn router(ctx: Ctx, lessor: Arc<Lessor>, election_timeout: Duration) -> axum::Router {
+/// Routes `$path` to the gRPC method `$grpc` of `$routes`, streaming.
+macro_rules! streaming {
+    ($router:expr, $routes:expr, $($path:literal => $grpc:literal: $req:ty => $resp:ty),+ $(,)?) => {{
+        let mut r = $router;
+        $(
+            let routes = $routes.clone();
+            let handler = move |body: Bytes| stream::<$req, $resp>(routes.clone(), $grpc, body);
+            r = r.route($path, post(handler).fallback(method_not_allowed));
+        )+
+        r
+    }};
+}
+
+/// The gateway's routes: every call of etcd's services under its `/v3/…` path (etcd
+/// 3.4's older lease paths under `/v3/kv/lease/…` too); the streaming ones go through
+/// `grpc`, the routes of the gRPC services.
+pub fn router(ctx: Ctx, lessor: Arc<Lessor>, election_timeout: Duration, grpc: Routes) -> axum::Router {
     let s = Arc::new(Services {
         kv: KvService::new(ctx.clone()),
         lease: LeaseService::new(ctx.clone(), lessor, election_timeout),
@@ -118,6 +146,12 @@ pub fn router(ctx: Ctx, lessor: Arc<Lessor>, election_timeout: Duration) -> axum
         "/v3/auth/user/grant" => auth.user_grant_role,
         "/v3/auth/user/revoke" => auth.user_revoke_role,
     );
+    let r = streaming!(r, grpc,
+        "/v3/watch" => "/etcdserverpb.Watch/Watch": WatchRequest => WatchResponse,
+        "/v3/lease/keepalive" => "/etcdserverpb.Lease/LeaseKeepAlive": LeaseKeepAliveRequest => LeaseKeepAliveResponse,
+        "/v3/maintenance/snapshot" => "/etcdserverpb.Maintenance/Snapshot": SnapshotRequest => SnapshotResponse,
+        "/v3/election/observe" => "/v3electionpb.Election/Observe": LeaderRequest => LeaderResponse,
+    );
     unary!(r, s,
         "/v3/auth/role/add" => auth.role_add,
         "/v3/auth/role/get" => auth.role_get,
@@ -156,6 +190,117 @@ where
         },
         Err(status) => failed(&status),
     }
+}
+
+/// A streaming call through `grpc`: the requests in `body`, the answers as they come.
+async fn stream<Req, Resp>(grpc: Routes, path: &'static str, body: Bytes) -> Response
+where
+    Req: DeserializeOwned + prost::Message,
+    Resp: Serialize + prost::Message + Default + 'static,
+{
+    let mut frames = Vec::new();
+    for req in serde_json::Deserializer::from_slice(&body).into_iter::<Req>() {
+        match req {
+            Ok(req) => frames.push(grpc_frame(&req)),
+            Err(e) => return failed(&Status::invalid_argument(e.to_string())),
+        }
+    }
+    // The requests, then nothing until the HTTP client goes: its answer's stream holds
+    // `left`, and once that is dropped the call's request stream fails, which ends the call.
+    let (left, gone) = oneshot::channel::<()>();
+    let requests = futures::stream::iter(frames.into_iter().map(|f| Ok(Frame::data(f)))).chain(futures::stream::once(
+        async move {
+            let _ = gone.await;
+            Err(std::io::Error::other("the gateway's client went"))
+        },
+    ));
+    let mut call = axum::http::Request::new(Body::new(StreamBody::new(requests)));
+    *call.method_mut() = axum::http::Method::POST;
+    *call.uri_mut() = axum::http::Uri::from_static(path);
+    call.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    call.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
+    let answer = match grpc.oneshot(call).await {
+        Ok(answer) => answer,
+        Err(never) => match never {},
+    };
+    if let Some(status) = Status::from_header_map(answer.headers()).filter(|s| s.code() != Code::Ok) {
+        return failed(&status);
+    }
+    let lines = futures::stream::unfold(
+        (answer.into_body(), BytesMut::new(), Some(left)),
+        |(mut body, mut buf, left)| async move {
+            left.as_ref()?;
+            loop {
+                if let Some(msg) = take_grpc_message(&mut buf) {
+                    let line = match Resp::decode(msg) {
+                        Ok(resp) => result_line(&resp),
+                        Err(e) => error_line(&Status::internal(e.to_string())),
+                    };
+                    return Some((Ok::<_, std::io::Error>(line), (body, buf, left)));
+                }
+                match body.frame().await {
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => buf.extend_from_slice(&data),
+                        Err(frame) => {
+                            let status = frame.trailers_ref().and_then(Status::from_header_map);
+                            let end = status.filter(|s| s.code() != Code::Ok).map(|s| error_line(&s));
+                            return end.map(|line| (Ok(line), (body, buf, None)));
+                        }
+                    },
+                    Some(Err(e)) => return Some((Ok(error_line(&Status::internal(e.to_string()))), (body, buf, None))),
+                    None => return None,
+                }
+            }
+        },
+    );
+    let mut resp = Response::new(Body::from_stream(lines));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// `msg` as a gRPC message frame: not compressed, its length, its bytes.
+fn grpc_frame(msg: &impl prost::Message) -> Bytes {
+    let len = msg.encoded_len();
+    let mut out = BytesMut::with_capacity(5 + len);
+    out.put_u8(0);
+    out.put_u32(len as u32);
+    msg.encode(&mut out).expect("room reserved");
+    out.freeze()
+}
+
+/// The first whole gRPC message in `buf`, taken out of it.
+fn take_grpc_message(buf: &mut BytesMut) -> Option<Bytes> {
+    let len = u32::from_be_bytes(buf.get(1..5)?.try_into().ok()?) as usize;
+    if buf.len() < 5 + len {
+        return None;
+    }
+    buf.advance(5);
+    Some(buf.split_to(len).freeze())
+}
+
+/// One answer of a stream, as grpc-gateway writes it: `{"result":…}` and a newline.
+fn result_line(resp: &impl Serialize) -> Bytes {
+    #[derive(Serialize)]
+    struct Result<'a, T> {
+        result: &'a T,
+    }
+    let mut line = serde_json::to_vec(&Result { result: resp }).unwrap_or_default();
+    line.push(b'\n');
+    line.into()
+}
+
+/// A stream's failure, as grpc-gateway writes it.
+fn error_line(status: &Status) -> Bytes {
+    let http = http_status(status.code());
+    let body = serde_json::json!({ "error": {
+        "grpc_code": status.code() as i32,
+        "http_code": http.as_u16(),
+        "message": status.message(),
+        "http_status": http.canonical_reason().unwrap_or_default(),
+    }});
+    let mut line = body.to_string().into_bytes();
+    line.push(b'\n');
+    line.into()
 }
 
 async fn method_not_allowed() -> Response {
