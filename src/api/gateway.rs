@@ -185,7 +185,7 @@ where
     };
     match f(req).await {
         Ok(resp) => match serde_json::to_vec(resp.get_ref()) {
-            Ok(json) => answer(StatusCode::OK, json),
+            Ok(json) => super::http::json(StatusCode::OK, json),
             Err(e) => failed(&Status::internal(e.to_string())),
         },
         Err(status) => failed(&status),
@@ -253,9 +253,7 @@ where
             }
         },
     );
-    let mut resp = Response::new(Body::from_stream(lines));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
+    super::http::json(StatusCode::OK, Body::from_stream(lines))
 }
 
 /// `msg` as a gRPC message frame: not compressed, its length, its bytes.
@@ -307,13 +305,6 @@ async fn method_not_allowed() -> Response {
     super::http::text(StatusCode::METHOD_NOT_ALLOWED, "Method Not Allowed\n".into())
 }
 
-fn answer(status: StatusCode, json: Vec<u8>) -> Response {
-    let mut resp = Response::new(Body::from(json));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    resp
-}
-
 /// A failed call as grpc-gateway answers it, its fields in the same order.
 #[derive(Serialize)]
 struct Failure<'a> {
@@ -324,7 +315,7 @@ struct Failure<'a> {
 
 fn failed(status: &Status) -> Response {
     let body = Failure { error: status.message(), message: status.message(), code: status.code() as i32 };
-    answer(http_status(status.code()), serde_json::to_vec(&body).unwrap_or_default())
+    super::http::json(http_status(status.code()), serde_json::to_vec(&body).unwrap_or_default())
 }
 
 /// grpc-gateway's HTTP status for a gRPC code.

@@ -104,8 +104,10 @@ pub(super) fn text(status: StatusCode, body: String) -> Response {
     resp
 }
 
-fn json(body: String) -> Response {
-    let mut resp = Response::new(Body::from(body));
+/// A JSON answer.
+pub(super) fn json(status: StatusCode, body: impl Into<Body>) -> Response {
+    let mut resp = Response::new(body.into());
+    *resp.status_mut() = status;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
 }
@@ -217,7 +219,7 @@ impl Http {
     fn version(&self) -> Response {
         let v = crate::ETCD_COMPAT_VERSION;
         let cluster = v.rsplit_once('.').map_or(v, |(minor, _)| minor);
-        json(serde_json::json!({ "etcdserver": v, "etcdcluster": format!("{cluster}.0") }).to_string())
+        json(StatusCode::OK, serde_json::json!({ "etcdserver": v, "etcdcluster": format!("{cluster}.0") }).to_string())
     }
 
     fn metrics(&self) -> Response {
@@ -231,5 +233,24 @@ impl Http {
             }
             Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding the metrics: {e}\n")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(uri: &str) -> Parts {
+        axum::http::Request::builder().uri(uri).body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn query_values_are_found_by_name_and_decoded() {
+        let req = parts("/readyz?verbose&exclude=linearizable%5Fread&exclude=a+b&excluded=no");
+        assert_eq!(query(&req, "exclude").collect::<Vec<_>>(), ["linearizable_read", "a b"]);
+        assert!(has_query(&req, "verbose"));
+        assert!(!has_query(&req, "serializable"));
+        assert_eq!(percent_decode("%4"), "%4", "a cut escape stays as it is");
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
     }
 }
