@@ -368,7 +368,12 @@ pub async fn run(
     let mut grpc = Routes::builder();
     grpc.add_service(KvServer::new(api::kv::KvService::new(ctx.clone())).max_decoding_message_size(decode_limit))
         .add_service(api::watch_wire::WatchServer::new(
-            api::watch::WatchService::new(ctx.clone(), cfg.watch_progress_notify_interval, cfg.max_request_bytes),
+            api::watch::WatchService::new(
+                ctx.clone(),
+                cfg.watch_progress_notify_interval,
+                cfg.max_request_bytes,
+                metrics.watch_streams.clone(),
+            ),
             decode_limit,
         ))
         .add_service(

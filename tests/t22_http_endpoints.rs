@@ -217,11 +217,20 @@ fn the_json_gateway_streams_watches_and_keep_alives_as_etcds_does() {
     let etcd = start_etcd(e_dir.path());
     for p in [&meshkv, &etcd] {
         let url = |path: &str| format!("http://{}{path}", p.client_addr);
+        let streams = || metric(&curl(&url("/metrics"), &[]).body, "etcd_debugging_mvcc_watch_stream_total");
         let put = || {
+            if p.client_addr == meshkv.client_addr {
+                assert_eq!(streams(), Some(1.0), "the gateway's watch is a stream while its client stays");
+            }
             let r = curl(&url("/v3/kv/put"), &["-X", "POST", "-d", r#"{"key":"Zm9v","value":"YmFy"}"#]);
             assert_eq!(r.status, 200, "{r:?}");
         };
         let watch = stream_lines(&url("/v3/watch"), r#"{"create_request":{"key":"Zm9v"}}"#, 2, put);
+        if p.client_addr == meshkv.client_addr {
+            wait_until("the watch to end with its client", std::time::Duration::from_secs(10), || {
+                streams() == Some(0.0)
+            });
+        }
         let granted = curl(&url("/v3/lease/grant"), &["-X", "POST", "-d", r#"{"TTL":60,"ID":"777"}"#]);
         assert_eq!(granted.status, 200);
         let kept = stream_lines(&url("/v3/lease/keepalive"), r#"{"ID":"777"}"#, 1, || {});

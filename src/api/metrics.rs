@@ -34,6 +34,8 @@ pub struct Metrics {
     leases: IntGauge,
     pub health_success: IntCounter,
     pub health_failures: IntCounter,
+    /// Watch streams open now (gRPC and the gateway's).
+    pub watch_streams: IntGauge,
     grpc: Arc<GrpcCounters>,
 }
 
@@ -105,6 +107,7 @@ impl Metrics {
             leases: gauge("etcd_debugging_lease_total", "The number of leases granted and not yet revoked or expired."),
             health_success: counter("etcd_server_health_success", "The total number of successful health checks"),
             health_failures: counter("etcd_server_health_failures", "The total number of failed health checks"),
+            watch_streams: gauge("etcd_debugging_mvcc_watch_stream_total", "Total number of watch streams."),
             grpc,
             registry,
         })

@@ -41,11 +41,29 @@ pub struct WatchService {
     ctx: Ctx,
     progress_every: Duration,
     max_response_bytes: usize,
+    /// Streams open now.
+    streams: prometheus::IntGauge,
 }
 
 impl WatchService {
-    pub fn new(ctx: Ctx, progress_every: Duration, max_response_bytes: usize) -> Self {
-        Self { ctx, progress_every, max_response_bytes }
+    pub fn new(ctx: Ctx, progress_every: Duration, max_response_bytes: usize, streams: prometheus::IntGauge) -> Self {
+        Self { ctx, progress_every, max_response_bytes, streams }
+    }
+}
+
+/// Counts a stream as open while it lives.
+struct Open(prometheus::IntGauge);
+
+impl Open {
+    fn new(g: &prometheus::IntGauge) -> Self {
+        g.inc();
+        Open(g.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -68,7 +86,12 @@ impl WatchService {
             hub_at: self.ctx.store.revision(),
             deliveries: Vec::new(),
         };
-        tokio::spawn(stream.run(incoming, hub, self.progress_every));
+        let open = Open::new(&self.streams);
+        let progress_every = self.progress_every;
+        tokio::spawn(async move {
+            stream.run(incoming, hub, progress_every).await;
+            drop(open);
+        });
         OutgoingStream::new(rx)
     }
 }
