@@ -1,7 +1,9 @@
 //! Compiles the etcd v3 protos (and meshkv's internal messages) with tonic-prost-build,
 //! gives etcd's messages the protobuf JSON mapping (pbjson, with the proto's own field
 //! names, as etcd's JSON gateway writes them), and lists every gRPC method they declare
-//! (`grpc_methods.rs`) for the metrics.
+//! (`grpc_methods.rs`, from the compiled descriptors) for the metrics.
+
+use prost::Message as _;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [
@@ -25,45 +27,35 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .generate_default_stubs(true)
         .bytes(".")
         .compile_protos(&protos, &["proto"])?;
+    let descriptor_bytes = std::fs::read(&descriptors)?;
     pbjson_build::Builder::new()
-        .register_descriptors(&std::fs::read(&descriptors)?)?
+        .register_descriptors(&descriptor_bytes)?
         .preserve_proto_field_names()
         .ignore_unknown_fields()
         .build(&[".mvccpb", ".authpb", ".etcdserverpb", ".v3lockpb", ".v3electionpb"])?;
+    let descriptors = prost_types::FileDescriptorSet::decode(descriptor_bytes.as_slice())?;
     let mut methods = String::from(
         "/// Every gRPC method the protos declare: path, service, method, and grpc-go's name for its kind.\n\
          pub const GRPC_METHODS: &[(&str, &str, &str, &str)] = &[\n",
     );
-    for p in protos {
-        for (service, method, kind) in rpcs(&std::fs::read_to_string(p)?) {
-            methods.push_str(&format!("    (\"/{service}/{method}\", \"{service}\", \"{method}\", \"{kind}\"),\n"));
+    for file in &descriptors.file {
+        for service in &file.service {
+            let service_name = format!("{}.{}", file.package(), service.name());
+            for m in &service.method {
+                let kind = match (m.client_streaming(), m.server_streaming()) {
+                    (false, false) => "unary",
+                    (true, false) => "client_stream",
+                    (false, true) => "server_stream",
+                    (true, true) => "bidi_stream",
+                };
+                let method = m.name();
+                methods.push_str(&format!(
+                    "    (\"/{service_name}/{method}\", \"{service_name}\", \"{method}\", \"{kind}\"),\n"
+                ));
+            }
         }
     }
     methods.push_str("];\n");
     std::fs::write(out.join("grpc_methods.rs"), methods)?;
     Ok(())
-}
-
-/// The rpcs of a proto file, one a line as ours are written: (package.Service, Method, kind).
-fn rpcs(proto: &str) -> Vec<(String, String, &'static str)> {
-    let (mut package, mut service, mut out) = (String::new(), String::new(), Vec::new());
-    for line in proto.lines().map(str::trim) {
-        if let Some(p) = line.strip_prefix("package ") {
-            package = p.trim_end_matches(';').trim().to_string();
-        } else if let Some(s) = line.strip_prefix("service ") {
-            service = format!("{package}.{}", s.trim_end_matches('{').trim());
-        } else if let Some(r) = line.strip_prefix("rpc ") {
-            let (name, rest) = r.split_once('(').expect("rpc Name(Request) returns (Response)");
-            let (request, response) = rest.split_once("returns").expect("rpc Name(Request) returns (Response)");
-            let streams = |s: &str| s.trim_start_matches([' ', '(']).starts_with("stream ");
-            let kind = match (streams(request), streams(response)) {
-                (false, false) => "unary",
-                (true, false) => "client_stream",
-                (false, true) => "server_stream",
-                (true, true) => "bidi_stream",
-            };
-            out.push((service.clone(), name.trim().to_string(), kind));
-        }
-    }
-    out
 }

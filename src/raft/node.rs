@@ -243,10 +243,11 @@ impl RaftHandle {
         }
         let (reply, rx) = oneshot::channel();
         let deadline = Instant::now() + self.request_timeout;
-        let outcome = match self.send_client(Command::Propose { id, data, reply, deadline }) {
-            Ok(()) => self.wait(rx).await.and_then(|r| r),
-            Err(e) => Err(e),
-        };
+        let outcome = async {
+            self.send_client(Command::Propose { id, data, reply, deadline })?;
+            self.wait(rx).await?
+        }
+        .await;
         if matches!(&outcome, Err(e) if !matches!(e, RaftError::Apply(_))) {
             self.status.metrics.proposals_failed.inc();
         }
