@@ -13,7 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . deploy/deps.sh
-meshkv_need_apt etcd-server etcd-client python3
+meshkv_need_etcd
+meshkv_need_apt python3
 
 MEMBERS="1 3"
 ROUNDS=3

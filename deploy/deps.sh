@@ -17,6 +17,21 @@ meshkv_need_apt() {
   fi
 }
 
+# Debian's etcd (the reference the tests and benches compare with) and etcdctl. They
+# start their own etcd on free ports; the package's service, where systemd started it,
+# would hold 2379, where meshkv serves by default, so it is stopped and left disabled.
+meshkv_need_etcd() {
+  if ! dpkg -s etcd-server >/dev/null 2>&1; then
+    meshkv_need_apt etcd-server
+    if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+      local sudo=""
+      [ "$(id -u)" -eq 0 ] || sudo="sudo"
+      $sudo systemctl disable --now etcd >/dev/null 2>&1 || true
+    fi
+  fi
+  meshkv_need_apt etcd-client
+}
+
 # Building: bindgen needs libclang, raft-rs needs protoc, RocksDB needs a C++ compiler.
 meshkv_need_apt libclang-dev protobuf-compiler g++ make pkg-config
 
