@@ -54,6 +54,9 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// Most operations in one Txn, as etcd's --max-txn-ops.
     pub max_txn_ops: usize,
+    /// The store's space quota, as etcd's --quota-backend-bytes: 0 for the default
+    /// (2 GiB), negative for none.
+    pub quota_backend_bytes: i64,
     /// Time between Raft heartbeats.
     pub heartbeat_interval: Duration,
     /// Time without a leader before an election.
@@ -85,6 +88,7 @@ impl Default for Config {
             unsafe_no_read_index: false,
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
+            quota_backend_bytes: 0,
             heartbeat_interval: Duration::from_millis(100),
             election_timeout: Duration::from_millis(1000),
             watch_progress_notify_interval: Duration::from_secs(600),

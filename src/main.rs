@@ -209,6 +209,10 @@ struct ServeArgs {
     /// Most operations accepted in one transaction.
     #[arg(long, default_value_t = 128)]
     max_txn_ops: usize,
+    /// The store's space quota in bytes: a write that would pass it is refused and raises
+    /// the NOSPACE alarm. 0 takes the default, 2 GiB; a negative value turns it off.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    quota_backend_bytes: i64,
     /// Time between Raft heartbeats, in milliseconds.
     #[arg(long, default_value_t = 100)]
     heartbeat_interval: u64,
@@ -267,6 +271,7 @@ impl ServeArgs {
             listen_peer_urls: self.listen_peer_urls,
             max_request_bytes: self.max_request_bytes,
             max_txn_ops: self.max_txn_ops,
+            quota_backend_bytes: self.quota_backend_bytes,
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
             election_timeout: Duration::from_millis(self.election_timeout),
             watch_progress_notify_interval: self.watch_progress_notify_interval,

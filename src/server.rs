@@ -245,6 +245,25 @@ async fn identity(engine: &Engine, cfg: &Config, mesh: &Mesh) -> Result<(u64, u6
 /// Waits until `--bootstrap-expect` members see each other; returns the names of the
 /// members that form the cluster: the first N in name order, so every member that waited
 /// picks the same ones.
+/// The space quota, logged as etcd logs it.
+fn quota(bytes: i64, store: &MvccStore) -> api::quota::Quota {
+    let q = api::quota::Quota::new(bytes, store.engine().clone());
+    match q.limit() {
+        None => tracing::warn!("disabling backend quota"),
+        Some(limit) => {
+            if limit > api::quota::MAX_RECOMMENDED_QUOTA_BYTES {
+                tracing::warn!(
+                    quota_size_bytes = limit,
+                    quota_maximum_size_bytes = api::quota::MAX_RECOMMENDED_QUOTA_BYTES,
+                    "quota exceeds the maximum value"
+                );
+            }
+            tracing::info!(quota_size_bytes = limit, "enabled backend quota");
+        }
+    }
+    q
+}
+
 async fn wait_for_peers(cfg: &Config, mesh: &Mesh) -> Vec<String> {
     let n = cfg.bootstrap_expect;
     tracing::info!("waiting for {} more members to form a cluster", n - 1);
@@ -341,9 +360,10 @@ pub async fn run(
             client_urls: cfg.client_urls(),
         }),
         raft: started.handle,
-        store,
+        store: store.clone(),
         mesh: mesh.clone(),
         max_txn_ops: cfg.max_txn_ops,
+        quota: Arc::new(quota(cfg.quota_backend_bytes, &store)),
         unsafe_no_read_index: cfg.unsafe_no_read_index,
     };
 

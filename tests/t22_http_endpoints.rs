@@ -29,8 +29,14 @@ async fn health_probes_version_and_metrics_answer_as_etcd_does() {
     assert_eq!(get("/livez").body, "ok\n");
     assert_eq!(get("/livez?verbose").body, "[+]serializable_read ok\nok\n");
     assert_eq!(get("/readyz").body, "ok\n");
-    assert_eq!(get("/readyz?verbose").body, "[+]serializable_read ok\n[+]linearizable_read ok\nok\n");
-    assert_eq!(get("/readyz?verbose&exclude=linearizable_read").body, "[+]serializable_read ok\nok\n");
+    assert_eq!(
+        get("/readyz?verbose").body,
+        "[+]data_corruption ok\n[+]serializable_read ok\n[+]linearizable_read ok\n[+]non_learner ok\nok\n"
+    );
+    assert_eq!(
+        get("/readyz?verbose&exclude=linearizable_read&exclude=non_learner").body,
+        "[+]data_corruption ok\n[+]serializable_read ok\nok\n"
+    );
     let one = get("/readyz/linearizable_read?verbose");
     assert_eq!((one.status, one.body.as_str()), (200, "[+]linearizable_read ok\nok\n"));
 

@@ -649,7 +649,11 @@ async fn a_member_cut_off_from_the_majority_fails_its_health_checks_until_the_he
     assert_eq!(curl(&format!("{}/livez", c.proc.endpoint()), &[]).status, 200);
     let ready = curl(&format!("{}/readyz", c.proc.endpoint()), &[]);
     assert_eq!(ready.status, 503, "{ready:?}");
-    assert!(ready.body.starts_with("[+]serializable_read ok\n[-]linearizable_read failed: "), "{:?}", ready.body);
+    assert!(
+        ready.body.starts_with("[+]data_corruption ok\n[+]serializable_read ok\n[-]linearizable_read failed: "),
+        "{:?}",
+        ready.body
+    );
     let scraped = curl(&format!("{}/metrics", c.proc.endpoint()), &[]).body;
     assert_eq!(metric(&scraped, "etcd_server_has_leader"), Some(0.0));
     // The majority stays ready.
@@ -665,4 +669,61 @@ async fn a_member_cut_off_from_the_majority_fails_its_health_checks_until_the_he
     let scraped = curl(&format!("{}/metrics", c.proc.endpoint()), &[]).body;
     assert_eq!(metric(&scraped, "etcd_server_has_leader"), Some(1.0));
     assert!(metric(&scraped, "etcd_server_leader_changes_seen_total").is_some_and(|n| n >= 1.0));
+}
+
+/// An alarm is the cluster's: NOSPACE, raised by the one member past its quota, stops
+/// writes that take space on every member whatever their own quota, is listed on every
+/// member, and reaches a member that joins later in its snapshot; disarmed through any
+/// member, writes flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alarm_raised_by_one_member_holds_on_every_member_until_disarmed() {
+    let root = tempdir();
+    let small = ["--quota-backend-bytes", "4194304", "--snapshot-count", "20"];
+    let t = ["--snapshot-count", "20"];
+    let mut members = bootstrap_three(root.path(), &[&small, &t, &t]);
+    let a_id = member_id_of(&members[0]).await;
+    let mut a = client(&members[0]).await;
+    let no_space = "etcdserver: mvcc: database space exceeded";
+    let mut filled = None;
+    for i in 0..2000 {
+        if let Err(e) = a.put(format!("fill/{i:05}"), noise(i, 8192), None).await {
+            assert!(e.to_string().contains(no_space), "{e}");
+            filled = Some(i);
+            break;
+        }
+    }
+    let filled = filled.expect("2000 puts of 8 KiB all fit in 4 MiB");
+    assert!(filled > 50, "only {filled} puts fit");
+    let listed = format!("memberID:{a_id} alarm:NOSPACE \n");
+    for m in &members {
+        assert_eq!(etcdctl(&m.proc.client_addr, &["alarm", "list"], None).stdout, listed, "on {}", m.name);
+        let e = client(m).await.put("small", "x", None).await.unwrap_err();
+        assert!(e.to_string().contains(no_space), "a put through {}: {e}", m.name);
+    }
+    // What takes no space goes on: each key deleted on its own, so that the log moves on
+    // past what it keeps.
+    let mut c = client(&members[2]).await;
+    for i in 0..filled {
+        assert_eq!(c.delete(format!("fill/{i:05}"), None).await.unwrap().deleted(), 1);
+    }
+
+    // A member that joins now learns of the alarm from its snapshot.
+    let join = members[0].peer.clone();
+    let mut d = spawn(root.path(), "d", free_port(), &["--join", &join, "--snapshot-count", "20"]);
+    d.proc.wait_ready(Duration::from_secs(60));
+    members.push(d);
+    eventually("d to hold the alarm", Duration::from_secs(30), || async {
+        etcdctl(&members[3].proc.client_addr, &["alarm", "list"], None).stdout == listed
+    })
+    .await;
+    assert!(members[3].proc.log().contains("snapshot installed"), "{}", members[3].proc.log());
+
+    let disarm = etcdctl(&members[2].proc.client_addr, &["alarm", "disarm"], None);
+    assert_eq!(disarm.stdout, listed, "{disarm:?}");
+    for m in &members {
+        assert_eq!(etcdctl(&m.proc.client_addr, &["alarm", "list"], None).stdout, "", "on {}", m.name);
+    }
+    // b's own quota has room: its writes are taken again, by every member.
+    let rev = client(&members[1]).await.put("after", "y", None).await.unwrap().header().unwrap().revision();
+    catches_up_and_agrees(&members, &members[3], "after", rev).await;
 }

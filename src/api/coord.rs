@@ -31,7 +31,7 @@ pub fn prefix_end(prefix: &[u8]) -> Bytes {
 }
 
 pub async fn txn(ctx: &Ctx, t: TxnRequest) -> Result<TxnResponse, Status> {
-    match ctx.raft.propose(Write::Txn(t)).await? {
+    match ctx.propose(Write::Txn(t)).await? {
         WriteResponse::Txn(r) => Ok(r),
         _ => Err(Status::internal("etcdserver: unexpected apply result for txn")),
     }
@@ -70,7 +70,7 @@ pub async fn session_lease(ctx: &Ctx, lease: i64) -> Result<i64, Status> {
         return Ok(lease);
     }
     let id = super::lease::new_lease_id();
-    match ctx.raft.propose(Write::LeaseGrant(LeaseGrantRequest { ttl: SESSION_TTL, id })).await? {
+    match ctx.propose(Write::LeaseGrant(LeaseGrantRequest { ttl: SESSION_TTL, id })).await? {
         WriteResponse::LeaseGrant(r) => Ok(r.id),
         _ => Err(Status::internal("etcdserver: unexpected apply result for lease grant")),
     }

@@ -42,12 +42,19 @@ impl From<MvccError> for Status {
             MvccError::KeyNotFound => etcd(Code::InvalidArgument, "key not found"),
             MvccError::LeaseNotFound => etcd(Code::NotFound, "requested lease not found"),
             MvccError::LeaseExists => etcd(Code::FailedPrecondition, "lease already exists"),
+            MvccError::NoSpace => no_space(),
+            MvccError::CorruptAlarm => etcd(Code::DataLoss, "corrupt cluster"),
             e @ (MvccError::Engine(_) | MvccError::Corrupt(..)) => {
                 tracing::error!(error = %e, "storage error");
                 Status::new(Code::Internal, format!("etcdserver: {e}"))
             }
         }
     }
+}
+
+/// A write refused for the space quota, before Raft or by the NOSPACE alarm.
+pub fn no_space() -> Status {
+    etcd(Code::ResourceExhausted, "mvcc: database space exceeded")
 }
 
 impl From<RaftError> for Status {

@@ -1,10 +1,11 @@
 //! The member's plain HTTP endpoints, served beside gRPC on every client URL (HTTP/1.1
 //! or HTTP/2) and alone on `--listen-metrics-urls`, as etcd serves them:
 //!
-//! - `/health`: `{"health":"true","reason":""}`, or 503 with `"false"` and why: no
-//!   leader (unless `?serializable=true`), or a read that fails or times out.
-//! - `/livez` (a serializable read) and `/readyz` (a serializable and a linearizable
-//!   read): `ok`, or 503 with each check's outcome; `?verbose` lists the checks,
+//! - `/health`: `{"health":"true","reason":""}`, or 503 with `"false"` and why: an alarm
+//!   (`?exclude=NOSPACE` passes over one), no leader (unless `?serializable=true`), or a
+//!   read that fails or times out.
+//! - `/livez` (a serializable read) and `/readyz` (no CORRUPT alarm, a serializable and
+//!   a linearizable read, not a learner): `ok`, or 503 with each check's outcome; `?verbose` lists the checks,
 //!   `?exclude=NAME` skips one, `/livez/NAME` runs one alone.
 //! - `/version`: `{"etcdserver":…,"etcdcluster":…}`.
 //! - `/metrics`: Prometheus' text format, under etcd's metric names.
@@ -24,26 +25,30 @@ use axum::routing::{any, MethodRouter};
 
 use super::metrics::Metrics;
 use super::Ctx;
-use crate::pb::etcdserverpb::RangeRequest;
+use crate::pb::etcdserverpb::{AlarmType, RangeRequest};
 
 /// A check of `/livez` or `/readyz`, by its name in etcd.
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Check {
+    DataCorruption,
     SerializableRead,
     LinearizableRead,
+    NonLearner,
 }
 
 impl Check {
     fn name(self) -> &'static str {
         match self {
+            Check::DataCorruption => "data_corruption",
             Check::SerializableRead => "serializable_read",
             Check::LinearizableRead => "linearizable_read",
+            Check::NonLearner => "non_learner",
         }
     }
 }
 
 const LIVEZ: &[Check] = &[Check::SerializableRead];
-const READYZ: &[Check] = &[Check::SerializableRead, Check::LinearizableRead];
+const READYZ: &[Check] = &[Check::DataCorruption, Check::SerializableRead, Check::LinearizableRead, Check::NonLearner];
 
 /// The plain endpoints of one member, shared by every listener that serves them.
 pub struct Http {
@@ -168,7 +173,14 @@ impl Http {
             return method_not_allowed();
         }
         let serializable = query(req, "serializable").any(|v| v == "true");
-        let reason = if !serializable && self.ctx.raft.status().leader() == 0 {
+        let excluded: Vec<String> = query(req, "exclude").collect();
+        let alarm = self.ctx.store.alarms(AlarmType::None).into_iter().find_map(|a| {
+            let name = AlarmType::try_from(a.alarm).map_or("UNKNOWN", |t| t.as_str_name());
+            (!excluded.iter().any(|e| e == name)).then_some(name)
+        });
+        let reason = if let Some(name) = alarm {
+            Some(format!("ALARM {name}"))
+        } else if !serializable && self.ctx.raft.status().leader() == 0 {
             Some("RAFT NO LEADER".to_string())
         } else {
             self.read(serializable).await.err().map(|e| format!("RANGE ERROR:{e}"))
@@ -195,8 +207,16 @@ impl Http {
         let mut failed = false;
         for &check in checks.iter().filter(|c| !excluded.iter().any(|e| e == c.name())) {
             let outcome = match check {
+                Check::DataCorruption => match self.ctx.store.alarms(AlarmType::Corrupt).is_empty() {
+                    true => Ok(()),
+                    false => Err("alarm activated: CORRUPT".to_string()),
+                },
                 Check::SerializableRead => self.read(true).await,
                 Check::LinearizableRead => self.read(false).await,
+                Check::NonLearner => match self.ctx.raft.status().is_learner() {
+                    false => Ok(()),
+                    true => Err("not supported for learner".to_string()),
+                },
             };
             match outcome {
                 Ok(()) => report.push_str(&format!("[+]{} ok\n", check.name())),

@@ -21,7 +21,7 @@ impl KvService {
     }
 
     async fn write(&self, w: Write) -> Result<WriteResponse, Status> {
-        Ok(self.ctx.raft.propose(w).await?)
+        self.ctx.propose(w).await
     }
 }
 

@@ -288,7 +288,7 @@ impl Lease for LeaseService {
         if req.id == 0 {
             req.id = new_lease_id();
         }
-        match self.ctx.raft.propose(Write::LeaseGrant(req)).await? {
+        match self.ctx.propose(Write::LeaseGrant(req)).await? {
             WriteResponse::LeaseGrant(mut r) => {
                 r.header = self.ctx.header(r.header);
                 Ok(Response::new(r))

@@ -3,11 +3,15 @@
 
 use tonic::{Code, Request, Response, Status};
 
+use crate::pb::meshkvpb::internal_request::Request as Write;
+use crate::store::mvcc::WriteResponse;
+
 use super::Ctx;
 use crate::pb::etcdserverpb::maintenance_server::Maintenance;
 use crate::pb::etcdserverpb::{
-    AlarmRequest, AlarmResponse, DefragmentRequest, DefragmentResponse, HashKvRequest, HashKvResponse, HashRequest,
-    HashResponse, MoveLeaderRequest, MoveLeaderResponse, StatusRequest, StatusResponse,
+    alarm_request, AlarmMember, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse,
+    HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, StatusRequest,
+    StatusResponse,
 };
 
 pub struct MaintenanceService {
@@ -29,6 +33,7 @@ impl Maintenance for MaintenanceService {
         if raft.leader() == 0 {
             errors.push("etcdserver: no leader".to_string());
         }
+        errors.extend(self.ctx.store.alarms(AlarmType::None).iter().map(alarm_text));
         Ok(Response::new(StatusResponse {
             header: self.ctx.header(None),
             version: crate::ETCD_COMPAT_VERSION.to_string(),
@@ -43,9 +48,20 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn alarm(&self, _: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        // No alarm is ever raised yet: the space quota arrives with the NOSPACE alarm.
-        Ok(Response::new(AlarmResponse { header: self.ctx.header(None), alarms: vec![] }))
+    /// Lists alarms (a linearizable read of the alarms applied), or raises or clears one
+    /// through Raft: the answer then holds the alarm changed, none if nothing changed.
+    async fn alarm(&self, request: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let req = request.into_inner();
+        let alarms = if req.action == alarm_request::AlarmAction::Get as i32 {
+            self.ctx.raft.read_index().await?;
+            self.ctx.store.alarms(AlarmType::try_from(req.alarm).unwrap_or(AlarmType::None))
+        } else {
+            match self.ctx.propose(Write::Alarm(req)).await? {
+                WriteResponse::Alarm(r) => r.alarms,
+                _ => return Err(Status::internal("etcdserver: unexpected apply result for alarm")),
+            }
+        };
+        Ok(Response::new(AlarmResponse { header: self.ctx.header(None), alarms }))
     }
 
     async fn defragment(&self, _: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
@@ -94,4 +110,10 @@ impl Maintenance for MaintenanceService {
         }
         Ok(Response::new(MoveLeaderResponse { header: self.ctx.header(None) }))
     }
+}
+
+/// An alarm as etcd's Status lists it among its errors.
+fn alarm_text(a: &AlarmMember) -> String {
+    let name = AlarmType::try_from(a.alarm).map_or("NONE", |t| t.as_str_name());
+    format!("memberID:{} alarm:{} ", a.member_id, name)
 }

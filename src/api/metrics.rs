@@ -77,6 +77,10 @@ impl Metrics {
         for h in [raft.wal_fsync.clone(), raft.backend_commit.clone()] {
             registry.register(Box::new(h)).expect("registered once");
         }
+        // Set once, as etcd sets it (and not at all without a quota).
+        if let Some(limit) = ctx.quota.limit() {
+            gauge("etcd_server_quota_backend_bytes", "Current backend storage quota size in bytes.").set(limit as i64);
+        }
         let grpc = Arc::new(GrpcCounters::new(&registry));
         #[cfg(target_os = "linux")]
         registry

@@ -15,15 +15,20 @@ pub mod lease;
 pub mod lock;
 pub mod maintenance;
 pub mod metrics;
+pub mod quota;
 pub mod validate;
 pub mod watch;
 pub mod watch_wire;
 
 use std::sync::Arc;
 
+use tonic::Status;
+
 use crate::mesh::Mesh;
-use crate::pb::etcdserverpb::ResponseHeader;
+use crate::pb::etcdserverpb::{alarm_request, AlarmRequest, AlarmType, ResponseHeader};
+use crate::pb::meshkvpb::internal_request::Request as Write;
 use crate::raft::RaftHandle;
+use crate::store::mvcc::WriteResponse;
 use crate::store::MvccStore;
 
 /// Who this member is, as clients see it.
@@ -43,6 +48,7 @@ pub struct Ctx {
     pub store: Arc<MvccStore>,
     pub mesh: Mesh,
     pub max_txn_ops: usize,
+    pub quota: Arc<quota::Quota>,
     /// Deliberately broken: linearizable reads skip ReadIndex (test-only).
     pub unsafe_no_read_index: bool,
     /// Set when the member stops: long-lived streams and waits end.
@@ -54,6 +60,37 @@ impl Ctx {
     pub async fn stopped(&self) {
         let mut stop = self.stop.clone();
         let _ = stop.wait_for(|s| *s).await;
+    }
+
+    /// Proposes a client's write and waits for its outcome. A write the space quota has
+    /// no room for is refused, and raises NOSPACE for this member, as etcd's quota does.
+    pub async fn propose(&self, w: Write) -> Result<WriteResponse, Status> {
+        let cost = match &w {
+            Write::Put(p) => quota::cost_put(p),
+            Write::Txn(t) => quota::cost_txn(t),
+            Write::LeaseGrant(g) => quota::cost_lease_grant(g),
+            _ => 0,
+        };
+        if !self.quota.admits(cost) {
+            self.raise_nospace().await;
+            return Err(error::no_space());
+        }
+        Ok(self.raft.propose(w).await?)
+    }
+
+    async fn raise_nospace(&self) {
+        let me = self.id.member_id;
+        if self.store.alarms(AlarmType::Nospace).iter().any(|a| a.member_id == me) {
+            return;
+        }
+        let raise = AlarmRequest {
+            action: alarm_request::AlarmAction::Activate as i32,
+            member_id: me,
+            alarm: AlarmType::Nospace as i32,
+        };
+        if let Err(e) = self.raft.propose(Write::Alarm(raise)).await {
+            tracing::warn!(error = %e, "raising the NOSPACE alarm failed");
+        }
     }
 
     /// Completes a header: cluster, member and term; the revision of `partial` is kept,

@@ -24,10 +24,12 @@ use prost::Message as _;
 use rocksdb::{IngestExternalFileOptions, IteratorMode, Options, SstFileWriter, WriteBatch, DB};
 
 use crate::pb::meshkvpb::{SnapshotChunk, SnapshotChunkRequest};
-use crate::store::engine::{Engine, EngineError, CF_AUTH, CF_KV, CF_LEASE, CF_META, CF_RAFT_LOG, CF_RAFT_STATE};
+use crate::store::engine::{
+    Engine, EngineError, CF_ALARM, CF_AUTH, CF_KV, CF_LEASE, CF_META, CF_RAFT_LOG, CF_RAFT_STATE,
+};
 
 /// Column families a snapshot carries, by index on the wire.
-pub const CFS: [&str; 3] = [CF_KV, CF_LEASE, CF_AUTH];
+pub const CFS: [&str; 4] = [CF_KV, CF_LEASE, CF_AUTH, CF_ALARM];
 const CHUNK_BYTES: usize = 1 << 20;
 const SST_BYTES: usize = 64 << 20;
 /// Meta key set while an install is under way: the staging directory.

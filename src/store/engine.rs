@@ -6,6 +6,8 @@
 //! | `raft_state` | `hard_state`, `conf_state`, `truncated` | protobuf / fixed bytes |
 //! | `kv` | revision (main, sub), plus `t` for a tombstone | `mvccpb::KeyValue` |
 //! | `meta` | `applied_index`, `revision`, `compact_revision`, `cluster_id`, `member_id` | u64 / i64 BE |
+//! | `lease` | lease id (i64 BE) | `meshkvpb::LeaseRecord` |
+//! | `alarm` | member id (u64 BE), alarm type (i32 BE) | empty |
 //!
 //! `raft_state` also keeps `wal_lap`: the Raft driver's writes to `raft_log` and
 //! `raft_state` skip RocksDB's WAL and are made durable by the Raft log's own file
@@ -30,14 +32,16 @@ pub const CF_KV: &str = "kv";
 pub const CF_META: &str = "meta";
 pub const CF_LEASE: &str = "lease";
 pub const CF_AUTH: &str = "auth";
+pub const CF_ALARM: &str = "alarm";
 
 /// The memory all memtables may use together.
 const DB_WRITE_BUFFER_BYTES: usize = 64 << 20;
 
-pub const ALL_CFS: [&str; 6] = [CF_RAFT_LOG, CF_RAFT_STATE, CF_KV, CF_META, CF_LEASE, CF_AUTH];
+pub const ALL_CFS: [&str; 7] = [CF_RAFT_LOG, CF_RAFT_STATE, CF_KV, CF_META, CF_LEASE, CF_AUTH, CF_ALARM];
 
-/// The column families the store's applied writes go to.
-pub const STORE_CFS: [&str; 4] = [CF_KV, CF_META, CF_LEASE, CF_AUTH];
+/// The column families the store's applied writes go to: etcd's backend. Their size is
+/// the database size that `Status` reports and the space quota limits.
+pub const STORE_CFS: [&str; 5] = [CF_KV, CF_META, CF_LEASE, CF_AUTH, CF_ALARM];
 
 /// Failure of the storage engine. Always fatal for the request; the member keeps running.
 #[derive(Debug, thiserror::Error)]
@@ -131,9 +135,10 @@ impl Engine {
         decode_u64(cf, key, self.db.get_pinned_cf_opt(self.cf(cf), key, &ro)?)
     }
 
-    /// Bytes on disk: SST files plus memtables, over every column family.
+    /// The store's bytes, SST files plus memtables, over its column families (the Raft
+    /// log, like etcd's WAL, is not counted).
     pub fn size_bytes(&self) -> u64 {
-        ALL_CFS
+        STORE_CFS
             .iter()
             .map(|name| {
                 let cf = self.cf(name);

@@ -4,6 +4,7 @@
 //! This layer owns bytes on disk and their meaning. It must never touch the network or
 //! an async runtime: callers (the Raft driver, the API) hand it plain requests.
 
+pub mod alarm;
 pub mod engine;
 pub mod lease;
 pub mod mvcc;

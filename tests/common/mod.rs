@@ -162,6 +162,11 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 /// Starts real etcd (Debian's etcd-server) on free ports, for recording reference output.
 pub fn start_etcd(data_dir: &Path) -> Proc {
+    start_etcd_with(data_dir, &[])
+}
+
+/// As [`start_etcd`], with more flags.
+pub fn start_etcd_with(data_dir: &Path, extra: &[&str]) -> Proc {
     let client = free_port();
     let peer = free_port();
     let client_url = format!("http://127.0.0.1:{client}");
@@ -172,6 +177,7 @@ pub fn start_etcd(data_dir: &Path) -> Proc {
         .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
         .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
         .args(["--initial-cluster", &format!("default={peer_url}")])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -223,6 +229,20 @@ pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
     let status = child.wait().unwrap().code().unwrap_or(-1);
     let _ = writer.join();
     Output { status, stdout, stderr }
+}
+
+/// Bytes that do not compress (xorshift from `seed`), so that a store's size on disk
+/// follows what was written to it.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
 }
 
 /// A fresh temporary directory for one test.

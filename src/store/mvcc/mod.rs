@@ -24,14 +24,15 @@ use prost::Message;
 use rocksdb::{IteratorMode, WriteBatch};
 
 use crate::pb::etcdserverpb::{
-    compare, range_request, request_op, response_op, CompactionRequest, CompactionResponse, Compare,
-    DeleteRangeRequest, DeleteRangeResponse, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest,
-    LeaseRevokeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp,
-    TxnRequest, TxnResponse,
+    alarm_request, compare, range_request, request_op, response_op, AlarmMember, AlarmRequest, AlarmResponse,
+    AlarmType, CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse,
+    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse,
+    RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use crate::pb::meshkvpb::{internal_request, InternalRequest, LeaseRecord};
 use crate::pb::mvccpb::{Event, KeyValue};
-use crate::store::engine::{Engine, EngineError, CF_KV, CF_LEASE, CF_META};
+use crate::store::alarm::{self, AlarmSet, Refusal, Refusals};
+use crate::store::engine::{Engine, EngineError, CF_ALARM, CF_KV, CF_LEASE, CF_META};
 use crate::store::lease::LeaseTable;
 use crate::store::watch::{delete_event, put_event, EventBatch, Held, KeyRange, WatchHub};
 
@@ -59,6 +60,21 @@ pub enum MvccError {
     Engine(#[from] EngineError),
     #[error("corrupt value at revision {0:?}: {1}")]
     Corrupt(Revision, String),
+    /// The NOSPACE alarm is raised: writes that take space are refused.
+    #[error("mvcc: database space exceeded")]
+    NoSpace,
+    /// The CORRUPT alarm is raised: every write is refused.
+    #[error("corrupt cluster")]
+    CorruptAlarm,
+}
+
+impl From<Refusal> for MvccError {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::NoSpace => MvccError::NoSpace,
+            Refusal::Corrupt => MvccError::CorruptAlarm,
+        }
+    }
 }
 
 /// The outcome of applying one write.
@@ -70,6 +86,7 @@ pub enum WriteResponse {
     Compaction(CompactionResponse),
     LeaseGrant(LeaseGrantResponse),
     LeaseRevoke(LeaseRevokeResponse),
+    Alarm(AlarmResponse),
     /// An entry with nothing to apply (such as a new leader's empty entry).
     Empty,
 }
@@ -87,6 +104,9 @@ pub struct MvccStore {
     applied: AtomicU64,
     /// Lock order: `index` before `leases`.
     leases: RwLock<LeaseTable>,
+    alarms: RwLock<AlarmSet>,
+    /// What `alarms` refuses, read by every write.
+    refusals: Refusals,
     hub: WatchHub,
 }
 
@@ -135,6 +155,7 @@ struct Loaded {
     compacted: i64,
     applied: u64,
     leases: LeaseTable,
+    alarms: AlarmSet,
 }
 
 fn lock_poisoned() -> ! {
@@ -147,6 +168,8 @@ impl MvccStore {
     /// Opens the store on `engine`, rebuilding the key index from the `kv` column family.
     pub fn open(engine: Engine) -> Result<Self, MvccError> {
         let l = Self::load_all(&engine)?;
+        let refusals = Refusals::default();
+        refusals.set(&l.alarms);
         Ok(Self {
             engine,
             index: RwLock::new(l.index),
@@ -154,6 +177,8 @@ impl MvccStore {
             compacted: AtomicI64::new(l.compacted),
             applied: AtomicU64::new(l.applied),
             leases: RwLock::new(l.leases),
+            alarms: RwLock::new(l.alarms),
+            refusals,
             hub: WatchHub::default(),
         })
     }
@@ -165,6 +190,10 @@ impl MvccStore {
         let mut ix = self.index.write().unwrap_or_else(|_| lock_poisoned());
         *ix = l.index;
         *self.leases.write().unwrap_or_else(|_| lock_poisoned()) = l.leases;
+        let mut alarms = self.alarms.write().unwrap_or_else(|_| lock_poisoned());
+        self.refusals.set(&l.alarms);
+        *alarms = l.alarms;
+        drop(alarms);
         self.current.store(l.current, Ordering::Release);
         self.compacted.store(l.compacted, Ordering::Release);
         self.applied.store(l.applied, Ordering::Release);
@@ -209,12 +238,21 @@ impl MvccStore {
             records.push((r.id, r.ttl));
         }
         let leases = LeaseTable::rebuild(records, key_lease);
-        Ok(Loaded { index, current, compacted, applied, leases })
+        let keys = db.iterator_cf(engine.cf(CF_ALARM), IteratorMode::Start).map(|item| item.map(|(k, _)| k));
+        let keys = keys.collect::<Result<Vec<_>, _>>().map_err(EngineError::from)?;
+        let alarms = AlarmSet::from_keys(keys.iter().map(|k| k.as_ref()))
+            .map_err(|what| EngineError::Corrupt { cf: CF_ALARM, what })?;
+        Ok(Loaded { index, current, compacted, applied, leases, alarms })
     }
 
     /// Listens to every change applied from now on.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<std::sync::Arc<EventBatch>> {
         self.hub.subscribe()
+    }
+
+    /// The alarms raised of one type, or all for [`AlarmType::None`].
+    pub fn alarms(&self, alarm: AlarmType) -> Vec<AlarmMember> {
+        self.alarms.read().unwrap_or_else(|_| lock_poisoned()).list(alarm)
     }
 
     /// The leases, for reading.
@@ -471,6 +509,10 @@ impl MvccStore {
                 out.push(Ok(WriteResponse::Empty));
                 continue;
             };
+            if let Err(refused) = self.refusals.check(req) {
+                out.push(Err(refused.into()));
+                continue;
+            }
             if let internal_request::Request::Compaction(c) = req {
                 // Readers must never see the index compacted past the revision they read
                 // at, so what came before is published first.
@@ -506,6 +548,7 @@ impl MvccStore {
                     internal_request::Request::LeaseRevoke(r) => {
                         self.lease_revoke(&mut a, r).map(WriteResponse::LeaseRevoke)
                     }
+                    internal_request::Request::Alarm(r) => Ok(WriteResponse::Alarm(self.alarm(&mut a, r))),
                     internal_request::Request::Compaction(_) => unreachable!("handled above"),
                 }
             };
@@ -548,6 +591,48 @@ impl MvccStore {
             held.push(EventBatch { from: before + 1, to: rev, events: Some(events) });
         }
         Ok(())
+    }
+
+    /// Raises, clears or lists alarms, as etcd's apply does: the answer holds the alarm
+    /// changed (none if nothing changed) or, for a GET, the alarms of the type asked.
+    fn alarm(&self, a: &mut Apply, r: &AlarmRequest) -> AlarmResponse {
+        let mut alarms = self.alarms.write().unwrap_or_else(|_| lock_poisoned());
+        let kind = AlarmType::try_from(r.alarm).unwrap_or(AlarmType::None);
+        let member = AlarmMember { member_id: r.member_id, alarm: kind as i32 };
+        let cf = self.engine.cf(CF_ALARM);
+        let changed = match alarm_request::AlarmAction::try_from(r.action) {
+            Ok(alarm_request::AlarmAction::Get) => {
+                return AlarmResponse { header: None, alarms: alarms.list(kind) };
+            }
+            Ok(alarm_request::AlarmAction::Activate) if kind != AlarmType::None => {
+                let first = !alarms.has(kind);
+                let changed = alarms.activate(r.member_id, kind);
+                if changed {
+                    a.batch.put_cf(cf, alarm::key(r.member_id, kind), []);
+                    if first {
+                        tracing::warn!(alarm = kind.as_str_name(), from = format!("{:x}", r.member_id), "alarm raised");
+                    }
+                }
+                changed
+            }
+            Ok(alarm_request::AlarmAction::Deactivate) => {
+                let changed = alarms.deactivate(r.member_id, kind);
+                if changed {
+                    a.batch.delete_cf(cf, alarm::key(r.member_id, kind));
+                    if !alarms.has(kind) {
+                        tracing::warn!(
+                            alarm = kind.as_str_name(),
+                            from = format!("{:x}", r.member_id),
+                            "alarm disarmed"
+                        );
+                    }
+                }
+                changed
+            }
+            _ => false,
+        };
+        self.refusals.set(&alarms);
+        AlarmResponse { header: None, alarms: if changed { vec![member] } else { Vec::new() } }
     }
 
     fn lease_grant(&self, a: &mut Apply, g: &LeaseGrantRequest, rev: i64) -> Result<LeaseGrantResponse, MvccError> {
