@@ -431,7 +431,7 @@ pub async fn run(
         // algorithm is turned off here (with it, small replies wait for delayed ACKs).
         let incoming = tonic::transport::server::TcpIncoming::from(listener)
             .with_nodelay(Some(true))
-            .map(|conn| conn.map(api::conn::Coalesced::serving));
+            .map(|conn| conn.map(|c| api::conn::Coalesced::serving(api::authority::LenientAuthority::new(c))));
         servers.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
         })));

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod authority;
 pub mod cluster;
 pub mod conn;
 pub mod coord;
