@@ -54,6 +54,9 @@ pub struct Config {
     pub max_request_bytes: usize,
     /// Most operations in one Txn, as etcd's --max-txn-ops.
     pub max_txn_ops: usize,
+    /// Certificates for `https://` client (and metrics) URLs, as etcd's --cert-file,
+    /// --key-file, --trusted-ca-file and --client-cert-auth.
+    pub tls: crate::tls::TlsFiles,
     /// The store's space quota, as etcd's --quota-backend-bytes: 0 for the default
     /// (2 GiB), negative for none.
     pub quota_backend_bytes: i64,
@@ -89,6 +92,7 @@ impl Default for Config {
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
             quota_backend_bytes: 0,
+            tls: Default::default(),
             heartbeat_interval: Duration::from_millis(100),
             election_timeout: Duration::from_millis(1000),
             watch_progress_notify_interval: Duration::from_secs(600),
@@ -118,17 +122,26 @@ pub enum ConfigError {
     Timeouts { election: u128, heartbeat: u128 },
     #[error("--log-level must be one of debug, info, warn, error (got {0:?})")]
     LogLevel(String),
+    #[error("{flag} {url}: TLS needs --cert-file and --key-file")]
+    TlsWithoutCertificate { flag: &'static str, url: String },
+    #[error("--client-cert-auth needs --trusted-ca-file, the CAs that sign the clients' certificates")]
+    ClientAuthWithoutCa,
+    #[error(
+        "--listen-peer-urls {0}: peers do not speak TLS; their traffic is encrypted by the mesh (--mesh-secret-file)"
+    )]
+    TlsPeer(String),
+}
+
+/// Whether a listen URL asks for TLS.
+pub fn is_https(url: &str) -> bool {
+    url.starts_with("https://")
 }
 
 /// Resolves `http://host:port` to socket addresses.
 pub fn parse_listen_url(flag: &'static str, url: &str) -> Result<Vec<SocketAddr>, ConfigError> {
     let bad = |why: &str| ConfigError::BadUrl { flag, url: url.to_string(), why: why.to_string() };
-    let rest = if let Some(r) = url.strip_prefix("http://") {
-        r
-    } else if url.starts_with("https://") || url.starts_with("unixs://") {
-        return Err(bad("TLS is not supported yet; use http://"));
-    } else {
-        return Err(bad("expected http://host:port"));
+    let Some(rest) = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://")) else {
+        return Err(bad("expected http://host:port or https://host:port"));
     };
     let hostport = rest.trim_end_matches('/');
     if hostport.contains('/') {
@@ -164,6 +177,21 @@ impl Config {
         }
         for u in &self.listen_peer_urls {
             parse_listen_url("--listen-peer-urls", u)?;
+            if is_https(u) {
+                return Err(ConfigError::TlsPeer(u.clone()));
+            }
+        }
+        let urls =
+            [("--listen-client-urls", &self.listen_client_urls), ("--listen-metrics-urls", &self.listen_metrics_urls)];
+        for (flag, list) in urls {
+            if let Some(url) = list.iter().find(|u| is_https(u)) {
+                if self.tls.cert_file.is_none() || self.tls.key_file.is_none() {
+                    return Err(ConfigError::TlsWithoutCertificate { flag, url: url.clone() });
+                }
+            }
+        }
+        if self.tls.client_cert_auth && self.tls.trusted_ca_file.is_none() {
+            return Err(ConfigError::ClientAuthWithoutCa);
         }
         for u in &self.listen_metrics_urls {
             parse_listen_url("--listen-metrics-urls", u)?;
@@ -205,6 +233,10 @@ mod tests {
         assert!(Config::default().validate().is_ok());
         let c = Config { listen_client_urls: vec!["127.0.0.1:2379".into()], ..Default::default() };
         assert!(c.validate().unwrap_err().to_string().contains("expected http://host:port"));
+        let c = Config { listen_client_urls: vec!["https://127.0.0.1:2379".into()], ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("TLS needs --cert-file and --key-file"));
+        let c = Config { listen_peer_urls: vec!["https://127.0.0.1:2380".into()], ..Default::default() };
+        assert!(matches!(c.validate(), Err(ConfigError::TlsPeer(_))));
         let c = Config { election_timeout: Duration::from_millis(200), ..Default::default() };
         assert!(matches!(c.validate(), Err(ConfigError::Timeouts { .. })));
         assert_eq!(parse_listen_url("x", "http://127.0.0.1:0").unwrap().len(), 1);

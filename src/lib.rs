@@ -13,6 +13,7 @@ pub mod pb;
 pub mod raft;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod torture;
 
 /// The etcd version meshkv reports in Maintenance.Status. Clients such as Kubernetes

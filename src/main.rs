@@ -213,6 +213,19 @@ struct ServeArgs {
     /// the NOSPACE alarm. 0 takes the default, 2 GiB; a negative value turns it off.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     quota_backend_bytes: i64,
+    /// The certificate (PEM, with its chain) served on https:// client and metrics URLs.
+    #[arg(long)]
+    cert_file: Option<PathBuf>,
+    /// The private key (PEM) of --cert-file.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// The CAs (PEM) that sign the clients' certificates, for --client-cert-auth.
+    #[arg(long)]
+    trusted_ca_file: Option<PathBuf>,
+    /// Requires every client on an https:// URL to show a certificate signed by a CA of
+    /// --trusted-ca-file.
+    #[arg(long)]
+    client_cert_auth: bool,
     /// Time between Raft heartbeats, in milliseconds.
     #[arg(long, default_value_t = 100)]
     heartbeat_interval: u64,
@@ -272,6 +285,12 @@ impl ServeArgs {
             max_request_bytes: self.max_request_bytes,
             max_txn_ops: self.max_txn_ops,
             quota_backend_bytes: self.quota_backend_bytes,
+            tls: meshkv::tls::TlsFiles {
+                cert_file: self.cert_file,
+                key_file: self.key_file,
+                trusted_ca_file: self.trusted_ca_file,
+                client_cert_auth: self.client_cert_auth,
+            },
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
             election_timeout: Duration::from_millis(self.election_timeout),
             watch_progress_notify_interval: self.watch_progress_notify_interval,

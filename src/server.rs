@@ -16,7 +16,7 @@ use tonic::service::Routes;
 use tonic::transport::Server;
 
 use crate::api::{self, Ctx, Identity};
-use crate::config::{parse_listen_url, Config, ConfigError};
+use crate::config::{is_https, parse_listen_url, Config, ConfigError};
 use crate::mesh::{GossipData, Mesh, MeshConn};
 use crate::pb::etcdserverpb::{
     auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
@@ -57,6 +57,8 @@ pub enum ServerError {
     NameFile { path: String, err: std::io::Error },
     #[error(transparent)]
     Mesh(#[from] crate::mesh::runtime::MeshError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// The member's name: given, or kept in the data dir from an earlier start, or
@@ -264,6 +266,33 @@ fn quota(bytes: i64, store: &MvccStore) -> api::quota::Quota {
     q
 }
 
+/// A bound client or metrics listener, and its TLS if its URL is https.
+struct Listener {
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+impl Listener {
+    fn local_addr(&self) -> Option<SocketAddr> {
+        self.listener.local_addr().ok()
+    }
+}
+
+async fn bind(
+    flag: &'static str,
+    urls: &[String],
+    acceptor: &Option<tokio_rustls::TlsAcceptor>,
+) -> Result<Vec<Listener>, ServerError> {
+    let mut out = Vec::new();
+    for url in urls {
+        for addr in parse_listen_url(flag, url)? {
+            let listener = TcpListener::bind(addr).await.map_err(|err| ServerError::Listen { addr, err })?;
+            out.push(Listener { listener, tls: acceptor.clone().filter(|_| is_https(url)) });
+        }
+    }
+    Ok(out)
+}
+
 async fn wait_for_peers(cfg: &Config, mesh: &Mesh) -> Vec<String> {
     let n = cfg.bootstrap_expect;
     tracing::info!("waiting for {} more members to form a cluster", n - 1);
@@ -294,24 +323,21 @@ pub async fn run(
     if cfg.unsafe_no_read_index {
         tracing::error!("--unsafe-no-read-index: linearizable reads are NOT linearizable on this member");
     }
-    let mut listeners = Vec::new();
-    for url in &cfg.listen_client_urls {
-        for addr in parse_listen_url("--listen-client-urls", url)? {
-            let l = TcpListener::bind(addr).await.map_err(|err| ServerError::Listen { addr, err })?;
-            listeners.push(l);
-        }
-    }
-    let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
-    let mut metrics_listeners = Vec::new();
-    for url in &cfg.listen_metrics_urls {
-        for addr in parse_listen_url("--listen-metrics-urls", url)? {
-            metrics_listeners.push(TcpListener::bind(addr).await.map_err(|err| ServerError::Listen { addr, err })?);
-        }
-    }
-    let metrics_bound: Vec<SocketAddr> = metrics_listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+    let needs_tls = cfg.listen_client_urls.iter().chain(&cfg.listen_metrics_urls).any(|u| is_https(u));
+    let acceptor = match needs_tls {
+        true => Some(tokio_rustls::TlsAcceptor::from(cfg.tls.server_config()?)),
+        false => None,
+    };
+    let listeners = bind("--listen-client-urls", &cfg.listen_client_urls, &acceptor).await?;
+    let metrics_listeners = bind("--listen-metrics-urls", &cfg.listen_metrics_urls, &acceptor).await?;
+    let url_of =
+        |l: &Listener| l.local_addr().map(|a| format!("{}://{a}", if l.tls.is_some() { "https" } else { "http" }));
+    let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr()).collect();
+    let client_urls: Vec<String> = listeners.iter().filter_map(url_of).collect();
+    let metrics_urls: Vec<String> = metrics_listeners.iter().filter_map(url_of).collect();
     if cfg.advertise_client_urls.is_empty() {
         // Advertise where clients can really connect (a port of 0 was chosen at bind).
-        cfg.advertise_client_urls = bound.iter().map(|a| format!("http://{a}")).collect();
+        cfg.advertise_client_urls = client_urls.clone();
     }
     let engine = Engine::open(&cfg.data_dir)?;
     let stored_cluster = engine.get_u64(CF_META, META_CLUSTER_ID)?.unwrap_or(0);
@@ -427,22 +453,19 @@ pub async fn run(
         // HTTP/1.1 too, for the plain endpoints: probes and scrapers speak it.
         let router = Server::builder().tcp_nodelay(true).accept_http1(true).add_routes(routes.clone());
         let mut stop = stop_rx.clone();
-        // Our own listener: the builder's TCP settings do not reach it, so Nagle's
-        // algorithm is turned off here (with it, small replies wait for delayed ACKs).
-        let incoming = tonic::transport::server::TcpIncoming::from(listener)
-            .with_nodelay(Some(true))
+        let incoming = crate::tls::incoming(listener.listener, listener.tls)
             .map(|conn| conn.map(|c| api::conn::Coalesced::serving(api::authority::LenientAuthority::new(c))));
         servers.push(tokio::spawn(router.serve_with_incoming_shutdown(incoming, async move {
             let _ = stop.wait_for(|s| *s).await;
         })));
     }
-    for a in &metrics_bound {
-        tracing::info!("serving metrics and health on http://{a}");
+    for u in &metrics_urls {
+        tracing::info!("serving metrics and health on {u}");
     }
     // Only the servers may keep Raft handles now: the driver stops once they are gone.
     drop((client_routes, metrics_routes, http, ctx, lessor));
-    for a in &bound {
-        tracing::info!("ready to serve client requests on http://{a}");
+    for u in &client_urls {
+        tracing::info!("ready to serve client requests on {u}");
     }
     on_ready(&bound);
 

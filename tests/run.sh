@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 # etcdctl (v3 API) drives the server in the compatibility tests; Debian's etcd answers
 # the same calls where a test compares the two.
 meshkv_need_etcd
-# curl plays the probes and scrapers of the HTTP endpoints.
-meshkv_need_apt curl
+# curl plays the probes and scrapers of the HTTP endpoints; openssl makes the TLS tests'
+# certificates.
+meshkv_need_apt curl openssl
 # The fault harness puts members in network namespaces of their own (as root).
 meshkv_need_apt iproute2
 # The python etcd3 client, from PyPI, runs tests/python/test_etcd3.py (pinned to the

@@ -69,10 +69,15 @@ pub fn start_meshkv(data_dir: &Path, extra: &[&str]) -> Proc {
 /// Starts `meshkv` without waiting for it to serve (members that wait for each other
 /// must start together); `peer_url` is its --listen-peer-urls.
 pub fn spawn_meshkv(data_dir: &Path, peer_url: &str, extra: &[&str]) -> Proc {
+    spawn_meshkv_on(data_dir, "http://127.0.0.1:0", peer_url, extra)
+}
+
+/// As [`spawn_meshkv`], serving clients on `client_url` (its port 0 or a free one).
+pub fn spawn_meshkv_on(data_dir: &Path, client_url: &str, peer_url: &str, extra: &[&str]) -> Proc {
     let mut child = Command::new(meshkv_bin())
         .arg("--data-dir")
         .arg(data_dir)
-        .args(["--listen-client-urls", "http://127.0.0.1:0", "--listen-peer-urls", peer_url])
+        .args(["--listen-client-urls", client_url, "--listen-peer-urls", peer_url])
         .args(extra)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
@@ -88,8 +93,10 @@ pub fn spawn_meshkv(data_dir: &Path, peer_url: &str, extra: &[&str]) -> Proc {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
-            if let Some(i) = line.find("ready to serve client requests on http://") {
-                let addr = line[i + "ready to serve client requests on http://".len()..].trim().to_string();
+            let ready = "ready to serve client requests on ";
+            if let Some(i) = line.find(ready) {
+                let url = line[i + ready.len()..].trim();
+                let addr = url.trim_start_matches("http://").trim_start_matches("https://").to_string();
                 if let Some(tx) = tx.take() {
                     let _ = tx.send(addr);
                 }

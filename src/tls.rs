@@ -1,0 +1,205 @@
+//! TLS on the client URLs, configured as etcd's: an `https://` listen URL serves with
+//! `--cert-file` and `--key-file`; `--client-cert-auth` requires every client to show a
+//! certificate signed by a CA of `--trusted-ca-file`. gRPC, the HTTP endpoints and the
+//! JSON gateway are served over it alike (ALPN `h2` and `http/1.1`).
+//!
+//! Handshakes run in tasks of their own, so a client that stalls in one holds up no
+//! other; one that takes longer than [`HANDSHAKE_TIMEOUT`] is dropped.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The certificate files of the client URLs.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TlsFiles {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub trusted_ca_file: Option<PathBuf>,
+    pub client_cert_auth: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{flag} {path}: {why}")]
+    File { flag: &'static str, path: String, why: String },
+    #[error("TLS needs --cert-file and --key-file")]
+    NoCertificate,
+    #[error("--client-cert-auth needs --trusted-ca-file, the CAs that sign the clients' certificates")]
+    NoTrustedCa,
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("--trusted-ca-file: {0}")]
+    Verifier(String),
+}
+
+fn file_error(flag: &'static str, path: &Path, why: impl std::fmt::Display) -> TlsError {
+    TlsError::File { flag, path: path.display().to_string(), why: why.to_string() }
+}
+
+fn certificates(flag: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_error(flag, path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error(flag, path, e))?;
+    if certs.is_empty() {
+        return Err(file_error(flag, path, "no certificate in the file"));
+    }
+    Ok(certs)
+}
+
+impl TlsFiles {
+    /// The server's TLS configuration from the files.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) else { return Err(TlsError::NoCertificate) };
+        let chain = certificates("--cert-file", cert)?;
+        let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error("--key-file", key, e))?;
+        let builder = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()?;
+        let builder = if self.client_cert_auth {
+            let Some(ca) = &self.trusted_ca_file else { return Err(TlsError::NoTrustedCa) };
+            let mut roots = RootCertStore::empty();
+            for c in certificates("--trusted-ca-file", ca)? {
+                roots.add(c).map_err(|e| file_error("--trusted-ca-file", ca, e))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                Arc::new(rustls::crypto::ring::default_provider()),
+            )
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder.with_single_cert(chain, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// A client's connection, in the clear or over TLS.
+pub enum ClientConn {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for ClientConn {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientConn::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            ClientConn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for ClientConn {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientConn::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            ClientConn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            ClientConn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            ClientConn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            ClientConn::Plain(s) => s.is_write_vectored(),
+            ClientConn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientConn::Plain(s) => Pin::new(s).poll_flush(cx),
+            ClientConn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            ClientConn::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            ClientConn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connected for ClientConn {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        match self {
+            ClientConn::Plain(s) => s.connect_info(),
+            ClientConn::Tls(s) => s.get_ref().0.connect_info(),
+        }
+    }
+}
+
+/// The connections `listener` accepts, through a TLS handshake when `tls` is given.
+/// Accepting stops when the stream is dropped.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<ClientConn>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Out of descriptors, say: wait rather than spin.
+                        tracing::warn!(error = %e, "accepting a client connection failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = tx.closed() => return,
+            };
+            // Small replies must not wait for delayed ACKs (Nagle's algorithm).
+            let _ = tcp.set_nodelay(true);
+            let Some(acceptor) = tls.clone() else {
+                if tx.send(Ok(ClientConn::Plain(tcp))).await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => {
+                        let _ = tx.send(Ok(ClientConn::Tls(Box::new(s)))).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

@@ -1,0 +1,170 @@
+//! TLS on the client URLs, as etcd's clients use it: etcdctl with `--cacert` (and, under
+//! `--client-cert-auth`, `--cert` and `--key`) against an `https://` URL, curl for the
+//! health and metrics endpoints; a client without a certificate where one is required,
+//! or one that does not speak TLS, is refused. Certificates are made with openssl.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+struct Pki {
+    ca: PathBuf,
+    server: (PathBuf, PathBuf),
+    client: (PathBuf, PathBuf),
+}
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl").args(args).output().expect("run openssl");
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by it.
+fn pki(dir: &Path) -> Pki {
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    let (ca_key, ca_crt) = (p("ca.key"), p("ca.crt"));
+    let mut ca_args = vec!["req", "-x509"];
+    ca_args.extend(ec);
+    ca_args.extend(["-keyout", &ca_key, "-out", &ca_crt, "-days", "2", "-subj", "/CN=meshkv test CA"]);
+    openssl(&ca_args);
+    let leaf = |name: &str, subject: &str, extensions: &str| {
+        std::fs::write(dir.join(format!("{name}.ext")), extensions).unwrap();
+        let mut req = vec!["req"];
+        req.extend(ec);
+        let (key, csr, crt, ext) = (
+            p(&format!("{name}.key")),
+            p(&format!("{name}.csr")),
+            p(&format!("{name}.crt")),
+            p(&format!("{name}.ext")),
+        );
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", subject]);
+        openssl(&req);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_crt,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+        (PathBuf::from(crt), PathBuf::from(key))
+    };
+    let server = leaf(
+        "server",
+        "/CN=localhost",
+        "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    );
+    let client = leaf("client", "/CN=root", "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n");
+    Pki { ca: dir.join("ca.crt"), server, client }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// curl's exit status and what it printed (status line, headers, body).
+fn curl_status(url: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new("curl").args(["-s", "-i", "--max-time", "10"]).args(args).arg(url).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A member serving clients on an https URL with the server certificate, and `extra`
+/// flags; its URL.
+fn start_tls(dir: &Path, pki: &Pki, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec!["--cert-file", s(&pki.server.0), "--key-file", s(&pki.server.1)];
+    args.extend_from_slice(extra);
+    let mut p = spawn_meshkv_on(&dir.join("data"), "https://127.0.0.1:0", "http://127.0.0.1:0", &args);
+    p.wait_ready(Duration::from_secs(60));
+    let url = format!("https://{}", p.client_addr);
+    (p, url)
+}
+
+#[test]
+fn clients_with_certificates_are_served_over_tls_and_others_refused() {
+    let dir = tempdir();
+    let pki = pki(dir.path());
+    let (mut p, url) = start_tls(dir.path(), &pki, &["--trusted-ca-file", s(&pki.ca), "--client-cert-auth"]);
+    let certified = ["--cacert", s(&pki.ca), "--cert", s(&pki.client.0), "--key", s(&pki.client.1)];
+    let ctl = |args: &[&str]| {
+        let all: Vec<&str> = certified.iter().chain(args).copied().collect();
+        etcdctl(&url, &all, None)
+    };
+    assert_eq!(ctl(&["put", "k", "over tls"]).stdout, "OK\n");
+    assert_eq!(ctl(&["get", "k", "--print-value-only"]).stdout, "over tls\n");
+    let status = ctl(&["endpoint", "status"]);
+    assert!(status.status == 0 && status.stdout.starts_with(&format!("{url}, ")), "{status:?}");
+    let members = ctl(&["member", "list"]);
+    assert!(members.stdout.contains(&url), "the member advertises its https URL: {members:?}");
+
+    // No client certificate, or no TLS at all: refused.
+    let anonymous = etcdctl(&url, &["--cacert", s(&pki.ca), "--dial-timeout", "3s", "get", "k"], None);
+    assert_ne!(anonymous.status, 0, "{anonymous:?}");
+    let plain = etcdctl(&p.endpoint(), &["--dial-timeout", "3s", "get", "k"], None);
+    assert_ne!(plain.status, 0, "{plain:?}");
+
+    // The health endpoints, over HTTP/1.1 and HTTP/2 (ALPN), with and without a certificate.
+    for version in ["--http1.1", "--http2"] {
+        let (code, out) = curl_status(&format!("{url}/health"), &[&certified[..], &[version]].concat());
+        assert_eq!(code, 0, "{out}");
+        assert!(out.ends_with(r#"{"health":"true","reason":""}"#), "{version}: {out}");
+    }
+    let (code, out) = curl_status(&format!("{url}/health"), &["--cacert", s(&pki.ca)]);
+    assert_ne!(code, 0, "no certificate: {out}");
+    assert!(p.terminate().is_some_and(|st| st.success()), "{}", p.log());
+}
+
+#[test]
+fn without_client_auth_any_client_that_trusts_the_ca_is_served() {
+    let dir = tempdir();
+    let pki = pki(dir.path());
+    let (p, url) = start_tls(dir.path(), &pki, &["--listen-metrics-urls", "https://127.0.0.1:0"]);
+    let put = etcdctl(&url, &["--cacert", s(&pki.ca), "put", "k", "v"], None);
+    assert_eq!(put.stdout, "OK\n", "{put:?}");
+    // A client that does not trust the CA refuses the server.
+    let untrusting = etcdctl(&url, &["--dial-timeout", "3s", "get", "k"], None);
+    assert_ne!(untrusting.status, 0, "{untrusting:?}");
+    let log = p.log();
+    let marker = "serving metrics and health on https://";
+    let metrics = log[log.find(marker).expect("a metrics URL") + marker.len()..].split_whitespace().next().unwrap();
+    let (code, out) = curl_status(&format!("https://{metrics}/metrics"), &["--cacert", s(&pki.ca)]);
+    assert!(code == 0 && out.contains("etcd_server_has_leader 1"), "{out}");
+}
+
+#[test]
+fn tls_without_its_files_is_refused_at_start() {
+    let dir = tempdir();
+    let run = |args: &[&str]| {
+        let out =
+            Command::new(meshkv_bin()).arg("--data-dir").arg(dir.path().join("data")).args(args).output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["--listen-client-urls", "https://127.0.0.1:0"]);
+    assert!(err.contains("https://127.0.0.1:0: TLS needs --cert-file and --key-file"), "{err}");
+    let err = run(&[
+        "--client-cert-auth",
+        "--cert-file",
+        "c",
+        "--key-file",
+        "k",
+        "--listen-client-urls",
+        "https://127.0.0.1:0",
+    ]);
+    assert!(err.contains("--client-cert-auth needs --trusted-ca-file"), "{err}");
+    let err =
+        run(&["--listen-client-urls", "https://127.0.0.1:0", "--cert-file", "/nonexistent.crt", "--key-file", "k"]);
+    assert!(err.contains("--cert-file /nonexistent.crt"), "{err}");
+}
