@@ -32,6 +32,45 @@ enum Command {
     Status(StatusArgs),
     /// Run real members under faults and check the clients' histories for linearizability.
     Torture(TortureArgs),
+    /// Backups: `etcdctl snapshot save FILE` writes one from a running member.
+    Snapshot {
+        #[command(subcommand)]
+        action: SnapshotAction,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum SnapshotAction {
+    /// Make the data dir of a new one-member cluster from a backup: every key and its
+    /// history, the leases and the revisions, on a new Raft log.
+    Restore(RestoreArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RestoreArgs {
+    /// The backup, as `etcdctl snapshot save` wrote it.
+    file: PathBuf,
+    /// The new data dir (it must not exist, or be empty); default `<name>.meshkv`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// The name of the member that will serve it.
+    #[arg(long, default_value = "default")]
+    name: String,
+}
+
+fn restore(args: RestoreArgs) -> anyhow::Result<()> {
+    let dir = args.data_dir.unwrap_or_else(|| PathBuf::from(format!("{}.meshkv", args.name)));
+    let file = std::fs::File::open(&args.file).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
+    let done = meshkv::store::backup::restore(file, &dir)?;
+    println!(
+        "restored {} records at revision {} into {}; start it with: meshkv --name {} --data-dir {}",
+        done.records,
+        done.revision,
+        dir.display(),
+        args.name,
+        dir.display()
+    );
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]
@@ -590,6 +629,7 @@ fn main() -> anyhow::Result<()> {
             return rt.block_on(status(args));
         }
         Some(Command::Torture(args)) => return torture(args),
+        Some(Command::Snapshot { action: SnapshotAction::Restore(args) }) => return restore(args),
         None => {}
     }
     let cfg = cli.serve.into_config();

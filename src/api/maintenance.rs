@@ -1,18 +1,18 @@
 //! The Maintenance service: Status (for `etcdctl endpoint status` and health checks),
-//! Hash and HashKV, Alarm, Defragment and MoveLeader.
+//! Hash and HashKV, Alarm, Snapshot (backups), Defragment and MoveLeader.
 
 use tonic::{Code, Request, Response, Status};
-
-use crate::pb::meshkvpb::internal_request::Request as Write;
-use crate::store::mvcc::WriteResponse;
 
 use super::Ctx;
 use crate::pb::etcdserverpb::maintenance_server::Maintenance;
 use crate::pb::etcdserverpb::{
     alarm_request, AlarmMember, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse,
-    HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, StatusRequest,
-    StatusResponse,
+    HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse, ResponseHeader,
+    SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
+use crate::pb::meshkvpb::internal_request::Request as Write;
+use crate::store::backup;
+use crate::store::mvcc::WriteResponse;
 
 pub struct MaintenanceService {
     ctx: Ctx,
@@ -70,6 +70,25 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(DefragmentResponse { header: self.ctx.header(None) }))
     }
 
+    /// The store as of now, as a backup (`etcdctl snapshot save`; restored by
+    /// `meshkv snapshot restore`), streamed in chunks as it is read.
+    async fn snapshot(
+        &self,
+        _: Request<SnapshotRequest>,
+    ) -> Result<Response<tonic::codegen::BoxStream<SnapshotResponse>>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let engine = self.ctx.store.engine().clone();
+        let mut out =
+            Chunks { tx, header: self.ctx.header(None), buf: Vec::new(), sent: 0, estimate: engine.size_bytes() };
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = backup::write(&engine, &mut out) {
+                tracing::warn!(error = %e, "a snapshot for a client was not sent whole");
+                let _ = out.tx.blocking_send(Err(Status::internal(format!("etcdserver: snapshot: {e}"))));
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
     async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         let store = self.ctx.store.clone();
         let (hash, _, _) = tokio::task::spawn_blocking(move || store.hash_kv(0))
@@ -116,4 +135,43 @@ impl Maintenance for MaintenanceService {
 fn alarm_text(a: &AlarmMember) -> String {
     let name = AlarmType::try_from(a.alarm).map_or("NONE", |t| t.as_str_name());
     format!("memberID:{} alarm:{} ", a.member_id, name)
+}
+
+/// A backup's bytes as snapshot messages of `CHUNK_BYTES`, sent as they fill; the last
+/// one, sent at the flush, says no bytes remain.
+struct Chunks {
+    tx: tokio::sync::mpsc::Sender<Result<SnapshotResponse, Status>>,
+    header: Option<ResponseHeader>,
+    buf: Vec<u8>,
+    sent: u64,
+    /// The store's size: what `remaining_bytes` counts down from (a backup's exact size
+    /// is known only at its end).
+    estimate: u64,
+}
+
+const CHUNK_BYTES: usize = 32 << 10;
+
+impl Chunks {
+    fn send(&mut self, last: bool) -> std::io::Result<()> {
+        let blob = std::mem::take(&mut self.buf);
+        self.sent += blob.len() as u64;
+        let remaining_bytes = if last { 0 } else { self.estimate.saturating_sub(self.sent).max(1) };
+        let msg = SnapshotResponse { header: self.header.take(), remaining_bytes, blob: blob.into() };
+        self.tx.blocking_send(Ok(msg)).map_err(|_| std::io::Error::other("the client went away"))
+    }
+}
+
+impl std::io::Write for Chunks {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(CHUNK_BYTES - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK_BYTES {
+            self.send(false)?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send(true)
+    }
 }

@@ -1,0 +1,221 @@
+//! Backups: what `etcdctl snapshot save` receives from a member, and how
+//! `meshkv snapshot restore` makes the data dir of a new cluster from it.
+//!
+//! A backup is the store as of one applied batch (a RocksDB snapshot): every key-value
+//! revision, lease and the revision counters, in this format:
+//!
+//! ```text
+//! "meshkv-backup 1\n"
+//! record*    kind (u8) · key length (u32 BE) · value length (u32 BE) · key · value
+//! end        0xff · zeros up to a multiple of 512 bytes · SHA-256 of every byte before it
+//! ```
+//!
+//! The padding and the trailing SHA-256 are etcd's convention for its snapshots, which
+//! etcdctl checks for when it saves one.
+//!
+//! where `kind` is the column family (`kv`, `lease`, `auth`) or [`META`] for the
+//! revision and the compact revision. The Raft state, the applied index, the alarms and
+//! the member's identity are left out: a restore starts a new cluster, as etcd's does.
+
+use std::io::{self, Read, Write};
+use std::path::Path;
+
+use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
+
+use crate::store::engine::{Engine, EngineError, CF_AUTH, CF_KV, CF_LEASE, CF_META};
+
+const MAGIC: &[u8] = b"meshkv-backup 1\n";
+/// The column families a backup carries, by their kind byte.
+const CFS: [&str; 3] = [CF_KV, CF_LEASE, CF_AUTH];
+/// Kind of the records that go to the `meta` column family.
+const META: u8 = 0xfe;
+const END: u8 = 0xff;
+/// The checksum follows zeros up to a multiple of this.
+const ALIGN: usize = 512;
+const SUM_BYTES: usize = 32;
+/// The meta keys a backup carries.
+const META_KEYS: [&[u8]; 2] = [b"revision", b"compact_revision"];
+/// Records written to the new store per batch.
+const BATCH_BYTES: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("not a meshkv backup (it does not start with {:?})", String::from_utf8_lossy(MAGIC))]
+    NotABackup,
+    #[error("the backup is damaged: {0}")]
+    Damaged(String),
+    #[error("{0} already holds a data dir; restore into a new one")]
+    NotEmpty(String),
+}
+
+/// Writes a backup of `engine`'s store, as of now, to `out`.
+pub fn write(engine: &Engine, out: impl Write) -> Result<(), BackupError> {
+    let mut out = Hashing::new(out);
+    out.write_all(MAGIC)?;
+    let view = engine.db().snapshot();
+    let read = || {
+        let mut o = ReadOptions::default();
+        o.set_snapshot(&view);
+        o
+    };
+    for (kind, name) in CFS.iter().enumerate() {
+        for item in engine.db().iterator_cf_opt(engine.cf(name), read(), IteratorMode::Start) {
+            let (k, v) = item.map_err(EngineError::from)?;
+            record(&mut out, kind as u8, &k, &v)?;
+        }
+    }
+    for key in META_KEYS {
+        if let Some(v) = engine.db().get_cf_opt(engine.cf(CF_META), key, &read()).map_err(EngineError::from)? {
+            record(&mut out, META, key, &v)?;
+        }
+    }
+    out.write_all(&[END])?;
+    let pad = (ALIGN - out.count % ALIGN) % ALIGN;
+    out.write_all(&vec![0; pad])?;
+    let (mut inner, digest) = out.finish();
+    inner.write_all(&digest)?;
+    inner.flush()?;
+    Ok(())
+}
+
+fn record(out: &mut impl Write, kind: u8, k: &[u8], v: &[u8]) -> io::Result<()> {
+    let len = |n: usize| u32::try_from(n).map_err(|_| io::Error::other("a record over 4 GiB"));
+    out.write_all(&[kind])?;
+    out.write_all(&len(k.len())?.to_be_bytes())?;
+    out.write_all(&len(v.len())?.to_be_bytes())?;
+    out.write_all(k)?;
+    out.write_all(v)
+}
+
+/// What a restore wrote.
+#[derive(Debug, Default, PartialEq)]
+pub struct Restored {
+    pub records: u64,
+    pub revision: u64,
+}
+
+/// Makes a new data dir at `dir` holding the store of the backup read from `input`.
+/// Nothing is left at `dir` if the backup turns out damaged.
+pub fn restore(input: impl Read, dir: &Path) -> Result<Restored, BackupError> {
+    if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+        return Err(BackupError::NotEmpty(dir.display().to_string()));
+    }
+    let result = restore_into(input, dir);
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result
+}
+
+fn restore_into(input: impl Read, dir: &Path) -> Result<Restored, BackupError> {
+    let mut input = Hashing::new(io::BufReader::new(input));
+    let mut magic = [0u8; MAGIC.len()];
+    input.read_exact(&mut magic).map_err(|_| BackupError::NotABackup)?;
+    if magic != MAGIC {
+        return Err(BackupError::NotABackup);
+    }
+    let engine = Engine::open(dir)?;
+    let damaged = |what: &str| BackupError::Damaged(what.to_string());
+    let mut batch = WriteBatch::default();
+    let mut done = Restored::default();
+    loop {
+        let mut kind = [0u8];
+        input.read_exact(&mut kind).map_err(|_| damaged("it ends before its checksum"))?;
+        if kind[0] == END {
+            break;
+        }
+        let mut lens = [0u8; 8];
+        input.read_exact(&mut lens).map_err(|_| damaged("a record is cut short"))?;
+        let klen = u32::from_be_bytes(lens[..4].try_into().expect("4 bytes")) as usize;
+        let vlen = u32::from_be_bytes(lens[4..].try_into().expect("4 bytes")) as usize;
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        (&mut input).take(klen as u64).read_to_end(&mut k)?;
+        (&mut input).take(vlen as u64).read_to_end(&mut v)?;
+        if k.len() != klen || v.len() != vlen {
+            return Err(damaged("a record is cut short"));
+        }
+        let cf = match kind[0] {
+            META if META_KEYS.contains(&k.as_slice()) => {
+                if k == META_KEYS[0] {
+                    done.revision = v.as_slice().try_into().map(u64::from_be_bytes).map_err(|_| damaged("revision"))?;
+                }
+                CF_META
+            }
+            META => return Err(damaged("an unknown meta key")),
+            i => *CFS.get(i as usize).ok_or_else(|| damaged("a record of an unknown kind"))?,
+        };
+        batch.put_cf(engine.cf(cf), &k, &v);
+        done.records += 1;
+        if batch.size_in_bytes() >= BATCH_BYTES {
+            engine.write(std::mem::take(&mut batch), false)?;
+        }
+    }
+    // Zeros, then the checksum: at most ALIGN - 1 + SUM_BYTES bytes, all read here.
+    let pad = (ALIGN - input.count % ALIGN) % ALIGN;
+    let mut zeros = vec![0u8; pad];
+    input.read_exact(&mut zeros).map_err(|_| damaged("it ends before its checksum"))?;
+    if zeros.iter().any(|&b| b != 0) {
+        return Err(damaged("its padding is not zeros"));
+    }
+    let (mut rest, digest) = input.finish();
+    let mut sum = [0u8; SUM_BYTES];
+    rest.read_exact(&mut sum).map_err(|_| damaged("its checksum is cut short"))?;
+    if sum != digest {
+        return Err(damaged("its checksum does not match its contents"));
+    }
+    if rest.read(&mut [0u8; 1])? != 0 {
+        return Err(damaged("bytes follow its checksum"));
+    }
+    engine.write(batch, true)?;
+    engine.flush_store()?;
+    Ok(done)
+}
+
+/// A reader or writer that hashes (SHA-256) and counts every byte that passes.
+struct Hashing<T> {
+    inner: T,
+    hash: ring::digest::Context,
+    count: usize,
+}
+
+impl<T> Hashing<T> {
+    fn new(inner: T) -> Self {
+        Self { inner, hash: ring::digest::Context::new(&ring::digest::SHA256), count: 0 }
+    }
+
+    fn finish(self) -> (T, [u8; SUM_BYTES]) {
+        let mut sum = [0u8; SUM_BYTES];
+        sum.copy_from_slice(self.hash.finish().as_ref());
+        (self.inner, sum)
+    }
+
+    fn passed(&mut self, bytes: &[u8]) {
+        self.hash.update(bytes);
+        self.count += bytes.len();
+    }
+}
+
+impl<T: Write> Write for Hashing<T> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.passed(&buf[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<T: Read> Read for Hashing<T> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.passed(&buf[..n]);
+        Ok(n)
+    }
+}
