@@ -47,11 +47,14 @@ pub struct LenientAuthority<T> {
     held: Vec<u8>,
     /// How many bytes at the front of `held` are ready to hand on.
     ready: usize,
+    /// The last `:authority` found valid, as encoded: a client sends the same one on
+    /// every request, and it is checked once.
+    valid: Valid,
 }
 
 impl<T> LenientAuthority<T> {
     pub fn new(inner: T) -> Self {
-        Self { inner, skip: PREFACE_BYTES, held: Vec::new(), ready: 0 }
+        Self { inner, skip: PREFACE_BYTES, held: Vec::new(), ready: 0, valid: Valid::default() }
     }
 
     /// Passes over `bytes`, the stream's next, mending each HEADERS frame whole in them.
@@ -75,14 +78,14 @@ impl<T> LenientAuthority<T> {
             }
             let end = at + FRAME_HEADER_BYTES + len;
             let Some(payload) = bytes.get_mut(at + FRAME_HEADER_BYTES..end) else { return Some(at) };
-            mend_headers(flags, payload);
+            mend_headers(flags, payload, &mut self.valid);
             at = end;
         }
     }
 }
 
 /// Mends the `:authority` literals of one HEADERS frame's payload.
-fn mend_headers(flags: u8, payload: &mut [u8]) {
+fn mend_headers(flags: u8, payload: &mut [u8], valid: &mut Valid) {
     let mut start = 0;
     let mut end = payload.len();
     if flags & PADDED != 0 {
@@ -95,24 +98,24 @@ fn mend_headers(flags: u8, payload: &mut [u8]) {
         start += 5;
     }
     if let Some(block) = payload.get_mut(start..end) {
-        mend_block(block);
+        mend_block(block, valid);
     }
 }
 
 /// Mends the `:authority` literals of a header block (or of its first fragment: a field
 /// cut off at its end is left alone).
-pub fn mend_block(block: &mut [u8]) {
+pub fn mend_block(block: &mut [u8], valid: &mut Valid) {
     let mut at = 0;
     while at < block.len() {
         let b = block[at];
         let step = if b & 0x80 != 0 {
             integer(block, at, 7).map(|(_, next)| next)
         } else if b & 0xc0 == 0x40 {
-            literal(block, at, 6)
+            literal(block, at, 6, valid)
         } else if b & 0xe0 == 0x20 {
             integer(block, at, 5).map(|(_, next)| next)
         } else {
-            literal(block, at, 4)
+            literal(block, at, 4, valid)
         };
         match step {
             Some(next) => at = next,
@@ -154,7 +157,7 @@ fn string(block: &[u8], at: usize) -> Option<(bool, std::ops::Range<usize>)> {
 
 /// A literal field at `at` whose name index has a `prefix`-bit prefix; mends its value
 /// if it is an `:authority`. Returns where the field ends.
-fn literal(block: &mut [u8], at: usize, prefix: u8) -> Option<usize> {
+fn literal(block: &mut [u8], at: usize, prefix: u8, valid: &mut Valid) -> Option<usize> {
     let (name_index, mut at) = integer(block, at, prefix)?;
     let authority = if name_index == 0 {
         let (huffman, name) = string(block, at)?;
@@ -166,7 +169,7 @@ fn literal(block: &mut [u8], at: usize, prefix: u8) -> Option<usize> {
     let (huffman, value) = string(block, at)?;
     let end = value.end;
     if authority {
-        mend_value(&mut block[value], huffman);
+        mend_value(&mut block[value], huffman, valid);
     }
     Some(end)
 }
@@ -183,10 +186,23 @@ fn valid_authority(value: &[u8]) -> bool {
     http::uri::Authority::try_from(value).is_ok()
 }
 
+/// The encoding of the last `:authority` found valid.
+#[derive(Default)]
+pub struct Valid {
+    huffman: bool,
+    encoded: Vec<u8>,
+}
+
 /// Replaces an authority that is not one with one as long, decoded and encoded.
-fn mend_value(value: &mut [u8], huffman: bool) {
+fn mend_value(value: &mut [u8], huffman: bool, valid: &mut Valid) {
+    if valid.huffman == huffman && valid.encoded == *value {
+        return;
+    }
     let Some(text) = decoded(value, huffman) else { return };
     if valid_authority(&text) {
+        valid.huffman = huffman;
+        valid.encoded.clear();
+        valid.encoded.extend_from_slice(value);
         return;
     }
     if !huffman {
@@ -393,7 +409,7 @@ mod tests {
             let mut encoder = fluke_hpack::Encoder::new();
             let mut block = request_block(&mut encoder, authority_field(&value, huffman_coded, named));
             let before = block.len();
-            mend_block(&mut block);
+            mend_block(&mut block, &mut Valid::default());
             assert_eq!(block.len(), before);
             let mut decoder = fluke_hpack::Decoder::new();
             let fields = decode_all(&mut decoder, &block);
@@ -408,7 +424,7 @@ mod tests {
             // The next request names the authority by its index in the dynamic table (the
             // encoder indexes nothing else here: the newest entry is 62).
             let mut next = vec![0x80 | 62];
-            mend_block(&mut next);
+            mend_block(&mut next, &mut Valid::default());
             let again = decode_all(&mut decoder, &next);
             assert_eq!(again, vec![(":authority".to_string(), authority.clone())]);
         }
@@ -419,10 +435,18 @@ mod tests {
         let mut encoder = fluke_hpack::Encoder::new();
         let mut block = request_block(&mut encoder, authority_field(b"127.0.0.1:2379", false, false));
         let original = block.clone();
-        mend_block(&mut block);
+        let mut valid = Valid::default();
+        mend_block(&mut block, &mut valid);
         assert_eq!(block, original);
+        assert_eq!(valid.encoded, b"127.0.0.1:2379", "remembered as valid");
+        mend_block(&mut block, &mut valid);
+        assert_eq!(block, original);
+        // A connection that sends another, invalid, authority later still has it mended.
+        let mut other = authority_field(b"http://127.0.0.1:2379", false, false);
+        mend_block(&mut other, &mut valid);
+        assert_eq!(other, authority_field(&[b'x'; 21], false, false));
         let mut cut = original[..original.len() - 3].to_vec();
-        mend_block(&mut cut);
+        mend_block(&mut cut, &mut Valid::default());
         assert_eq!(cut, original[..original.len() - 3], "a block cut short is left as it is");
     }
 
