@@ -241,6 +241,16 @@ fn the_json_gateway_streams_watches_and_keep_alives_as_etcds_does() {
         assert_eq!(granted.status, 200);
         let kept = stream_lines(&url("/v3/lease/keepalive"), r#"{"ID":"777"}"#, 1, || {});
         let missing = stream_lines(&url("/v3/lease/keepalive"), r#"{"ID":"778"}"#, 1, || {});
+        if p.client_addr == meshkv.client_addr {
+            // Counted as gRPC calls, as etcd's gateway, a client of its own member, is.
+            let m = curl(&url("/metrics"), &[]).body;
+            let calls = |method: &str, service: &str, kind: &str| {
+                let labels = format!("grpc_method=\"{method}\",grpc_service=\"{service}\",grpc_type=\"{kind}\"");
+                metric(&m, &format!("grpc_server_started_total{{{labels}}}"))
+            };
+            assert_eq!(calls("Watch", "etcdserverpb.Watch", "bidi_stream"), Some(1.0), "{m}");
+            assert_eq!(calls("LeaseKeepAlive", "etcdserverpb.Lease", "bidi_stream"), Some(2.0), "{m}");
+        }
         let seen: Vec<serde_json::Value> = watch.iter().chain(&kept).chain(&missing).map(|l| comparable(l)).collect();
         println!("{}: {seen:?}", p.client_addr);
         let expected = [

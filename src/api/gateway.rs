@@ -12,7 +12,8 @@
 //! `{"error":…,"message":…,"code":…}`. Each unary call goes to the same service the gRPC
 //! route serves, in the same process. The streaming calls (`/v3/watch`,
 //! `/v3/lease/keepalive`, `/v3/maintenance/snapshot`, `/v3/election/observe`) go through
-//! the gRPC routes themselves, as grpc-gateway's own client calls do: the JSON requests
+//! the gRPC routes themselves, counted in the gRPC metrics, as grpc-gateway's own client
+//! calls do: the JSON requests
 //! of the body (one or more) go in as gRPC messages, and each message that comes back
 //! goes out as a line, `{"result":…}`, for as long as the HTTP client stays.
 
@@ -31,7 +32,6 @@ use http_body_util::{BodyExt as _, StreamBody};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::oneshot;
-use tonic::service::Routes;
 use tonic::{Code, Status};
 use tower::ServiceExt as _;
 
@@ -98,7 +98,7 @@ macro_rules! streaming {
 /// The gateway's routes: every call of etcd's services under its `/v3/…` path (etcd
 /// 3.4's older lease paths under `/v3/kv/lease/…` too); the streaming ones go through
 /// `grpc`, the routes of the gRPC services.
-pub fn router(ctx: Ctx, lessor: Arc<Lessor>, election_timeout: Duration, grpc: Routes) -> axum::Router {
+pub fn router(ctx: Ctx, lessor: Arc<Lessor>, election_timeout: Duration, grpc: axum::Router) -> axum::Router {
     let s = Arc::new(Services {
         kv: KvService::new(ctx.clone()),
         lease: LeaseService::new(ctx.clone(), lessor, election_timeout),
@@ -193,7 +193,7 @@ where
 }
 
 /// A streaming call through `grpc`: the requests in `body`, the answers as they come.
-async fn stream<Req, Resp>(grpc: Routes, path: &'static str, body: Bytes) -> Response
+async fn stream<Req, Resp>(grpc: axum::Router, path: &'static str, body: Bytes) -> Response
 where
     Req: DeserializeOwned + prost::Message,
     Resp: Serialize + prost::Message + Default + 'static,
