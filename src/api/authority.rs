@@ -104,7 +104,7 @@ fn mend_headers(flags: u8, payload: &mut [u8], valid: &mut Valid) {
 
 /// Mends the `:authority` literals of a header block (or of its first fragment: a field
 /// cut off at its end is left alone).
-pub fn mend_block(block: &mut [u8], valid: &mut Valid) {
+fn mend_block(block: &mut [u8], valid: &mut Valid) {
     let mut at = 0;
     while at < block.len() {
         let b = block[at];
@@ -188,7 +188,7 @@ fn valid_authority(value: &[u8]) -> bool {
 
 /// The encoding of the last `:authority` found valid.
 #[derive(Default)]
-pub struct Valid {
+struct Valid {
     huffman: bool,
     encoded: Vec<u8>,
 }

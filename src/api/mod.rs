@@ -66,13 +66,7 @@ impl Ctx {
     /// Proposes a client's write and waits for its outcome. A write the space quota has
     /// no room for is refused, and raises NOSPACE for this member, as etcd's quota does.
     pub async fn propose(&self, w: Write) -> Result<WriteResponse, Status> {
-        let cost = match &w {
-            Write::Put(p) => quota::cost_put(p),
-            Write::Txn(t) => quota::cost_txn(t),
-            Write::LeaseGrant(g) => quota::cost_lease_grant(g),
-            _ => 0,
-        };
-        if !self.quota.admits(cost) {
+        if !self.quota.admits(crate::store::alarm::cost(&w)) {
             self.raise_nospace().await;
             return Err(error::no_space());
         }

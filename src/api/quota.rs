@@ -3,23 +3,21 @@
 //! which makes every member refuse such writes until an operator disarms it (after a
 //! compaction and a defragment have made room).
 //!
-//! What a write costs is etcd's estimate: a put its key and value plus 256 bytes, a Txn
-//! the puts of its larger branch, a lease grant 64 bytes; anything else nothing. The
+//! What a write costs is etcd's estimate ([`crate::store::alarm::cost`]): a put its key
+//! and value plus 256 bytes, a Txn the puts of its larger branch, a lease grant 64
+//! bytes; anything else nothing. The
 //! store's size is read from RocksDB at most every 100 ms: like etcd's, the quota is a
 //! bound the store may pass by what that interval writes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::pb::etcdserverpb::{request_op, LeaseGrantRequest, PutRequest, TxnRequest};
 use crate::store::Engine;
 
 /// The quota when none is given, as etcd's.
 pub const DEFAULT_QUOTA_BYTES: u64 = 2 << 30;
 /// Above this etcd warns that the quota is larger than it recommends.
 pub const MAX_RECOMMENDED_QUOTA_BYTES: u64 = 8 << 30;
-const KV_OVERHEAD: u64 = 256;
-const LEASE_OVERHEAD: u64 = 64;
 /// How old a size may be before a write measures again.
 const SIZE_MAX_AGE: Duration = Duration::from_millis(100);
 
@@ -70,60 +68,9 @@ impl Quota {
     }
 }
 
-pub fn cost_put(p: &PutRequest) -> u64 {
-    KV_OVERHEAD + p.key.len() as u64 + p.value.len() as u64
-}
-
-/// The puts of the costlier branch; nested Txns' puts count with their branch.
-pub fn cost_txn(t: &TxnRequest) -> u64 {
-    let branch = |ops: &[crate::pb::etcdserverpb::RequestOp]| -> u64 {
-        ops.iter()
-            .map(|op| match &op.request {
-                Some(request_op::Request::RequestPut(p)) => cost_put(p),
-                Some(request_op::Request::RequestTxn(inner)) => cost_txn(inner),
-                _ => 0,
-            })
-            .sum()
-    };
-    branch(&t.success).max(branch(&t.failure))
-}
-
-pub fn cost_lease_grant(_: &LeaseGrantRequest) -> u64 {
-    LEASE_OVERHEAD
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pb::etcdserverpb::{RangeRequest, RequestOp};
-
-    fn put(key: &str, value_len: usize) -> PutRequest {
-        PutRequest { key: key.to_string().into(), value: vec![0; value_len].into(), ..Default::default() }
-    }
-
-    fn op(r: request_op::Request) -> RequestOp {
-        RequestOp { request: Some(r) }
-    }
-
-    #[test]
-    fn writes_cost_what_etcd_charges() {
-        assert_eq!(cost_put(&put("abc", 100)), 359);
-        let txn = TxnRequest {
-            success: vec![
-                op(request_op::Request::RequestPut(put("a", 10))),
-                op(request_op::Request::RequestRange(RangeRequest::default())),
-            ],
-            failure: vec![op(request_op::Request::RequestTxn(TxnRequest {
-                success: vec![op(request_op::Request::RequestPut(put("b", 20)))],
-                failure: vec![op(request_op::Request::RequestPut(put("c", 50)))],
-                ..Default::default()
-            }))],
-            ..Default::default()
-        };
-        assert_eq!(cost_txn(&txn), 256 + 1 + 50, "the failure branch's nested put is the costlier");
-        assert_eq!(cost_txn(&TxnRequest::default()), 0);
-        assert_eq!(cost_lease_grant(&LeaseGrantRequest::default()), 64);
-    }
 
     #[test]
     fn the_quota_admits_what_fits_and_anything_free() {

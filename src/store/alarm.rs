@@ -7,7 +7,9 @@
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use crate::pb::etcdserverpb::{request_op, AlarmMember, AlarmType, TxnRequest};
+use crate::pb::etcdserverpb::{
+    request_op, AlarmMember, AlarmType, LeaseGrantRequest, PutRequest, RequestOp, TxnRequest,
+};
 use crate::pb::meshkvpb::internal_request::Request;
 
 /// The alarms raised, by member and type.
@@ -107,39 +109,81 @@ impl Refusals {
         if r & CORRUPT != 0 {
             return Err(Refusal::Corrupt);
         }
-        if r & NOSPACE != 0 && takes_space(req) {
+        if r & NOSPACE != 0 && cost(req) > 0 {
             return Err(Refusal::NoSpace);
         }
         Ok(())
     }
 }
 
-/// Whether a write can grow the database: the writes etcd's quota charges for.
-pub fn takes_space(req: &Request) -> bool {
+const KV_OVERHEAD: u64 = 256;
+const LEASE_OVERHEAD: u64 = 64;
+
+/// The space a write may take, as etcd's quota estimates it: what NOSPACE refuses and the
+/// space quota charges. Nested Txns' puts count with their branch (etcd counts only the
+/// top level's; a nested put takes space just the same).
+pub fn cost(req: &Request) -> u64 {
     match req {
-        Request::Put(_) | Request::LeaseGrant(_) => true,
-        Request::Txn(t) => txn_puts(t),
-        _ => false,
+        Request::Put(p) => cost_put(p),
+        Request::Txn(t) => cost_txn(t),
+        Request::LeaseGrant(g) => cost_lease_grant(g),
+        _ => 0,
     }
 }
 
-/// Whether either branch of a Txn, nested ones included, holds a put. (etcd charges only
-/// the puts at the top level; a put in a nested Txn takes space just the same.)
-pub fn txn_puts(t: &TxnRequest) -> bool {
-    t.success.iter().chain(&t.failure).any(|op| match &op.request {
-        Some(request_op::Request::RequestPut(_)) => true,
-        Some(request_op::Request::RequestTxn(inner)) => txn_puts(inner),
-        _ => false,
-    })
+pub fn cost_put(p: &PutRequest) -> u64 {
+    KV_OVERHEAD + p.key.len() as u64 + p.value.len() as u64
+}
+
+/// The puts of the costlier branch; nested Txns' puts count with their branch.
+pub fn cost_txn(t: &TxnRequest) -> u64 {
+    let branch = |ops: &[RequestOp]| -> u64 {
+        ops.iter()
+            .map(|op| match &op.request {
+                Some(request_op::Request::RequestPut(p)) => cost_put(p),
+                Some(request_op::Request::RequestTxn(inner)) => cost_txn(inner),
+                _ => 0,
+            })
+            .sum()
+    };
+    branch(&t.success).max(branch(&t.failure))
+}
+
+pub fn cost_lease_grant(_: &LeaseGrantRequest) -> u64 {
+    LEASE_OVERHEAD
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pb::etcdserverpb::{PutRequest, RangeRequest, RequestOp};
+    use crate::pb::etcdserverpb::RangeRequest;
+
+    fn put(key: &str, value_len: usize) -> PutRequest {
+        PutRequest { key: key.to_string().into(), value: vec![0; value_len].into(), ..Default::default() }
+    }
 
     fn op(r: request_op::Request) -> RequestOp {
         RequestOp { request: Some(r) }
+    }
+
+    #[test]
+    fn writes_cost_what_etcd_charges() {
+        assert_eq!(cost_put(&put("abc", 100)), 359);
+        let txn = TxnRequest {
+            success: vec![
+                op(request_op::Request::RequestPut(put("a", 10))),
+                op(request_op::Request::RequestRange(RangeRequest::default())),
+            ],
+            failure: vec![op(request_op::Request::RequestTxn(TxnRequest {
+                success: vec![op(request_op::Request::RequestPut(put("b", 20)))],
+                failure: vec![op(request_op::Request::RequestPut(put("c", 50)))],
+                ..Default::default()
+            }))],
+            ..Default::default()
+        };
+        assert_eq!(cost_txn(&txn), 256 + 1 + 50, "the failure branch's nested put is the costlier");
+        assert_eq!(cost_txn(&TxnRequest::default()), 0);
+        assert_eq!(cost_lease_grant(&LeaseGrantRequest::default()), 64);
     }
 
     #[test]
