@@ -60,6 +60,10 @@ pub struct Config {
     /// The store's space quota, as etcd's --quota-backend-bytes: 0 for the default
     /// (2 GiB), negative for none.
     pub quota_backend_bytes: i64,
+    /// How long an auth token lives without use, as etcd's --auth-token-ttl.
+    pub auth_token_ttl: Duration,
+    /// bcrypt's cost for the passwords of new users, as etcd's --bcrypt-cost.
+    pub bcrypt_cost: u32,
     /// Time between Raft heartbeats.
     pub heartbeat_interval: Duration,
     /// Time without a leader before an election.
@@ -92,6 +96,8 @@ impl Default for Config {
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
             quota_backend_bytes: 0,
+            auth_token_ttl: crate::store::auth::DEFAULT_TOKEN_TTL,
+            bcrypt_cost: crate::api::auth::DEFAULT_BCRYPT_COST,
             tls: Default::default(),
             heartbeat_interval: Duration::from_millis(100),
             election_timeout: Duration::from_millis(1000),
@@ -130,6 +136,10 @@ pub enum ConfigError {
         "--listen-peer-urls {0}: peers do not speak TLS; their traffic is encrypted by the mesh (--mesh-secret-file)"
     )]
     TlsPeer(String),
+    #[error("--bcrypt-cost {0}: must be between 4 and 31")]
+    BcryptCost(u32),
+    #[error("--auth-token-ttl must be at least 1 second")]
+    ZeroTokenTtl,
 }
 
 /// Whether a listen URL asks for TLS.
@@ -207,6 +217,12 @@ impl Config {
                 election: self.election_timeout.as_millis(),
                 heartbeat: self.heartbeat_interval.as_millis(),
             });
+        }
+        if !(4..=31).contains(&self.bcrypt_cost) {
+            return Err(ConfigError::BcryptCost(self.bcrypt_cost));
+        }
+        if self.auth_token_ttl.is_zero() {
+            return Err(ConfigError::ZeroTokenTtl);
         }
         if !matches!(self.log_level.as_str(), "debug" | "info" | "warn" | "error" | "trace") {
             return Err(ConfigError::LogLevel(self.log_level.clone()));

@@ -252,6 +252,15 @@ struct ServeArgs {
     /// the NOSPACE alarm. 0 takes the default, 2 GiB; a negative value turns it off.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     quota_backend_bytes: i64,
+    /// The kind of auth token handed out: `simple` (etcd's simple tokens, the only kind).
+    #[arg(long, default_value = "simple", value_parser = parse_auth_token)]
+    auth_token: String,
+    /// Seconds an auth token lives without use.
+    #[arg(long, default_value_t = 300)]
+    auth_token_ttl: u64,
+    /// bcrypt's cost (4 to 31) for the passwords of new users and changed passwords.
+    #[arg(long, default_value_t = 10)]
+    bcrypt_cost: u32,
     /// The certificate (PEM, with its chain) served on https:// client and metrics URLs.
     #[arg(long)]
     cert_file: Option<PathBuf>,
@@ -278,6 +287,15 @@ struct ServeArgs {
     /// Log level: debug, info, warn or error.
     #[arg(long, default_value = "info")]
     log_level: String,
+}
+
+/// etcd's --auth-token: the kind, then options after a comma.
+fn parse_auth_token(s: &str) -> Result<String, String> {
+    match s.split(',').next() {
+        Some("simple") => Ok(s.to_string()),
+        Some("jwt") => Err("jwt tokens are not supported; use simple".to_string()),
+        _ => Err(format!("unknown token kind {s:?}; use simple")),
+    }
 }
 
 /// A duration as etcd's flags take it: a number with a unit (ms, s, m, h), or seconds.
@@ -324,6 +342,8 @@ impl ServeArgs {
             max_request_bytes: self.max_request_bytes,
             max_txn_ops: self.max_txn_ops,
             quota_backend_bytes: self.quota_backend_bytes,
+            auth_token_ttl: Duration::from_secs(self.auth_token_ttl),
+            bcrypt_cost: self.bcrypt_cost,
             tls: meshkv::tls::TlsFiles {
                 cert_file: self.cert_file,
                 key_file: self.key_file,

@@ -346,7 +346,8 @@ pub async fn run(
     let (cluster, member_id, bootstrap) = identity(&engine, &cfg, &mesh).await?;
     cluster_id.store(cluster, Ordering::Release);
     crate::raft::snapshot::recover(&engine)?;
-    let store = Arc::new(MvccStore::open(engine.clone())?);
+    let tokens = crate::store::auth::Tokens::new(cfg.auth_token_ttl);
+    let store = Arc::new(MvccStore::open_with(engine.clone(), tokens)?);
     tracing::info!(
         name = %cfg.name, member = format!("{member_id:x}"), cluster = format!("{cluster:x}"),
         revision = store.revision(), applied = store.applied_index(), "store opened"
@@ -428,7 +429,7 @@ pub async fn run(
         )
         .add_service(ClusterServer::new(api::cluster::ClusterService::new(ctx.clone())))
         .add_service(MaintenanceServer::new(api::maintenance::MaintenanceService::new(ctx.clone())))
-        .add_service(AuthServer::new(api::auth::AuthService::new(ctx.clone())))
+        .add_service(AuthServer::new(api::auth::AuthService::new(ctx.clone(), cfg.bcrypt_cost)))
         .add_service(LockServer::new(api::lock::LockService::new(ctx.clone())))
         .add_service(ElectionServer::new(api::election::ElectionService::new(ctx.clone())))
         .add_service(crate::pb::meshkvpb::admin_server::AdminServer::new(api::admin::AdminService::new(ctx.clone())));
@@ -437,7 +438,8 @@ pub async fn run(
     // The gateway's streaming calls go through the counted gRPC routes, as etcd's gateway,
     // a gRPC client of its own member, is counted.
     let grpc = grpc.routes().into_axum_router().layer(metrics.grpc_layer());
-    let gateway = api::gateway::router(ctx.clone(), lessor.clone(), cfg.election_timeout, grpc.clone());
+    let gateway =
+        api::gateway::router(ctx.clone(), lessor.clone(), cfg.election_timeout, cfg.bcrypt_cost, grpc.clone());
     let client_routes = Routes::from(grpc.merge(http.router()).merge(gateway).fallback(api::http::not_found));
     let metrics_routes = Routes::from(http.router().fallback(api::http::not_found));
     let mut servers = Vec::new();

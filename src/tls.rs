@@ -149,15 +149,35 @@ impl AsyncWrite for ClientConn {
     }
 }
 
-impl Connected for ClientConn {
-    type ConnectInfo = TcpConnectInfo;
+/// What a client connection's requests carry about it.
+#[derive(Clone, Debug)]
+pub struct ClientInfo {
+    pub tcp: TcpConnectInfo,
+    /// The common name of the certificate the client presented, if any: its user, once
+    /// authentication is on, when it sends no token.
+    pub cert_name: Option<String>,
+}
 
-    fn connect_info(&self) -> TcpConnectInfo {
+impl Connected for ClientConn {
+    type ConnectInfo = ClientInfo;
+
+    fn connect_info(&self) -> ClientInfo {
         match self {
-            ClientConn::Plain(s) => s.connect_info(),
-            ClientConn::Tls(s) => s.get_ref().0.connect_info(),
+            ClientConn::Plain(s) => ClientInfo { tcp: s.connect_info(), cert_name: None },
+            ClientConn::Tls(s) => {
+                let (tcp, tls) = s.get_ref();
+                let cert_name = tls.peer_certificates().and_then(|c| c.first()).and_then(|der| common_name(der));
+                ClientInfo { tcp: tcp.connect_info(), cert_name }
+            }
         }
     }
+}
+
+/// The subject's common name of a DER certificate.
+fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_string)
 }
 
 /// The connections `listener` accepts, through a TLS handshake when `tls` is given.

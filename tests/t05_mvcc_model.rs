@@ -104,7 +104,8 @@ fn put_model(m: &mut BTreeMap<Vec<u8>, Kv>, k: Vec<u8>, v: u8, rev: i64) {
 
 fn apply(store: &MvccStore, index: &mut u64, req: Request) -> Result<WriteResponse, MvccError> {
     *index += 1;
-    let mut out = store.apply(&[(*index, Some(InternalRequest { id: 0, request: Some(req) }))]).unwrap();
+    let mut out =
+        store.apply(&[(*index, Some(InternalRequest { id: 0, request: Some(req), ..Default::default() }))]).unwrap();
     out.pop().unwrap()
 }
 
@@ -314,6 +315,7 @@ fn replayed_entries_are_not_applied_twice() {
                 value: Bytes::from_static(v.as_bytes()),
                 ..Default::default()
             })),
+            ..Default::default()
         })
     };
     store.apply(&[(1, put("a")), (2, put("b"))]).unwrap();

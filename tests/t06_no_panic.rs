@@ -158,7 +158,7 @@ proptest! {
             };
             if let Some(w) = write {
                 index += 1;
-                store.apply(&[(index, Some(InternalRequest { id: 0, request: Some(w) }))]).unwrap();
+                store.apply(&[(index, Some(InternalRequest { id: 0, request: Some(w), ..Default::default() }))]).unwrap();
             }
         }
     }

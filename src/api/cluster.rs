@@ -65,11 +65,16 @@ impl Cluster for ClusterService {
         Ok(Response::new(MemberListResponse { header: self.ctx.header(None), members: self.members() }))
     }
 
-    async fn member_add(&self, _: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+    async fn member_add(&self, request: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        self.ctx.require_admin(&request)?;
         Err(joined_through_the_mesh())
     }
 
-    async fn member_update(&self, _: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
+    async fn member_update(
+        &self,
+        request: Request<MemberUpdateRequest>,
+    ) -> Result<Response<MemberUpdateResponse>, Status> {
+        self.ctx.require_admin(&request)?;
         Err(Status::new(
             Code::FailedPrecondition,
             "etcdserver: meshkv members announce their own peer addresses through the mesh; restart the member with new --listen-peer-urls",
@@ -80,6 +85,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.ctx.require_admin(&request)?;
         let id = request.into_inner().id;
         self.ctx.raft.change_membership(crate::raft::membership::Change::Remove { id }).await?;
         Ok(Response::new(MemberRemoveResponse { header: self.ctx.header(None), members: self.members() }))
@@ -89,6 +95,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        self.ctx.require_admin(&request)?;
         let id = request.into_inner().id;
         self.ctx.raft.change_membership(crate::raft::membership::Change::Promote { id }).await?;
         Ok(Response::new(MemberPromoteResponse { header: self.ctx.header(None), members: self.members() }))

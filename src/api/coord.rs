@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use tonic::{Code, Status};
 
+use super::auth::Caller;
 use super::Ctx;
 use crate::pb::etcdserverpb::{
     compare, range_request, request_op, response_op, Compare, LeaseGrantRequest, PutRequest, RangeRequest, RequestOp,
@@ -30,8 +31,8 @@ pub fn prefix_end(prefix: &[u8]) -> Bytes {
     Bytes::from_static(&[0])
 }
 
-pub async fn txn(ctx: &Ctx, t: TxnRequest) -> Result<TxnResponse, Status> {
-    match ctx.propose(Write::Txn(t)).await? {
+pub async fn txn(ctx: &Ctx, caller: &Caller, t: TxnRequest) -> Result<TxnResponse, Status> {
+    match ctx.propose(caller, Write::Txn(t)).await? {
         WriteResponse::Txn(r) => Ok(r),
         _ => Err(Status::internal("etcdserver: unexpected apply result for txn")),
     }
@@ -65,12 +66,12 @@ fn get_op(key: &Bytes) -> RequestOp {
 }
 
 /// A lease for a contender that named none: granted here, never kept alive.
-pub async fn session_lease(ctx: &Ctx, lease: i64) -> Result<i64, Status> {
+pub async fn session_lease(ctx: &Ctx, caller: &Caller, lease: i64) -> Result<i64, Status> {
     if lease != 0 {
         return Ok(lease);
     }
     let id = super::lease::new_lease_id();
-    match ctx.propose(Write::LeaseGrant(LeaseGrantRequest { ttl: SESSION_TTL, id })).await? {
+    match ctx.propose(caller, Write::LeaseGrant(LeaseGrantRequest { ttl: SESSION_TTL, id })).await? {
         WriteResponse::LeaseGrant(r) => Ok(r.id),
         _ => Err(Status::internal("etcdserver: unexpected apply result for lease grant")),
     }
@@ -78,13 +79,20 @@ pub async fn session_lease(ctx: &Ctx, lease: i64) -> Result<i64, Status> {
 
 /// Writes the contender's key under `prefix` unless it is there already; returns the key
 /// as it stands and whether this call created it.
-pub async fn enter(ctx: &Ctx, prefix: &[u8], lease: i64, value: Bytes) -> Result<(KeyValue, bool), Status> {
+pub async fn enter(
+    ctx: &Ctx,
+    caller: &Caller,
+    prefix: &[u8],
+    lease: i64,
+    value: Bytes,
+) -> Result<(KeyValue, bool), Status> {
     let mut k = prefix.to_vec();
     k.push(b'/');
     k.extend_from_slice(format!("{lease:x}").as_bytes());
     let key = Bytes::from(k);
     let r = txn(
         ctx,
+        caller,
         TxnRequest {
             compare: vec![create_revision_is(&key, 0)],
             success: vec![put_op(&key, value, lease)],
@@ -108,6 +116,14 @@ pub async fn enter(ctx: &Ctx, prefix: &[u8], lease: i64, value: Bytes) -> Result
         })
         .ok_or_else(|| Status::new(Code::Unavailable, "etcdserver: lost the contender's key; try again"))?;
     Ok((kv, false))
+}
+
+/// Requires the caller to be allowed to read every contender's key under `prefix`,
+/// as etcd's lock and election, which read them with the caller's token, do.
+pub fn require_read_contenders(ctx: &Ctx, caller: &Caller, prefix: &[u8]) -> Result<(), Status> {
+    let mut p = prefix.to_vec();
+    p.push(b'/');
+    ctx.require_read(caller, &p, &prefix_end(&p))
 }
 
 /// The key under `prefix` created first (or last before `max_create`, when given).

@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
+use super::auth::Caller;
 use super::coord::{self, Withdraw};
 use super::Ctx;
 use crate::pb::etcdserverpb::{request_op, DeleteRangeRequest, RequestOp, ResponseHeader, TxnRequest};
@@ -35,9 +36,10 @@ fn leader_key(l: Option<LeaderKey>) -> Result<LeaderKey, Status> {
 }
 
 /// Sets the leader's value, if it still leads.
-async fn proclaim(ctx: &Ctx, l: &LeaderKey, value: Bytes) -> Result<i64, Status> {
+async fn proclaim(ctx: &Ctx, caller: &Caller, l: &LeaderKey, value: Bytes) -> Result<i64, Status> {
     let r = coord::txn(
         ctx,
+        caller,
         TxnRequest {
             compare: vec![coord::create_revision_is(&l.key, l.rev)],
             success: vec![coord::put_op(&l.key, value, l.lease)],
@@ -54,16 +56,18 @@ async fn proclaim(ctx: &Ctx, l: &LeaderKey, value: Bytes) -> Result<i64, Status>
 #[tonic::async_trait]
 impl Election for ElectionService {
     async fn campaign(&self, request: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
-        let req = request.into_inner();
         let ctx = &self.ctx;
-        let lease = coord::session_lease(ctx, req.lease).await?;
-        let (kv, created) = coord::enter(ctx, &req.name, lease, req.value.clone()).await?;
+        let caller = ctx.caller(&request)?;
+        let req = request.into_inner();
+        coord::require_read_contenders(ctx, &caller, &req.name)?;
+        let lease = coord::session_lease(ctx, &caller, req.lease).await?;
+        let (kv, created) = coord::enter(ctx, &caller, &req.name, lease, req.value.clone()).await?;
         let withdraw = Withdraw::new(ctx, kv.key.clone());
         let leader = LeaderKey { name: req.name.clone(), key: kv.key.clone(), rev: kv.create_revision, lease };
         let mut revision = kv.mod_revision;
         if !created && kv.value != req.value {
             // Campaigning again with another value proclaims it.
-            revision = proclaim(ctx, &leader, req.value.clone()).await?;
+            revision = proclaim(ctx, &caller, &leader, req.value.clone()).await?;
         }
         coord::wait_turn(ctx, &req.name, kv.create_revision).await?;
         if !coord::still_there(ctx, &kv.key, kv.create_revision)? {
@@ -75,16 +79,19 @@ impl Election for ElectionService {
     }
 
     async fn proclaim(&self, request: Request<ProclaimRequest>) -> Result<Response<ProclaimResponse>, Status> {
+        let caller = self.ctx.caller(&request)?;
         let req = request.into_inner();
         let l = leader_key(req.leader)?;
-        let revision = proclaim(&self.ctx, &l, req.value).await?;
+        let revision = proclaim(&self.ctx, &caller, &l, req.value).await?;
         Ok(Response::new(ProclaimResponse {
             header: self.ctx.header(Some(ResponseHeader { revision, ..Default::default() })),
         }))
     }
 
     async fn leader(&self, request: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
+        let caller = self.ctx.caller(&request)?;
         let name = request.into_inner().name;
+        coord::require_read_contenders(&self.ctx, &caller, &name)?;
         self.ctx.raft.read_index().await?;
         let kv = coord::first_or_last(&self.ctx, &name, None)?
             .ok_or_else(|| Status::new(Code::Unknown, "election: no leader"))?;
@@ -95,7 +102,9 @@ impl Election for ElectionService {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<tonic::codegen::BoxStream<LeaderResponse>>, Status> {
+        let caller = self.ctx.caller(&request)?;
         let name = request.into_inner().name;
+        coord::require_read_contenders(&self.ctx, &caller, &name)?;
         let ctx = self.ctx.clone();
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
@@ -130,6 +139,7 @@ impl Election for ElectionService {
     }
 
     async fn resign(&self, request: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
+        let caller = self.ctx.caller(&request)?;
         let l = leader_key(request.into_inner().leader)?;
         let delete = RequestOp {
             request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
@@ -139,6 +149,7 @@ impl Election for ElectionService {
         };
         let r = coord::txn(
             &self.ctx,
+            &caller,
             TxnRequest {
                 compare: vec![coord::create_revision_is(&l.key, l.rev)],
                 success: vec![delete],

@@ -44,6 +44,7 @@ impl From<MvccError> for Status {
             MvccError::LeaseExists => etcd(Code::FailedPrecondition, "lease already exists"),
             MvccError::NoSpace => no_space(),
             MvccError::CorruptAlarm => etcd(Code::DataLoss, "corrupt cluster"),
+            MvccError::Auth(e) => e.into(),
             e @ (MvccError::Engine(_) | MvccError::Corrupt(..)) => {
                 tracing::error!(error = %e, "storage error");
                 Status::new(Code::Internal, format!("etcdserver: {e}"))

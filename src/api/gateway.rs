@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::routing::post;
 use bytes::{Buf, BufMut, BytesMut};
@@ -72,9 +72,11 @@ macro_rules! unary {
         let mut r = $router;
         $(
             let s = $services.clone();
-            let handler = move |body: Bytes| {
+            let handler = move |headers: HeaderMap, body: Bytes| {
                 let s = s.clone();
-                async move { call(&body, |req| async move { s.$service.$method(tonic::Request::new(req)).await }).await }
+                async move {
+                    call(&body, |req| async move { s.$service.$method(with_token(req, &headers)).await }).await
+                }
             };
             r = r.route($path, post(handler).fallback(method_not_allowed));
         )+
@@ -88,7 +90,8 @@ macro_rules! streaming {
         let mut r = $router;
         $(
             let routes = $routes.clone();
-            let handler = move |body: Bytes| stream::<$req, $resp>(routes.clone(), $grpc, body);
+            let handler =
+                move |headers: HeaderMap, body: Bytes| stream::<$req, $resp>(routes.clone(), $grpc, headers, body);
             r = r.route($path, post(handler).fallback(method_not_allowed));
         )+
         r
@@ -98,13 +101,19 @@ macro_rules! streaming {
 /// The gateway's routes: every call of etcd's services under its `/v3/…` path (etcd
 /// 3.4's older lease paths under `/v3/kv/lease/…` too); the streaming ones go through
 /// `grpc`, the routes of the gRPC services.
-pub fn router(ctx: Ctx, lessor: Arc<Lessor>, election_timeout: Duration, grpc: axum::Router) -> axum::Router {
+pub fn router(
+    ctx: Ctx,
+    lessor: Arc<Lessor>,
+    election_timeout: Duration,
+    bcrypt_cost: u32,
+    grpc: axum::Router,
+) -> axum::Router {
     let s = Arc::new(Services {
         kv: KvService::new(ctx.clone()),
         lease: LeaseService::new(ctx.clone(), lessor, election_timeout),
         cluster: ClusterService::new(ctx.clone()),
         maintenance: MaintenanceService::new(ctx.clone()),
-        auth: AuthService::new(ctx.clone()),
+        auth: AuthService::new(ctx.clone(), bcrypt_cost),
         lock: LockService::new(ctx.clone()),
         election: ElectionService::new(ctx),
     });
@@ -168,6 +177,16 @@ pub fn router(ctx: Ctx, lessor: Arc<Lessor>, election_timeout: Duration, grpc: a
     )
 }
 
+/// A call's message with the token of the HTTP request's `Authorization` header, as
+/// etcd's gateway passes it on.
+fn with_token<T>(msg: T, headers: &HeaderMap) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(token) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()) {
+        r.metadata_mut().insert("token", token);
+    }
+    r
+}
+
 /// One call: the request from `body` (empty: every field its default), its answer as JSON.
 async fn call<Req, Resp, Fut>(body: &[u8], f: impl FnOnce(Req) -> Fut) -> Response
 where
@@ -193,7 +212,7 @@ where
 }
 
 /// A streaming call through `grpc`: the requests in `body`, the answers as they come.
-async fn stream<Req, Resp>(grpc: axum::Router, path: &'static str, body: Bytes) -> Response
+async fn stream<Req, Resp>(grpc: axum::Router, path: &'static str, headers: HeaderMap, body: Bytes) -> Response
 where
     Req: DeserializeOwned + prost::Message,
     Resp: Serialize + prost::Message + Default + 'static,
@@ -219,6 +238,9 @@ where
     *call.uri_mut() = axum::http::Uri::from_static(path);
     call.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     call.headers_mut().insert(header::TE, HeaderValue::from_static("trailers"));
+    if let Some(token) = headers.get(header::AUTHORIZATION) {
+        call.headers_mut().insert("token", token.clone());
+    }
     let answer = match grpc.oneshot(call).await {
         Ok(answer) => answer,
         Err(never) => match never {},

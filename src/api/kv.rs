@@ -2,6 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
+use super::auth::Caller;
 use super::{validate, Ctx};
 use crate::pb::etcdserverpb::kv_server::Kv;
 use crate::pb::etcdserverpb::{
@@ -20,8 +21,8 @@ impl KvService {
         Self { ctx }
     }
 
-    async fn write(&self, w: Write) -> Result<WriteResponse, Status> {
-        self.ctx.propose(w).await
+    async fn write(&self, caller: &Caller, w: Write) -> Result<WriteResponse, Status> {
+        self.ctx.propose(caller, w).await
     }
 }
 
@@ -32,8 +33,10 @@ fn unexpected(what: &str) -> Status {
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let caller = self.ctx.caller(&request)?;
         let req = request.into_inner();
         validate::range(&req)?;
+        self.ctx.require_read(&caller, &req.key, &req.range_end)?;
         if !req.serializable && !self.ctx.unsafe_no_read_index {
             self.ctx.raft.read_index().await?;
         }
@@ -43,9 +46,10 @@ impl Kv for KvService {
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let caller = self.ctx.caller(&request)?;
         let req = request.into_inner();
         validate::put(&req)?;
-        match self.write(Write::Put(req)).await? {
+        match self.write(&caller, Write::Put(req)).await? {
             WriteResponse::Put(mut resp) => {
                 resp.header = self.ctx.header(resp.header);
                 Ok(Response::new(resp))
@@ -58,9 +62,10 @@ impl Kv for KvService {
         &self,
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let caller = self.ctx.caller(&request)?;
         let req = request.into_inner();
         validate::delete_range(&req)?;
-        match self.write(Write::DeleteRange(req)).await? {
+        match self.write(&caller, Write::DeleteRange(req)).await? {
             WriteResponse::DeleteRange(mut resp) => {
                 resp.header = self.ctx.header(resp.header);
                 Ok(Response::new(resp))
@@ -70,9 +75,10 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let caller = self.ctx.caller(&request)?;
         let req = request.into_inner();
         validate::txn(&req, self.ctx.max_txn_ops)?;
-        match self.write(Write::Txn(req)).await? {
+        match self.write(&caller, Write::Txn(req)).await? {
             WriteResponse::Txn(mut resp) => {
                 resp.header = self.ctx.header(resp.header);
                 Ok(Response::new(resp))
@@ -84,8 +90,9 @@ impl Kv for KvService {
     async fn compact(&self, request: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
         // Compaction runs inside the apply, so it is physical by the time it answers,
         // whatever the request's `physical` flag asks.
+        let caller = self.ctx.caller(&request)?;
         let req = request.into_inner();
-        match self.write(Write::Compaction(req)).await? {
+        match self.write(&caller, Write::Compaction(req)).await? {
             WriteResponse::Compaction(mut resp) => {
                 resp.header = self.ctx.header(resp.header);
                 Ok(Response::new(resp))

@@ -280,6 +280,7 @@ fn is_forwarded<T>(r: &Request<T>) -> Option<u64> {
 #[tonic::async_trait]
 impl Lease for LeaseService {
     async fn lease_grant(&self, request: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+        let caller = self.ctx.caller(&request)?;
         let mut req = request.into_inner();
         if req.ttl > MAX_LEASE_TTL {
             return Err(Status::new(Code::OutOfRange, "etcdserver: too large lease TTL"));
@@ -288,7 +289,7 @@ impl Lease for LeaseService {
         if req.id == 0 {
             req.id = new_lease_id();
         }
-        match self.ctx.propose(Write::LeaseGrant(req)).await? {
+        match self.ctx.propose(&caller, Write::LeaseGrant(req)).await? {
             WriteResponse::LeaseGrant(mut r) => {
                 r.header = self.ctx.header(r.header);
                 Ok(Response::new(r))
@@ -301,7 +302,8 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
-        match self.ctx.raft.propose(Write::LeaseRevoke(request.into_inner())).await? {
+        let caller = self.ctx.caller(&request)?;
+        match self.ctx.propose(&caller, Write::LeaseRevoke(request.into_inner())).await? {
             WriteResponse::LeaseRevoke(mut r) => {
                 r.header = self.ctx.header(r.header);
                 Ok(Response::new(r))

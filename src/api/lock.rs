@@ -25,10 +25,12 @@ impl LockService {
 #[tonic::async_trait]
 impl Lock for LockService {
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
-        let req = request.into_inner();
         let ctx = &self.ctx;
-        let lease = coord::session_lease(ctx, req.lease).await?;
-        let (kv, _) = coord::enter(ctx, &req.name, lease, bytes::Bytes::new()).await?;
+        let caller = ctx.caller(&request)?;
+        let req = request.into_inner();
+        coord::require_read_contenders(ctx, &caller, &req.name)?;
+        let lease = coord::session_lease(ctx, &caller, req.lease).await?;
+        let (kv, _) = coord::enter(ctx, &caller, &req.name, lease, bytes::Bytes::new()).await?;
         // If the caller gives up while waiting, its key goes, as etcd's mutex does.
         let withdraw = Withdraw::new(ctx, kv.key.clone());
         coord::wait_turn(ctx, &req.name, kv.create_revision).await?;
@@ -41,8 +43,10 @@ impl Lock for LockService {
     }
 
     async fn unlock(&self, request: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
+        let caller = self.ctx.caller(&request)?;
         let key = request.into_inner().key;
-        match self.ctx.raft.propose(Write::DeleteRange(DeleteRangeRequest { key, ..Default::default() })).await? {
+        let delete = Write::DeleteRange(DeleteRangeRequest { key, ..Default::default() });
+        match self.ctx.propose(&caller, delete).await? {
             WriteResponse::DeleteRange(r) => Ok(Response::new(UnlockResponse { header: self.ctx.header(r.header) })),
             _ => Err(Status::internal("etcdserver: unexpected apply result for unlock")),
         }

@@ -22,6 +22,16 @@ impl MaintenanceService {
     pub fn new(ctx: Ctx) -> Self {
         Self { ctx }
     }
+
+    /// Defragment, Snapshot, Hash, HashKV and MoveLeader are for the root role once
+    /// authentication is on, refused in etcd's auth package's words.
+    fn require_admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        if !self.ctx.store.auth_enabled() {
+            return Ok(());
+        }
+        let caller = self.ctx.caller(request)?;
+        self.ctx.store.auth().check_admin(caller.name()).map_err(super::auth::maintenance_refused)
+    }
 }
 
 #[tonic::async_trait]
@@ -51,12 +61,13 @@ impl Maintenance for MaintenanceService {
     /// Lists alarms (a linearizable read of the alarms applied), or raises or clears one
     /// through Raft: the answer then holds the alarm changed, none if nothing changed.
     async fn alarm(&self, request: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let caller = self.ctx.caller(&request)?;
         let req = request.into_inner();
         let alarms = if req.action == alarm_request::AlarmAction::Get as i32 {
             self.ctx.raft.read_index().await?;
             self.ctx.store.alarms(AlarmType::try_from(req.alarm).unwrap_or(AlarmType::None))
         } else {
-            match self.ctx.propose(Write::Alarm(req)).await? {
+            match self.ctx.propose(&caller, Write::Alarm(req)).await? {
                 WriteResponse::Alarm(r) => r.alarms,
                 _ => return Err(Status::internal("etcdserver: unexpected apply result for alarm")),
             }
@@ -64,7 +75,8 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(AlarmResponse { header: self.ctx.header(None), alarms }))
     }
 
-    async fn defragment(&self, _: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+    async fn defragment(&self, request: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        self.require_admin(&request)?;
         let engine = self.ctx.store.engine().clone();
         tokio::task::spawn_blocking(move || engine.compact_all()).await.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(DefragmentResponse { header: self.ctx.header(None) }))
@@ -74,8 +86,9 @@ impl Maintenance for MaintenanceService {
     /// `meshkv snapshot restore`), streamed in chunks as it is read.
     async fn snapshot(
         &self,
-        _: Request<SnapshotRequest>,
+        request: Request<SnapshotRequest>,
     ) -> Result<Response<tonic::codegen::BoxStream<SnapshotResponse>>, Status> {
+        self.require_admin(&request)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let engine = self.ctx.store.engine().clone();
         let mut out =
@@ -89,7 +102,8 @@ impl Maintenance for MaintenanceService {
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 
-    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+    async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.require_admin(&request)?;
         let store = self.ctx.store.clone();
         let (hash, _, _) = tokio::task::spawn_blocking(move || store.hash_kv(0))
             .await
@@ -98,6 +112,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash_kv(&self, request: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        self.require_admin(&request)?;
         let rev = request.into_inner().revision;
         let store = self.ctx.store.clone();
         let (hash, _, compact_revision) = tokio::task::spawn_blocking(move || store.hash_kv(rev))
@@ -107,6 +122,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn move_leader(&self, request: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.require_admin(&request)?;
         let target = request.into_inner().target_id;
         let raft = self.ctx.raft.status();
         let m = raft.membership();

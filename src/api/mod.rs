@@ -63,14 +63,15 @@ impl Ctx {
         let _ = stop.wait_for(|s| *s).await;
     }
 
-    /// Proposes a client's write and waits for its outcome. A write the space quota has
-    /// no room for is refused, and raises NOSPACE for this member, as etcd's quota does.
-    pub async fn propose(&self, w: Write) -> Result<WriteResponse, Status> {
+    /// Proposes a client's write as `caller` and waits for its outcome. A write the
+    /// space quota has no room for is refused, and raises NOSPACE for this member, as
+    /// etcd's quota does.
+    pub async fn propose(&self, caller: &auth::Caller, w: Write) -> Result<WriteResponse, Status> {
         if !self.quota.admits(crate::store::alarm::cost(&w)) {
             self.raise_nospace().await;
             return Err(error::no_space());
         }
-        Ok(self.raft.propose(w).await?)
+        Ok(self.raft.propose_as(w, Some(caller.name())).await?)
     }
 
     async fn raise_nospace(&self) {

@@ -21,6 +21,7 @@ use prost::Message;
 use tokio::sync::{broadcast, mpsc};
 use tonic::Streaming;
 
+use super::auth::Credentials;
 use super::watch_wire::{encode_header, EncodedEvents, Outgoing, OutgoingStream};
 use super::Ctx;
 use crate::pb::etcdserverpb::watch_create_request::FilterType;
@@ -69,12 +70,14 @@ impl Drop for Open {
 
 impl WatchService {
     /// Serves one watch stream: its task runs until the client or the member goes.
-    pub fn open(&self, incoming: Streaming<WatchRequest>) -> OutgoingStream {
+    /// Its watchers are checked against the permissions of the user `credentials` name.
+    pub fn open(&self, incoming: Streaming<WatchRequest>, credentials: Credentials) -> OutgoingStream {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         // Subscribe before anything is read from the store, so no batch falls between.
         let hub = self.ctx.store.subscribe();
         let stream = WatchStream {
             ctx: self.ctx.clone(),
+            credentials,
             tx,
             run: Vec::new(),
             run_bytes: 0,
@@ -127,6 +130,7 @@ impl Watcher {
 
 struct WatchStream {
     ctx: Ctx,
+    credentials: Credentials,
     /// Responses go out in runs: all that one step of the stream made, in order, as one
     /// message on the channel rather than one each.
     tx: mpsc::Sender<Vec<Outgoing>>,
@@ -247,6 +251,12 @@ impl WatchStream {
         let key = if c.key.is_empty() { Bytes::from_static(&[0]) } else { c.key.clone() };
         if c.start_revision < 0 {
             return self.send(refuse("etcdserver: mvcc: required revision has been compacted")).await;
+        }
+        let permitted =
+            self.ctx.caller_of(&self.credentials).and_then(|who| self.ctx.require_read(&who, &key, &c.range_end));
+        if permitted.is_err() {
+            // etcd's words: the gRPC error as text.
+            return self.send(refuse("rpc error: code = PermissionDenied desc = etcdserver: permission denied")).await;
         }
         let bounded = c.range_end.len() > 1 || (c.range_end.len() == 1 && c.range_end[0] != 0);
         if bounded && key.as_ref() >= c.range_end.as_ref() {

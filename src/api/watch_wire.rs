@@ -198,7 +198,8 @@ impl StreamingService<WatchRequest> for Call {
 
     fn call(&mut self, request: Request<Streaming<WatchRequest>>) -> Self::Future {
         let service = self.0.clone();
-        Box::pin(async move { Ok(Response::new(service.open(request.into_inner()))) })
+        let credentials = super::auth::Credentials::of(&request);
+        Box::pin(async move { Ok(Response::new(service.open(request.into_inner(), credentials))) })
     }
 }
 

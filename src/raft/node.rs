@@ -234,10 +234,25 @@ impl RaftHandle {
         &self.status
     }
 
-    /// Proposes a write and waits until this member has applied it.
+    /// Proposes the member's own write (no user's permissions apply) and waits until
+    /// this member has applied it.
     pub async fn propose(&self, request: internal_request::Request) -> Result<WriteResponse, RaftError> {
+        self.propose_as(request, None).await
+    }
+
+    /// Proposes a write for a client's `user` ("" for a client that named none), whose
+    /// permissions are checked when it is applied; `None` for the member's own writes.
+    pub async fn propose_as(
+        &self,
+        request: internal_request::Request,
+        user: Option<&str>,
+    ) -> Result<WriteResponse, RaftError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let data = Bytes::from(InternalRequest { id, request: Some(request) }.encode_to_vec());
+        let (user, by_member) = match user {
+            Some(u) => (u.to_string(), false),
+            None => (String::new(), true),
+        };
+        let data = Bytes::from(InternalRequest { id, request: Some(request), user, by_member }.encode_to_vec());
         if data.len() > self.max_request_bytes {
             return Err(RaftError::TooLarge);
         }

@@ -100,10 +100,11 @@ impl Refusals {
 
     /// Whether `req` may be applied: with CORRUPT raised no write is, with NOSPACE none
     /// that takes space (a put, a Txn that could put, a lease grant). Alarms themselves
-    /// always are, or nothing could disarm them.
+    /// always are, or nothing could disarm them, and so are auth changes, or no user
+    /// could sign in to disarm them.
     pub fn check(&self, req: &Request) -> Result<(), Refusal> {
         let r = self.0.load(Ordering::Acquire);
-        if r == 0 || matches!(req, Request::Alarm(_)) {
+        if r == 0 || matches!(req, Request::Alarm(_) | Request::Auth(_)) {
             return Ok(());
         }
         if r & CORRUPT != 0 {

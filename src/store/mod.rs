@@ -5,6 +5,7 @@
 //! an async runtime: callers (the Raft driver, the API) hand it plain requests.
 
 pub mod alarm;
+pub mod auth;
 pub mod backup;
 pub mod engine;
 pub mod lease;

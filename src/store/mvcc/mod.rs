@@ -16,7 +16,7 @@ pub mod revision;
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
@@ -32,7 +32,8 @@ use crate::pb::etcdserverpb::{
 use crate::pb::meshkvpb::{internal_request, InternalRequest, LeaseRecord};
 use crate::pb::mvccpb::{Event, KeyValue};
 use crate::store::alarm::{self, AlarmSet, Refusal, Refusals};
-use crate::store::engine::{Engine, EngineError, CF_ALARM, CF_KV, CF_LEASE, CF_META};
+use crate::store::auth::{AuthError, AuthState, Tokens};
+use crate::store::engine::{Engine, EngineError, CF_ALARM, CF_AUTH, CF_KV, CF_LEASE, CF_META};
 use crate::store::lease::LeaseTable;
 use crate::store::watch::{delete_event, put_event, EventBatch, Held, KeyRange, WatchHub};
 
@@ -66,6 +67,9 @@ pub enum MvccError {
     /// The CORRUPT alarm is raised: every write is refused.
     #[error("corrupt cluster")]
     CorruptAlarm,
+    /// Refused by authentication, or an auth change that does not hold.
+    #[error(transparent)]
+    Auth(#[from] AuthError),
 }
 
 impl From<Refusal> for MvccError {
@@ -87,6 +91,8 @@ pub enum WriteResponse {
     LeaseGrant(LeaseGrantResponse),
     LeaseRevoke(LeaseRevokeResponse),
     Alarm(AlarmResponse),
+    /// An auth change made.
+    Auth,
     /// An entry with nothing to apply (such as a new leader's empty entry).
     Empty,
 }
@@ -107,6 +113,11 @@ pub struct MvccStore {
     alarms: RwLock<AlarmSet>,
     /// What `alarms` refuses, read by every write.
     refusals: Refusals,
+    /// Users, roles and permissions. Lock order: after `index` and `leases`.
+    auth: RwLock<AuthState>,
+    /// Whether authentication is on, read by every request.
+    auth_on: AtomicBool,
+    tokens: Tokens,
     hub: WatchHub,
 }
 
@@ -156,6 +167,7 @@ struct Loaded {
     applied: u64,
     leases: LeaseTable,
     alarms: AlarmSet,
+    auth: AuthState,
 }
 
 fn lock_poisoned() -> ! {
@@ -167,6 +179,11 @@ fn lock_poisoned() -> ! {
 impl MvccStore {
     /// Opens the store on `engine`, rebuilding the key index from the `kv` column family.
     pub fn open(engine: Engine) -> Result<Self, MvccError> {
+        Self::open_with(engine, Tokens::default())
+    }
+
+    /// Opens the store with `tokens` for the tokens its auth changes hand out.
+    pub fn open_with(engine: Engine, tokens: Tokens) -> Result<Self, MvccError> {
         let l = Self::load_all(&engine)?;
         let refusals = Refusals::default();
         refusals.set(&l.alarms);
@@ -179,6 +196,9 @@ impl MvccStore {
             leases: RwLock::new(l.leases),
             alarms: RwLock::new(l.alarms),
             refusals,
+            auth_on: AtomicBool::new(l.auth.enabled()),
+            auth: RwLock::new(l.auth),
+            tokens,
             hub: WatchHub::default(),
         })
     }
@@ -194,6 +214,10 @@ impl MvccStore {
         self.refusals.set(&l.alarms);
         *alarms = l.alarms;
         drop(alarms);
+        let mut auth = self.auth.write().unwrap_or_else(|_| lock_poisoned());
+        self.auth_on.store(l.auth.enabled(), Ordering::Release);
+        *auth = l.auth;
+        drop(auth);
         self.current.store(l.current, Ordering::Release);
         self.compacted.store(l.compacted, Ordering::Release);
         self.applied.store(l.applied, Ordering::Release);
@@ -242,7 +266,10 @@ impl MvccStore {
         let keys = keys.collect::<Result<Vec<_>, _>>().map_err(EngineError::from)?;
         let alarms = AlarmSet::from_keys(keys.iter().map(|k| k.as_ref()))
             .map_err(|what| EngineError::Corrupt { cf: CF_ALARM, what })?;
-        Ok(Loaded { index, current, compacted, applied, leases, alarms })
+        let records = db.iterator_cf(engine.cf(CF_AUTH), IteratorMode::Start);
+        let records = records.collect::<Result<Vec<_>, _>>().map_err(EngineError::from)?;
+        let auth = AuthState::load(records).map_err(|what| EngineError::Corrupt { cf: CF_AUTH, what })?;
+        Ok(Loaded { index, current, compacted, applied, leases, alarms, auth })
     }
 
     /// Listens to every change applied from now on.
@@ -253,6 +280,21 @@ impl MvccStore {
     /// The alarms raised of one type, or all for [`AlarmType::None`].
     pub fn alarms(&self, alarm: AlarmType) -> Vec<AlarmMember> {
         self.alarms.read().unwrap_or_else(|_| lock_poisoned()).list(alarm)
+    }
+
+    /// Users, roles and permissions, for reading. Not to be held across an await.
+    pub fn auth(&self) -> RwLockReadGuard<'_, AuthState> {
+        self.auth.read().unwrap_or_else(|_| lock_poisoned())
+    }
+
+    /// Whether authentication is on: one atomic load.
+    pub fn auth_enabled(&self) -> bool {
+        self.auth_on.load(Ordering::Acquire)
+    }
+
+    /// The tokens this member knows.
+    pub fn tokens(&self) -> &Tokens {
+        &self.tokens
     }
 
     /// The leases, for reading.
@@ -505,10 +547,12 @@ impl MvccStore {
                 out.push(Ok(WriteResponse::Empty));
                 continue;
             }
-            let Some(req) = req.as_ref().and_then(|r| r.request.as_ref()) else {
+            let Some((req, from)) = req.as_ref().and_then(|r| Some((r.request.as_ref()?, r))) else {
                 out.push(Ok(WriteResponse::Empty));
                 continue;
             };
+            // The user a client's request comes from; none for the members' own.
+            let user = (!from.by_member).then_some(from.user.as_str());
             if let Err(refused) = self.refusals.check(req) {
                 out.push(Err(refused.into()));
                 continue;
@@ -534,7 +578,12 @@ impl MvccStore {
                 let mut leases = self.leases.write().unwrap_or_else(|_| lock_poisoned());
                 let leases = &mut *leases;
                 let mut a = Apply { ix, leases, batch: &mut batch, pending: &mut pending, w: &mut w };
+                let allowed = match user {
+                    Some(user) if self.auth_enabled() => self.authorize(&a, req, user),
+                    _ => Ok(()),
+                };
                 match req {
+                    _ if allowed.is_err() => allowed.map(|()| WriteResponse::Empty),
                     internal_request::Request::Put(p) => {
                         self.check_put(&a, p, rev).and_then(|()| self.put(&mut a, p)).map(WriteResponse::Put)
                     }
@@ -549,6 +598,7 @@ impl MvccStore {
                         self.lease_revoke(&mut a, r).map(WriteResponse::LeaseRevoke)
                     }
                     internal_request::Request::Alarm(r) => Ok(WriteResponse::Alarm(self.alarm(&mut a, r))),
+                    internal_request::Request::Auth(r) => self.change_auth(&mut a, r, user),
                     internal_request::Request::Compaction(_) => unreachable!("handled above"),
                 }
             };
@@ -591,6 +641,39 @@ impl MvccStore {
             held.push(EventBatch { from: before + 1, to: rev, events: Some(events) });
         }
         Ok(())
+    }
+
+    /// Checks a client's write against its user's permissions as they stand at this
+    /// entry, as etcd's apply does.
+    fn authorize(&self, a: &Apply, req: &internal_request::Request, user: &str) -> Result<(), MvccError> {
+        use internal_request::Request as R;
+        let auth = self.auth.read().unwrap_or_else(|_| lock_poisoned());
+        match req {
+            R::Put(p) => auth.check_put(user, p)?,
+            R::DeleteRange(d) => auth.check_delete(user, d)?,
+            R::Txn(t) => auth.check_txn(user, t)?,
+            R::LeaseRevoke(r) => {
+                // Revoking deletes the lease's keys: each must be writable.
+                for key in a.leases.get(r.id).map(|l| &l.keys).into_iter().flatten() {
+                    auth.check(user, crate::store::auth::Access::Write, key, &[])?;
+                }
+            }
+            R::Compaction(_) | R::LeaseGrant(_) | R::Alarm(_) | R::Auth(_) => {}
+        }
+        Ok(())
+    }
+
+    fn change_auth(
+        &self,
+        a: &mut Apply,
+        r: &crate::pb::meshkvpb::AuthRequest,
+        user: Option<&str>,
+    ) -> Result<WriteResponse, MvccError> {
+        let Some(change) = r.request.as_ref() else { return Ok(WriteResponse::Empty) };
+        let mut auth = self.auth.write().unwrap_or_else(|_| lock_poisoned());
+        auth.apply(change, user, a.batch, self.engine.cf(CF_AUTH), &self.tokens)?;
+        self.auth_on.store(auth.enabled(), Ordering::Release);
+        Ok(WriteResponse::Auth)
     }
 
     /// Raises, clears or lists alarms, as etcd's apply does: the answer holds the alarm
