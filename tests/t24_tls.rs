@@ -15,6 +15,8 @@ struct Pki {
     ca: PathBuf,
     server: (PathBuf, PathBuf),
     client: (PathBuf, PathBuf),
+    /// A client certificate for the user alice.
+    alice: (PathBuf, PathBuf),
 }
 
 fn openssl(args: &[&str]) {
@@ -68,7 +70,8 @@ fn pki(dir: &Path) -> Pki {
         "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
     );
     let client = leaf("client", "/CN=root", "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n");
-    Pki { ca: dir.join("ca.crt"), server, client }
+    let alice = leaf("alice", "/CN=alice", "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n");
+    Pki { ca: dir.join("ca.crt"), server, client, alice }
 }
 
 fn s(p: &Path) -> &str {
@@ -141,6 +144,41 @@ fn without_client_auth_any_client_that_trusts_the_ca_is_served() {
     let metrics = log[log.find(marker).expect("a metrics URL") + marker.len()..].split_whitespace().next().unwrap();
     let (code, out) = curl_status(&format!("https://{metrics}/metrics"), &["--cacert", s(&pki.ca)]);
     assert!(code == 0 && out.contains("etcd_server_has_leader 1"), "{out}");
+}
+
+#[test]
+fn with_auth_on_a_client_certificate_names_its_user() {
+    let dir = tempdir();
+    let pki = pki(dir.path());
+    let (mut p, url) = start_tls(dir.path(), &pki, &["--trusted-ca-file", s(&pki.ca), "--client-cert-auth"]);
+    let as_cert = |cert: &(PathBuf, PathBuf), args: &[&str]| {
+        let mut all = vec!["--cacert", s(&pki.ca), "--cert", s(&cert.0), "--key", s(&cert.1)];
+        all.extend_from_slice(args);
+        let out = etcdctl(&url, &all, None);
+        let text = format!("{}{}", out.stdout, out.stderr);
+        text.lines().filter(|l| !l.starts_with("{\"level\":")).map(|l| format!("{l}\n")).collect::<String>()
+    };
+    // The client certificate's CN is root: it sets auth up, as root, with no password
+    // given anywhere but for root's own account.
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["user", "add", "alice", "--no-password"],
+        &["role", "add", "app"],
+        &["role", "grant-permission", "app", "--prefix", "readwrite", "/app/"],
+        &["user", "grant-role", "alice", "app"],
+        &["auth", "enable"],
+    ] {
+        assert!(!as_cert(&pki.client, args).contains("Error"), "{args:?}");
+    }
+    assert_eq!(as_cert(&pki.client, &["put", "/other", "by root"]), "OK\n");
+    assert_eq!(as_cert(&pki.alice, &["put", "/app/x", "by alice"]), "OK\n");
+    assert_eq!(as_cert(&pki.alice, &["get", "/app/x", "--print-value-only"]), "by alice\n");
+    assert_eq!(as_cert(&pki.alice, &["get", "/other"]), "Error: etcdserver: permission denied\n");
+    assert_eq!(as_cert(&pki.alice, &["user", "list"]), "Error: etcdserver: permission denied\n");
+    // A token names its user whatever the certificate says.
+    assert_eq!(as_cert(&pki.alice, &["--user", "root:rootpw", "get", "/other", "--print-value-only"]), "by root\n");
+    assert!(p.terminate().is_some_and(|st| st.success()), "{}", p.log());
 }
 
 #[test]
