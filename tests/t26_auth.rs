@@ -141,18 +141,6 @@ fn etcdctl_sees_users_roles_and_permissions_as_with_etcd() {
     assert!(p.terminate().is_some_and(|s| s.success()), "{}", p.log());
 }
 
-/// `curl` of a gateway call with a JSON body and optional token: status and body.
-fn gateway(base: &str, path: &str, body: &str, token: Option<&str>) -> (u16, serde_json::Value) {
-    let header = token.map(|t| format!("Authorization: {t}"));
-    let mut args = vec!["-X", "POST", "-d", body];
-    if let Some(h) = &header {
-        args.extend(["-H", h.as_str()]);
-    }
-    let r = curl(&format!("{base}{path}"), &args);
-    let v = serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{path}: {e}: {r:?}"));
-    (r.status, v)
-}
-
 #[test]
 fn auth_outlives_a_restart_and_tokens_do_not() {
     let dir = tempdir();
@@ -173,18 +161,18 @@ fn auth_outlives_a_restart_and_tokens_do_not() {
 
     // The gateway: a token from /v3/auth/authenticate, in the Authorization header.
     let base = p.endpoint();
-    let (status, v) = gateway(&base, "/v3/auth/authenticate", r#"{"name":"alice","password":"apw"}"#, None);
+    let (status, v) = gateway_post(&base, "/v3/auth/authenticate", r#"{"name":"alice","password":"apw"}"#, None);
     assert_eq!(status, 200, "{v}");
     let token = v["token"].as_str().unwrap().to_string();
     let put = r#"{"key":"L2FwcC94","value":"MQ=="}"#; // /app/x = 1
-    assert_eq!(gateway(&base, "/v3/kv/put", put, Some(&token)).0, 200);
-    let (status, v) = gateway(&base, "/v3/kv/put", put, None);
+    assert_eq!(gateway_post(&base, "/v3/kv/put", put, Some(&token)).0, 200);
+    let (status, v) = gateway_post(&base, "/v3/kv/put", put, None);
     assert_eq!((status, v["message"].as_str()), (400, Some("etcdserver: user name is empty")), "{v}");
-    let (status, v) = gateway(&base, "/v3/kv/put", r#"{"key":"L290aGVy","value":"MQ=="}"#, Some(&token));
+    let (status, v) = gateway_post(&base, "/v3/kv/put", r#"{"key":"L290aGVy","value":"MQ=="}"#, Some(&token));
     assert_eq!((status, v["message"].as_str()), (403, Some("etcdserver: permission denied")), "{v}");
-    let (status, v) = gateway(&base, "/v3/kv/range", r#"{"key":"L2FwcC94"}"#, Some("not.a-token"));
+    let (status, v) = gateway_post(&base, "/v3/kv/range", r#"{"key":"L2FwcC94"}"#, Some("not.a-token"));
     assert_eq!((status, v["message"].as_str()), (401, Some("etcdserver: invalid auth token")), "{v}");
-    let (status, v) = gateway(&base, "/v3/auth/user/list", "{}", Some(&token));
+    let (status, v) = gateway_post(&base, "/v3/auth/user/list", "{}", Some(&token));
     assert_eq!((status, v["message"].as_str()), (403, Some("etcdserver: permission denied")), "{v}");
 
     // A restart keeps users, roles and the switch; the member forgets its tokens.
@@ -192,31 +180,31 @@ fn auth_outlives_a_restart_and_tokens_do_not() {
     let mut p = start_meshkv(dir.path(), &["--bcrypt-cost", "4"]);
     let ep = p.client_addr.clone();
     let base = p.endpoint();
-    let (status, v) = gateway(&base, "/v3/kv/range", r#"{"key":"L2FwcC94"}"#, Some(&token));
+    let (status, v) = gateway_post(&base, "/v3/kv/range", r#"{"key":"L2FwcC94"}"#, Some(&token));
     assert_eq!((status, v["message"].as_str()), (401, Some("etcdserver: invalid auth token")), "{v}");
     assert_eq!(ctl(&ep, &["--user=alice:apw", "get", "/app/x", "--print-value-only"]), "1\n[0]");
     assert_eq!(ctl(&ep, &["get", "/app/x"]), "Error: etcdserver: user name is empty\n[1]");
-    let (status, v) = gateway(&base, "/v3/auth/status", "{}", None);
+    let (status, v) = gateway_post(&base, "/v3/auth/status", "{}", None);
     assert_eq!((status, v["enabled"].as_bool()), (200, Some(true)), "{v}");
 
     // A permission taken away stops the next request, with the same token.
-    let (_, v) = gateway(&base, "/v3/auth/authenticate", r#"{"name":"alice","password":"apw"}"#, None);
+    let (_, v) = gateway_post(&base, "/v3/auth/authenticate", r#"{"name":"alice","password":"apw"}"#, None);
     let token = v["token"].as_str().unwrap().to_string();
-    assert_eq!(gateway(&base, "/v3/kv/put", put, Some(&token)).0, 200);
+    assert_eq!(gateway_post(&base, "/v3/kv/put", put, Some(&token)).0, 200);
     let revoked = ctl(&ep, &["--user=root:rootpw", "role", "revoke-permission", "app", "/app/", "--prefix"]);
     assert!(revoked.ends_with("[0]"), "{revoked}");
-    let (status, v) = gateway(&base, "/v3/kv/put", put, Some(&token));
+    let (status, v) = gateway_post(&base, "/v3/kv/put", put, Some(&token));
     assert_eq!((status, v["message"].as_str()), (403, Some("etcdserver: permission denied")), "{v}");
     // A changed password ends the user's tokens; the new one signs in.
     let changed = ctl_in(&ep, &["--user=root:rootpw", "user", "passwd", "alice", "--interactive=false"], Some("new\n"));
     assert_eq!(changed, "Password updated\n[0]");
-    let (status, v) = gateway(&base, "/v3/kv/range", r#"{"key":"L2FwcC94"}"#, Some(&token));
+    let (status, v) = gateway_post(&base, "/v3/kv/range", r#"{"key":"L2FwcC94"}"#, Some(&token));
     assert_eq!((status, v["message"].as_str()), (401, Some("etcdserver: invalid auth token")), "{v}");
     assert_eq!(
         ctl(&ep, &["--user=alice:apw", "get", "/a"]).lines().next(),
         Some("Error: etcdserver: authentication failed, invalid user ID or password")
     );
-    let (status, _) = gateway(&base, "/v3/auth/authenticate", r#"{"name":"alice","password":"new"}"#, None);
+    let (status, _) = gateway_post(&base, "/v3/auth/authenticate", r#"{"name":"alice","password":"new"}"#, None);
     assert_eq!(status, 200);
     assert!(p.terminate().is_some_and(|s| s.success()), "{}", p.log());
 }

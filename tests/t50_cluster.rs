@@ -727,3 +727,75 @@ async fn an_alarm_raised_by_one_member_holds_on_every_member_until_disarmed() {
     let rev = client(&members[1]).await.put("after", "y", None).await.unwrap().header().unwrap().revision();
     catches_up_and_agrees(&members, &members[3], "after", rev).await;
 }
+
+fn gateway_call(m: &Member, path: &str, body: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+    gateway_post(&m.proc.endpoint(), path, body, token)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_tokens_and_permissions_hold_on_every_member() {
+    let root = tempdir();
+    let t = ["--snapshot-count", "20", "--bcrypt-cost", "4"];
+    let mut members = bootstrap_three(root.path(), &[&t, &t, &t]);
+    let a = members[0].proc.client_addr.clone();
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["user", "add", "alice:apw"],
+        &["role", "add", "app"],
+        &["role", "grant-permission", "app", "--prefix", "readwrite", "/app/"],
+        &["user", "grant-role", "alice", "app"],
+        &["auth", "enable"],
+    ] {
+        let out = etcdctl(&a, args, None);
+        assert_eq!(out.status, 0, "{args:?}: {out:?}");
+    }
+    // A token handed out by one member names its user to the others.
+    let (status, v) = gateway_call(&members[0], "/v3/auth/authenticate", r#"{"name":"alice","password":"apw"}"#, None);
+    assert_eq!(status, 200, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    let put = r#"{"key":"L2FwcC94","value":"MQ=="}"#; // /app/x = 1
+    for m in &members {
+        let (status, v) = gateway_call(m, "/v3/kv/put", put, Some(&token));
+        assert_eq!(status, 200, "through {}: {v}", m.name);
+        let (status, v) = gateway_call(m, "/v3/kv/put", r#"{"key":"L28=","value":"MQ=="}"#, Some(&token));
+        assert_eq!((status, v["message"].as_str()), (403, Some("etcdserver: permission denied")), "{}", m.name);
+    }
+    // A permission revoked through one member refuses the next write through any other.
+    let b = members[1].proc.client_addr.clone();
+    let revoke = etcdctl(&b, &["--user=root:rootpw", "role", "revoke-permission", "app", "/app/", "--prefix"], None);
+    assert_eq!(revoke.status, 0, "{revoke:?}");
+    for m in &members {
+        let (status, v) = gateway_call(m, "/v3/kv/put", put, Some(&token));
+        assert_eq!((status, v["message"].as_str()), (403, Some("etcdserver: permission denied")), "{}", m.name);
+    }
+    let grant = ["--user=root:rootpw", "role", "grant-permission", "app", "--prefix", "readwrite", "/app/"];
+    assert_eq!(etcdctl(&b, &grant, None).status, 0);
+    // Writes past the log's reach, so that a member joining now starts from a snapshot,
+    // which carries users, roles and the switch.
+    let mut c = Client::connect(
+        [members[2].proc.endpoint()],
+        Some(etcd_client::ConnectOptions::new().with_user("alice", "apw")),
+    )
+    .await
+    .unwrap();
+    for i in 0..300 {
+        c.put(format!("/app/{i}"), "v", None).await.unwrap();
+    }
+    let join = members[0].peer.clone();
+    let mut d =
+        spawn(root.path(), "d", free_port(), &["--join", &join, "--snapshot-count", "20", "--bcrypt-cost", "4"]);
+    d.proc.wait_ready(Duration::from_secs(60));
+    members.push(d);
+    let d = &members[3];
+    let ep = d.proc.client_addr.clone();
+    eventually("d to serve alice", Duration::from_secs(30), || async {
+        etcdctl(&ep, &["--user=alice:apw", "get", "/app/299", "--print-value-only"], None).stdout == "v\n"
+    })
+    .await;
+    assert!(d.proc.log().contains("snapshot installed"), "{}", d.proc.log());
+    let anonymous = etcdctl(&ep, &["get", "/app/299"], None);
+    assert!(anonymous.stderr.contains("etcdserver: user name is empty"), "{anonymous:?}");
+    let other = etcdctl(&ep, &["--user=alice:apw", "put", "/o", "1"], None);
+    assert!(other.stderr.contains("etcdserver: permission denied"), "{other:?}");
+}

@@ -329,3 +329,15 @@ pub fn curl(url: &str, args: &[&str]) -> HttpReply {
 pub fn metric(exposition: &str, name: &str) -> Option<f64> {
     exposition.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
+
+/// A JSON gateway call: POST `body` to `base` + `path`, with `token` in the
+/// Authorization header when given; the HTTP status and the JSON answer.
+pub fn gateway_post(base: &str, path: &str, body: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+    let auth = token.map(|t| format!("Authorization: {t}"));
+    let mut args = vec!["-X", "POST", "-d", body];
+    if let Some(h) = &auth {
+        args.extend(["-H", h.as_str()]);
+    }
+    let r = curl(&format!("{base}{path}"), &args);
+    (r.status, serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{path}: {e}: {r:?}")))
+}
