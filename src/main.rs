@@ -154,6 +154,10 @@ struct BenchArgs {
     /// Write keys in order rather than spread over the key space.
     #[arg(long)]
     sequential_keys: bool,
+    /// Sign in as name:password, for endpoints with authentication on (every workload but
+    /// mesh and fsync).
+    #[arg(long)]
+    user: Option<String>,
     /// watch: watchers, spread over --streams streams; each watches one of --key-space keys.
     #[arg(long, default_value_t = 1000)]
     watchers: usize,
@@ -421,6 +425,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         val_size: args.val_size,
         key_space: args.key_space,
         sequential_keys: args.sequential_keys,
+        user: args.user.clone(),
         label: args.label.clone(),
         case: args.case.clone(),
     };
@@ -444,7 +449,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             };
             let r = rt.block_on(async {
                 let shards = bench::conn::Shards::new(cfg.conns)?;
-                let chans = shards.connect(&cfg.endpoints, cfg.conns).await?;
+                let chans = shards.connect(&cfg.endpoints, cfg.conns, cfg.user.as_deref()).await?;
                 anyhow::Ok(bench::watch::run(&shards, chans, wcfg).await?)
             })?;
             r.record(&cfg)

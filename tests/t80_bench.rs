@@ -108,3 +108,30 @@ fn fsync_is_measured_on_the_disk_asked() {
     assert_eq!((r.workload.as_str(), r.ok), ("fsync", 50));
     assert!(r.p50_ms > 0.0, "{r:?}");
 }
+
+#[test]
+fn with_user_the_bench_signs_in_and_without_its_requests_are_refused() {
+    let dir = tempdir();
+    let server = start_meshkv(&dir.path().join("data"), &["--bcrypt-cost", "4"]);
+    let ep = server.client_addr.clone();
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["user", "add", "bench:bpw"],
+        &["role", "add", "bench"],
+        &["role", "grant-permission", "bench", "--prefix", "readwrite", ""],
+        &["user", "grant-role", "bench", "bench"],
+        &["auth", "enable"],
+    ] {
+        assert_eq!(etcdctl(&ep, args, None).status, 0, "{args:?}");
+    }
+    let signed_in =
+        bench_record(&ep, &["put", "--total", "200", "--clients", "4", "--conns", "2", "--user", "bench:bpw"]);
+    assert_eq!((signed_in.ok, signed_in.errors), (200, 0), "{signed_in:?}");
+    let read = bench_record(&ep, &["range", "--total", "100", "--clients", "2", "--conns", "1", "--user", "bench:bpw"]);
+    assert_eq!((read.ok, read.errors), (100, 0), "{read:?}");
+    // Without a user every request is refused, and counted as an error.
+    let anonymous = bench_record(&ep, &["put", "--total", "50", "--clients", "2", "--conns", "1"]);
+    assert_eq!((anonymous.ok, anonymous.errors), (0, 50), "{anonymous:?}");
+    assert!(anonymous.first_error.as_deref().is_some_and(|e| e.contains("user name is empty")), "{anonymous:?}");
+}

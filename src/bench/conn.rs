@@ -34,6 +34,8 @@ use crate::pb::etcdserverpb::lease_client::LeaseClient;
 pub struct Conn {
     send: SendRequest<Body>,
     origin: Uri,
+    /// An auth token sent with every request, as etcd's clients send theirs.
+    token: Option<tonic::codegen::http::HeaderValue>,
 }
 
 pub type ConnError = anyhow::Error;
@@ -57,7 +59,17 @@ impl Conn {
                 tracing::debug!(error = %e, "bench connection closed");
             }
         });
-        Ok(Conn { send, origin })
+        Ok(Conn { send, origin, token: None })
+    }
+
+    /// Signs in as `user` with `password`; every request on this connection (and its
+    /// clones) then carries the token.
+    pub async fn sign_in(&mut self, user: &str, password: &str) -> Result<(), ConnError> {
+        let mut auth = crate::pb::etcdserverpb::auth_client::AuthClient::with_origin(self.clone(), self.origin.clone());
+        let req = crate::pb::etcdserverpb::AuthenticateRequest { name: user.into(), password: password.into() };
+        let token = auth.authenticate(req).await?.into_inner().token;
+        self.token = Some(token.parse()?);
+        Ok(())
     }
 
     pub fn kv(&self) -> KvClient<Conn> {
@@ -83,7 +95,10 @@ impl tower::Service<Request<Body>> for Conn {
         self.send.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+        if let Some(t) = &self.token {
+            req.headers_mut().insert("token", t.clone());
+        }
         Box::pin(self.send.send_request(req))
     }
 }
@@ -119,11 +134,26 @@ impl Shards {
     }
 
     /// Connects `conns` connections spread over the endpoints, each on its thread.
-    pub async fn connect(&self, endpoints: &[String], conns: usize) -> Result<Vec<Conn>, ConnError> {
+    /// With `user` (`name:password`), each connection signs in first.
+    pub async fn connect(
+        &self,
+        endpoints: &[String],
+        conns: usize,
+        user: Option<&str>,
+    ) -> Result<Vec<Conn>, ConnError> {
         let mut out = Vec::with_capacity(conns.max(1));
         for i in 0..conns.max(1) {
             let ep = endpoints[i % endpoints.len()].clone();
-            out.push(self.of_conn(i).spawn(async move { Conn::connect(&ep).await }).await??);
+            let user = user.map(|u| u.split_once(':').unwrap_or((u, "")));
+            let user = user.map(|(n, p)| (n.to_string(), p.to_string()));
+            let conn = async move {
+                let mut c = Conn::connect(&ep).await?;
+                if let Some((name, password)) = user {
+                    c.sign_in(&name, &password).await?;
+                }
+                Ok::<_, ConnError>(c)
+            };
+            out.push(self.of_conn(i).spawn(conn).await??);
         }
         Ok(out)
     }

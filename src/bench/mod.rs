@@ -51,6 +51,8 @@ pub struct BenchConfig {
     /// Distinct keys written; 0 means `total` (for reads and txn-mixed: 1,000).
     pub key_space: usize,
     pub sequential_keys: bool,
+    /// `name:password` to sign in as, when the endpoints have authentication on.
+    pub user: Option<String>,
     /// The system under test (say "meshkv" or "etcd"), carried into the record.
     pub label: String,
     /// What this run measures, for grouping rounds (default: the workload's name).
@@ -70,6 +72,7 @@ impl Default for BenchConfig {
             val_size: 256,
             key_space: 0,
             sequential_keys: false,
+            user: None,
             label: String::new(),
             case: String::new(),
         }
@@ -235,7 +238,7 @@ pub async fn run(
     progress: impl Fn(u64) + Send + Sync + 'static,
 ) -> Result<Record, ConnError> {
     let shards = Shards::new(cfg.conns)?;
-    let chans = shards.connect(&cfg.endpoints, cfg.conns).await?;
+    let chans = shards.connect(&cfg.endpoints, cfg.conns, cfg.user.as_deref()).await?;
     let space = key_space(cfg, workload);
     let value = Bytes::from(vec![b'v'; cfg.val_size]);
     if matches!(workload, Workload::RangeLinearizable | Workload::RangeSerializable | Workload::TxnMixed) {
