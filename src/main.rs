@@ -26,7 +26,7 @@ struct Cli {
 #[derive(clap::Subcommand, Debug)]
 enum Command {
     /// Load-test any etcd v3 endpoints (meshkv or etcd).
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// Show the cluster (members, roles, leader, applied index) and the mesh (peers,
     /// routes, connections) as a running member sees them.
     Status(StatusArgs),
@@ -648,7 +648,7 @@ fn torture(args: TortureArgs) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Bench(args)) => return bench(args),
+        Some(Command::Bench(args)) => return bench(*args),
         Some(Command::Status(args)) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             return rt.block_on(status(args));
