@@ -145,18 +145,7 @@ fn auth_outlives_a_restart_and_tokens_do_not() {
     let dir = tempdir();
     let mut p = start_meshkv(dir.path(), &["--bcrypt-cost", "4"]);
     let ep = p.client_addr.clone();
-    for args in [
-        &["user", "add", "root:rootpw"][..],
-        &["user", "grant-role", "root", "root"],
-        &["user", "add", "alice:apw"],
-        &["role", "add", "app"],
-        &["role", "grant-permission", "app", "--prefix", "readwrite", "/app/"],
-        &["user", "grant-role", "alice", "app"],
-        &["auth", "enable"],
-    ] {
-        let out = etcdctl(&ep, args, None);
-        assert_eq!(out.status, 0, "{args:?}: {out:?}");
-    }
+    enable_auth(&ep, "alice:apw", "/app/");
 
     // The gateway: a token from /v3/auth/authenticate, in the Authorization header.
     let base = p.endpoint();
@@ -190,7 +179,7 @@ fn auth_outlives_a_restart_and_tokens_do_not() {
     let (_, v) = gateway_post(&base, "/v3/auth/authenticate", r#"{"name":"alice","password":"apw"}"#, None);
     let token = v["token"].as_str().unwrap().to_string();
     assert_eq!(gateway_post(&base, "/v3/kv/put", put, Some(&token)).0, 200);
-    let revoked = ctl(&ep, &["--user=root:rootpw", "role", "revoke-permission", "app", "/app/", "--prefix"]);
+    let revoked = ctl(&ep, &["--user=root:rootpw", "role", "revoke-permission", "alice", "/app/", "--prefix"]);
     assert!(revoked.ends_with("[0]"), "{revoked}");
     let (status, v) = gateway_post(&base, "/v3/kv/put", put, Some(&token));
     assert_eq!((status, v["message"].as_str()), (403, Some("etcdserver: permission denied")), "{v}");

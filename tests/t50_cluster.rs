@@ -737,19 +737,7 @@ async fn users_tokens_and_permissions_hold_on_every_member() {
     let root = tempdir();
     let t = ["--snapshot-count", "20", "--bcrypt-cost", "4"];
     let mut members = bootstrap_three(root.path(), &[&t, &t, &t]);
-    let a = members[0].proc.client_addr.clone();
-    for args in [
-        &["user", "add", "root:rootpw"][..],
-        &["user", "grant-role", "root", "root"],
-        &["user", "add", "alice:apw"],
-        &["role", "add", "app"],
-        &["role", "grant-permission", "app", "--prefix", "readwrite", "/app/"],
-        &["user", "grant-role", "alice", "app"],
-        &["auth", "enable"],
-    ] {
-        let out = etcdctl(&a, args, None);
-        assert_eq!(out.status, 0, "{args:?}: {out:?}");
-    }
+    enable_auth(&members[0].proc.client_addr, "alice:apw", "/app/");
     // A token handed out by one member names its user to the others.
     let (status, v) = gateway_call(&members[0], "/v3/auth/authenticate", r#"{"name":"alice","password":"apw"}"#, None);
     assert_eq!(status, 200, "{v}");
@@ -763,13 +751,13 @@ async fn users_tokens_and_permissions_hold_on_every_member() {
     }
     // A permission revoked through one member refuses the next write through any other.
     let b = members[1].proc.client_addr.clone();
-    let revoke = etcdctl(&b, &["--user=root:rootpw", "role", "revoke-permission", "app", "/app/", "--prefix"], None);
+    let revoke = etcdctl(&b, &["--user=root:rootpw", "role", "revoke-permission", "alice", "/app/", "--prefix"], None);
     assert_eq!(revoke.status, 0, "{revoke:?}");
     for m in &members {
         let (status, v) = gateway_call(m, "/v3/kv/put", put, Some(&token));
         assert_eq!((status, v["message"].as_str()), (403, Some("etcdserver: permission denied")), "{}", m.name);
     }
-    let grant = ["--user=root:rootpw", "role", "grant-permission", "app", "--prefix", "readwrite", "/app/"];
+    let grant = ["--user=root:rootpw", "role", "grant-permission", "alice", "--prefix", "readwrite", "/app/"];
     assert_eq!(etcdctl(&b, &grant, None).status, 0);
     // Writes past the log's reach, so that a member joining now starts from a snapshot,
     // which carries users, roles and the switch.

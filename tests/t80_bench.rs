@@ -114,17 +114,7 @@ fn with_user_the_bench_signs_in_and_without_its_requests_are_refused() {
     let dir = tempdir();
     let server = start_meshkv(&dir.path().join("data"), &["--bcrypt-cost", "4"]);
     let ep = server.client_addr.clone();
-    for args in [
-        &["user", "add", "root:rootpw"][..],
-        &["user", "grant-role", "root", "root"],
-        &["user", "add", "bench:bpw"],
-        &["role", "add", "bench"],
-        &["role", "grant-permission", "bench", "--prefix", "readwrite", ""],
-        &["user", "grant-role", "bench", "bench"],
-        &["auth", "enable"],
-    ] {
-        assert_eq!(etcdctl(&ep, args, None).status, 0, "{args:?}");
-    }
+    enable_auth(&ep, "bench:bpw", "");
     let signed_in =
         bench_record(&ep, &["put", "--total", "200", "--clients", "4", "--conns", "2", "--user", "bench:bpw"]);
     assert_eq!((signed_in.ok, signed_in.errors), (200, 0), "{signed_in:?}");

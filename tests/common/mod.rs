@@ -341,3 +341,22 @@ pub fn gateway_post(base: &str, path: &str, body: &str, token: Option<&str>) -> 
     let r = curl(&format!("{base}{path}"), &args);
     (r.status, serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("{path}: {e}: {r:?}")))
 }
+
+/// Through etcdctl on `endpoint`: the user root (password rootpw) with the root role,
+/// `user` (`name:password`) with a role of its name that may read and write every key
+/// under `prefix`, then authentication switched on.
+pub fn enable_auth(endpoint: &str, user: &str, prefix: &str) {
+    let name = user.split(':').next().unwrap_or(user);
+    for args in [
+        &["user", "add", "root:rootpw"][..],
+        &["user", "grant-role", "root", "root"],
+        &["user", "add", user],
+        &["role", "add", name],
+        &["role", "grant-permission", name, "--prefix", "readwrite", prefix],
+        &["user", "grant-role", name, name],
+        &["auth", "enable"],
+    ] {
+        let out = etcdctl(endpoint, args, None);
+        assert_eq!(out.status, 0, "{args:?}: {out:?}");
+    }
+}
