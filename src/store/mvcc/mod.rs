@@ -582,8 +582,7 @@ impl MvccStore {
                     Some(user) if self.auth_enabled() => self.authorize(&a, req, user),
                     _ => Ok(()),
                 };
-                match req {
-                    _ if allowed.is_err() => allowed.map(|()| WriteResponse::Empty),
+                allowed.and_then(|()| match req {
                     internal_request::Request::Put(p) => {
                         self.check_put(&a, p, rev).and_then(|()| self.put(&mut a, p)).map(WriteResponse::Put)
                     }
@@ -600,7 +599,7 @@ impl MvccStore {
                     internal_request::Request::Alarm(r) => Ok(WriteResponse::Alarm(self.alarm(&mut a, r))),
                     internal_request::Request::Auth(r) => self.change_auth(&mut a, r, user),
                     internal_request::Request::Compaction(_) => unreachable!("handled above"),
-                }
+                })
             };
             if w.changed() {
                 rev = w.main;
