@@ -206,7 +206,8 @@ impl Auth for AuthService {
         // etcd's simple token: sixteen random letters and a number.
         let letters: String = (0..16).map(|_| rand::rng().sample(rand::distr::Alphabetic) as char).collect();
         let token = format!("{letters}.{}", self.ctx.store.applied_index() + 1);
-        let grant = TokenGrant { user: req.name, token: token.clone() };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let grant = TokenGrant { user: req.name, token: token.clone(), granted_unix_ms: now.as_millis() as i64 };
         let write = Write::Auth(AuthRequest { request: Some(Change::Token(grant)) });
         match self.ctx.raft.propose(write).await? {
             WriteResponse::Auth => Ok(Response::new(AuthenticateResponse { header: self.ctx.header(None), token })),

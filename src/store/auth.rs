@@ -361,7 +361,10 @@ impl AuthState {
                 if !self.users.contains_key(&t.user) {
                     return Err(AuthError::Failed);
                 }
-                tokens.grant(&t.token, &t.user);
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                let age =
+                    Duration::from_millis((now.as_millis() as i64).saturating_sub(t.granted_unix_ms).max(0) as u64);
+                tokens.grant_aged(&t.token, &t.user, age);
                 return Ok(());
             }
             Change::Enable(_) => return self.enable(batch, cf, tokens),
@@ -574,8 +577,14 @@ impl Tokens {
         Some(e.user.clone())
     }
 
-    fn grant(&self, token: &str, user: &str) {
-        self.grant_at(token, user, self.now_ms())
+    /// Knows `token` as `user`'s, as if last used `age` ago: not at all if that is past
+    /// its time to live.
+    fn grant_aged(&self, token: &str, user: &str, age: Duration) {
+        if age > self.ttl {
+            return;
+        }
+        let now = self.now_ms();
+        self.grant_at(token, user, now.saturating_sub(age.as_millis() as u64));
     }
 
     fn grant_at(&self, token: &str, user: &str, now: u64) {
@@ -772,5 +781,12 @@ mod tests {
         t.forget_user("bob");
         assert_eq!(t.user("tok2"), None);
         assert!(t.is_empty());
+        // A grant applied again long after it was made (a replay after a crash) is
+        // ignored; a recent one lives out the rest of its time.
+        let t = Tokens::new(Duration::from_secs(300));
+        t.grant_aged("old", "carol", Duration::from_secs(301));
+        assert_eq!(t.user("old"), None);
+        t.grant_aged("recent", "carol", Duration::from_secs(10));
+        assert_eq!(t.user("recent").as_deref(), Some("carol"));
     }
 }
