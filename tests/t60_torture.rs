@@ -9,7 +9,13 @@ mod common;
 
 use std::process::Command;
 
+/// One run at a time: runs side by side pick their members' ports from the free ones,
+/// and a run whose members never start could find another run's member on a port it
+/// chose, and check that cluster's history against its own.
+static ONE_RUN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn torture(args: &[&str]) -> (bool, String) {
+    let _one = ONE_RUN.lock().unwrap_or_else(|e| e.into_inner());
     let out = Command::new(common::meshkv_bin()).arg("torture").args(args).env("RUST_LOG", "warn").output().unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)

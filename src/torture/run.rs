@@ -442,9 +442,13 @@ impl Cluster {
         self.members[f].kill9();
         let ep = self.members[leader].endpoint.clone();
         let from = status(&ep).await.map_or(0, |s| s.raft_index);
-        let deadline = Instant::now() + Duration::from_secs(6);
+        // The leader sheds its log only once it has applied several times what it keeps
+        // past its last shed (a store flush comes first), so the follower needs a
+        // snapshot only when the log has moved that far past it: six times what it keeps
+        // covers any point in that cycle.
+        let deadline = Instant::now() + Duration::from_secs(12);
         while Instant::now() < deadline {
-            if status(&ep).await.is_some_and(|s| s.raft_index > from + 3 * SNAPSHOT_COUNT) {
+            if status(&ep).await.is_some_and(|s| s.raft_index > from + 6 * SNAPSHOT_COUNT) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
