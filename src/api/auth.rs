@@ -69,15 +69,22 @@ pub struct Credentials {
     cert: Option<String>,
 }
 
+/// The token a request carries, if any: `token` metadata (clients), or `authorization`
+/// (the JSON gateway's header). A token that is not text is no token this member handed
+/// out.
+fn token_of<T>(request: &Request<T>) -> Option<&str> {
+    let md = request.metadata();
+    let token = md.get("token").or_else(|| md.get("authorization"))?;
+    Some(token.to_str().unwrap_or("\u{0}"))
+}
+
+fn cert_of<T>(request: &Request<T>) -> Option<&str> {
+    request.extensions().get::<crate::tls::ClientInfo>()?.cert_name.as_deref()
+}
+
 impl Credentials {
     pub fn of<T>(request: &Request<T>) -> Self {
-        let md = request.metadata();
-        let token = md.get("token").or_else(|| md.get("authorization"));
-        Credentials {
-            // A token that is not text is no token this member handed out.
-            token: token.map(|t| t.to_str().unwrap_or("\u{0}").to_string()),
-            cert: request.extensions().get::<crate::tls::ClientInfo>().and_then(|c| c.cert_name.clone()),
-        }
+        Credentials { token: token_of(request).map(str::to_string), cert: cert_of(request).map(str::to_string) }
     }
 }
 
@@ -88,7 +95,7 @@ impl Ctx {
         if !self.store.auth_enabled() {
             return Ok(Caller::default());
         }
-        self.caller_of(&Credentials::of(request))
+        self.named(token_of(request), cert_of(request))
     }
 
     /// Who `c` names, as [`caller`](Self::caller).
@@ -96,12 +103,16 @@ impl Ctx {
         if !self.store.auth_enabled() {
             return Ok(Caller::default());
         }
-        match &c.token {
+        self.named(c.token.as_deref(), c.cert.as_deref())
+    }
+
+    fn named(&self, token: Option<&str>, cert: Option<&str>) -> Result<Caller, Status> {
+        match token {
             Some(token) => match self.store.tokens().user(token) {
                 Some(user) => Ok(Caller(user)),
                 None => Err(AuthError::InvalidToken.into()),
             },
-            None => Ok(Caller(c.cert.clone().unwrap_or_default())),
+            None => Ok(Caller(cert.unwrap_or_default().to_string())),
         }
     }
 
