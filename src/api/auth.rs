@@ -16,7 +16,7 @@ use crate::pb::etcdserverpb::auth_server::Auth;
 use crate::pb::etcdserverpb::*;
 use crate::pb::meshkvpb::auth_request::Request as Change;
 use crate::pb::meshkvpb::internal_request::Request as Write;
-use crate::pb::meshkvpb::{AuthRequest, TokenGrant};
+use crate::pb::meshkvpb::AuthRequest;
 use crate::store::auth::AuthError;
 use crate::store::mvcc::WriteResponse;
 
@@ -217,8 +217,7 @@ impl Auth for AuthService {
         // etcd's simple token: sixteen random letters and a number.
         let letters: String = (0..16).map(|_| rand::rng().sample(rand::distr::Alphabetic) as char).collect();
         let token = format!("{letters}.{}", self.ctx.store.applied_index() + 1);
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let grant = TokenGrant { user: req.name, token: token.clone(), granted_unix_ms: now.as_millis() as i64 };
+        let grant = crate::store::auth::token_grant(req.name, token.clone());
         let write = Write::Auth(AuthRequest { request: Some(Change::Token(grant)) });
         match self.ctx.raft.propose(write).await? {
             WriteResponse::Auth => Ok(Response::new(AuthenticateResponse { header: self.ctx.header(None), token })),

@@ -28,6 +28,7 @@ use rocksdb::{ColumnFamily, WriteBatch};
 use crate::pb::authpb::{permission, Permission, Role, User, UserAddOptions};
 use crate::pb::etcdserverpb::{request_op, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest};
 use crate::pb::meshkvpb::auth_request::Request as Change;
+use crate::pb::meshkvpb::TokenGrant;
 
 /// The role that may do anything, and the user that must hold it before authentication
 /// can be switched on.
@@ -361,9 +362,7 @@ impl AuthState {
                 if !self.users.contains_key(&t.user) {
                     return Err(AuthError::Failed);
                 }
-                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-                let age =
-                    Duration::from_millis((now.as_millis() as i64).saturating_sub(t.granted_unix_ms).max(0) as u64);
+                let age = Duration::from_millis(unix_ms().saturating_sub(t.granted_unix_ms).max(0) as u64);
                 tokens.grant_aged(&t.token, &t.user, age);
                 return Ok(());
             }
@@ -546,6 +545,17 @@ impl Default for Tokens {
     fn default() -> Self {
         Tokens::new(DEFAULT_TOKEN_TTL)
     }
+}
+
+/// A grant of `token` to `user`, stamped with when it is made: applied again after a
+/// crash, it does not bring back a token idle past its time.
+pub fn token_grant(user: String, token: String) -> TokenGrant {
+    TokenGrant { user, token, granted_unix_ms: unix_ms() }
+}
+
+/// Milliseconds since the Unix epoch by this member's clock.
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Tokens {
