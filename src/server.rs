@@ -435,11 +435,18 @@ pub async fn run(
         .add_service(crate::pb::meshkvpb::admin_server::AdminServer::new(api::admin::AdminService::new(ctx.clone())));
     // The plain endpoints and the JSON gateway beside gRPC, as etcd serves them on its
     // client URLs.
-    // The gateway's streaming calls go through the counted gRPC routes, as etcd's gateway,
-    // a gRPC client of its own member, is counted.
+    // The gateway's calls are counted as gRPC calls, as etcd's gateway, a gRPC client of
+    // its own member, is: the streaming ones go through the counted gRPC routes, the unary
+    // ones count themselves.
     let grpc = grpc.routes().into_axum_router().layer(metrics.grpc_layer());
-    let gateway =
-        api::gateway::router(ctx.clone(), lessor.clone(), cfg.election_timeout, cfg.bcrypt_cost, grpc.clone());
+    let gateway = api::gateway::router(
+        ctx.clone(),
+        lessor.clone(),
+        cfg.election_timeout,
+        cfg.bcrypt_cost,
+        grpc.clone(),
+        metrics.unary_counter(),
+    );
     let client_routes = Routes::from(grpc.merge(http.router()).merge(gateway).fallback(api::http::not_found));
     let metrics_routes = Routes::from(http.router().fallback(api::http::not_found));
     let mut servers = Vec::new();

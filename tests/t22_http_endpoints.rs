@@ -5,6 +5,8 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
 use common::*;
 
 fn metrics_addr(p: &Proc) -> String {
@@ -162,6 +164,7 @@ fn the_json_gateway_answers_as_etcds_does() {
         ("/v3/kv/compaction", r#"{"revision":"3"}"#),
         ("/v3/kv/range", r#"{"key":"Zm9v","revision":"2"}"#),
     ];
+    let counted_before = [&meshkv, &etcd].map(grpc_calls);
     for (path, body) in calls {
         let ask = |p: &Proc| curl(&format!("http://{}{path}", p.client_addr), &["-X", "POST", "-d", body]);
         let (m, e) = (ask(&meshkv), ask(&etcd));
@@ -184,6 +187,32 @@ fn the_json_gateway_answers_as_etcds_does() {
     // Only POST.
     let get = curl(&format!("{}/v3/kv/range", meshkv.endpoint()), &[]);
     assert_eq!((get.status, get.body.as_str()), (405, "Method Not Allowed\n"));
+
+    // Each call counted in the gRPC metrics as etcd counts its gateway's (a gRPC client
+    // of its own member): by method and code; a body that is not JSON makes no call.
+    let counted = |p: &Proc, before: &BTreeMap<String, f64>| -> BTreeMap<String, f64> {
+        let since = grpc_calls(p).into_iter().map(|(series, n)| {
+            let was = before.get(&series).copied().unwrap_or(0.0);
+            (series, n - was)
+        });
+        since.filter(|(_, n)| *n != 0.0).collect()
+    };
+    let (m, e) = (counted(&meshkv, &counted_before[0]), counted(&etcd, &counted_before[1]));
+    assert!(m.keys().any(|k| k.contains("grpc_code=\"OutOfRange\",grpc_method=\"Range\"")), "{m:#?}");
+    assert_eq!(m, e, "the gateway's calls in the gRPC metrics: meshkv, then etcd");
+}
+
+/// Every gRPC call counted on `p`'s client URL: each series of grpc_server_started_total
+/// and grpc_server_handled_total, and its count.
+fn grpc_calls(p: &Proc) -> BTreeMap<String, f64> {
+    let m = curl(&format!("http://{}/metrics", p.client_addr), &[]);
+    assert_eq!(m.status, 200, "{m:?}");
+    m.body
+        .lines()
+        .filter(|l| l.starts_with("grpc_server_started_total{") || l.starts_with("grpc_server_handled_total{"))
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(series, n)| (series.to_string(), n.parse().unwrap_or(f64::NAN)))
+        .collect()
 }
 
 /// The first `n` lines curl prints of a streaming gateway call (`-N`), within a deadline.

@@ -10,10 +10,11 @@
 //!
 //! A failed call answers with the HTTP status grpc-gateway gives its gRPC code and
 //! `{"error":…,"message":…,"code":…}`. Each unary call goes to the same service the gRPC
-//! route serves, in the same process. The streaming calls (`/v3/watch`,
+//! route serves, in the same process, and is counted in the gRPC metrics as the call of
+//! that method it stands for (a body that is not JSON makes no call), as etcd counts its
+//! gateway's: a gRPC client of its own member. The streaming calls (`/v3/watch`,
 //! `/v3/lease/keepalive`, `/v3/maintenance/snapshot`, `/v3/election/observe`) go through
-//! the gRPC routes themselves, counted in the gRPC metrics, as grpc-gateway's own client
-//! calls do: the JSON requests
+//! the gRPC routes themselves, counted there: the JSON requests
 //! of the body (one or more) go in as gRPC messages, and each message that comes back
 //! goes out as a line, `{"result":…}`, for as long as the HTTP client stays.
 
@@ -42,6 +43,7 @@ use super::kv::KvService;
 use super::lease::{LeaseService, Lessor};
 use super::lock::LockService;
 use super::maintenance::MaintenanceService;
+use super::metrics::{self, UnaryCounter};
 use super::Ctx;
 use crate::pb::etcdserverpb::auth_server::Auth;
 use crate::pb::etcdserverpb::cluster_server::Cluster;
@@ -66,16 +68,18 @@ struct Services {
     election: ElectionService,
 }
 
-/// Routes `$path` to `$service.$method`, through JSON.
+/// Routes `$path` to `$service.$method`, through JSON, counted as a call of the gRPC
+/// method of that name.
 macro_rules! unary {
-    ($router:expr, $services:expr, $($path:literal => $service:ident.$method:ident),+ $(,)?) => {{
+    ($router:expr, $services:expr, $counter:expr, $($path:literal => $service:ident.$method:ident),+ $(,)?) => {{
         let mut r = $router;
         $(
             let s = $services.clone();
+            let counted = ($counter.clone(), grpc_method(stringify!($method)));
             let handler = move |headers: HeaderMap, body: Bytes| {
-                let s = s.clone();
+                let (s, counted) = (s.clone(), counted.clone());
                 async move {
-                    call(&body, |req| async move { s.$service.$method(with_token(req, &headers)).await }).await
+                    call(&body, counted, |req| async move { s.$service.$method(with_token(req, &headers)).await }).await
                 }
             };
             r = r.route($path, post(handler).fallback(method_not_allowed));
@@ -107,6 +111,7 @@ pub fn router(
     election_timeout: Duration,
     bcrypt_cost: u32,
     grpc: axum::Router,
+    counter: UnaryCounter,
 ) -> axum::Router {
     let s = Arc::new(Services {
         kv: KvService::new(ctx.clone()),
@@ -117,7 +122,7 @@ pub fn router(
         lock: LockService::new(ctx.clone()),
         election: ElectionService::new(ctx),
     });
-    let r = unary!(axum::Router::new(), s,
+    let r = unary!(axum::Router::new(), s, counter,
         "/v3/kv/range" => kv.range,
         "/v3/kv/put" => kv.put,
         "/v3/kv/deleterange" => kv.delete_range,
@@ -136,7 +141,7 @@ pub fn router(
         "/v3/cluster/member/list" => cluster.member_list,
         "/v3/cluster/member/promote" => cluster.member_promote,
     );
-    let r = unary!(r, s,
+    let r = unary!(r, s, counter,
         "/v3/maintenance/alarm" => maintenance.alarm,
         "/v3/maintenance/status" => maintenance.status,
         "/v3/maintenance/defragment" => maintenance.defragment,
@@ -161,7 +166,7 @@ pub fn router(
         "/v3/maintenance/snapshot" => "/etcdserverpb.Maintenance/Snapshot": SnapshotRequest => SnapshotResponse,
         "/v3/election/observe" => "/v3electionpb.Election/Observe": LeaderRequest => LeaderResponse,
     );
-    unary!(r, s,
+    unary!(r, s, counter,
         "/v3/auth/role/add" => auth.role_add,
         "/v3/auth/role/get" => auth.role_get,
         "/v3/auth/role/list" => auth.role_list,
@@ -187,8 +192,22 @@ fn with_token<T>(msg: T, headers: &HeaderMap) -> tonic::Request<T> {
     r
 }
 
-/// One call: the request from `body` (empty: every field its default), its answer as JSON.
-async fn call<Req, Resp, Fut>(body: &[u8], f: impl FnOnce(Req) -> Fut) -> Response
+/// The gRPC path of the service method named `method` in Rust ("user_change_password":
+/// "/etcdserverpb.Auth/UserChangePassword").
+fn grpc_method(method: &str) -> &'static str {
+    let name: String = method
+        .split('_')
+        .flat_map(|w| {
+            let mut c = w.chars();
+            c.next().map(|f| f.to_ascii_uppercase()).into_iter().chain(c)
+        })
+        .collect();
+    metrics::grpc_path(&name).unwrap_or_else(|| panic!("{method} is not a method of the protos"))
+}
+
+/// One call: the request from `body` (empty: every field its default), its answer as JSON;
+/// counted as a call of the gRPC method at `counted.1` once the request is read.
+async fn call<Req, Resp, Fut>(body: &[u8], counted: (UnaryCounter, &str), f: impl FnOnce(Req) -> Fut) -> Response
 where
     Req: DeserializeOwned + Default,
     Resp: Serialize,
@@ -202,7 +221,10 @@ where
             Err(e) => return failed(&Status::invalid_argument(e.to_string())),
         }
     };
-    match f(req).await {
+    let counting = counted.0.start(counted.1);
+    let answer = f(req).await;
+    counting.finish(answer.as_ref().map_or_else(Status::code, |_| Code::Ok));
+    match answer {
         Ok(resp) => match serde_json::to_vec(resp.get_ref()) {
             Ok(json) => super::http::json(StatusCode::OK, json),
             Err(e) => failed(&Status::internal(e.to_string())),

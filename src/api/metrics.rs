@@ -130,6 +130,11 @@ impl Metrics {
         GrpcLayer(self.grpc.clone())
     }
 
+    /// Counts calls that reach the services without passing the gRPC routes.
+    pub fn unary_counter(&self) -> UnaryCounter {
+        UnaryCounter(self.grpc.clone())
+    }
+
     fn refresh(&self, ctx: &Ctx) {
         let raft = ctx.raft.status();
         let leader = raft.leader();
@@ -246,6 +251,45 @@ impl Call {
             return resp;
         }
         resp.map(|inner| Body::new(Counted { inner, call: Some(self) }))
+    }
+}
+
+/// The path of the gRPC method named `method` ("Put": "/etcdserverpb.KV/Put"); no two of
+/// etcd's services have a method of the same name.
+pub fn grpc_path(method: &str) -> Option<&'static str> {
+    GRPC_METHODS.iter().find(|m| m.2 == method).map(|m| m.0)
+}
+
+/// Counts unary calls made to the services directly (the JSON gateway's) as the gRPC
+/// calls they stand for: etcd's gateway is a gRPC client of its own member, so its calls
+/// are counted with the others.
+#[derive(Clone)]
+pub struct UnaryCounter(Arc<GrpcCounters>);
+
+impl UnaryCounter {
+    /// A call of the gRPC method at `path`, counted as started.
+    pub fn start(&self, path: &str) -> UnaryCall {
+        UnaryCall(Call::start(&self.0, path))
+    }
+}
+
+/// A unary call being counted: handled with its status' code when it finishes, or as
+/// Canceled if dropped before (its client went).
+pub struct UnaryCall(Option<Call>);
+
+impl UnaryCall {
+    pub fn finish(mut self, code: tonic::Code) {
+        if let Some(call) = self.0.take() {
+            call.handled(usize::try_from(i32::from(code)).unwrap_or(UNKNOWN));
+        }
+    }
+}
+
+impl Drop for UnaryCall {
+    fn drop(&mut self) {
+        if let Some(call) = self.0.take() {
+            call.handled(CANCELED);
+        }
     }
 }
 
