@@ -445,7 +445,7 @@ pub async fn run(
         cfg.election_timeout,
         cfg.bcrypt_cost,
         grpc.clone(),
-        metrics.unary_counter(),
+        &metrics,
     );
     let client_routes = Routes::from(grpc.merge(http.router()).merge(gateway).fallback(api::http::not_found));
     let metrics_routes = Routes::from(http.router().fallback(api::http::not_found));

@@ -43,7 +43,7 @@ use super::kv::KvService;
 use super::lease::{LeaseService, Lessor};
 use super::lock::LockService;
 use super::maintenance::MaintenanceService;
-use super::metrics::{self, UnaryCounter};
+use super::metrics::{MethodCalls, Metrics};
 use super::Ctx;
 use crate::pb::etcdserverpb::auth_server::Auth;
 use crate::pb::etcdserverpb::cluster_server::Cluster;
@@ -71,15 +71,15 @@ struct Services {
 /// Routes `$path` to `$service.$method`, through JSON, counted as a call of the gRPC
 /// method of that name.
 macro_rules! unary {
-    ($router:expr, $services:expr, $counter:expr, $($path:literal => $service:ident.$method:ident),+ $(,)?) => {{
+    ($router:expr, $services:expr, $metrics:expr, $($path:literal => $service:ident.$method:ident),+ $(,)?) => {{
         let mut r = $router;
         $(
             let s = $services.clone();
-            let counted = ($counter.clone(), grpc_method(stringify!($method)));
+            let calls = method_calls($metrics, stringify!($method));
             let handler = move |headers: HeaderMap, body: Bytes| {
-                let (s, counted) = (s.clone(), counted.clone());
+                let (s, calls) = (s.clone(), calls.clone());
                 async move {
-                    call(&body, counted, |req| async move { s.$service.$method(with_token(req, &headers)).await }).await
+                    call(&body, &calls, |req| async move { s.$service.$method(with_token(req, &headers)).await }).await
                 }
             };
             r = r.route($path, post(handler).fallback(method_not_allowed));
@@ -111,7 +111,7 @@ pub fn router(
     election_timeout: Duration,
     bcrypt_cost: u32,
     grpc: axum::Router,
-    counter: UnaryCounter,
+    metrics: &Metrics,
 ) -> axum::Router {
     let s = Arc::new(Services {
         kv: KvService::new(ctx.clone()),
@@ -122,7 +122,7 @@ pub fn router(
         lock: LockService::new(ctx.clone()),
         election: ElectionService::new(ctx),
     });
-    let r = unary!(axum::Router::new(), s, counter,
+    let r = unary!(axum::Router::new(), s, metrics,
         "/v3/kv/range" => kv.range,
         "/v3/kv/put" => kv.put,
         "/v3/kv/deleterange" => kv.delete_range,
@@ -141,7 +141,7 @@ pub fn router(
         "/v3/cluster/member/list" => cluster.member_list,
         "/v3/cluster/member/promote" => cluster.member_promote,
     );
-    let r = unary!(r, s, counter,
+    let r = unary!(r, s, metrics,
         "/v3/maintenance/alarm" => maintenance.alarm,
         "/v3/maintenance/status" => maintenance.status,
         "/v3/maintenance/defragment" => maintenance.defragment,
@@ -166,7 +166,7 @@ pub fn router(
         "/v3/maintenance/snapshot" => "/etcdserverpb.Maintenance/Snapshot": SnapshotRequest => SnapshotResponse,
         "/v3/election/observe" => "/v3electionpb.Election/Observe": LeaderRequest => LeaderResponse,
     );
-    unary!(r, s, counter,
+    unary!(r, s, metrics,
         "/v3/auth/role/add" => auth.role_add,
         "/v3/auth/role/get" => auth.role_get,
         "/v3/auth/role/list" => auth.role_list,
@@ -192,9 +192,9 @@ fn with_token<T>(msg: T, headers: &HeaderMap) -> tonic::Request<T> {
     r
 }
 
-/// The gRPC path of the service method named `method` in Rust ("user_change_password":
-/// "/etcdserverpb.Auth/UserChangePassword").
-fn grpc_method(method: &str) -> &'static str {
+/// The counters of the gRPC method a service method is named for in Rust
+/// ("user_change_password": UserChangePassword).
+fn method_calls(metrics: &Metrics, method: &str) -> MethodCalls {
     let name: String = method
         .split('_')
         .flat_map(|w| {
@@ -202,12 +202,12 @@ fn grpc_method(method: &str) -> &'static str {
             c.next().map(|f| f.to_ascii_uppercase()).into_iter().chain(c)
         })
         .collect();
-    metrics::grpc_path(&name).unwrap_or_else(|| panic!("{method} is not a method of the protos"))
+    metrics.method_calls(&name).unwrap_or_else(|| panic!("{method} is not a method of the protos"))
 }
 
 /// One call: the request from `body` (empty: every field its default), its answer as JSON;
-/// counted as a call of the gRPC method at `counted.1` once the request is read.
-async fn call<Req, Resp, Fut>(body: &[u8], counted: (UnaryCounter, &str), f: impl FnOnce(Req) -> Fut) -> Response
+/// counted as a call of `calls`' method once the request is read.
+async fn call<Req, Resp, Fut>(body: &[u8], calls: &MethodCalls, f: impl FnOnce(Req) -> Fut) -> Response
 where
     Req: DeserializeOwned + Default,
     Resp: Serialize,
@@ -221,9 +221,9 @@ where
             Err(e) => return failed(&Status::invalid_argument(e.to_string())),
         }
     };
-    let counting = counted.0.start(counted.1);
+    let counting = calls.start();
     let answer = f(req).await;
-    counting.finish(answer.as_ref().map_or_else(Status::code, |_| Code::Ok));
+    counting.finish_with(answer.as_ref().map_or_else(Status::code, |_| Code::Ok));
     match answer {
         Ok(resp) => match serde_json::to_vec(resp.get_ref()) {
             Ok(json) => super::http::json(StatusCode::OK, json),

@@ -130,9 +130,12 @@ impl Metrics {
         GrpcLayer(self.grpc.clone())
     }
 
-    /// Counts calls that reach the services without passing the gRPC routes.
-    pub fn unary_counter(&self) -> UnaryCounter {
-        UnaryCounter(self.grpc.clone())
+    /// The counters of the gRPC method grpc-go names `method` ("Put"), for calls that reach
+    /// its service without passing the gRPC routes (the JSON gateway's); no two of etcd's
+    /// services have a method of the same name.
+    pub fn method_calls(&self, method: &str) -> Option<MethodCalls> {
+        let path = GRPC_METHODS.iter().find(|m| m.2 == method)?.0;
+        self.grpc.methods.get(path).cloned().map(MethodCalls)
     }
 
     fn refresh(&self, ctx: &Ctx) {
@@ -218,28 +221,49 @@ const CODES: [&str; 17] = [
 const CANCELED: usize = 1;
 const UNKNOWN: usize = 2;
 
-/// One call being counted, until its status is known.
-struct Call(Arc<MethodCounters>);
+/// One method's counters, for counting its calls one by one.
+#[derive(Clone)]
+pub struct MethodCalls(Arc<MethodCounters>);
+
+impl MethodCalls {
+    /// A call of the method, counted as started.
+    pub fn start(&self) -> Call {
+        self.0.started.inc();
+        Call(Some(self.0.clone()))
+    }
+}
+
+/// One call being counted, until its status is known; dropped before it is, counted as
+/// Canceled (its client went), as grpc-go counts it.
+pub struct Call(Option<Arc<MethodCounters>>);
 
 impl Call {
     /// The call of a request to `path`, counted as started, if it is a known method.
     fn start(counters: &GrpcCounters, path: &str) -> Option<Call> {
-        let method = counters.methods.get(path)?;
-        method.started.inc();
-        Some(Call(method.clone()))
+        counters.methods.get(path).map(|m| MethodCalls(m.clone()).start())
     }
 
     /// Counts the call handled with `code` (an index into [`CODES`]).
-    fn handled(self, code: usize) {
-        if let Some(c) = self.0.handled.get(code) {
+    fn handled(mut self, code: usize) {
+        if let Some(c) = self.0.take().as_ref().and_then(|m| m.handled.get(code)) {
             c.inc();
         }
     }
 
+    /// The call's counters, without the count of a drop as Canceled.
+    fn unarmed(mut self) -> Option<Arc<MethodCounters>> {
+        self.0.take()
+    }
+
+    /// Counts the call handled with `code`.
+    pub fn finish_with(self, code: tonic::Code) {
+        self.handled(code_index(i32::from(code)));
+    }
+
     /// The code in `headers`' `grpc-status`, if they carry one.
     fn code_in(headers: &axum::http::HeaderMap) -> Option<usize> {
-        let n: usize = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
-        Some(if n < CODES.len() { n } else { UNKNOWN })
+        let n: i32 = headers.get("grpc-status")?.to_str().ok()?.parse().ok()?;
+        Some(code_index(n))
     }
 
     /// Counts the call handled when its status is known: at once when the response's
@@ -254,43 +278,17 @@ impl Call {
     }
 }
 
-/// The path of the gRPC method named `method` ("Put": "/etcdserverpb.KV/Put"); no two of
-/// etcd's services have a method of the same name.
-pub fn grpc_path(method: &str) -> Option<&'static str> {
-    GRPC_METHODS.iter().find(|m| m.2 == method).map(|m| m.0)
-}
-
-/// Counts unary calls made to the services directly (the JSON gateway's) as the gRPC
-/// calls they stand for: etcd's gateway is a gRPC client of its own member, so its calls
-/// are counted with the others.
-#[derive(Clone)]
-pub struct UnaryCounter(Arc<GrpcCounters>);
-
-impl UnaryCounter {
-    /// A call of the gRPC method at `path`, counted as started.
-    pub fn start(&self, path: &str) -> UnaryCall {
-        UnaryCall(Call::start(&self.0, path))
-    }
-}
-
-/// A unary call being counted: handled with its status' code when it finishes, or as
-/// Canceled if dropped before (its client went).
-pub struct UnaryCall(Option<Call>);
-
-impl UnaryCall {
-    pub fn finish(mut self, code: tonic::Code) {
-        if let Some(call) = self.0.take() {
-            call.handled(usize::try_from(i32::from(code)).unwrap_or(UNKNOWN));
-        }
-    }
-}
-
-impl Drop for UnaryCall {
+impl Drop for Call {
     fn drop(&mut self) {
-        if let Some(call) = self.0.take() {
-            call.handled(CANCELED);
+        if let Some(c) = self.0.take() {
+            c.handled[CANCELED].inc();
         }
     }
+}
+
+/// The index into [`CODES`] of gRPC's status code `n`; Unknown for a code it has not.
+fn code_index(n: i32) -> usize {
+    usize::try_from(n).ok().filter(|&i| i < CODES.len()).unwrap_or(UNKNOWN)
 }
 
 /// A response body that counts its call once its trailers pass (or, should it end or
@@ -336,14 +334,6 @@ impl http_body::Body for Counted {
     }
 }
 
-impl Drop for Counted {
-    fn drop(&mut self) {
-        if let Some(call) = self.call.take() {
-            call.handled(CANCELED);
-        }
-    }
-}
-
 /// Counts every gRPC call of the routes it wraps.
 #[derive(Clone)]
 pub struct GrpcLayer(Arc<GrpcCounters>);
@@ -376,12 +366,14 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        let call = Call::start(&self.counters, req.uri().path());
+        // Held unarmed while the handler runs: a handler dropped before it answers leaves
+        // its call counted as started only.
+        let method = Call::start(&self.counters, req.uri().path()).and_then(Call::unarmed);
         let answer = self.inner.call(req);
         Box::pin(async move {
             let resp = answer.await?;
-            Ok(match call {
-                Some(call) => call.finish(resp),
+            Ok(match method {
+                Some(m) => Call(Some(m)).finish(resp),
                 None => resp,
             })
         })
