@@ -34,7 +34,10 @@ pub struct WatchBenchConfig {
 #[derive(Debug)]
 pub struct WatchReport {
     pub events: u64,
+    /// From the first put to the last event.
     pub seconds: f64,
+    /// Making the watchers, before the first put.
+    pub open_seconds: f64,
     pub put_seconds: f64,
     pub latency: Histogram<u64>,
     /// Events out of order or repeated.
@@ -51,6 +54,7 @@ impl WatchReport {
         let mut r = Record::new(cfg, "watch", self.events, Duration::from_secs_f64(self.seconds), &self.latency);
         r.errors = self.put_errors + self.disorder + self.wrong_counts;
         r.extra.insert("puts".into(), self.put_count as f64);
+        r.extra.insert("open_seconds".into(), self.open_seconds);
         r.extra.insert("puts_per_sec".into(), self.put_count as f64 / self.put_seconds.max(1e-9));
         r.extra.insert("put_errors".into(), self.put_errors as f64);
         r.extra.insert("disorder".into(), self.disorder as f64);
@@ -278,6 +282,10 @@ pub async fn run(shards: &Shards, chans: Vec<Conn>, cfg: WatchBenchConfig) -> Re
         std::mem::forget(resp);
     }
 
+    // Events per second count from the first put, with every watcher in place: the
+    // watchers' making is timed on its own.
+    let open_seconds = start.elapsed().as_secs_f64();
+    let puts_began = Instant::now();
     // The puts: open loop at the rate asked, or as fast as `put_clients` clients go.
     let mut per_key = vec![0u64; keys];
     for seq in 0..cfg.puts {
@@ -297,7 +305,7 @@ pub async fn run(shards: &Shards, chans: Vec<Conn>, cfg: WatchBenchConfig) -> Re
                     break;
                 }
                 if let Some(rate) = rate {
-                    let due = start + Duration::from_secs_f64(seq as f64 / rate.max(1e-3));
+                    let due = puts_began + Duration::from_secs_f64(seq as f64 / rate.max(1e-3));
                     tokio::time::sleep_until(due.into()).await;
                 }
                 sent[seq].store((start.elapsed().as_nanos() as u64).max(1), Ordering::Relaxed);
@@ -312,7 +320,7 @@ pub async fn run(shards: &Shards, chans: Vec<Conn>, cfg: WatchBenchConfig) -> Re
     for p in puts {
         let _ = p.await;
     }
-    let put_seconds = start.elapsed().as_secs_f64();
+    let put_seconds = puts_began.elapsed().as_secs_f64();
     // Wait until every watcher has everything (or a deadline).
     let expected: u64 = watcher_keys.iter().flatten().map(|k| per_key[*k]).sum();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -329,8 +337,8 @@ pub async fn run(shards: &Shards, chans: Vec<Conn>, cfg: WatchBenchConfig) -> Re
         last = last.max(st.last_event);
     }
     let seconds = match last {
-        Some(t) if done => t.duration_since(start),
-        _ => start.elapsed(),
+        Some(t) if done => t.duration_since(puts_began),
+        _ => puts_began.elapsed(),
     }
     .as_secs_f64();
     for r in readers {
@@ -340,6 +348,7 @@ pub async fn run(shards: &Shards, chans: Vec<Conn>, cfg: WatchBenchConfig) -> Re
     Ok(WatchReport {
         events: events.load(Ordering::Relaxed),
         seconds,
+        open_seconds,
         put_seconds,
         latency,
         disorder: disorder.load(Ordering::Relaxed),
