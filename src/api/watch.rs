@@ -22,7 +22,7 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::Streaming;
 
 use super::auth::Credentials;
-use super::watch_wire::{encode_header, EncodedEvents, Outgoing, OutgoingStream};
+use super::watch_wire::{Outgoing, OutgoingStream, SharedEventsBuilder};
 use super::Ctx;
 use crate::pb::etcdserverpb::watch_create_request::FilterType;
 use crate::pb::etcdserverpb::{watch_request, ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse};
@@ -88,6 +88,7 @@ impl WatchService {
             next_auto: 0,
             hub_at: self.ctx.store.revision(),
             deliveries: Vec::new(),
+            behind: false,
         };
         let open = Open::new(&self.streams);
         let progress_every = self.progress_every;
@@ -145,8 +146,12 @@ struct WatchStream {
     next_auto: i64,
     /// The newest revision the hub has brought this stream.
     hub_at: i64,
-    /// A batch's deliveries, (watcher, event index), kept between batches for its room.
-    deliveries: Vec<(i64, usize)>,
+    /// A batch's deliveries, (watcher, event index, the watcher's responses are its
+    /// own), kept between batches for its room.
+    deliveries: Vec<(i64, usize, bool)>,
+    /// Some watcher may be unsynced: set whenever one becomes so, cleared when a look
+    /// finds none (rather than looking at every watcher at every step).
+    behind: bool,
 }
 
 /// The client went away.
@@ -164,7 +169,10 @@ impl WatchStream {
         let stopped = ctx.stopped();
         tokio::pin!(stopped);
         loop {
-            let behind = self.watchers.values().any(|w| !w.synced);
+            if self.behind {
+                self.behind = self.watchers.values().any(|w| !w.synced);
+            }
+            let behind = self.behind;
             let step = tokio::select! {
                 biased;
                 _ = &mut stopped => return,
@@ -213,7 +221,10 @@ impl WatchStream {
             return Ok(());
         }
         self.run_bytes = 0;
-        self.tx.send(std::mem::take(&mut self.run)).await.map_err(|_| Gone)
+        // The next run is likely as long: room for it now rather than growing it.
+        let room = self.run.len();
+        let run = std::mem::replace(&mut self.run, Vec::with_capacity(room));
+        self.tx.send(run).await.map_err(|_| Gone)
     }
 
     async fn on_request(&mut self, req: WatchRequest) -> Result<(), Gone> {
@@ -287,6 +298,7 @@ impl WatchStream {
             progress_notify: c.progress_notify,
             quiet: true,
         };
+        self.behind |= !w.synced;
         if w.single_key {
             self.by_key.entry(key).or_default().push(id);
         } else {
@@ -312,6 +324,7 @@ impl WatchStream {
     }
 
     fn unsync_all(&mut self) {
+        self.behind = true;
         let from = self.hub_at + 1;
         for w in self.watchers.values_mut() {
             if w.synced {
@@ -322,7 +335,7 @@ impl WatchStream {
     }
 
     /// Hands a batch from the hub to the synced watchers it concerns.
-    async fn on_batch(&mut self, b: &EventBatch) -> Result<(), Gone> {
+    async fn on_batch(&mut self, b: &Arc<EventBatch>) -> Result<(), Gone> {
         if b.to <= self.hub_at {
             return Ok(());
         }
@@ -345,41 +358,55 @@ impl WatchStream {
             let Some(kv) = &ev.kv else { continue };
             let keyed = self.by_key.get(&kv.key).map(Vec::as_slice).unwrap_or_default();
             for id in keyed.iter().chain(&self.ranged) {
-                if let Some(w) = self.watchers.get(id) {
+                if let Some(w) = self.watchers.get_mut(id) {
                     if w.synced && w.wants(ev) {
-                        deliveries.push((*id, i));
+                        w.quiet = false;
+                        deliveries.push((*id, i, w.prev_kv || w.fragment));
                     }
                 }
             }
         }
-        deliveries.sort_by_key(|&(id, _)| id);
+        deliveries.sort_by_key(|&(id, _, _)| id);
         // A synced watcher's `next` is left where it was: below `hub_at` it means nothing,
         // and `unsync_all` moves it up before it is used again.
-        let mut encoded = EncodedEvents::new(events);
-        let mut header = None;
-        let mut sent = Ok(());
+        // Plain watchers' responses share the batch's encoded events; the others' are
+        // built for each alone: previous values are looked up, and a large response may
+        // be split.
+        let mut shared = SharedEventsBuilder::new(b.clone(), deliveries.len());
+        let mut plain = Vec::with_capacity(deliveries.len());
+        let mut own = Vec::new();
         for group in deliveries.chunk_by(|a, b| a.0 == b.0) {
-            let id = group[0].0;
-            let wanted = group.iter().map(|&(_, i)| i);
-            let Some(w) = self.watchers.get_mut(&id) else { continue };
-            w.quiet = false;
-            sent = if w.prev_kv || w.fragment {
-                // Built for this watcher alone: previous values are looked up, and a
-                // large response may be split.
-                let mine = wanted.map(|i| events[i].clone()).collect();
-                self.deliver(id, mine, b.to).await
+            let (id, _, alone) = group[0];
+            if alone {
+                own.push(group);
             } else {
-                let header =
-                    header.get_or_insert_with(|| encode_header(&self.header(b.to).unwrap_or_default())).clone();
-                let events = wanted.map(|i| encoded.get(i)).collect();
-                self.send(Outgoing::Events { header, watch_id: id, events }).await
-            };
-            if sent.is_err() {
-                break;
+                plain.push((id, shared.take(group.iter().map(|&(_, i, _)| i))));
             }
         }
+        let sent = self.send_batch(shared, plain, own, events, b.to).await;
         self.deliveries = deliveries;
         sent
+    }
+
+    async fn send_batch(
+        &mut self,
+        shared: SharedEventsBuilder,
+        plain: Vec<(i64, std::ops::Range<usize>)>,
+        own: Vec<&[(i64, usize, bool)]>,
+        events: &[Event],
+        revision: i64,
+    ) -> Result<(), Gone> {
+        if !plain.is_empty() {
+            let shared = shared.finish(&self.header(revision).unwrap_or_default());
+            for (watch_id, picks) in plain {
+                self.send(Outgoing::Events { shared: shared.clone(), watch_id, picks }).await?;
+            }
+        }
+        for group in own {
+            let mine = group.iter().map(|&(_, i, _)| events[i].clone()).collect();
+            self.deliver(group[0].0, mine, revision).await?;
+        }
+        Ok(())
     }
 
     /// One bounded step of reading the history for the unsynced watchers.

@@ -1,9 +1,11 @@
 //! How watch responses reach the wire.
 //!
 //! A put seen by a thousand watchers is a thousand responses that differ only in their
-//! watch id. The stream task encodes each event once per batch and the same bytes go
-//! into every response that carries it; a response is then a copy of a few encoded
-//! parts, not a protobuf message built and encoded again per watcher.
+//! watch id. Each event is encoded once, by the first stream that needs it, and the
+//! same bytes go into every response of every stream that carries it; a response is
+//! then a copy of a few encoded parts, not a protobuf message built and encoded again
+//! per watcher. A stream's responses to one batch share one allocation: each names its
+//! events by a range in it.
 //!
 //! tonic's generated server fixes the codec to prost's, so the Watch service is routed
 //! here by hand: the same path and limits, with a codec that writes either kind of
@@ -11,6 +13,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -26,7 +29,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::watch::WatchService;
 use crate::pb::etcdserverpb::{ResponseHeader, WatchRequest, WatchResponse};
-use crate::pb::mvccpb::Event;
+use crate::store::watch::EventBatch;
 
 /// The gRPC path of etcd's one watch method.
 const WATCH_PATH: &str = "/etcdserverpb.Watch/Watch";
@@ -39,9 +42,9 @@ const EVENTS_FIELD: u32 = 11;
 pub enum Outgoing {
     /// Built as a message (created, canceled, progress, fragments, previous values).
     Message(WatchResponse),
-    /// Events for one watcher from parts encoded once for all: the header field and
-    /// each event field, as made by [`encode_header`] and [`EncodedEvents`].
-    Events { header: Bytes, watch_id: i64, events: Vec<Bytes> },
+    /// Events for one watcher from parts encoded once for the batch: its `picks` in
+    /// the batch's [`SharedEvents`].
+    Events { shared: Arc<SharedEvents>, watch_id: i64, picks: Range<usize> },
 }
 
 impl Outgoing {
@@ -49,13 +52,16 @@ impl Outgoing {
     fn write(&self, dst: &mut impl BufMut) {
         match self {
             Outgoing::Message(m) => m.encode_raw(dst),
-            Outgoing::Events { header, watch_id, events } => {
-                dst.put_slice(header);
+            Outgoing::Events { shared, watch_id, picks } => {
+                dst.put_slice(&shared.header);
                 if *watch_id != 0 {
                     prost::encoding::int64::encode(WATCH_ID_FIELD, watch_id, dst);
                 }
-                for e in events {
-                    dst.put_slice(e);
+                for &i in &shared.picks[picks.clone()] {
+                    let event = shared.batch.encoded(i);
+                    prost::encoding::encode_key(EVENTS_FIELD, prost::encoding::WireType::LengthDelimited, dst);
+                    prost::encoding::encode_varint(event.len() as u64, dst);
+                    dst.put_slice(event);
                 }
             }
         }
@@ -65,7 +71,7 @@ impl Outgoing {
     pub fn size(&self) -> usize {
         match self {
             Outgoing::Message(m) => m.encoded_len(),
-            Outgoing::Events { events, .. } => 16 + 8 * events.len(),
+            Outgoing::Events { picks, .. } => 16 + 8 * picks.len(),
         }
     }
 }
@@ -76,39 +82,43 @@ impl From<WatchResponse> for Outgoing {
     }
 }
 
-/// The header as WatchResponse field 1, ready to be copied into responses.
-pub fn encode_header(header: &ResponseHeader) -> Bytes {
-    let mut b = BytesMut::with_capacity(header.encoded_len() + 2);
-    prost::encoding::message::encode(HEADER_FIELD, header, &mut b);
-    b.freeze()
+/// What a batch's plain responses on one stream carry: the header, as WatchResponse
+/// field 1, and the batch's events they take.
+pub struct SharedEvents {
+    header: Bytes,
+    batch: Arc<EventBatch>,
+    /// The events of every response, one response's after another's, by index.
+    picks: Vec<usize>,
 }
 
-/// A batch's events, each encoded as WatchResponse field 11 the first time a watcher
-/// wants it, into one buffer for the batch.
-pub struct EncodedEvents<'a> {
-    events: &'a [Event],
-    done: Vec<Option<Bytes>>,
-    buf: BytesMut,
+/// Gathers a batch's plain responses: [`Self::take`] each response's events, then
+/// [`Self::finish`] once to share them.
+pub struct SharedEventsBuilder {
+    batch: Arc<EventBatch>,
+    picks: Vec<usize>,
 }
 
-impl<'a> EncodedEvents<'a> {
-    pub fn new(events: &'a [Event]) -> Self {
-        Self { events, done: vec![None; events.len()], buf: BytesMut::new() }
+impl SharedEventsBuilder {
+    /// `picks`: about how many events the responses will take in all.
+    pub fn new(batch: Arc<EventBatch>, picks: usize) -> Self {
+        Self { batch, picks: Vec::with_capacity(picks) }
     }
 
-    pub fn get(&mut self, i: usize) -> Bytes {
-        if let Some(b) = &self.done[i] {
-            return b.clone();
+    /// Adds the events at `indices` as one response's; returns its picks.
+    pub fn take(&mut self, indices: impl Iterator<Item = usize>) -> Range<usize> {
+        let from = self.picks.len();
+        for i in indices {
+            // Encoded here, on the stream's task, rather than while the writer waits.
+            self.batch.encoded(i);
+            self.picks.push(i);
         }
-        let ev = &self.events[i];
-        if self.buf.capacity() < ev.encoded_len() + 12 {
-            // Room for the rest of the batch's events of about this size.
-            self.buf.reserve((ev.encoded_len() + 12) * (self.events.len() - i).min(64));
-        }
-        prost::encoding::message::encode(EVENTS_FIELD, ev, &mut self.buf);
-        let b = self.buf.split().freeze();
-        self.done[i] = Some(b.clone());
-        b
+        from..self.picks.len()
+    }
+
+    pub fn finish(self, header: &ResponseHeader) -> Arc<SharedEvents> {
+        let mut h = BytesMut::with_capacity(header.encoded_len() + 2);
+        prost::encoding::message::encode(HEADER_FIELD, header, &mut h);
+        Arc::new(SharedEvents { header: h.freeze(), batch: self.batch, picks: self.picks })
     }
 }
 
@@ -250,13 +260,13 @@ mod tests {
             delete_event(Bytes::from_static(b"b"), 6),
         ];
         let header = ResponseHeader { cluster_id: 1, member_id: 2, revision: 6, raft_term: 3 };
-        let mut enc = EncodedEvents::new(&events);
-        for watch_id in [0i64, 1, -1, i64::MAX] {
-            let out = Outgoing::Events {
-                header: encode_header(&header),
-                watch_id,
-                events: vec![enc.get(0), enc.get(1), enc.get(0)],
-            };
+        let batch = Arc::new(EventBatch::new(5, 6, Some(events.clone())));
+        let mut builder = SharedEventsBuilder::new(batch, 12);
+        let ids = [0i64, 1, -1, i64::MAX];
+        let picks: Vec<_> = ids.iter().map(|_| builder.take([0, 1, 0].into_iter())).collect();
+        let shared = builder.finish(&header);
+        for (watch_id, picks) in ids.into_iter().zip(picks) {
+            let out = Outgoing::Events { shared: shared.clone(), watch_id, picks };
             let mut written = BytesMut::new();
             out.write(&mut written);
             let back = WatchResponse::decode(written.freeze()).expect("decodes");

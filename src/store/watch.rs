@@ -3,8 +3,10 @@
 //! channel's capacity behind learns that it lagged and catches up from the store's
 //! history instead (etcd's synced and unsynced watcher groups).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
+use prost::Message;
 use tokio::sync::broadcast;
 
 use crate::pb::mvccpb::{event::EventType, Event, KeyValue};
@@ -21,6 +23,24 @@ pub struct EventBatch {
     /// Every event of those revisions, or None when the store jumped there without
     /// them (a snapshot was installed): listeners must read the history.
     pub events: Option<Vec<Event>>,
+    /// Each event's protobuf encoding, made by the first listener that needs it and
+    /// shared by all the others.
+    encoded: Vec<OnceLock<Bytes>>,
+}
+
+impl EventBatch {
+    pub fn new(from: i64, to: i64, events: Option<Vec<Event>>) -> Self {
+        let encoded = events.as_ref().map_or(0, Vec::len);
+        Self { from, to, events, encoded: (0..encoded).map(|_| OnceLock::new()).collect() }
+    }
+
+    /// The protobuf encoding of event `i` (an index into `events`).
+    pub fn encoded(&self, i: usize) -> &Bytes {
+        self.encoded[i].get_or_init(|| match &self.events {
+            Some(events) => Bytes::from(events[i].encode_to_vec()),
+            None => Bytes::new(),
+        })
+    }
 }
 
 /// The publishing side, owned by the store.
@@ -112,8 +132,8 @@ mod tests {
         let hub = WatchHub::default();
         let mut rx = hub.subscribe();
         let mut held = hub.hold();
-        held.push(EventBatch { from: 1, to: 1, events: Some(vec![delete_event("a".into(), 1)]) });
-        held.push(EventBatch { from: 2, to: 3, events: None });
+        held.push(EventBatch::new(1, 1, Some(vec![delete_event("a".into(), 1)])));
+        held.push(EventBatch::new(2, 3, None));
         assert!(rx.try_recv().is_err(), "nothing is published while held");
         drop(held);
         let got: Vec<(i64, i64)> = std::iter::from_fn(|| rx.try_recv().ok()).map(|b| (b.from, b.to)).collect();

@@ -224,7 +224,7 @@ impl MvccStore {
         drop(ix);
         if l.current > before {
             // The events in between came with the snapshot, not one by one.
-            self.hub.publish(EventBatch { from: before + 1, to: l.current, events: None });
+            self.hub.publish(EventBatch::new(before + 1, l.current, None));
         }
         Ok(())
     }
@@ -637,7 +637,7 @@ impl MvccStore {
             self.compacted.store(c, Ordering::Release);
         }
         if rev > before {
-            held.push(EventBatch { from: before + 1, to: rev, events: Some(events) });
+            held.push(EventBatch::new(before + 1, rev, Some(events)));
         }
         Ok(())
     }
