@@ -3,4 +3,5 @@
 
 pub mod check;
 pub mod netns;
+pub mod ports;
 pub mod run;

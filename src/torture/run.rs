@@ -16,6 +16,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::check::{self, Input, Op, Output};
 use super::netns::Netns;
+use super::ports::free_port;
 use crate::pb::etcdserverpb::cluster_client::ClusterClient;
 use crate::pb::etcdserverpb::kv_client::KvClient;
 use crate::pb::etcdserverpb::maintenance_client::MaintenanceClient;
@@ -146,10 +147,6 @@ struct Member {
     child: Option<Child>,
     /// Killed for good (replaced): no longer part of the cluster.
     retired: bool,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
 impl Member {

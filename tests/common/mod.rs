@@ -123,37 +123,7 @@ impl Proc {
     }
 }
 
-/// A free loopback port, checked by binding it and released. Only for programs that must
-/// be told their port before they start (etcd; members that name each other).
-///
-/// Drawn below the kernel's ephemeral range: a port bound as port 0 comes from that
-/// range, where any outgoing connection of the many processes under test can take it
-/// between this check and the program's own bind ("Address already in use"). Never
-/// handed out twice by one test process.
-pub fn free_port() -> u16 {
-    static GIVEN: Mutex<std::collections::BTreeSet<u16>> = Mutex::new(std::collections::BTreeSet::new());
-    let ephemeral_low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
-        .unwrap_or(32768);
-    for _ in 0..10_000 {
-        let port = if ephemeral_low > 11_000 {
-            10_000 + (rand::random::<u32>() % u32::from(ephemeral_low - 10_000)) as u16
-        } else {
-            // No room below the range: as good as the kernel's choice gets.
-            std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-        };
-        let mut given = GIVEN.lock().unwrap();
-        if given.contains(&port) {
-            continue;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            given.insert(port);
-            return port;
-        }
-    }
-    panic!("no free loopback port found");
-}
+pub use meshkv::torture::ports::free_port;
 
 /// Waits until `f` holds or the deadline passes.
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
