@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use common::*;
 
@@ -104,6 +105,34 @@ async fn health_probes_version_and_metrics_answer_as_etcd_does() {
     assert_eq!(metric(&scraped, "etcd_debugging_mvcc_keys_total"), Some(20.0));
     let grpc = etcdctl(&other, &["get", "k0"], None);
     assert_ne!(grpc.status, 0, "no KV service on the metrics URL: {grpc:?}");
+}
+
+/// A call whose client stops waiting is counted as handled, Canceled: a lock one client
+/// holds, asked for by another that gives up. grpc-go counts a call when its handler
+/// returns, and etcd's handlers return Canceled when their client goes; meshkv's handler
+/// is dropped instead, and counted so. (etcd 3.4's Lock handler itself keeps waiting
+/// for the lock after its client went, so etcd shows that call as started only until
+/// the lock is free.)
+#[tokio::test]
+async fn an_abandoned_call_is_counted_canceled() {
+    let dir = tempdir();
+    let p = start_meshkv(dir.path(), &[]);
+    let mut holder = etcd_client::Client::connect([p.endpoint()], None).await.unwrap();
+    holder.lock("l", None).await.unwrap();
+    let mut waiter = etcd_client::Client::connect([p.endpoint()], None).await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_millis(300), waiter.lock("l", None)).await;
+    assert!(waited.is_err(), "the lock is held elsewhere: {waited:?}");
+    let lock = "grpc_method=\"Lock\",grpc_service=\"v3lockpb.Lock\",grpc_type=\"unary\"";
+    let calls = |code: &str| {
+        let m = curl(&format!("{}/metrics", p.endpoint()), &[]).body;
+        let handled = metric(&m, &format!("grpc_server_handled_total{{grpc_code=\"{code}\",{lock}}}"));
+        (metric(&m, &format!("grpc_server_started_total{{{lock}}}")), handled)
+    };
+    eventually("the abandoned Lock call counted", Duration::from_secs(10), || async {
+        calls("Canceled") == (Some(2.0), Some(1.0))
+    })
+    .await;
+    assert_eq!(calls("OK"), (Some(2.0), Some(1.0)));
 }
 
 /// A response's JSON with what differs between any two clusters (ids, terms) blanked.

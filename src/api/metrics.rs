@@ -250,11 +250,6 @@ impl Call {
         }
     }
 
-    /// The call's counters, without the count of a drop as Canceled.
-    fn unarmed(mut self) -> Option<Arc<MethodCounters>> {
-        self.0.take()
-    }
-
     /// Counts the call handled with `code`.
     pub fn finish_with(self, code: tonic::Code) {
         self.handled(code_index(i32::from(code)));
@@ -366,14 +361,14 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        // Held unarmed while the handler runs: a handler dropped before it answers leaves
-        // its call counted as started only.
-        let method = Call::start(&self.counters, req.uri().path()).and_then(Call::unarmed);
+        // A handler dropped before it answers (its client reset the call, or went) is
+        // counted as Canceled by the call's drop, as grpc-go's handler would return it.
+        let call = Call::start(&self.counters, req.uri().path());
         let answer = self.inner.call(req);
         Box::pin(async move {
             let resp = answer.await?;
-            Ok(match method {
-                Some(m) => Call(Some(m)).finish(resp),
+            Ok(match call {
+                Some(call) => call.finish(resp),
                 None => resp,
             })
         })
