@@ -22,7 +22,7 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::Streaming;
 
 use super::auth::Credentials;
-use super::watch_wire::{Outgoing, OutgoingStream, SharedEventsBuilder};
+use super::watch_wire::{Outgoing, OutgoingStream, SharedEventsBuilder, SharedHeader};
 use super::Ctx;
 use crate::pb::etcdserverpb::watch_create_request::FilterType;
 use crate::pb::etcdserverpb::{watch_request, ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse};
@@ -44,11 +44,12 @@ pub struct WatchService {
     max_response_bytes: usize,
     /// Streams open now.
     streams: prometheus::IntGauge,
+    headers: Arc<SharedHeader>,
 }
 
 impl WatchService {
     pub fn new(ctx: Ctx, progress_every: Duration, max_response_bytes: usize, streams: prometheus::IntGauge) -> Self {
-        Self { ctx, progress_every, max_response_bytes, streams }
+        Self { ctx, progress_every, max_response_bytes, streams, headers: Arc::default() }
     }
 }
 
@@ -89,6 +90,7 @@ impl WatchService {
             hub_at: self.ctx.store.revision(),
             deliveries: Vec::new(),
             behind: false,
+            headers: self.headers.clone(),
         };
         let open = Open::new(&self.streams);
         let progress_every = self.progress_every;
@@ -152,6 +154,7 @@ struct WatchStream {
     /// Some watcher may be unsynced: set whenever one becomes so, cleared when a look
     /// finds none (rather than looking at every watcher at every step).
     behind: bool,
+    headers: Arc<SharedHeader>,
 }
 
 /// The client went away.
@@ -397,7 +400,8 @@ impl WatchStream {
         revision: i64,
     ) -> Result<(), Gone> {
         if !plain.is_empty() {
-            let shared = shared.finish(&self.header(revision).unwrap_or_default());
+            let header = self.headers.encoded(self.header(revision).unwrap_or_default());
+            let shared = shared.finish(header);
             for (watch_id, picks) in plain {
                 self.send(Outgoing::Events { shared: shared.clone(), watch_id, picks }).await?;
             }

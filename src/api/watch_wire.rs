@@ -115,10 +115,30 @@ impl SharedEventsBuilder {
         from..self.picks.len()
     }
 
-    pub fn finish(self, header: &ResponseHeader) -> Arc<SharedEvents> {
-        let mut h = BytesMut::with_capacity(header.encoded_len() + 2);
-        prost::encoding::message::encode(HEADER_FIELD, header, &mut h);
-        Arc::new(SharedEvents { header: h.freeze(), batch: self.batch, picks: self.picks })
+    /// `header`: as made by [`SharedHeader::encoded`].
+    pub fn finish(self, header: Bytes) -> Arc<SharedEvents> {
+        Arc::new(SharedEvents { header, batch: self.batch, picks: self.picks })
+    }
+}
+
+/// The header of the newest batch's responses as WatchResponse field 1, encoded by the
+/// first stream that sends one and copied by the others.
+#[derive(Default)]
+pub struct SharedHeader(std::sync::Mutex<Option<(ResponseHeader, Bytes)>>);
+
+impl SharedHeader {
+    pub fn encoded(&self, header: ResponseHeader) -> Bytes {
+        let mut last = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &*last {
+            Some((h, b)) if *h == header => b.clone(),
+            _ => {
+                let mut b = BytesMut::with_capacity(header.encoded_len() + 2);
+                prost::encoding::message::encode(HEADER_FIELD, &header, &mut b);
+                let b = b.freeze();
+                *last = Some((header, b.clone()));
+                b
+            }
+        }
     }
 }
 
@@ -264,7 +284,7 @@ mod tests {
         let mut builder = SharedEventsBuilder::new(batch, 12);
         let ids = [0i64, 1, -1, i64::MAX];
         let picks: Vec<_> = ids.iter().map(|_| builder.take([0, 1, 0].into_iter())).collect();
-        let shared = builder.finish(&header);
+        let shared = builder.finish(SharedHeader::default().encoded(header));
         for (watch_id, picks) in ids.into_iter().zip(picks) {
             let out = Outgoing::Events { shared: shared.clone(), watch_id, picks };
             let mut written = BytesMut::new();
@@ -278,6 +298,19 @@ mod tests {
             };
             assert_eq!(back, want);
         }
+    }
+
+    /// The shared header is the newest one asked for, whichever stream asks.
+    #[test]
+    fn the_shared_header_follows_the_newest_batch() {
+        let shared = SharedHeader::default();
+        let at = |revision| ResponseHeader { cluster_id: 1, member_id: 2, revision, raft_term: 3 };
+        let decode = |b: Bytes| WatchResponse::decode(b).expect("decodes").header;
+        let first = shared.encoded(at(5));
+        assert_eq!(shared.encoded(at(5)).as_ptr(), first.as_ptr(), "encoded once");
+        assert_eq!(decode(first), Some(at(5)));
+        assert_eq!(decode(shared.encoded(at(6))), Some(at(6)));
+        assert_eq!(decode(shared.encoded(ResponseHeader { raft_term: 4, ..at(6) })).map(|h| h.raft_term), Some(4));
     }
 
     /// Runs leave as single responses, in the order they were sent, and the stream ends
