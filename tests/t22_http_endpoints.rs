@@ -110,9 +110,9 @@ async fn health_probes_version_and_metrics_answer_as_etcd_does() {
 /// A call whose client stops waiting is counted as handled, Canceled: a lock one client
 /// holds, asked for by another that gives up. grpc-go counts a call when its handler
 /// returns, and etcd's handlers return Canceled when their client goes; meshkv's handler
-/// is dropped instead, and counted so. (etcd 3.4's Lock handler itself keeps waiting
-/// for the lock after its client went, so etcd shows that call as started only until
-/// the lock is free.)
+/// is dropped instead, and counted so. (etcd 3.4's Lock handler did not return when
+/// its client went, in a run of this scenario against it: etcd showed that call as
+/// started only for the ten seconds it was watched.)
 #[tokio::test]
 async fn an_abandoned_call_is_counted_canceled() {
     let dir = tempdir();
