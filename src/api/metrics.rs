@@ -243,15 +243,15 @@ impl Call {
         counters.methods.get(path).map(|m| MethodCalls(m.clone()).start())
     }
 
-    /// Counts the call handled with `code` (an index into [`CODES`]).
-    fn handled(mut self, code: usize) {
+    /// Counts the call handled with `code` (an index into [`CODES`]), if it is not yet.
+    fn handled(&mut self, code: usize) {
         if let Some(c) = self.0.take().as_ref().and_then(|m| m.handled.get(code)) {
             c.inc();
         }
     }
 
     /// Counts the call handled with `code`.
-    pub fn finish_with(self, code: tonic::Code) {
+    pub fn finish_with(mut self, code: tonic::Code) {
         self.handled(code_index(i32::from(code)));
     }
 
@@ -264,12 +264,12 @@ impl Call {
     /// Counts the call handled when its status is known: at once when the response's
     /// headers carry it (a call that failed before answering), else from the trailers
     /// its body ends with.
-    fn finish(self, resp: Response) -> Response {
+    fn finish(mut self, resp: Response) -> Response {
         if let Some(code) = Self::code_in(resp.headers()) {
             self.handled(code);
             return resp;
         }
-        resp.map(|inner| Body::new(Counted { inner, call: Some(self) }))
+        resp.map(|inner| Body::new(Counted { inner, call: self }))
     }
 }
 
@@ -290,7 +290,7 @@ fn code_index(n: i32) -> usize {
 /// be dropped without them, as grpc-go would: Unknown, or Canceled by the client).
 struct Counted {
     inner: Body,
-    call: Option<Call>,
+    call: Call,
 }
 
 impl http_body::Body for Counted {
@@ -305,16 +305,10 @@ impl http_body::Body for Counted {
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(code) = frame.trailers_ref().and_then(Call::code_in) {
-                    if let Some(call) = self.call.take() {
-                        call.handled(code);
-                    }
+                    self.call.handled(code);
                 }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
-                if let Some(call) = self.call.take() {
-                    call.handled(UNKNOWN);
-                }
-            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => self.call.handled(UNKNOWN),
             Poll::Pending => {}
         }
         polled
