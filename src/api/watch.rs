@@ -22,7 +22,7 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::Streaming;
 
 use super::auth::Credentials;
-use super::watch_wire::{Outgoing, OutgoingStream, SharedEventsBuilder, SharedHeader};
+use super::watch_wire::{Outgoing, SharedEventsBuilder, SharedHeader};
 use super::Ctx;
 use crate::pb::etcdserverpb::watch_create_request::FilterType;
 use crate::pb::etcdserverpb::{watch_request, ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse};
@@ -72,7 +72,8 @@ impl Drop for Open {
 impl WatchService {
     /// Serves one watch stream: its task runs until the client or the member goes.
     /// Its watchers are checked against the permissions of the user `credentials` name.
-    pub fn open(&self, incoming: Streaming<WatchRequest>, credentials: Credentials) -> OutgoingStream {
+    /// Returns the runs of responses it sends.
+    pub fn open(&self, incoming: Streaming<WatchRequest>, credentials: Credentials) -> mpsc::Receiver<Vec<Outgoing>> {
         let (tx, rx) = mpsc::channel(STREAM_QUEUE);
         // Subscribe before anything is read from the store, so no batch falls between.
         let hub = self.ctx.store.subscribe();
@@ -98,7 +99,7 @@ impl WatchService {
             stream.run(incoming, hub, progress_every).await;
             drop(open);
         });
-        OutgoingStream::new(rx)
+        rx
     }
 }
 

@@ -7,25 +7,24 @@
 //! per watcher. A stream's responses to one batch share one allocation: each names its
 //! events by a range in it.
 //!
-//! tonic's generated server fixes the codec to prost's, so the Watch service is routed
-//! here by hand: the same path and limits, with a codec that writes either kind of
-//! response and reads requests as prost does.
+//! The Watch service is routed here by hand rather than through tonic's generated
+//! server: the same path and limits, requests read as prost reads them, and a response
+//! body of its own that writes the responses waiting on a stream straight into one DATA
+//! frame, gRPC's message prefixes included, and ends with tonic's OK trailers.
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use http_body::{Body, Frame};
 use prost::Message;
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
-use tonic::codec::{Codec, EncodeBuf, Encoder};
-use tonic::codegen::{http, Body, StdError};
-use tonic::server::{Grpc, NamedService, StreamingService};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::codegen::{http, StdError};
+use tonic::server::NamedService;
+use tonic::{Request, Status, Streaming};
 
 use super::watch::WatchService;
 use crate::pb::etcdserverpb::{ResponseHeader, WatchRequest, WatchResponse};
@@ -63,6 +62,25 @@ impl Outgoing {
                     prost::encoding::encode_varint(event.len() as u64, dst);
                     dst.put_slice(event);
                 }
+            }
+        }
+    }
+
+    /// The length of [`Self::write`]'s bytes.
+    fn encoded_len(&self) -> usize {
+        use prost::encoding::{encoded_len_varint, key_len};
+        match self {
+            Outgoing::Message(m) => m.encoded_len(),
+            Outgoing::Events { shared, watch_id, picks } => {
+                let id = if *watch_id != 0 { prost::encoding::int64::encoded_len(WATCH_ID_FIELD, watch_id) } else { 0 };
+                let events: usize = shared.picks[picks.clone()]
+                    .iter()
+                    .map(|&i| {
+                        let n = shared.batch.encoded(i).len();
+                        key_len(EVENTS_FIELD) + encoded_len_varint(n as u64) + n
+                    })
+                    .sum();
+                shared.header.len() + id + events
             }
         }
     }
@@ -142,63 +160,67 @@ impl SharedHeader {
     }
 }
 
-/// The responses of one watch stream: the stream's task sends them in runs, and they
-/// leave one by one for the codec, which writes those that are ready into one frame.
-pub struct OutgoingStream {
+/// Bytes gathered from waiting runs before they leave as one DATA frame.
+const FRAME_BYTES: usize = 32 << 10;
+
+/// The response body of one watch stream. Its task sends responses in runs; the runs
+/// that are ready leave together as one DATA frame of gRPC messages, written straight
+/// from their parts, and the body ends with an OK status in its trailers once the task
+/// is gone, as tonic's own body would end it.
+pub struct OutgoingBody {
     rx: mpsc::Receiver<Vec<Outgoing>>,
-    run: std::vec::IntoIter<Outgoing>,
+    ended: bool,
 }
 
-impl OutgoingStream {
+impl OutgoingBody {
     pub fn new(rx: mpsc::Receiver<Vec<Outgoing>>) -> Self {
-        Self { rx, run: Vec::new().into_iter() }
+        Self { rx, ended: false }
     }
 }
 
-impl Stream for OutgoingStream {
-    type Item = Result<Outgoing, Status>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        loop {
-            if let Some(resp) = self.run.next() {
-                return Poll::Ready(Some(Ok(resp)));
-            }
-            match std::task::ready!(self.rx.poll_recv(cx)) {
-                Some(run) => self.run = run.into_iter(),
-                None => return Poll::Ready(None),
-            }
-        }
-    }
+/// Appends `resp` as one gRPC message: not compressed, its length, its bytes.
+fn put_message(resp: &Outgoing, buf: &mut BytesMut) {
+    let at = buf.len();
+    buf.put_bytes(0, 5);
+    resp.write(buf);
+    let len = (buf.len() - at - 5) as u32;
+    buf[at + 1..at + 5].copy_from_slice(&len.to_be_bytes());
 }
 
-/// Writes both kinds of response; reads WatchRequests.
-#[derive(Default)]
-pub struct WatchCodec;
-
-pub struct OutgoingEncoder;
-
-impl Encoder for OutgoingEncoder {
-    type Item = Outgoing;
+impl Body for OutgoingBody {
+    type Data = Bytes;
     type Error = Status;
 
-    fn encode(&mut self, item: Outgoing, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.write(dst);
-        Ok(())
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.ended {
+            return Poll::Ready(None);
+        }
+        let mut buf = BytesMut::new();
+        while buf.len() < FRAME_BYTES {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(run)) => {
+                    buf.reserve(run.iter().map(|r| r.encoded_len() + 5).sum());
+                    for resp in &run {
+                        put_message(resp, &mut buf);
+                    }
+                }
+                // What was gathered leaves first; the next poll sees the end again.
+                Poll::Ready(None) if buf.is_empty() => {
+                    self.ended = true;
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert(Status::GRPC_STATUS, http::HeaderValue::from_static("0"));
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Poll::Ready(None) => break,
+                Poll::Pending if buf.is_empty() => return Poll::Pending,
+                Poll::Pending => break,
+            }
+        }
+        Poll::Ready(Some(Ok(Frame::data(buf.freeze()))))
     }
-}
 
-impl Codec for WatchCodec {
-    type Encode = Outgoing;
-    type Decode = WatchRequest;
-    type Encoder = OutgoingEncoder;
-    type Decoder = tonic_prost::ProstDecoder<WatchRequest>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        OutgoingEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
+    fn is_end_stream(&self) -> bool {
+        self.ended
     }
 }
 
@@ -219,17 +241,21 @@ impl NamedService for WatchServer {
     const NAME: &'static str = "etcdserverpb.Watch";
 }
 
-struct Call(Arc<WatchService>);
-
-impl StreamingService<WatchRequest> for Call {
-    type Response = Outgoing;
-    type ResponseStream = OutgoingStream;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Self::ResponseStream>, Status>> + Send>>;
-
-    fn call(&mut self, request: Request<Streaming<WatchRequest>>) -> Self::Future {
-        let service = self.0.clone();
-        let credentials = super::auth::Credentials::of(&request);
-        Box::pin(async move { Ok(Response::new(service.open(request.into_inner(), credentials))) })
+/// What tonic's server answers to a request in a compression it does not take: this
+/// member takes none.
+fn identity_only(headers: &http::HeaderMap) -> Result<(), Status> {
+    match headers.get("grpc-encoding").map(|v| v.as_bytes()) {
+        None | Some(b"identity") => Ok(()),
+        Some(other) => {
+            let mut status = Status::unimplemented(format!(
+                "Content is compressed with `{}` which isn't supported",
+                String::from_utf8_lossy(other)
+            ));
+            status
+                .metadata_mut()
+                .insert("grpc-accept-encoding", tonic::metadata::MetadataValue::from_static("identity"));
+            Err(status)
+        }
     }
 }
 
@@ -240,22 +266,29 @@ where
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
     }
 
+    /// As tonic's streaming server does it, with the body above in place of tonic's.
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         if req.uri().path() != WATCH_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+            return std::future::ready(Ok(Status::unimplemented("").into_http()));
         }
-        let call = Call(self.service.clone());
+        if let Err(status) = identity_only(req.headers()) {
+            return std::future::ready(Ok(status.into_http()));
+        }
         let limit = self.max_decoding_message_size;
-        Box::pin(async move {
-            let mut grpc = Grpc::new(WatchCodec).apply_max_message_size_config(Some(limit), None);
-            Ok(grpc.streaming(call, req).await)
-        })
+        let request = Request::from_http(req.map(|body| {
+            Streaming::new_request(tonic_prost::ProstDecoder::<WatchRequest>::default(), body, None, Some(limit))
+        }));
+        let credentials = super::auth::Credentials::of(&request);
+        let rx = self.service.open(request.into_inner(), credentials);
+        let mut resp = http::Response::new(tonic::body::Body::new(OutgoingBody::new(rx)));
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+        std::future::ready(Ok(resp))
     }
 }
 
@@ -289,6 +322,7 @@ mod tests {
             let out = Outgoing::Events { shared: shared.clone(), watch_id, picks };
             let mut written = BytesMut::new();
             out.write(&mut written);
+            assert_eq!(out.encoded_len(), written.len());
             let back = WatchResponse::decode(written.freeze()).expect("decodes");
             let want = WatchResponse {
                 header: Some(header),
@@ -313,25 +347,67 @@ mod tests {
         assert_eq!(decode(shared.encoded(ResponseHeader { raft_term: 4, ..at(6) })).map(|h| h.raft_term), Some(4));
     }
 
-    /// Runs leave as single responses, in the order they were sent, and the stream ends
-    /// when its task is gone.
+    /// Reads gRPC messages back from the body's data: flag 0, big-endian length, bytes.
+    fn messages(mut data: &[u8]) -> Vec<WatchResponse> {
+        let mut out = Vec::new();
+        while !data.is_empty() {
+            assert_eq!(data[0], 0, "never compressed");
+            let len = u32::from_be_bytes(data[1..5].try_into().unwrap()) as usize;
+            out.push(WatchResponse::decode(&data[5..5 + len]).expect("decodes"));
+            data = &data[5 + len..];
+        }
+        out
+    }
+
+    /// Waiting runs leave together, as gRPC messages in the order they were sent; with
+    /// nothing waiting the body waits; once the stream's task is gone the body ends with
+    /// an OK status, as tonic's would.
     #[tokio::test]
-    async fn runs_leave_one_response_at_a_time_in_order() {
-        use tokio_stream::StreamExt;
+    async fn runs_leave_as_grpc_messages_in_order_then_an_ok_status() {
+        use http_body_util::BodyExt;
         let (tx, rx) = mpsc::channel(4);
-        let mut out = OutgoingStream::new(rx);
+        let mut body = OutgoingBody::new(rx);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending(), "nothing sent yet");
+
         let resp = |id| Outgoing::Message(WatchResponse { watch_id: id, ..Default::default() });
-        tx.send(vec![resp(1), resp(2), resp(3)]).await.unwrap();
+        let event = put_event(KeyValue { key: Bytes::from_static(b"k"), mod_revision: 4, ..Default::default() });
+        let batch = Arc::new(EventBatch::new(4, 4, Some(vec![event.clone()])));
+        let mut builder = SharedEventsBuilder::new(batch, 1);
+        let picks = builder.take([0].into_iter());
+        let header = ResponseHeader { revision: 4, ..Default::default() };
+        let shared = builder.finish(SharedHeader::default().encoded(header));
+        tx.send(vec![resp(1), Outgoing::Events { shared, watch_id: 2, picks }]).await.unwrap();
         tx.send(vec![]).await.unwrap();
+        tx.send(vec![resp(3)]).await.unwrap();
+        let first = body.frame().await.expect("a frame").expect("no error").into_data().expect("data");
+        let got = messages(&first);
+        assert_eq!(got.iter().map(|m| m.watch_id).collect::<Vec<_>>(), vec![1, 2, 3], "one frame, in order");
+        assert_eq!(got[1].events, vec![event]);
+        assert_eq!(got[1].header, Some(header));
+
         tx.send(vec![resp(4)]).await.unwrap();
         drop(tx);
-        let mut ids = Vec::new();
-        while let Some(item) = out.next().await {
-            match item.expect("no error") {
-                Outgoing::Message(m) => ids.push(m.watch_id),
-                Outgoing::Events { .. } => panic!("only messages were sent"),
-            }
-        }
-        assert_eq!(ids, vec![1, 2, 3, 4]);
+        let second = body.frame().await.expect("a frame").expect("no error").into_data().expect("data");
+        assert_eq!(messages(&second).iter().map(|m| m.watch_id).collect::<Vec<_>>(), vec![4]);
+        let trailers = body.frame().await.expect("a frame").expect("no error").into_trailers().expect("trailers");
+        assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+        assert!(body.is_end_stream());
+        assert!(body.frame().await.is_none());
+    }
+
+    /// A request in a compression this member does not take is refused as tonic refuses
+    /// it; identity, or none named, is taken.
+    #[test]
+    fn only_uncompressed_requests_are_taken() {
+        let mut h = http::HeaderMap::new();
+        assert!(identity_only(&h).is_ok());
+        h.insert("grpc-encoding", http::HeaderValue::from_static("identity"));
+        assert!(identity_only(&h).is_ok());
+        h.insert("grpc-encoding", http::HeaderValue::from_static("gzip"));
+        let status = identity_only(&h).expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::Unimplemented);
+        assert_eq!(status.message(), "Content is compressed with `gzip` which isn't supported");
     }
 }
