@@ -3,10 +3,15 @@
 //!
 //! tonic's `Channel` puts a queue and a task in front of the connection, so each request
 //! wakes one more task, and the connection writes each request as it reaches it: one
-//! system call per request. Here the clients hand their requests to the connection's own
-//! handle, and the connection (through [`Coalesced`]) writes what its clients sent in the
-//! same turn together, as etcd's Go client does. The load generator then spends less of
-//! the machine it shares with the server.
+//! system call per request. Here the clients hand their requests to the HTTP/2
+//! connection's own handle (h2's, with no dispatch task of hyper's between), and the
+//! connection (through [`Coalesced`]) writes what its clients sent in the same turn
+//! together, as etcd's Go client does. The load generator then spends less of the
+//! machine it shares with the server.
+//!
+//! A unary call's one message is handed to its stream at once, ending it, when its body
+//! has it ready; only a body still streaming (a watch, keep-alives) gets a task that
+//! forwards what follows.
 //!
 //! [`Shards`] go further: each connection lives on one of a few threads, each running a
 //! single-threaded runtime, with the clients that use it. A request and its answer then
@@ -18,8 +23,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use bytes::Bytes;
+use futures::FutureExt;
+use h2::client::SendRequest;
+use h2::{RecvStream, SendStream};
+use http_body::Frame;
+use http_body_util::BodyExt;
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tonic::body::Body;
@@ -29,10 +38,15 @@ use crate::api::conn::Coalesced;
 use crate::pb::etcdserverpb::kv_client::KvClient;
 use crate::pb::etcdserverpb::lease_client::LeaseClient;
 
+/// Flow-control windows as hyper's client sets them: a watch's events are not held back
+/// waiting for the client's window updates.
+const STREAM_WINDOW_BYTES: u32 = 2 << 20;
+const CONN_WINDOW_BYTES: u32 = 5 << 20;
+
 /// One HTTP/2 connection to an endpoint; clones share it.
 #[derive(Clone)]
 pub struct Conn {
-    send: SendRequest<Body>,
+    send: SendRequest<Bytes>,
     origin: Uri,
     /// An auth token sent with every request, as etcd's clients send theirs.
     token: Option<tonic::codegen::http::HeaderValue>,
@@ -52,8 +66,11 @@ impl Conn {
             .trim_end_matches(']');
         let tcp = tokio::net::TcpStream::connect((host, origin.port_u16().unwrap_or(2379))).await?;
         tcp.set_nodelay(true)?;
-        let (send, conn) =
-            http2::Builder::new(TokioExecutor::new()).handshake(TokioIo::new(Coalesced::new(tcp))).await?;
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONN_WINDOW_BYTES)
+            .handshake(Coalesced::new(tcp))
+            .await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "bench connection closed");
@@ -87,19 +104,108 @@ impl Conn {
 }
 
 impl tower::Service<Request<Body>> for Conn {
-    type Response = Response<hyper::body::Incoming>;
-    type Error = hyper::Error;
+    type Response = Response<Incoming>;
+    type Error = ConnError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.send.poll_ready(cx)
+        self.send.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, mut req: Request<Body>) -> Self::Future {
+    fn call(&mut self, req: Request<Body>) -> Self::Future {
+        let (mut parts, mut body) = req.into_parts();
         if let Some(t) = &self.token {
-            req.headers_mut().insert("token", t.clone());
+            parts.headers.insert("token", t.clone());
         }
-        Box::pin(self.send.send_request(req))
+        let mut send = self.send.clone();
+        Box::pin(async move {
+            // What the body has ready now goes with the request; a body that ends there
+            // (a unary call's) ends the stream with it.
+            let mut ready = Vec::new();
+            let ended = loop {
+                match body.frame().now_or_never() {
+                    Some(None) => break true,
+                    Some(Some(frame)) => ready.push(frame.map_err(|e| anyhow::anyhow!("request body: {e}"))?),
+                    None => break false,
+                }
+            };
+            let head = Request::from_parts(parts, ());
+            let (response, mut stream) = send.send_request(head, ended && ready.is_empty())?;
+            let count = ready.len();
+            for (i, frame) in ready.into_iter().enumerate() {
+                send_frame(&mut stream, frame, ended && i + 1 == count)?;
+            }
+            if !ended {
+                tokio::spawn(forward(body, stream));
+            }
+            Ok(response.await?.map(Incoming))
+        })
+    }
+}
+
+/// Hands one frame of a request body to its stream.
+fn send_frame(stream: &mut SendStream<Bytes>, frame: Frame<Bytes>, end: bool) -> Result<(), h2::Error> {
+    match frame.into_data() {
+        Ok(data) => stream.send_data(data, end),
+        Err(frame) => match frame.into_trailers() {
+            Ok(trailers) => stream.send_trailers(trailers),
+            Err(_) => Ok(()),
+        },
+    }
+}
+
+/// Forwards the rest of a streaming request body, then ends the stream.
+async fn forward(mut body: Body, mut stream: SendStream<Bytes>) {
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if send_frame(&mut stream, frame, false).is_err() {
+                    return;
+                }
+            }
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "bench request body failed");
+                stream.send_reset(h2::Reason::CANCEL);
+                return;
+            }
+            None => {
+                let _ = stream.send_data(Bytes::new(), true);
+                return;
+            }
+        }
+    }
+}
+
+/// A response body read from its HTTP/2 stream, giving the window back as it is read.
+pub struct Incoming(RecvStream);
+
+impl http_body::Body for Incoming {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let recv = &mut self.0;
+        if !recv.is_end_stream() {
+            match recv.poll_data(cx) {
+                Poll::Ready(Some(Ok(data))) => {
+                    let _ = recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
+                Poll::Ready(None) => {}
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match recv.poll_trailers(cx) {
+            Poll::Ready(Ok(Some(trailers))) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Poll::Ready(Ok(None)) => Poll::Ready(None),
+            Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
     }
 }
 
