@@ -19,7 +19,7 @@ use crate::api::{self, Ctx, Identity};
 use crate::config::{is_https, parse_listen_url, Config, ConfigError};
 use crate::mesh::{GossipData, Mesh, MeshConn};
 use crate::pb::etcdserverpb::{
-    auth_server::AuthServer, cluster_server::ClusterServer, kv_server::KvServer, lease_server::LeaseServer,
+    auth_server::AuthServer, cluster_server::ClusterServer, lease_server::LeaseServer,
     maintenance_server::MaintenanceServer,
 };
 use crate::pb::v3electionpb::election_server::ElectionServer;
@@ -413,7 +413,7 @@ pub async fn run(
     let metrics = api::metrics::Metrics::new(&ctx);
     let http = api::http::Http::new(ctx.clone(), metrics.clone());
     let mut grpc = Routes::builder();
-    grpc.add_service(KvServer::new(api::kv::KvService::new(ctx.clone())).max_decoding_message_size(decode_limit))
+    grpc.add_service(api::unary_wire::KvServer::new(api::kv::KvService::new(ctx.clone()), decode_limit))
         .add_service(api::watch_wire::WatchServer::new(
             api::watch::WatchService::new(
                 ctx.clone(),

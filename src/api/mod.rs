@@ -17,6 +17,7 @@ pub mod lock;
 pub mod maintenance;
 pub mod metrics;
 pub mod quota;
+pub mod unary_wire;
 pub mod validate;
 pub mod watch;
 pub mod watch_wire;

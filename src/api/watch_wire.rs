@@ -243,7 +243,7 @@ impl NamedService for WatchServer {
 
 /// What tonic's server answers to a request in a compression it does not take: this
 /// member takes none.
-fn identity_only(headers: &http::HeaderMap) -> Result<(), Status> {
+pub(super) fn identity_only(headers: &http::HeaderMap) -> Result<(), Status> {
     match headers.get("grpc-encoding").map(|v| v.as_bytes()) {
         None | Some(b"identity") => Ok(()),
         Some(other) => {
