@@ -48,7 +48,8 @@ enum SnapshotAction {
 
 #[derive(clap::Args, Debug)]
 struct RestoreArgs {
-    /// The backup, as `etcdctl snapshot save` wrote it.
+    /// The backup, as `etcdctl snapshot save` wrote it from a meshkv member; or etcd's:
+    /// saved from etcd the same way, or the `member/snap/db` file of a stopped etcd member.
     file: PathBuf,
     /// The new data dir (it must not exist, or be empty); default `<name>.meshkv`.
     #[arg(long)]
@@ -56,12 +57,15 @@ struct RestoreArgs {
     /// The name of the member that will serve it.
     #[arg(long, default_value = "default")]
     name: String,
+    /// Take an etcd snapshot that has no SHA-256 at its end (an etcd member's `db` file).
+    #[arg(long)]
+    skip_hash_check: bool,
 }
 
 fn restore(args: RestoreArgs) -> anyhow::Result<()> {
     let dir = args.data_dir.unwrap_or_else(|| PathBuf::from(format!("{}.meshkv", args.name)));
     let file = std::fs::File::open(&args.file).map_err(|e| anyhow::anyhow!("{}: {e}", args.file.display()))?;
-    let done = meshkv::store::backup::restore(file, &dir)?;
+    let done = meshkv::store::backup::restore_file(file, &dir, args.skip_hash_check)?;
     println!(
         "restored {} records at revision {} into {}; start it with: meshkv --name {} --data-dir {}",
         done.records,

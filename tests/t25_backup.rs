@@ -2,17 +2,63 @@
 //! a new data dir, and a member started on it serves the same keys, history and
 //! revisions (HashKV agrees), keeps the leases and the compaction, and takes new writes
 //! after them, on a Raft log of its own. A damaged backup is refused and leaves nothing
-//! behind.
+//! behind. A snapshot of real etcd's restores the same way: the way over from etcd.
 
 mod common;
 
 use std::process::Command;
 
 use common::*;
-use etcd_client::{Client, GetOptions, PutOptions};
+use etcd_client::{Client, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions};
 
 fn restore(file: &std::path::Path, dir: &std::path::Path) -> std::process::Output {
-    Command::new(meshkv_bin()).args(["snapshot", "restore"]).arg(file).arg("--data-dir").arg(dir).output().unwrap()
+    restore_with(file, dir, &[])
+}
+
+fn restore_with(file: &std::path::Path, dir: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let mut c = Command::new(meshkv_bin());
+    c.args(["snapshot", "restore"]).arg(file).arg("--data-dir").arg(dir).args(extra);
+    c.output().unwrap()
+}
+
+type Row = (Vec<u8>, Vec<u8>, i64, i64, i64, i64);
+
+fn rows(kvs: &[etcd_client::KeyValue]) -> Vec<Row> {
+    kvs.iter()
+        .map(|kv| {
+            (kv.key().to_vec(), kv.value().to_vec(), kv.create_revision(), kv.mod_revision(), kv.version(), kv.lease())
+        })
+        .collect()
+}
+
+async fn as_user(endpoint: &str, user: &str, password: &str) -> Result<Client, etcd_client::Error> {
+    Client::connect([endpoint], Some(ConnectOptions::new().with_user(user, password))).await
+}
+
+/// What a server holds, read through `c`: every key at each of `revs`, and every event from
+/// `from` up to `to`, with its key, value and revisions.
+async fn history(c: &mut Client, revs: &[i64], from: i64, to: i64) -> (Vec<Vec<Row>>, Vec<(bool, Row)>) {
+    let mut at = Vec::new();
+    for &rev in revs {
+        let opts = GetOptions::new().with_all_keys().with_revision(rev);
+        at.push(rows(c.get("", Some(opts)).await.unwrap().kvs()));
+    }
+    let mut stream = c.watch("", Some(WatchOptions::new().with_all_keys().with_start_revision(from))).await.unwrap();
+    let mut events = Vec::new();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(resp) = stream.message().await.unwrap() {
+            for ev in resp.events() {
+                let kv = ev.kv().unwrap();
+                events.push((ev.event_type() == EventType::Delete, rows(std::slice::from_ref(kv))[0].clone()));
+                if kv.mod_revision() >= to {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "the watch reached revision {to}: {} events", events.len());
+    (at, events)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -55,21 +101,7 @@ async fn a_saved_snapshot_restores_into_a_new_member_with_the_same_history() {
     assert!(status.raft_index() < 10 && before > 400, "a new Raft log: {} against {before}", status.raft_index());
     assert_eq!(r.hash_kv(rev).await.unwrap().hash(), hash, "the same history");
     let back = r.get("", Some(GetOptions::new().with_all_keys())).await.unwrap();
-    let fields = |kvs: &[etcd_client::KeyValue]| -> Vec<_> {
-        kvs.iter()
-            .map(|kv| {
-                (
-                    kv.key().to_vec(),
-                    kv.value().to_vec(),
-                    kv.create_revision(),
-                    kv.mod_revision(),
-                    kv.version(),
-                    kv.lease(),
-                )
-            })
-            .collect()
-    };
-    assert_eq!(fields(back.kvs()), fields(everything.kvs()), "every key with its revisions and versions");
+    assert_eq!(rows(back.kvs()), rows(everything.kvs()), "every key with its revisions and versions");
     // History after the compaction is there, and what it removed is gone as before.
     let old = r.get("k/marker", Some(GetOptions::new().with_revision(compact_at))).await.unwrap();
     assert_eq!(old.kvs()[0].value(), b"m");
@@ -92,4 +124,90 @@ async fn a_saved_snapshot_restores_into_a_new_member_with_the_same_history() {
         assert!(String::from_utf8_lossy(&out.stderr).contains("the backup is damaged"), "{name}: {out:?}");
         assert!(!target.exists(), "{name}: nothing is left behind");
     }
+}
+
+/// A snapshot of real etcd (`etcdctl snapshot save` against etcd) restored into meshkv:
+/// the keys at every revision since etcd's compaction, a watch's events from there, the
+/// lease with its keys, and the users and roles with their passwords and permissions are
+/// etcd's; new writes go on from etcd's revision. An etcd member's `db` file, without the
+/// hash, is taken only with `--skip-hash-check`, as etcdctl takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_snapshot_restores_into_meshkv_with_its_history_leases_and_users() {
+    let dir = tempdir();
+    let mut etcd = start_etcd(&dir.path().join("etcd"));
+    let endpoint = format!("http://{}", etcd.client_addr);
+    let mut e = Client::connect([endpoint.as_str()], None).await.unwrap();
+    // Enough keys for branch pages in etcd's key bucket, some values over a page.
+    for i in 0..1500u64 {
+        let len = if i % 250 == 0 { 20_000 } else { 100 };
+        e.put(format!("k/{:03}", i % 300), noise(i, len), None).await.unwrap();
+    }
+    e.delete("k/007", None).await.unwrap();
+    e.delete("k/01", Some(DeleteOptions::new().with_prefix())).await.unwrap();
+    let txn =
+        Txn::new().and_then([TxnOp::put("t/a", "1", None), TxnOp::put("t/b", "2", None), TxnOp::delete("k/020", None)]);
+    e.txn(txn).await.unwrap();
+    let compact_at = e.put("k/marker", "m", None).await.unwrap().header().unwrap().revision();
+    for i in 0..100u64 {
+        e.put(format!("k/{:03}", i * 3), noise(i, 50), None).await.unwrap();
+    }
+    e.compact(compact_at, None).await.unwrap();
+    let lease = e.lease_grant(600, None).await.unwrap().id();
+    for k in ["leased/1", "leased/2"] {
+        e.put(k, "v", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    }
+    e.delete("t/a", None).await.unwrap();
+    let rev = e.put("k/last", "z", None).await.unwrap().header().unwrap().revision();
+    enable_auth(&etcd.client_addr, "alice:alicepw", "k/");
+
+    let mut root = as_user(&endpoint, "root", "rootpw").await.unwrap();
+    let revs = [compact_at, compact_at + 1, compact_at + 50, rev - 3, rev];
+    let before = history(&mut root, &revs, compact_at + 1, rev).await;
+    assert_eq!(before.1.len() as i64, rev - compact_at, "one event a revision after the compaction");
+    let file = dir.path().join("etcd.snapshot");
+    let saved =
+        etcdctl(&etcd.client_addr, &["--user", "root:rootpw", "snapshot", "save", file.to_str().unwrap()], None);
+    assert_eq!(saved.status, 0, "{saved:?}");
+
+    let restored_dir = dir.path().join("m");
+    let out = restore(&file, &restored_dir);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("at revision {rev} ")), "{out:?}");
+    let member = start_meshkv(&restored_dir, &[]);
+    let m = member.endpoint();
+    let mut mroot = as_user(&m, "root", "rootpw").await.unwrap();
+    let after = history(&mut mroot, &revs, compact_at + 1, rev).await;
+    assert_eq!(after.0, before.0, "every key at each revision since the compaction");
+    assert_eq!(after.1, before.1, "the events since the compaction");
+    let gone = mroot.get("k/000", Some(GetOptions::new().with_revision(compact_at - 1))).await.unwrap_err();
+    assert!(gone.to_string().contains("required revision has been compacted"), "{gone}");
+
+    let ttl = mroot.lease_time_to_live(lease, Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys())).await;
+    let ttl = ttl.unwrap();
+    assert!(ttl.ttl() > 0 && ttl.granted_ttl() == 600, "{ttl:?}");
+    assert_eq!(ttl.keys(), [b"leased/1".to_vec(), b"leased/2".to_vec()]);
+
+    // Users, roles and passwords: alice reads and writes under k/ only.
+    let mut alice = as_user(&m, "alice", "alicepw").await.unwrap();
+    let mine = alice.get("k/", Some(GetOptions::new().with_prefix().with_count_only())).await.unwrap();
+    assert_eq!(mine.count(), before.0[4].iter().filter(|r| r.0.starts_with(b"k/")).count() as i64);
+    let denied = alice.put("t/x", "no", None).await.unwrap_err();
+    assert!(denied.to_string().contains("permission denied"), "{denied}");
+    let wrong = as_user(&m, "alice", "nope").await.err().expect("a wrong password is refused");
+    assert!(wrong.to_string().contains("authentication failed, invalid user ID or password"), "{wrong}");
+    assert_eq!(alice.put("k/new", "w", None).await.unwrap().header().unwrap().revision(), rev + 1);
+
+    // The member's own file, without the hash etcdctl adds.
+    etcd.kill9();
+    let db = dir.path().join("etcd/member/snap/db");
+    let plain = dir.path().join("p");
+    let out = restore(&db, &plain);
+    assert!(!out.status.success() && !plain.exists(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("snapshot missing hash but --skip-hash-check=false"),
+        "{out:?}"
+    );
+    let out = restore_with(&db, &plain, &["--skip-hash-check"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("at revision {rev} ")), "{out:?}");
 }

@@ -182,6 +182,26 @@ fn role_key(name: &str) -> Vec<u8> {
     [ROLE_PREFIX, name.as_bytes()].concat()
 }
 
+/// The stored record of whether authentication is on: (key, value) in the `auth` family.
+pub(crate) fn enabled_record(on: bool) -> (Vec<u8>, Vec<u8>) {
+    (KEY_ENABLED.to_vec(), vec![u8::from(on)])
+}
+
+/// The stored record of the auth revision.
+pub(crate) fn revision_record(revision: u64) -> (Vec<u8>, Vec<u8>) {
+    (KEY_REVISION.to_vec(), revision.to_be_bytes().to_vec())
+}
+
+/// The stored record of a user.
+pub(crate) fn user_record(u: &User) -> (Vec<u8>, Vec<u8>) {
+    (user_key(&name_of(&u.name)), u.encode_to_vec())
+}
+
+/// The stored record of a role.
+pub(crate) fn role_record(r: &Role) -> (Vec<u8>, Vec<u8>) {
+    (role_key(&name_of(&r.name)), r.encode_to_vec())
+}
+
 impl AuthState {
     /// The state as the `auth` column family keeps it: `(key, value)` in any order.
     pub fn load<K: AsRef<[u8]>, V: AsRef<[u8]>>(records: impl IntoIterator<Item = (K, V)>) -> Result<Self, String> {
@@ -379,7 +399,8 @@ impl AuthState {
                     return Ok(());
                 }
                 self.enabled = false;
-                batch.put_cf(cf, KEY_ENABLED, [0]);
+                let (k, v) = enabled_record(false);
+                batch.put_cf(cf, k, v);
                 tokens.clear();
                 tracing::info!("authentication disabled");
             }
@@ -500,7 +521,8 @@ impl AuthState {
             return Err(AuthError::RootRoleMissing);
         }
         self.enabled = true;
-        batch.put_cf(cf, KEY_ENABLED, [1]);
+        let (k, v) = enabled_record(true);
+        batch.put_cf(cf, k, v);
         tokens.clear();
         self.bump(batch, cf);
         tracing::info!("authentication enabled");
@@ -509,20 +531,21 @@ impl AuthState {
 
     fn bump(&mut self, batch: &mut WriteBatch, cf: &ColumnFamily) {
         self.revision += 1;
-        batch.put_cf(cf, KEY_REVISION, self.revision.to_be_bytes());
+        let (k, v) = revision_record(self.revision);
+        batch.put_cf(cf, k, v);
         self.refresh();
     }
 
     fn put_user(&mut self, u: User, batch: &mut WriteBatch, cf: &ColumnFamily) {
-        let name = name_of(&u.name);
-        batch.put_cf(cf, user_key(&name), u.encode_to_vec());
-        self.users.insert(name, u);
+        let (k, v) = user_record(&u);
+        batch.put_cf(cf, k, v);
+        self.users.insert(name_of(&u.name), u);
     }
 
     fn put_role(&mut self, r: Role, batch: &mut WriteBatch, cf: &ColumnFamily) {
-        let name = name_of(&r.name);
-        batch.put_cf(cf, role_key(&name), r.encode_to_vec());
-        self.roles.insert(name, r);
+        let (k, v) = role_record(&r);
+        batch.put_cf(cf, k, v);
+        self.roles.insert(name_of(&r.name), r);
     }
 }
 

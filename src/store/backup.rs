@@ -34,7 +34,7 @@ const END: u8 = 0xff;
 const ALIGN: usize = 512;
 const SUM_BYTES: usize = 32;
 /// The meta keys a backup carries.
-const META_KEYS: [&[u8]; 2] = [b"revision", b"compact_revision"];
+const META_KEYS: [&[u8]; 2] = [super::mvcc::META_REVISION, super::mvcc::META_COMPACTED];
 /// Records written to the new store per batch.
 const BATCH_BYTES: usize = 4 << 20;
 
@@ -44,8 +44,15 @@ pub enum BackupError {
     Io(#[from] io::Error),
     #[error(transparent)]
     Engine(#[from] EngineError),
-    #[error("not a meshkv backup (it does not start with {:?})", String::from_utf8_lossy(MAGIC))]
+    #[error(
+        "not a meshkv backup (it does not start with {:?}) nor an etcd snapshot (a bbolt database)",
+        String::from_utf8_lossy(MAGIC)
+    )]
     NotABackup,
+    #[error("snapshot missing hash but --skip-hash-check=false")]
+    MissingHash,
+    #[error("expected sha256 {expected}, got {got}")]
+    HashMismatch { expected: String, got: String },
     #[error("the backup is damaged: {0}")]
     Damaged(String),
     #[error("{0} already holds a data dir; restore into a new one")]
@@ -101,26 +108,71 @@ pub struct Restored {
 /// Makes a new data dir at `dir` holding the store of the backup read from `input`.
 /// Nothing is left at `dir` if the backup turns out damaged.
 pub fn restore(input: impl Read, dir: &Path) -> Result<Restored, BackupError> {
+    into_new_dir(dir, |out| restore_from(input, out))
+}
+
+/// As [`restore`], from `file`, which is either a meshkv backup or a snapshot of etcd's
+/// (`etcdctl snapshot save` against etcd, or an etcd member's `db` file). An etcd
+/// snapshot's SHA-256 is checked, as `etcdctl snapshot restore` checks it; one without
+/// (a `db` file) is taken only with `skip_hash_check`.
+pub fn restore_file(mut file: std::fs::File, dir: &Path, skip_hash_check: bool) -> Result<Restored, BackupError> {
+    let mut head = [0u8; 32];
+    io::Seek::rewind(&mut file)?;
+    let n = io::Read::read(&mut file, &mut head)?;
+    let head = &head[..n];
+    io::Seek::rewind(&mut file)?;
+    if super::bolt::looks_like_bolt(head) {
+        into_new_dir(dir, |out| super::etcd_snapshot::restore(file, out, skip_hash_check))
+    } else {
+        restore(file, dir)
+    }
+}
+
+/// Runs `fill` on a new store at `dir`, then makes it durable; removes `dir` if it fails.
+fn into_new_dir(
+    dir: &Path,
+    fill: impl FnOnce(&mut Writer) -> Result<Restored, BackupError>,
+) -> Result<Restored, BackupError> {
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
         return Err(BackupError::NotEmpty(dir.display().to_string()));
     }
-    let result = restore_into(input, dir);
+    let result = (|| {
+        let mut out = Writer { engine: Engine::open(dir)?, batch: WriteBatch::default() };
+        let done = fill(&mut out)?;
+        out.engine.write(std::mem::take(&mut out.batch), true)?;
+        out.engine.flush_store()?;
+        Ok(done)
+    })();
     if result.is_err() {
         let _ = std::fs::remove_dir_all(dir);
     }
     result
 }
 
-fn restore_into(input: impl Read, dir: &Path) -> Result<Restored, BackupError> {
+/// Writes a restored store in batches.
+pub(super) struct Writer {
+    engine: Engine,
+    batch: WriteBatch,
+}
+
+impl Writer {
+    pub(super) fn put(&mut self, cf: &'static str, k: &[u8], v: &[u8]) -> Result<(), BackupError> {
+        self.batch.put_cf(self.engine.cf(cf), k, v);
+        if self.batch.size_in_bytes() >= BATCH_BYTES {
+            self.engine.write(std::mem::take(&mut self.batch), false)?;
+        }
+        Ok(())
+    }
+}
+
+fn restore_from(input: impl Read, out: &mut Writer) -> Result<Restored, BackupError> {
     let mut input = Hashing::new(io::BufReader::new(input));
     let mut magic = [0u8; MAGIC.len()];
     input.read_exact(&mut magic).map_err(|_| BackupError::NotABackup)?;
     if magic != MAGIC {
         return Err(BackupError::NotABackup);
     }
-    let engine = Engine::open(dir)?;
     let damaged = |what: &str| BackupError::Damaged(what.to_string());
-    let mut batch = WriteBatch::default();
     let mut done = Restored::default();
     loop {
         let mut kind = [0u8];
@@ -149,11 +201,8 @@ fn restore_into(input: impl Read, dir: &Path) -> Result<Restored, BackupError> {
             META => return Err(damaged("an unknown meta key")),
             i => *CFS.get(i as usize).ok_or_else(|| damaged("a record of an unknown kind"))?,
         };
-        batch.put_cf(engine.cf(cf), &k, &v);
+        out.put(cf, &k, &v)?;
         done.records += 1;
-        if batch.size_in_bytes() >= BATCH_BYTES {
-            engine.write(std::mem::take(&mut batch), false)?;
-        }
     }
     // Zeros, then the checksum: at most ALIGN - 1 + SUM_BYTES bytes, all read here.
     let pad = (ALIGN - input.count % ALIGN) % ALIGN;
@@ -171,8 +220,6 @@ fn restore_into(input: impl Read, dir: &Path) -> Result<Restored, BackupError> {
     if rest.read(&mut [0u8; 1])? != 0 {
         return Err(damaged("bytes follow its checksum"));
     }
-    engine.write(batch, true)?;
-    engine.flush_store()?;
     Ok(done)
 }
 

@@ -7,7 +7,9 @@
 pub mod alarm;
 pub mod auth;
 pub mod backup;
+pub mod bolt;
 pub mod engine;
+pub mod etcd_snapshot;
 pub mod lease;
 pub mod mvcc;
 pub mod watch;

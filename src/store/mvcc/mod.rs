@@ -41,8 +41,8 @@ pub use index::{KeyAt, KeyIndex, RangeEnd};
 pub use revision::Revision;
 
 const META_APPLIED: &[u8] = b"applied_index";
-const META_REVISION: &[u8] = b"revision";
-const META_COMPACTED: &[u8] = b"compact_revision";
+pub(crate) const META_REVISION: &[u8] = b"revision";
+pub(crate) const META_COMPACTED: &[u8] = b"compact_revision";
 
 /// Why a request against the store failed. The API maps each to etcd's gRPC error.
 #[derive(Debug, thiserror::Error)]
