@@ -34,10 +34,10 @@ use crate::pb::meshkvpb::TokenGrant;
 /// can be switched on.
 pub const ROOT: &str = "root";
 
-const KEY_ENABLED: &[u8] = b"enabled";
-const KEY_REVISION: &[u8] = b"revision";
-const USER_PREFIX: &[u8] = b"user/";
-const ROLE_PREFIX: &[u8] = b"role/";
+pub(crate) const KEY_ENABLED: &[u8] = b"enabled";
+pub(crate) const KEY_REVISION: &[u8] = b"revision";
+pub(crate) const USER_PREFIX: &[u8] = b"user/";
+pub(crate) const ROLE_PREFIX: &[u8] = b"role/";
 
 /// How long a token lives without use, unless the member is told otherwise.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(300);

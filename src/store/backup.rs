@@ -1,8 +1,15 @@
 //! Backups: what `etcdctl snapshot save` receives from a member, and how
 //! `meshkv snapshot restore` makes the data dir of a new cluster from it.
 //!
-//! A backup is the store as of one applied batch (a RocksDB snapshot): every key-value
-//! revision, lease and the revision counters, in this format:
+//! A backup is the store as of one applied batch (a RocksDB snapshot) written as etcd
+//! writes its own: etcd's bbolt database (`etcd_snapshot`), followed by its SHA-256. So
+//! `etcdctl snapshot status` reads a meshkv backup, and `etcdctl snapshot restore` makes
+//! an etcd data dir of it; `meshkv snapshot restore` takes it, or any etcd snapshot. It
+//! holds every key-value revision, the leases, users and roles, and the revision
+//! counters. The Raft state, the alarms and the member's identity are left out: a
+//! restore starts a new cluster, as etcd's does.
+//!
+//! Backups from earlier versions of meshkv, in its own format, still restore:
 //!
 //! ```text
 //! "meshkv-backup 1\n"
@@ -10,17 +17,13 @@
 //! end        0xff · zeros up to a multiple of 512 bytes · SHA-256 of every byte before it
 //! ```
 //!
-//! The padding and the trailing SHA-256 are etcd's convention for its snapshots, which
-//! etcdctl checks for when it saves one.
-//!
 //! where `kind` is the column family (`kv`, `lease`, `auth`) or [`META`] for the
-//! revision and the compact revision. The Raft state, the applied index, the alarms and
-//! the member's identity are left out: a restore starts a new cluster, as etcd's does.
+//! revision and the compact revision.
 
 use std::io::{self, Read, Write};
 use std::path::Path;
 
-use rocksdb::{IteratorMode, ReadOptions, WriteBatch};
+use rocksdb::{ReadOptions, WriteBatch};
 
 use crate::store::engine::{Engine, EngineError, CF_AUTH, CF_KV, CF_LEASE, CF_META};
 
@@ -59,36 +62,25 @@ pub enum BackupError {
     NotEmpty(String),
 }
 
-/// Writes a backup of `engine`'s store, as of now, to `out`.
+/// Writes a backup of `engine`'s store, as of now, to `out`: etcd's database, laid out
+/// once to learn where its pages fall, then written, then its SHA-256.
 pub fn write(engine: &Engine, out: impl Write) -> Result<(), BackupError> {
-    let mut out = Hashing::new(out);
-    out.write_all(MAGIC)?;
     let view = engine.db().snapshot();
     let read = || {
         let mut o = ReadOptions::default();
         o.set_snapshot(&view);
         o
     };
-    for (kind, name) in CFS.iter().enumerate() {
-        for item in engine.db().iterator_cf_opt(engine.cf(name), read(), IteratorMode::Start) {
-            let (k, v) = item.map_err(EngineError::from)?;
-            record(&mut out, kind as u8, &k, &v)?;
-        }
-    }
-    for key in META_KEYS {
-        if let Some(v) = engine.db().get_cf_opt(engine.cf(CF_META), key, &read()).map_err(EngineError::from)? {
-            record(&mut out, META, key, &v)?;
-        }
-    }
-    out.write_all(&[END])?;
-    let pad = (ALIGN - out.count % ALIGN) % ALIGN;
-    out.write_all(&vec![0; pad])?;
+    let layout = super::etcd_snapshot::export(engine, &read, io::sink(), None)?;
+    let mut out = Hashing::new(out);
+    super::etcd_snapshot::export(engine, &read, &mut out, Some(layout))?;
     let (mut inner, digest) = out.finish();
     inner.write_all(&digest)?;
     inner.flush()?;
     Ok(())
 }
 
+#[cfg(test)]
 fn record(out: &mut impl Write, kind: u8, k: &[u8], v: &[u8]) -> io::Result<()> {
     let len = |n: usize| u32::try_from(n).map_err(|_| io::Error::other("a record over 4 GiB"));
     out.write_all(&[kind])?;
@@ -264,5 +256,43 @@ impl<T: Read> Read for Hashing<T> {
         let n = self.inner.read(buf)?;
         self.passed(&buf[..n]);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::mvcc::revision::Revision;
+
+    /// A backup in the format of earlier versions: one key, the revision counter.
+    fn old_backup() -> Vec<u8> {
+        let mut out = Hashing::new(Vec::new());
+        out.write_all(MAGIC).unwrap();
+        record(&mut out, 0, &Revision::new(5, 0).to_key(false), b"kv").unwrap();
+        record(&mut out, META, META_KEYS[0], &5u64.to_be_bytes()).unwrap();
+        out.write_all(&[END]).unwrap();
+        let pad = (ALIGN - out.count % ALIGN) % ALIGN;
+        out.write_all(&vec![0; pad]).unwrap();
+        let (mut bytes, digest) = out.finish();
+        bytes.extend_from_slice(&digest);
+        bytes
+    }
+
+    #[test]
+    fn backups_of_earlier_versions_still_restore() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&old_backup()).unwrap();
+        let done = restore_file(f, &dir.path().join("d"), false).unwrap();
+        assert_eq!(done, Restored { records: 2, revision: 5 });
+        let engine = Engine::open(&dir.path().join("d")).unwrap();
+        let kv = engine.db().get_cf(engine.cf(CF_KV), Revision::new(5, 0).to_key(false)).unwrap();
+        assert_eq!(kv.as_deref(), Some(&b"kv"[..]));
+        let mut bad = old_backup();
+        bad[42] ^= 1; // in the value
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&bad).unwrap();
+        let err = restore_file(f, &dir.path().join("e"), false).unwrap_err();
+        assert!(err.to_string().contains("checksum does not match"), "{err}");
     }
 }

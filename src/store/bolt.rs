@@ -1,5 +1,6 @@
-//! A reader of bbolt files, the B+tree database etcd keeps its store in and which
-//! `etcdctl snapshot save` writes: enough to walk a bucket's keys in order.
+//! bbolt files, the B+tree database etcd keeps its store in and which `etcdctl snapshot
+//! save` writes: a reader that walks a bucket's keys in order, and a writer that lays
+//! buckets out page by page, as a stream.
 //!
 //! bbolt's layout (little endian): the file is pages of the size its meta page gives.
 //! Pages 0 and 1 are meta pages; the valid one with the higher transaction id is current
@@ -14,12 +15,16 @@
 //! Every offset read from the file is checked: a damaged file is refused, never read past.
 
 use std::fs::File;
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 
 const PAGE_HEADER: usize = 16;
 const BRANCH_PAGE: u16 = 0x01;
 const LEAF_PAGE: u16 = 0x02;
 const META_PAGE: u16 = 0x04;
+const FREELIST_PAGE: u16 = 0x10;
+/// The page size of the files written here (bbolt's on most machines).
+pub const PAGE_SIZE: usize = 4096;
 const BUCKET_LEAF: u32 = 0x01;
 const MAGIC: u32 = 0xED0C_DAED;
 const VERSION: u32 = 2;
@@ -253,95 +258,244 @@ fn nested(value: &[u8]) -> Result<Bucket, BoltError> {
     Ok(if root == 0 { Bucket::Inline(value[BUCKET_HEADER..].to_vec()) } else { Bucket::Paged(root) })
 }
 
+fn put_header(page: &mut [u8], id: u64, flags: u16, count: usize, overflow: usize) {
+    page[0..8].copy_from_slice(&id.to_le_bytes());
+    page[8..10].copy_from_slice(&flags.to_le_bytes());
+    page[10..12].copy_from_slice(&(count as u16).to_le_bytes());
+    page[12..16].copy_from_slice(&(overflow as u32).to_le_bytes());
+}
+
+/// A page of `size` bytes of contents, in whole pages.
+fn blank_page(id: u64, flags: u16, count: usize, size: usize) -> Vec<u8> {
+    let pages = size.div_ceil(PAGE_SIZE).max(1);
+    let mut p = vec![0u8; pages * PAGE_SIZE];
+    put_header(&mut p, id, flags, count, pages - 1);
+    p
+}
+
+fn meta_page(id: u64, layout: &Layout) -> Vec<u8> {
+    let mut p = blank_page(id, META_PAGE, 0, PAGE_HEADER);
+    let m = &mut p[PAGE_HEADER..];
+    m[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    m[4..8].copy_from_slice(&VERSION.to_le_bytes());
+    m[8..12].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+    m[16..24].copy_from_slice(&layout.root.to_le_bytes());
+    m[32..40].copy_from_slice(&layout.freelist.to_le_bytes());
+    m[40..48].copy_from_slice(&layout.pages.to_le_bytes());
+    m[48..56].copy_from_slice(&(id + 1).to_le_bytes());
+    let sum = fnv1a64(&m[..META_SUMMED]);
+    m[META_SUMMED..META_SUMMED + 8].copy_from_slice(&sum.to_le_bytes());
+    p
+}
+
+/// A leaf page of (key, value, is_bucket) elements, spanning as many pages as they need.
+fn leaf_page(id: u64, items: &[(&[u8], &[u8], bool)]) -> Vec<u8> {
+    let size = PAGE_HEADER + items.iter().map(|(k, v, _)| ELEMENT + k.len() + v.len()).sum::<usize>();
+    let mut p = blank_page(id, LEAF_PAGE, items.len(), size);
+    let mut data = PAGE_HEADER + items.len() * ELEMENT;
+    for (i, (k, v, bucket)) in items.iter().enumerate() {
+        let at = PAGE_HEADER + i * ELEMENT;
+        let fields = [u32::from(*bucket), (data - at) as u32, k.len() as u32, v.len() as u32];
+        for (n, x) in fields.iter().enumerate() {
+            p[at + 4 * n..at + 4 * n + 4].copy_from_slice(&x.to_le_bytes());
+        }
+        p[data..data + k.len()].copy_from_slice(k);
+        p[data + k.len()..data + k.len() + v.len()].copy_from_slice(v);
+        data += k.len() + v.len();
+    }
+    p
+}
+
+/// A branch page over (first key, page) children.
+fn branch_page(id: u64, children: &[(Vec<u8>, u64)]) -> Vec<u8> {
+    let size = PAGE_HEADER + children.iter().map(|(k, _)| ELEMENT + k.len()).sum::<usize>();
+    let mut p = blank_page(id, BRANCH_PAGE, children.len(), size);
+    let mut data = PAGE_HEADER + children.len() * ELEMENT;
+    for (i, (k, child)) in children.iter().enumerate() {
+        let at = PAGE_HEADER + i * ELEMENT;
+        p[at..at + 4].copy_from_slice(&((data - at) as u32).to_le_bytes());
+        p[at + 4..at + 8].copy_from_slice(&(k.len() as u32).to_le_bytes());
+        p[at + 8..at + 16].copy_from_slice(&child.to_le_bytes());
+        p[data..data + k.len()].copy_from_slice(k);
+        data += k.len();
+    }
+    p
+}
+
+fn bucket_value(root: u64) -> [u8; BUCKET_HEADER] {
+    let mut v = [0u8; BUCKET_HEADER];
+    v[..8].copy_from_slice(&root.to_le_bytes());
+    v
+}
+
+/// Where a written file's meta pages point: what they must say before the rest is
+/// written.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Layout {
+    root: u64,
+    freelist: u64,
+    pages: u64,
+}
+
+/// Writes a bbolt file to a stream: named buckets, each filled in key order, leaves
+/// packed full, branch pages built above them once a bucket ends, then the root bucket
+/// and an empty freelist. The meta pages come first but name pages written last, so a
+/// file is written twice: once to learn its [`Layout`] (to `io::sink()`), then for real
+/// with it. The same puts give the same layout.
+pub struct BoltWriter<W: Write> {
+    out: W,
+    next: u64,
+    /// Each bucket ended so far and its root page.
+    roots: Vec<(Vec<u8>, u64)>,
+    /// The open bucket's leaf being filled, and its size.
+    leaf: Vec<(Vec<u8>, Vec<u8>)>,
+    leaf_bytes: usize,
+    /// The open bucket's leaves written so far: first key and page.
+    leaves: Vec<(Vec<u8>, u64)>,
+    open: Option<Vec<u8>>,
+}
+
+impl<W: Write> BoltWriter<W> {
+    /// Starts a file; `layout` from an earlier run of the same puts, or None for that run.
+    pub fn new(mut out: W, layout: Option<Layout>) -> std::io::Result<Self> {
+        let layout = layout.unwrap_or_default();
+        out.write_all(&meta_page(0, &layout))?;
+        out.write_all(&meta_page(1, &layout))?;
+        Ok(Self { out, next: 2, roots: Vec::new(), leaf: Vec::new(), leaf_bytes: 0, leaves: Vec::new(), open: None })
+    }
+
+    fn page(&mut self, page: Vec<u8>) -> std::io::Result<u64> {
+        let id = self.next;
+        self.next += (page.len() / PAGE_SIZE) as u64;
+        self.out.write_all(&page)?;
+        Ok(id)
+    }
+
+    /// Opens bucket `name`, ending the one open before.
+    pub fn begin(&mut self, name: &[u8]) -> std::io::Result<()> {
+        self.end()?;
+        self.open = Some(name.to_vec());
+        Ok(())
+    }
+
+    /// Adds an element to the open bucket; keys must come in order.
+    pub fn put(&mut self, k: &[u8], v: &[u8]) -> std::io::Result<()> {
+        let size = ELEMENT + k.len() + v.len();
+        if !self.leaf.is_empty() && PAGE_HEADER + self.leaf_bytes + size > PAGE_SIZE {
+            self.write_leaf()?;
+        }
+        self.leaf.push((k.to_vec(), v.to_vec()));
+        self.leaf_bytes += size;
+        Ok(())
+    }
+
+    fn write_leaf(&mut self) -> std::io::Result<()> {
+        let items: Vec<(&[u8], &[u8], bool)> = self.leaf.iter().map(|(k, v)| (&k[..], &v[..], false)).collect();
+        let first = self.leaf.first().map(|(k, _)| k.clone()).unwrap_or_default();
+        let page = leaf_page(self.next, &items);
+        let id = self.page(page)?;
+        self.leaves.push((first, id));
+        self.leaf.clear();
+        self.leaf_bytes = 0;
+        Ok(())
+    }
+
+    /// Ends the open bucket: its last leaf, then the branch pages over its leaves.
+    fn end(&mut self) -> std::io::Result<()> {
+        let Some(name) = self.open.take() else { return Ok(()) };
+        if !self.leaf.is_empty() || self.leaves.is_empty() {
+            self.write_leaf()?;
+        }
+        let mut level = std::mem::take(&mut self.leaves);
+        while level.len() > 1 {
+            let mut above = Vec::new();
+            let mut start = 0;
+            while start < level.len() {
+                let mut end = start;
+                let mut size = PAGE_HEADER;
+                while end < level.len() && (end == start || size + ELEMENT + level[end].0.len() <= PAGE_SIZE) {
+                    size += ELEMENT + level[end].0.len();
+                    end += 1;
+                }
+                let page = branch_page(self.next, &level[start..end]);
+                let first = level[start].0.clone();
+                above.push((first, self.page(page)?));
+                start = end;
+            }
+            level = above;
+        }
+        self.roots.push((name, level[0].1));
+        Ok(())
+    }
+
+    /// Ends the file: the root bucket and the freelist. Returns its layout.
+    pub fn finish(mut self) -> std::io::Result<Layout> {
+        self.end()?;
+        let mut roots = std::mem::take(&mut self.roots);
+        roots.sort();
+        let values: Vec<_> = roots.iter().map(|(_, root)| bucket_value(*root)).collect();
+        let items: Vec<(&[u8], &[u8], bool)> =
+            roots.iter().zip(&values).map(|((name, _), v)| (&name[..], &v[..], true)).collect();
+        let root = self.page(leaf_page(self.next, &items))?;
+        let freelist = self.page(blank_page(self.next, FREELIST_PAGE, 0, PAGE_HEADER))?;
+        self.out.flush()?;
+        Ok(Layout { root, freelist, pages: self.next })
+    }
+}
+
 /// Builds bbolt files for tests, page by page.
 #[cfg(test)]
 pub(crate) mod build {
     use super::*;
 
-    pub const PAGE: usize = 4096;
-
-    fn header(page: &mut [u8], id: u64, flags: u16, count: u16, overflow: u32) {
-        page[0..8].copy_from_slice(&id.to_le_bytes());
-        page[8..10].copy_from_slice(&flags.to_le_bytes());
-        page[10..12].copy_from_slice(&count.to_le_bytes());
-        page[12..16].copy_from_slice(&overflow.to_le_bytes());
-    }
+    pub const PAGE: usize = PAGE_SIZE;
 
     pub fn meta(id: u64, root: u64, pages: u64, txid: u64) -> Vec<u8> {
-        let mut p = vec![0u8; PAGE];
-        header(&mut p, id, META_PAGE, 0, 0);
+        let mut p = meta_page(id, &Layout { root, freelist: 0, pages });
         let m = &mut p[PAGE_HEADER..];
-        m[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        m[4..8].copy_from_slice(&VERSION.to_le_bytes());
-        m[8..12].copy_from_slice(&(PAGE as u32).to_le_bytes());
-        m[16..24].copy_from_slice(&root.to_le_bytes());
-        m[40..48].copy_from_slice(&pages.to_le_bytes());
         m[48..56].copy_from_slice(&txid.to_le_bytes());
         let sum = fnv1a64(&m[..META_SUMMED]);
         m[META_SUMMED..META_SUMMED + 8].copy_from_slice(&sum.to_le_bytes());
         p
     }
 
-    /// A leaf page of (key, value, is_bucket) elements, as many pages long as it needs;
-    /// `id` 0 for an inline one, cut to its contents.
+    /// As [`leaf_page`]; `id` 0 for an inline one, cut to its contents.
     pub fn leaf(id: u64, items: &[(&[u8], &[u8], bool)]) -> Vec<u8> {
-        let size = PAGE_HEADER + items.iter().map(|(k, v, _)| ELEMENT + k.len() + v.len()).sum::<usize>();
-        let pages = size.div_ceil(PAGE).max(1);
-        let mut p = vec![0u8; PAGE * pages];
-        header(&mut p, id, LEAF_PAGE, items.len() as u16, pages as u32 - 1);
-        let mut data = PAGE_HEADER + items.len() * ELEMENT;
-        for (i, (k, v, b)) in items.iter().enumerate() {
-            let at = PAGE_HEADER + i * ELEMENT;
-            let fields = [u32::from(*b), (data - at) as u32, k.len() as u32, v.len() as u32];
-            for (n, x) in fields.iter().enumerate() {
-                p[at + 4 * n..at + 4 * n + 4].copy_from_slice(&x.to_le_bytes());
-            }
-            p[data..data + k.len()].copy_from_slice(k);
-            p[data + k.len()..data + k.len() + v.len()].copy_from_slice(v);
-            data += k.len() + v.len();
-        }
+        let mut p = leaf_page(id, items);
         if id == 0 {
-            p.truncate(data);
+            let size = PAGE_HEADER + items.iter().map(|(k, v, _)| ELEMENT + k.len() + v.len()).sum::<usize>();
+            p.truncate(size);
         }
         p
     }
 
     pub fn branch(id: u64, children: &[(&[u8], u64)]) -> Vec<u8> {
-        let mut p = vec![0u8; PAGE];
-        header(&mut p, id, BRANCH_PAGE, children.len() as u16, 0);
-        let mut data = PAGE_HEADER + children.len() * ELEMENT;
-        for (i, (k, child)) in children.iter().enumerate() {
-            let at = PAGE_HEADER + i * ELEMENT;
-            p[at..at + 4].copy_from_slice(&((data - at) as u32).to_le_bytes());
-            p[at + 4..at + 8].copy_from_slice(&(k.len() as u32).to_le_bytes());
-            p[at + 8..at + 16].copy_from_slice(&child.to_le_bytes());
-            p[data..data + k.len()].copy_from_slice(k);
-            data += k.len();
-        }
-        p
+        let children: Vec<_> = children.iter().map(|(k, c)| (k.to_vec(), *c)).collect();
+        branch_page(id, &children)
     }
 
-    pub fn bucket_value(root: u64, inline: &[u8]) -> Vec<u8> {
-        [&root.to_le_bytes()[..], &[0u8; 8], inline].concat()
+    pub fn bucket_with(root: u64, inline: &[u8]) -> Vec<u8> {
+        [&super::bucket_value(root)[..], inline].concat()
     }
 
-    /// A database of named buckets, each one leaf page (with overflow pages as needed)
-    /// of (key, value) items in key order.
     pub type Items = Vec<(Vec<u8>, Vec<u8>)>;
 
+    /// A database of named buckets of (key, value) items in key order.
     pub fn database(buckets: &[(&[u8], Items)]) -> Vec<u8> {
-        let mut pages = Vec::new();
-        let mut next = 3u64;
-        let mut root = Vec::new();
-        for (name, items) in buckets {
-            let items: Vec<(&[u8], &[u8], bool)> = items.iter().map(|(k, v)| (&k[..], &v[..], false)).collect();
-            let page = leaf(next, &items);
-            root.push((name.to_vec(), bucket_value(next, &[])));
-            next += (page.len() / PAGE) as u64;
-            pages.push(page);
-        }
-        let root: Vec<(&[u8], &[u8], bool)> = root.iter().map(|(k, v)| (&k[..], &v[..], true)).collect();
-        [vec![meta(0, 2, next, 1), meta(1, 2, next, 1), leaf(2, &root)], pages].concat().concat()
+        let fill = |out: &mut dyn Write, layout| {
+            let mut w = BoltWriter::new(out, layout).unwrap();
+            for (name, items) in buckets {
+                w.begin(name).unwrap();
+                for (k, v) in items {
+                    w.put(k, v).unwrap();
+                }
+            }
+            w.finish().unwrap()
+        };
+        let layout = fill(&mut std::io::sink(), None);
+        let mut bytes = Vec::new();
+        assert_eq!(fill(&mut bytes, Some(layout)), layout, "the same puts, the same layout");
+        bytes
     }
 }
 
@@ -354,7 +508,7 @@ mod tests {
     /// Root (page 4) holds bucket "big", a tree of a branch (page 5) over two leaves (6,
     /// and 7 with an overflow page), and the inline bucket "small". Meta page 1 is the
     /// newer one.
-    fn database() -> Vec<u8> {
+    fn handmade() -> Vec<u8> {
         let big_value = vec![7u8; 6000];
         let small = leaf(0, &[(b"s", b"tiny", false)]);
         let pages = [
@@ -362,7 +516,7 @@ mod tests {
             meta(1, 4, 9, 2),
             leaf(2, &[]),
             leaf(3, &[]),
-            leaf(4, &[(b"big", &bucket_value(5, &[]), true), (b"small", &bucket_value(0, &small), true)]),
+            leaf(4, &[(b"big", &bucket_with(5, &[]), true), (b"small", &bucket_with(0, &small), true)]),
             branch(5, &[(b"a", 6), (b"m", 7)]),
             leaf(6, &[(b"a", b"1", false), (b"b", b"2", false)]),
             leaf(7, &[(b"m", &big_value, false), (b"z", b"3", false)]),
@@ -375,7 +529,7 @@ mod tests {
         Bolt::open(f, bytes.len() as u64)
     }
 
-    fn items(db: &Bolt, name: &[u8]) -> Result<Vec<(Vec<u8>, usize)>, BoltError> {
+    fn items_of(db: &Bolt, name: &[u8]) -> Result<Vec<(Vec<u8>, usize)>, BoltError> {
         let b = db.bucket(name)?.expect("the bucket");
         let mut out = Vec::new();
         db.walk::<BoltError>(&b, &mut |k, v, _| {
@@ -387,19 +541,54 @@ mod tests {
 
     #[test]
     fn buckets_are_walked_in_key_order_through_branches_overflow_and_inline_pages() {
-        let bytes = database();
+        let bytes = handmade();
         assert!(looks_like_bolt(&bytes));
         let db = open(&bytes).unwrap();
-        let big = items(&db, b"big").unwrap();
+        let big = items_of(&db, b"big").unwrap();
         let keys: Vec<_> = big.iter().map(|(k, n)| (String::from_utf8(k.clone()).unwrap(), *n)).collect();
         assert_eq!(keys, [("a".into(), 1), ("b".into(), 1), ("m".into(), 6000), ("z".into(), 1)]);
-        assert_eq!(items(&db, b"small").unwrap(), [(b"s".to_vec(), 4)]);
+        assert_eq!(items_of(&db, b"small").unwrap(), [(b"s".to_vec(), 4)]);
         assert!(db.bucket(b"none").unwrap().is_none());
     }
 
     #[test]
+    fn what_the_writer_lays_out_the_reader_walks_back() {
+        // Enough for two levels of branches, values from none to several pages, and
+        // an empty bucket.
+        let items: Items = (0..20_000u32)
+            .map(|i| {
+                let len = if i % 5000 == 1 { 3 * PAGE + 17 } else { (i % 97) as usize };
+                (format!("key/{i:08}").into_bytes(), vec![i as u8; len])
+            })
+            .collect();
+        let few: Items = vec![(b"x".to_vec(), b"1".to_vec())];
+        let buckets: [(&[u8], Items); 3] = [(b"many", items.clone()), (b"empty", Vec::new()), (b"few", few)];
+        let bytes = database(&buckets);
+        assert_eq!(bytes.len() % PAGE, 0);
+        let db = open(&bytes).unwrap();
+        let mut back = Vec::new();
+        db.walk::<BoltError>(&db.bucket(b"many").unwrap().unwrap(), &mut |k, v, bucket| {
+            assert!(!bucket);
+            back.push((k.to_vec(), v.to_vec()));
+            Ok(())
+        })
+        .unwrap();
+        assert!(back == items, "{} items back of {}", back.len(), items.len());
+        assert_eq!(items_of(&db, b"empty").unwrap(), []);
+        assert_eq!(items_of(&db, b"few").unwrap(), [(b"x".to_vec(), 1)]);
+        let mut names = Vec::new();
+        db.walk::<BoltError>(&db.root(), &mut |k, _, bucket| {
+            names.push((k.to_vec(), bucket));
+            Ok(())
+        })
+        .unwrap();
+        let sorted = [(b"empty".to_vec(), true), (b"few".to_vec(), true), (b"many".to_vec(), true)];
+        assert_eq!(names, sorted, "the root bucket in name order");
+    }
+
+    #[test]
     fn the_newer_valid_meta_page_is_used() {
-        let mut bytes = database();
+        let mut bytes = handmade();
         // Meta page 1 (txid 2, root 4) spoiled: page 0 (txid 1) names root 3, an empty leaf.
         bytes[PAGE + PAGE_HEADER + 20] ^= 1;
         let db = open(&bytes).unwrap();
@@ -412,7 +601,7 @@ mod tests {
 
     #[test]
     fn damage_is_refused_without_a_panic() {
-        let good = database();
+        let good = handmade();
         // Any byte of a tree page changed, to each of a few values: an error or a walk,
         // never a panic or a read past the file.
         for at in (2 * PAGE..good.len()).step_by(7) {

@@ -1,4 +1,6 @@
-//! etcd's own snapshots, restored into a new meshkv data dir: the way over from etcd.
+//! etcd's snapshots: restored into a new meshkv data dir (the way over from etcd), and
+//! written from meshkv's store (the backups `etcdctl snapshot save` takes from a member,
+//! which etcd's own tools then read, and restore into etcd: the way back).
 //!
 //! An etcd snapshot is the bbolt database of etcd's store (`etcdctl snapshot save`
 //! against etcd writes it followed by its SHA-256; the `member/snap/db` file of a stopped
@@ -16,18 +18,23 @@
 //! revision goes on from the newest in the snapshot (or its compaction, if that is
 //! later), as etcd's does after a restore. A compaction etcd had scheduled but not finished
 //! is finished here: what it would remove is not written.
+//!
+//! Written from meshkv, the same buckets hold the same things, and `meta` holds the
+//! applied index as etcd's `consistent_index`.
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 
 use bytes::Bytes;
 use prost::Message;
 
 use super::auth;
 use super::backup::{BackupError, Restored, Writer};
-use super::bolt::{Bolt, BoltError};
-use super::engine::{CF_AUTH, CF_KV, CF_LEASE, CF_META};
+use rocksdb::{IteratorMode, ReadOptions};
+
+use super::bolt::{Bolt, BoltError, BoltWriter, Layout};
+use super::engine::{Engine, EngineError, CF_AUTH, CF_KV, CF_LEASE, CF_META};
 use super::mvcc::revision::Revision;
 use crate::pb::authpb::{Role, User};
 use crate::pb::meshkvpb::LeaseRecord;
@@ -183,6 +190,98 @@ pub(super) fn restore(mut file: File, out: &mut Writer, skip_hash_check: bool) -
     Ok(done)
 }
 
+/// Writes the store `read` sees (its options name one RocksDB snapshot, so that two runs
+/// see the same) as etcd's database, to `out`; `layout` from a run to `io::sink()`.
+pub(super) fn export(
+    engine: &Engine,
+    read: &dyn Fn() -> ReadOptions,
+    out: impl Write,
+    layout: Option<Layout>,
+) -> Result<Layout, BackupError> {
+    let db = engine.db();
+    let mut w = BoltWriter::new(out, layout)?;
+
+    // etcd's buckets, each in its key order: `auth` (authEnabled, authRevision), then the
+    // roles and the users, each under its name.
+    let mut auth_rows = Vec::new();
+    each_row(engine, read, CF_AUTH, &mut |k, v| {
+        auth_rows.push((k.to_vec(), v.to_vec()));
+        Ok(())
+    })?;
+    w.begin(b"auth")?;
+    for (name, etcd_name) in [(auth::KEY_ENABLED, &b"authEnabled"[..]), (auth::KEY_REVISION, b"authRevision")] {
+        if let Some((_, v)) = auth_rows.iter().find(|(k, _)| k == name) {
+            w.put(etcd_name, v)?;
+        }
+    }
+    for (bucket, prefix) in [(&b"authRoles"[..], auth::ROLE_PREFIX), (b"authUsers", auth::USER_PREFIX)] {
+        w.begin(bucket)?;
+        for (k, v) in &auth_rows {
+            if let Some(name) = k.strip_prefix(prefix) {
+                w.put(name, v)?;
+            }
+        }
+    }
+
+    w.begin(b"key")?;
+    each_row(engine, read, CF_KV, &mut |k, v| {
+        let (rev, tombstone) = Revision::from_key(k)
+            .ok_or_else(|| EngineError::Corrupt { cf: CF_KV, what: format!("bad revision key {k:?}") })?;
+        w.put(&etcd_key(rev, tombstone), v)?;
+        Ok(())
+    })?;
+
+    w.begin(b"lease")?;
+    each_row(engine, read, CF_LEASE, &mut |k, v| {
+        let l = LeaseRecord::decode(v)
+            .map_err(|e| EngineError::Corrupt { cf: CF_LEASE, what: format!("lease {k:?}: {e}") })?;
+        w.put(k, &EtcdLease { id: l.id, ttl: l.ttl, remaining_ttl: 0 }.encode_to_vec())?;
+        Ok(())
+    })?;
+
+    let meta = |key: &[u8]| -> Result<u64, BackupError> {
+        let v = db.get_cf_opt(engine.cf(CF_META), key, &read()).map_err(EngineError::from)?;
+        Ok(v.and_then(|v| v.as_slice().try_into().ok()).map(u64::from_be_bytes).unwrap_or(0))
+    };
+    let compacted = meta(super::mvcc::META_COMPACTED)?;
+    w.begin(b"meta")?;
+    w.put(b"consistent_index", &meta(super::mvcc::META_APPLIED)?.to_be_bytes())?;
+    if compacted > 0 {
+        let at = etcd_key(Revision::new(compacted as i64, 0), false);
+        w.put(b"finishedCompactRev", &at)?;
+        w.put(b"scheduledCompactRev", &at)?;
+    }
+    Ok(w.finish()?)
+}
+
+type Row<'a> = dyn FnMut(&[u8], &[u8]) -> Result<(), BackupError> + 'a;
+
+/// Calls `f` for every row of `cf` that `read` sees, in key order.
+fn each_row(
+    engine: &Engine,
+    read: &dyn Fn() -> ReadOptions,
+    cf: &'static str,
+    f: &mut Row<'_>,
+) -> Result<(), BackupError> {
+    for item in engine.db().iterator_cf_opt(engine.cf(cf), read(), IteratorMode::Start) {
+        let (k, v) = item.map_err(EngineError::from)?;
+        f(&k, &v)?;
+    }
+    Ok(())
+}
+
+/// etcd's key for a revision: main, `_`, sub, and `t` for a deletion.
+fn etcd_key(rev: Revision, tombstone: bool) -> Vec<u8> {
+    let mut k = Vec::with_capacity(ETCD_REV_LEN + 1);
+    k.extend_from_slice(&rev.main.to_be_bytes());
+    k.push(b'_');
+    k.extend_from_slice(&rev.sub.to_be_bytes());
+    if tombstone {
+        k.push(b't');
+    }
+    k
+}
+
 /// Users, roles and whether authentication is on; the number of records written.
 fn restore_auth(db: &Bolt, out: &mut Writer) -> Result<u64, BackupError> {
     let mut records = Vec::new();
@@ -228,11 +327,7 @@ mod tests {
     use std::io::Write;
 
     fn rev_key(main: i64, sub: i64, tombstone: bool) -> Vec<u8> {
-        let mut k = [&main.to_be_bytes()[..], b"_", &sub.to_be_bytes()].concat();
-        if tombstone {
-            k.push(b't');
-        }
-        k
+        etcd_key(Revision::new(main, sub), tombstone)
     }
 
     fn put(key: &str, main: i64, created: i64, version: i64) -> (Vec<u8>, Vec<u8>) {

@@ -166,8 +166,12 @@ pub fn start_etcd_with(data_dir: &Path, extra: &[&str]) -> Proc {
         log: Arc::new(Mutex::new(String::new())),
         ready: None,
     };
+    // Ready once it has a leader; asked through Status, which needs no user when
+    // authentication is on (the health check's proposal does).
     wait_until("etcd to serve", Duration::from_secs(30), || {
-        etcdctl(&p.client_addr, &["endpoint", "health"], None).status == 0
+        let out = etcdctl(&p.client_addr, &["endpoint", "status", "-w", "json"], None);
+        let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+        out.status == 0 && status[0]["Status"]["leader"].as_u64().unwrap_or(0) != 0
     });
     p
 }

@@ -40,7 +40,7 @@ use crate::store::watch::{delete_event, put_event, EventBatch, Held, KeyRange, W
 pub use index::{KeyAt, KeyIndex, RangeEnd};
 pub use revision::Revision;
 
-const META_APPLIED: &[u8] = b"applied_index";
+pub(crate) const META_APPLIED: &[u8] = b"applied_index";
 pub(crate) const META_REVISION: &[u8] = b"revision";
 pub(crate) const META_COMPACTED: &[u8] = b"compact_revision";
 
