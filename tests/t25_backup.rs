@@ -172,17 +172,34 @@ async fn a_meshkv_backup_restores_into_real_etcd() {
     let etcd = start_etcd(&etcd_dir);
     let e = format!("http://{}", etcd.client_addr);
     let mut eroot = as_user(&e, "root", "rootpw").await.unwrap();
-    let after = history(&mut eroot, &revs, compact_at + 1, rev).await;
-    assert_eq!(after.0, before.0, "every key at each revision since the compaction");
-    assert_eq!(after.1, before.1, "the events since the compaction");
-    let gone = eroot.get("k/100", Some(GetOptions::new().with_revision(compact_at - 1))).await.unwrap_err();
-    assert!(gone.to_string().contains("required revision has been compacted"), "{gone}");
-    let ttl = eroot.lease_time_to_live(lease, Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys())).await;
-    assert_eq!(ttl.unwrap().keys(), [b"leased".to_vec()]);
+    assert_serves(&mut eroot, &before, &revs, (compact_at, rev), lease, &["leased"]).await;
     let mut alice = as_user(&e, "alice", "alicepw").await.unwrap();
     let denied = alice.put("t/x", "no", None).await.unwrap_err();
     assert!(denied.to_string().contains("permission denied"), "{denied}");
     assert_eq!(alice.put("k/new", "w", None).await.unwrap().header().unwrap().revision(), rev + 1);
+}
+
+/// What a store restored from a backup must serve, read through `root`: `before` (the
+/// original's [`history`] over `revs` and from just after `compact_at` to `rev`), the
+/// compaction, and `lease` with `keys` attached.
+async fn assert_serves(
+    root: &mut Client,
+    before: &(Vec<Vec<Row>>, Vec<(bool, Row)>),
+    revs: &[i64],
+    (compact_at, rev): (i64, i64),
+    lease: i64,
+    keys: &[&str],
+) {
+    let after = history(root, revs, compact_at + 1, rev).await;
+    assert_eq!(after.0, before.0, "every key at each revision since the compaction");
+    assert_eq!(after.1, before.1, "the events since the compaction");
+    let gone = root.get("k/", Some(GetOptions::new().with_prefix().with_revision(compact_at - 1))).await.unwrap_err();
+    assert!(gone.to_string().contains("required revision has been compacted"), "{gone}");
+    let ttl = root.lease_time_to_live(lease, Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys())).await;
+    let ttl = ttl.unwrap();
+    assert!(ttl.ttl() > 0 && ttl.granted_ttl() == 600, "{ttl:?}");
+    let keys: Vec<Vec<u8>> = keys.iter().map(|k| k.as_bytes().to_vec()).collect();
+    assert_eq!(ttl.keys(), keys);
 }
 
 /// A snapshot of real etcd (`etcdctl snapshot save` against etcd) restored into meshkv:
@@ -235,16 +252,7 @@ async fn an_etcd_snapshot_restores_into_meshkv_with_its_history_leases_and_users
     let member = start_meshkv(&restored_dir, &[]);
     let m = member.endpoint();
     let mut mroot = as_user(&m, "root", "rootpw").await.unwrap();
-    let after = history(&mut mroot, &revs, compact_at + 1, rev).await;
-    assert_eq!(after.0, before.0, "every key at each revision since the compaction");
-    assert_eq!(after.1, before.1, "the events since the compaction");
-    let gone = mroot.get("k/000", Some(GetOptions::new().with_revision(compact_at - 1))).await.unwrap_err();
-    assert!(gone.to_string().contains("required revision has been compacted"), "{gone}");
-
-    let ttl = mroot.lease_time_to_live(lease, Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys())).await;
-    let ttl = ttl.unwrap();
-    assert!(ttl.ttl() > 0 && ttl.granted_ttl() == 600, "{ttl:?}");
-    assert_eq!(ttl.keys(), [b"leased/1".to_vec(), b"leased/2".to_vec()]);
+    assert_serves(&mut mroot, &before, &revs, (compact_at, rev), lease, &["leased/1", "leased/2"]).await;
 
     // Users, roles and passwords: alice reads and writes under k/ only.
     let mut alice = as_user(&m, "alice", "alicepw").await.unwrap();

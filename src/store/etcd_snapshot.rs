@@ -298,19 +298,19 @@ fn restore_auth(db: &Bolt, out: &mut Writer) -> Result<u64, BackupError> {
             Ok(())
         })?;
     }
-    if let Some(b) = db.bucket(b"authUsers")? {
-        db.walk::<BackupError>(&b, &mut |k, v, _| {
-            let u = User::decode(v).map_err(|e| damaged(format!("user {:?}: {e}", String::from_utf8_lossy(k))))?;
-            records.push(auth::user_record(&u));
-            Ok(())
-        })?;
-    }
-    if let Some(b) = db.bucket(b"authRoles")? {
-        db.walk::<BackupError>(&b, &mut |k, v, _| {
-            let r = Role::decode(v).map_err(|e| damaged(format!("role {:?}: {e}", String::from_utf8_lossy(k))))?;
-            records.push(auth::role_record(&r));
-            Ok(())
-        })?;
+    type Decode = fn(&[u8]) -> Result<(Vec<u8>, Vec<u8>), prost::DecodeError>;
+    let named: [(&[u8], &str, Decode); 2] = [
+        (b"authUsers", "user", |v| User::decode(v).map(|u| auth::user_record(&u))),
+        (b"authRoles", "role", |v| Role::decode(v).map(|r| auth::role_record(&r))),
+    ];
+    for (bucket, what, decode) in named {
+        if let Some(b) = db.bucket(bucket)? {
+            db.walk::<BackupError>(&b, &mut |k, v, _| {
+                let bad = |e| damaged(format!("{what} {:?}: {e}", String::from_utf8_lossy(k)));
+                records.push(decode(v).map_err(bad)?);
+                Ok(())
+            })?;
+        }
     }
     for (k, v) in &records {
         out.put(CF_AUTH, k, v)?;
