@@ -91,10 +91,13 @@ impl Maintenance for MaintenanceService {
         self.require_admin(&request)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let engine = self.ctx.store.engine().clone();
-        let mut out =
-            Chunks { tx, header: self.ctx.header(None), buf: Vec::new(), sent: 0, estimate: engine.size_bytes() };
+        let mut out = Chunks { tx, header: self.ctx.header(None), buf: Vec::new(), sent: 0, total: 0 };
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = backup::write(&engine, &mut out) {
+            let written = backup::write(&engine, |total| {
+                out.total = total;
+                &mut out
+            });
+            if let Err(e) = written {
                 tracing::warn!(error = %e, "a snapshot for a client was not sent whole");
                 let _ = out.tx.blocking_send(Err(Status::internal(format!("etcdserver: snapshot: {e}"))));
             }
@@ -160,18 +163,21 @@ struct Chunks {
     header: Option<ResponseHeader>,
     buf: Vec<u8>,
     sent: u64,
-    /// The store's size: what `remaining_bytes` counts down from (a backup's exact size
-    /// is known only at its end).
-    estimate: u64,
+    /// The backup's length: what `remaining_bytes` counts down from.
+    total: u64,
 }
 
 const CHUNK_BYTES: usize = 32 << 10;
 
 impl Chunks {
-    fn send(&mut self, last: bool) -> std::io::Result<()> {
+    /// Sends what is buffered; nothing when that is nothing, but for a first message.
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() && self.header.is_none() {
+            return Ok(());
+        }
         let blob = std::mem::take(&mut self.buf);
         self.sent += blob.len() as u64;
-        let remaining_bytes = if last { 0 } else { self.estimate.saturating_sub(self.sent).max(1) };
+        let remaining_bytes = self.total.saturating_sub(self.sent);
         let msg = SnapshotResponse { header: self.header.take(), remaining_bytes, blob: blob.into() };
         self.tx.blocking_send(Ok(msg)).map_err(|_| std::io::Error::other("the client went away"))
     }
@@ -182,12 +188,12 @@ impl std::io::Write for Chunks {
         let n = data.len().min(CHUNK_BYTES - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
         if self.buf.len() == CHUNK_BYTES {
-            self.send(false)?;
+            self.send()?;
         }
         Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.send(true)
+        self.send()
     }
 }

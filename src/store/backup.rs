@@ -62,9 +62,10 @@ pub enum BackupError {
     NotEmpty(String),
 }
 
-/// Writes a backup of `engine`'s store, as of now, to `out`: etcd's database, laid out
-/// once to learn where its pages fall, then written, then its SHA-256.
-pub fn write(engine: &Engine, out: impl Write) -> Result<(), BackupError> {
+/// Writes a backup of `engine`'s store, as of now: etcd's database, laid out once to
+/// learn where its pages fall and how long the backup is, then written, then its
+/// SHA-256, to the writer `sized` gives for that length.
+pub fn write<W: Write>(engine: &Engine, sized: impl FnOnce(u64) -> W) -> Result<(), BackupError> {
     let view = engine.db().snapshot();
     let read = || {
         let mut o = ReadOptions::default();
@@ -72,7 +73,7 @@ pub fn write(engine: &Engine, out: impl Write) -> Result<(), BackupError> {
         o
     };
     let layout = super::etcd_snapshot::export(engine, &read, io::sink(), None)?;
-    let mut out = Hashing::new(out);
+    let mut out = Hashing::new(sized(layout.bytes() + SUM_BYTES as u64));
     super::etcd_snapshot::export(engine, &read, &mut out, Some(layout))?;
     let (mut inner, digest) = out.finish();
     inner.write_all(&digest)?;

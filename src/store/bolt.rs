@@ -337,6 +337,13 @@ pub struct Layout {
     pages: u64,
 }
 
+impl Layout {
+    /// The length of the file.
+    pub fn bytes(&self) -> u64 {
+        self.pages * PAGE_SIZE as u64
+    }
+}
+
 /// Writes a bbolt file to a stream: named buckets, each filled in key order, leaves
 /// packed full, branch pages built above them once a bucket ends, then the root bucket
 /// and an empty freelist. The meta pages come first but name pages written last, so a
@@ -428,7 +435,8 @@ impl<W: Write> BoltWriter<W> {
         Ok(())
     }
 
-    /// Ends the file: the root bucket and the freelist. Returns its layout.
+    /// Ends the file: the root bucket and the freelist. Returns its layout; flushing the
+    /// stream is left to its owner.
     pub fn finish(mut self) -> std::io::Result<Layout> {
         self.end()?;
         let mut roots = std::mem::take(&mut self.roots);
@@ -438,7 +446,6 @@ impl<W: Write> BoltWriter<W> {
             roots.iter().zip(&values).map(|((name, _), v)| (&name[..], &v[..], true)).collect();
         let root = self.page(leaf_page(self.next, &items))?;
         let freelist = self.page(blank_page(self.next, FREELIST_PAGE, 0, PAGE_HEADER))?;
-        self.out.flush()?;
         Ok(Layout { root, freelist, pages: self.next })
     }
 }
@@ -565,6 +572,14 @@ mod tests {
         let buckets: [(&[u8], Items); 3] = [(b"many", items.clone()), (b"empty", Vec::new()), (b"few", few)];
         let bytes = database(&buckets);
         assert_eq!(bytes.len() % PAGE, 0);
+        let mut layout = BoltWriter::new(std::io::sink(), None).unwrap();
+        for (name, items) in &buckets {
+            layout.begin(name).unwrap();
+            for (k, v) in items {
+                layout.put(k, v).unwrap();
+            }
+        }
+        assert_eq!(layout.finish().unwrap().bytes(), bytes.len() as u64, "the layout knows the length");
         let db = open(&bytes).unwrap();
         let mut back = Vec::new();
         db.walk::<BoltError>(&db.bucket(b"many").unwrap().unwrap(), &mut |k, v, bucket| {
