@@ -298,6 +298,19 @@ fn the_json_gateway_streams_watches_and_keep_alives_as_etcds_does() {
         let granted = curl(&url("/v3/lease/grant"), &["-X", "POST", "-d", r#"{"TTL":60,"ID":"777"}"#]);
         assert_eq!(granted.status, 200);
         let kept = stream_lines(&url("/v3/lease/keepalive"), r#"{"ID":"777"}"#, 1, || {});
+        // A stream of answers only: the whole snapshot, counting down the database's
+        // bytes (not the SHA-256 after them), then the end.
+        let snapshot = curl(&url("/v3/maintenance/snapshot"), &["-X", "POST", "-d", "{}"]);
+        assert_eq!(snapshot.status, 200, "{snapshot:?}");
+        let (mut got, mut told) = (0usize, Vec::new());
+        for line in snapshot.body.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            let blob = v["result"]["blob"].as_str().unwrap_or_default();
+            got += blob.len() / 4 * 3 - blob.matches('=').count();
+            told.push((got, v["result"]["remaining_bytes"].as_str().map_or(0, |r| r.parse::<usize>().unwrap())));
+        }
+        let counted = told.iter().all(|&(sent, left)| left == (got - 32).saturating_sub(sent));
+        assert!(got % 512 == 32 && counted, "{got} bytes: {told:?}");
         let missing = stream_lines(&url("/v3/lease/keepalive"), r#"{"ID":"778"}"#, 1, || {});
         if p.client_addr == meshkv.client_addr {
             // Counted as gRPC calls, as etcd's gateway, a client of its own member, is.

@@ -88,14 +88,25 @@ macro_rules! unary {
     }};
 }
 
-/// Routes `$path` to the gRPC method `$grpc` of `$routes`, streaming.
+/// Which way a streaming call streams.
+#[derive(Clone, Copy, PartialEq)]
+enum Streams {
+    /// Both ways: the client's requests stay open while its HTTP client stays.
+    Both,
+    /// Answers only: the one request, then the client's side ends, as a gRPC client's
+    /// does (the server takes its request only then).
+    Answers,
+}
+
+/// Routes `$path` to the gRPC method `$grpc` of `$routes`, streaming `$way`.
 macro_rules! streaming {
-    ($router:expr, $routes:expr, $($path:literal => $grpc:literal: $req:ty => $resp:ty),+ $(,)?) => {{
+    ($router:expr, $routes:expr, $($path:literal => $grpc:literal: $req:ty => $resp:ty, $way:expr);+ $(;)?) => {{
         let mut r = $router;
         $(
             let routes = $routes.clone();
-            let handler =
-                move |headers: HeaderMap, body: Bytes| stream::<$req, $resp>(routes.clone(), $grpc, headers, body);
+            let handler = move |headers: HeaderMap, body: Bytes| {
+                stream::<$req, $resp>(routes.clone(), $grpc, $way, headers, body)
+            };
             r = r.route($path, post(handler).fallback(method_not_allowed));
         )+
         r
@@ -161,10 +172,12 @@ pub fn router(
         "/v3/auth/user/revoke" => auth.user_revoke_role,
     );
     let r = streaming!(r, grpc,
-        "/v3/watch" => "/etcdserverpb.Watch/Watch": WatchRequest => WatchResponse,
+        "/v3/watch" => "/etcdserverpb.Watch/Watch": WatchRequest => WatchResponse, Streams::Both;
         "/v3/lease/keepalive" => "/etcdserverpb.Lease/LeaseKeepAlive": LeaseKeepAliveRequest => LeaseKeepAliveResponse,
+            Streams::Both;
         "/v3/maintenance/snapshot" => "/etcdserverpb.Maintenance/Snapshot": SnapshotRequest => SnapshotResponse,
-        "/v3/election/observe" => "/v3electionpb.Election/Observe": LeaderRequest => LeaderResponse,
+            Streams::Answers;
+        "/v3/election/observe" => "/v3electionpb.Election/Observe": LeaderRequest => LeaderResponse, Streams::Answers;
     );
     unary!(r, s, metrics,
         "/v3/auth/role/add" => auth.role_add,
@@ -234,7 +247,13 @@ where
 }
 
 /// A streaming call through `grpc`: the requests in `body`, the answers as they come.
-async fn stream<Req, Resp>(grpc: axum::Router, path: &'static str, headers: HeaderMap, body: Bytes) -> Response
+async fn stream<Req, Resp>(
+    grpc: axum::Router,
+    path: &'static str,
+    way: Streams,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response
 where
     Req: DeserializeOwned + prost::Message,
     Resp: Serialize + prost::Message + Default + 'static,
@@ -248,13 +267,19 @@ where
     }
     // The requests, then nothing until the HTTP client goes: its answer's stream holds
     // `left`, and once that is dropped the call's request stream fails, which ends the call.
+    // A call that streams answers only ends its requests at once.
     let (left, gone) = oneshot::channel::<()>();
-    let requests = futures::stream::iter(frames.into_iter().map(|f| Ok(Frame::data(f)))).chain(futures::stream::once(
-        async move {
-            let _ = gone.await;
-            Err(std::io::Error::other("the gateway's client went"))
-        },
-    ));
+    let requests = futures::stream::iter(frames.into_iter().map(|f| Ok(Frame::data(f))));
+    let requests = if way == Streams::Both {
+        requests
+            .chain(futures::stream::once(async move {
+                let _ = gone.await;
+                Err(std::io::Error::other("the gateway's client went"))
+            }))
+            .boxed()
+    } else {
+        requests.boxed()
+    };
     let mut call = axum::http::Request::new(Body::new(StreamBody::new(requests)));
     *call.method_mut() = axum::http::Method::POST;
     *call.uri_mut() = axum::http::Uri::from_static(path);

@@ -163,7 +163,8 @@ struct Chunks {
     header: Option<ResponseHeader>,
     buf: Vec<u8>,
     sent: u64,
-    /// The backup's length: what `remaining_bytes` counts down from.
+    /// The database's length: what `remaining_bytes` counts down from, as etcd's does
+    /// (the SHA-256 that ends a backup is not counted).
     total: u64,
 }
 

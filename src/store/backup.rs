@@ -63,8 +63,9 @@ pub enum BackupError {
 }
 
 /// Writes a backup of `engine`'s store, as of now: etcd's database, laid out once to
-/// learn where its pages fall and how long the backup is, then written, then its
-/// SHA-256, to the writer `sized` gives for that length.
+/// learn where its pages fall and its length, then written, then its SHA-256, to the
+/// writer `sized` gives for that length (the database's, without the SHA-256: what
+/// etcd's `remaining_bytes` counts down).
 pub fn write<W: Write>(engine: &Engine, sized: impl FnOnce(u64) -> W) -> Result<(), BackupError> {
     let view = engine.db().snapshot();
     let read = || {
@@ -73,7 +74,7 @@ pub fn write<W: Write>(engine: &Engine, sized: impl FnOnce(u64) -> W) -> Result<
         o
     };
     let layout = super::etcd_snapshot::export(engine, &read, io::sink(), None)?;
-    let mut out = Hashing::new(sized(layout.bytes() + SUM_BYTES as u64));
+    let mut out = Hashing::new(sized(layout.bytes()));
     super::etcd_snapshot::export(engine, &read, &mut out, Some(layout))?;
     let (mut inner, digest) = out.finish();
     inner.write_all(&digest)?;
