@@ -182,7 +182,8 @@ pub(super) fn restore(mut file: File, out: &mut Writer, skip_hash_check: bool) -
 
     done.records += restore_auth(&db, out)?;
 
-    done.revision = u64::try_from(newest.max(compacted)).unwrap_or(0);
+    // A store with no writes yet is at revision 1, as etcd's is.
+    done.revision = u64::try_from(newest.max(compacted)).unwrap_or(0).max(1);
     out.put(CF_META, super::mvcc::META_REVISION, &done.revision.to_be_bytes())?;
     if compacted > 0 {
         out.put(CF_META, super::mvcc::META_COMPACTED, &(compacted as u64).to_be_bytes())?;
@@ -419,6 +420,12 @@ mod tests {
         assert!(state.enabled());
         assert_eq!(state.revision(), 9);
         assert_eq!(state.user("alice").unwrap().roles, ["r"]);
+    }
+
+    #[test]
+    fn an_empty_etcd_store_is_at_revision_one() {
+        let (_dir, done) = restore(&with_sum(&build::database(&[(b"key", Vec::new())])), false);
+        assert_eq!(done.unwrap(), Restored { records: 0, revision: 1 });
     }
 
     #[test]
