@@ -332,5 +332,12 @@ fn the_json_gateway_streams_watches_and_keep_alives_as_etcds_does() {
         ];
         let expected: Vec<serde_json::Value> = expected.iter().map(|l| comparable(l)).collect();
         assert_eq!(seen, expected, "{}", p.client_addr);
+        // Another stream of answers only: an election's leader, observed.
+        let campaign = r#"{"name":"ZWw=","lease":"777","value":"Y2FuZDE="}"#;
+        let r = curl(&url("/v3/election/campaign"), &["-X", "POST", "-d", campaign]);
+        assert_eq!(r.status, 200, "{r:?}");
+        let observed = stream_lines(&url("/v3/election/observe"), r#"{"name":"ZWw="}"#, 1, || {});
+        let leader: serde_json::Value = serde_json::from_str(&observed[0]).unwrap();
+        assert_eq!(leader["result"]["kv"]["value"], "Y2FuZDE=", "{observed:?}");
     }
 }
