@@ -34,8 +34,8 @@ const CFS: [&str; 3] = [CF_KV, CF_LEASE, CF_AUTH];
 const META: u8 = 0xfe;
 const END: u8 = 0xff;
 /// The checksum follows zeros up to a multiple of this.
-const ALIGN: usize = 512;
-const SUM_BYTES: usize = 32;
+pub(super) const ALIGN: usize = 512;
+pub(super) const SUM_BYTES: usize = 32;
 /// The meta keys a backup carries.
 const META_KEYS: [&[u8]; 2] = [super::mvcc::META_REVISION, super::mvcc::META_COMPACTED];
 /// Records written to the new store per batch.
@@ -218,18 +218,18 @@ fn restore_from(input: impl Read, out: &mut Writer) -> Result<Restored, BackupEr
 }
 
 /// A reader or writer that hashes (SHA-256) and counts every byte that passes.
-struct Hashing<T> {
+pub(super) struct Hashing<T> {
     inner: T,
     hash: ring::digest::Context,
     count: usize,
 }
 
 impl<T> Hashing<T> {
-    fn new(inner: T) -> Self {
+    pub(super) fn new(inner: T) -> Self {
         Self { inner, hash: ring::digest::Context::new(&ring::digest::SHA256), count: 0 }
     }
 
-    fn finish(self) -> (T, [u8; SUM_BYTES]) {
+    pub(super) fn finish(self) -> (T, [u8; SUM_BYTES]) {
         let mut sum = [0u8; SUM_BYTES];
         sum.copy_from_slice(self.hash.finish().as_ref());
         (self.inner, sum)

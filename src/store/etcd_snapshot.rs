@@ -30,7 +30,7 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::auth;
-use super::backup::{BackupError, Restored, Writer};
+use super::backup::{BackupError, Hashing, Restored, Writer, ALIGN, SUM_BYTES};
 use rocksdb::{IteratorMode, ReadOptions};
 
 use super::bolt::{Bolt, BoltError, BoltWriter, Layout};
@@ -40,10 +40,6 @@ use crate::pb::authpb::{Role, User};
 use crate::pb::meshkvpb::LeaseRecord;
 use crate::pb::mvccpb::KeyValue;
 
-/// What etcd's snapshots end with when they carry their hash: a SHA-256 after a database
-/// whose size is a multiple of 512.
-const SUM_BYTES: u64 = 32;
-const ALIGN: u64 = 512;
 /// etcd's revision keys: main, `_`, sub, and `t` for a deletion.
 const ETCD_REV_LEN: usize = 17;
 
@@ -89,28 +85,24 @@ fn etcd_revision(k: &[u8]) -> Option<(Revision, bool)> {
 /// The length of the database in `file`, after checking the SHA-256 that follows it when
 /// there is one, as `etcdctl snapshot restore` does.
 fn database_len(file: &mut File, skip_hash_check: bool) -> Result<u64, BackupError> {
+    // etcd's convention, as for meshkv's own backups: a SHA-256 after a database whose
+    // size is a multiple of 512.
+    let (align, sum_bytes) = (ALIGN as u64, SUM_BYTES as u64);
     let size = file.metadata()?.len();
-    if size % ALIGN != SUM_BYTES {
+    if size % align != sum_bytes {
         if !skip_hash_check {
             return Err(BackupError::MissingHash);
         }
         return Ok(size);
     }
-    let len = size - SUM_BYTES;
-    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut left = len;
-    let mut buf = vec![0u8; 1 << 20];
-    while left > 0 {
-        let n = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        file.read_exact(&mut buf[..n])?;
-        hash.update(&buf[..n]);
-        left -= n as u64;
-    }
-    let mut sum = [0u8; SUM_BYTES as usize];
+    let len = size - sum_bytes;
+    let mut database = Hashing::new(Read::take(&mut *file, len));
+    std::io::copy(&mut database, &mut std::io::sink())?;
+    let (_, digest) = database.finish();
+    let mut sum = [0u8; SUM_BYTES];
     file.read_exact(&mut sum)?;
-    let digest = hash.finish();
-    if digest.as_ref() != sum {
-        return Err(BackupError::HashMismatch { expected: hex(&sum), got: hex(digest.as_ref()) });
+    if digest != sum {
+        return Err(BackupError::HashMismatch { expected: hex(&sum), got: hex(&digest) });
     }
     Ok(len)
 }
