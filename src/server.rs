@@ -215,7 +215,12 @@ async fn identity(engine: &Engine, cfg: &Config, mesh: &Mesh) -> Result<(u64, u6
     }
     let (cluster, bootstrap) = if cfg.bootstrap_expect > 1 {
         let names = wait_for_peers(cfg, mesh).await;
-        if names.contains(&cfg.name) {
+        if names.is_empty() {
+            // A member whose data was lost comes back fresh: it must not found its
+            // cluster a second time.
+            tracing::info!("the mesh peers belong to a formed cluster; joining it");
+            (0, Bootstrap::Join)
+        } else if names.contains(&cfg.name) {
             let mut h = blake2::Blake2s256::default();
             blake2::Digest::update(&mut h, cfg.cluster_name.as_bytes());
             for n in &names {
@@ -244,9 +249,6 @@ async fn identity(engine: &Engine, cfg: &Config, mesh: &Mesh) -> Result<(u64, u6
     Ok((cluster, wanted, bootstrap))
 }
 
-/// Waits until `--bootstrap-expect` members see each other; returns the names of the
-/// members that form the cluster: the first N in name order, so every member that waited
-/// picks the same ones.
 /// The space quota, logged as etcd logs it.
 fn quota(bytes: i64, store: &MvccStore) -> api::quota::Quota {
     let q = api::quota::Quota::new(bytes, store.engine().clone());
@@ -293,10 +295,16 @@ async fn bind(
     Ok(out)
 }
 
+/// Waits until `--bootstrap-expect` members see each other; returns the names of the
+/// members that form the cluster: the first N in name order, so every member that waited
+/// picks the same ones. No names if a peer turns out to be a member of a formed cluster.
 async fn wait_for_peers(cfg: &Config, mesh: &Mesh) -> Vec<String> {
     let n = cfg.bootstrap_expect;
     tracing::info!("waiting for {} more members to form a cluster", n - 1);
     loop {
+        if mesh.cluster_seen() != 0 {
+            return Vec::new();
+        }
         let mut names: Vec<String> = mesh.reachable_peers().iter().map(|p| p.to_string()).collect();
         if names.len() + 1 >= n {
             names.push(cfg.name.clone());

@@ -612,6 +612,41 @@ async fn restarted_members_find_each_other_without_join() {
     assert_eq!(g.kvs()[0].mod_revision(), rev);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_lost_its_data_is_taken_back_and_catches_up() {
+    let root = tempdir();
+    let mut members = bootstrap_three(root.path(), &[&[], &[], &[]]);
+    for i in 0..20 {
+        client(&members[0]).await.put(format!("k{i}"), "v", None).await.unwrap();
+    }
+    // c, a follower, has its disk replaced: it starts with the flags it had and an
+    // empty data dir.
+    let refs: Vec<&Member> = members.iter().collect();
+    let leader = leader_of(&refs).await.unwrap();
+    if leader == member_id_of(&members[2]).await {
+        client(&members[2]).await.move_leader(member_id_of(&members[0]).await).await.unwrap();
+        eventually("a to lead", Duration::from_secs(10), || async { leader_of(&refs).await != Some(leader) }).await;
+    }
+    members[2].proc.kill9();
+    std::fs::remove_dir_all(&members[2].dir).unwrap();
+    restart(&mut members[2]);
+    members[2].proc.wait_ready(Duration::from_secs(60));
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // Removed at once (no dead-member timeout to wait for), added back as a learner,
+    // promoted again once it has caught up.
+    eventually("c to be a voter again", Duration::from_secs(30), || async {
+        roles(&members[0]).await == Some((names(&["a", "b", "c"]), vec![]))
+    })
+    .await;
+    let rev = client(&members[2]).await.put("after", "v", None).await.unwrap().header().unwrap().revision();
+    catches_up_and_agrees(&members, &members[2], "k19", rev).await;
+    let all = client(&members[2]).await.get("k", Some(GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(all.kvs().len(), 20, "c holds what was written before it lost its data");
+    let log = members[2].proc.log();
+    assert!(log.contains("its data was lost"), "c says what happened:\n{log}");
+    assert!(!log.contains("panicked"), "{log}");
+}
+
 /// `/health` on `m`: its status and what its JSON says.
 fn health(m: &Member, query: &str) -> (u16, String, String) {
     let r = curl(&format!("{}/health{query}", m.proc.endpoint()), &[]);

@@ -87,7 +87,7 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberRemoveResponse>, Status> {
         self.ctx.require_admin(&request)?;
         let id = request.into_inner().id;
-        self.ctx.raft.change_membership(crate::raft::membership::Change::Remove { id }).await?;
+        self.ctx.raft.change_membership(crate::raft::membership::Change::Remove { id, rejoin: false }).await?;
         Ok(Response::new(MemberRemoveResponse { header: self.ctx.header(None), members: self.members() }))
     }
 

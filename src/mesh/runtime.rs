@@ -168,6 +168,8 @@ struct Inner {
     deaf_to: RwLock<HashSet<PeerName>>,
     counters: Counters,
     next_conn: AtomicU64,
+    /// A cluster id a peer reported at its handshake (0: none seen yet).
+    cluster_seen: AtomicU64,
     stop: watch::Sender<bool>,
 }
 
@@ -272,6 +274,7 @@ impl Mesh {
             deaf_to: RwLock::new(HashSet::new()),
             counters: Counters::default(),
             next_conn: AtomicU64::new(1),
+            cluster_seen: AtomicU64::new(0),
             stop,
             cfg,
         });
@@ -296,6 +299,12 @@ impl Mesh {
     /// Peers reachable from here, ourselves excluded.
     pub fn reachable_peers(&self) -> Vec<PeerName> {
         self.inner.node.lock().unwrap_or_else(|e| e.into_inner()).reachable()
+    }
+
+    /// The id of a formed cluster that a peer named at its handshake, 0 if none has: a
+    /// fresh member that sees one joins it rather than forming a cluster.
+    pub fn cluster_seen(&self) -> u64 {
+        self.inner.cluster_seen.load(Ordering::Relaxed)
     }
 
     /// The address peers dial to reach us.
@@ -695,6 +704,9 @@ impl Mesh {
         } else {
             None
         };
+        if refuse.is_none() && remote.cluster_id != 0 {
+            self.inner.cluster_seen.store(remote.cluster_id, Ordering::Relaxed);
+        }
         if let Some(why) = refuse {
             self.inner.counters.refused.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%addr, %peer, why, "mesh connection refused");

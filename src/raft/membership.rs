@@ -11,6 +11,11 @@
 //!   never lowers the number of live voters, so quorum is never lost by it; a member
 //!   partitioned for less than the timeout is never touched.
 //! - A learner unreachable for longer than the timeout is removed.
+//! - A member that lost its data (it came back with an empty log, where the leader
+//!   counts entries it had acknowledged) is removed at once and, like the dead ones
+//!   above, added again as a learner when the mesh reaches it. Until then it cannot
+//!   follow the leader, and the acknowledgements and votes it gave before are void.
+//!   Only members removed by a client stay out.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -43,16 +48,29 @@ pub struct View {
     pub matched: HashMap<u64, u64>,
     pub last_index: u64,
     pub pending_conf_change: bool,
-    /// Members removed on purpose: never added back on their own.
+    /// Members removed by a client: never added back on their own.
     pub removed: Vec<u64>,
+    /// Members whose log ends before what the leader counts as replicated on them: they
+    /// lost their data.
+    pub lost: Vec<u64>,
 }
 
 /// One configuration change to propose.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Change {
-    AddLearner { id: u64, name: String },
-    Promote { id: u64 },
-    Remove { id: u64 },
+    AddLearner {
+        id: u64,
+        name: String,
+    },
+    Promote {
+        id: u64,
+    },
+    /// `rejoin`: the cluster's own removal; the member is added again as a learner
+    /// when the mesh reaches it (a client's MemberRemove passes false: it stays out).
+    Remove {
+        id: u64,
+        rejoin: bool,
+    },
 }
 
 /// Keeps, between calls, since when each member has been unreachable.
@@ -80,6 +98,9 @@ impl Controller {
         if v.pending_conf_change {
             return None;
         }
+        if let Some(&id) = v.lost.iter().filter(|id| members.contains(id) && **id != v.me).min() {
+            return Some(Change::Remove { id, rejoin: true });
+        }
         let dead = |id: u64| {
             self.unreachable_since.get(&id).is_some_and(|t| now.duration_since(*t) >= self.cfg.dead_member_timeout)
         };
@@ -100,12 +121,12 @@ impl Controller {
             }
             if v.voters.len() > self.cfg.voters || live_voters >= self.cfg.voters {
                 if let Some(&d) = v.voters.iter().filter(|&&id| dead(id)).min() {
-                    return Some(Change::Remove { id: d });
+                    return Some(Change::Remove { id: d, rejoin: true });
                 }
             }
         }
         if let Some(&l) = learners.iter().find(|&&l| dead(l)) {
-            return Some(Change::Remove { id: l });
+            return Some(Change::Remove { id: l, rejoin: true });
         }
         // Grow to the wanted number of voters.
         if v.voters.len() < self.cfg.voters {
@@ -135,6 +156,7 @@ mod tests {
             last_index: 100,
             pending_conf_change: false,
             removed: vec![],
+            lost: vec![],
         }
     }
 
@@ -171,8 +193,25 @@ mod tests {
         );
         let later = t0 + Duration::from_secs(11);
         assert_eq!(c.decide(later, &view(&[1, 2, 3], &[4], &[2, 4])), Some(Change::Promote { id: 4 }));
-        assert_eq!(c.decide(later, &view(&[1, 2, 3, 4], &[], &[2, 4])), Some(Change::Remove { id: 3 }));
+        assert_eq!(c.decide(later, &view(&[1, 2, 3, 4], &[], &[2, 4])), Some(Change::Remove { id: 3, rejoin: true }));
         assert_eq!(c.decide(later, &view(&[1, 2, 4], &[], &[2, 4])), None);
+    }
+
+    #[test]
+    fn a_member_that_lost_its_data_is_removed_at_once_and_added_back_as_a_learner() {
+        let mut c = Controller::new(MembershipConfig::default());
+        let now = Instant::now();
+        let mut wiped = view(&[1, 2, 3], &[], &[2, 3]);
+        wiped.lost = vec![3];
+        assert_eq!(c.decide(now, &wiped), Some(Change::Remove { id: 3, rejoin: true }), "no timeout to wait for");
+        // Back, empty, and not removed by a client: a newcomer like any other.
+        assert_eq!(c.decide(now, &view(&[1, 2], &[], &[2, 3])), Some(Change::AddLearner { id: 3, name: "n3".into() }));
+        let mut pending = wiped.clone();
+        pending.pending_conf_change = true;
+        assert_eq!(c.decide(now, &pending), None, "one change at a time");
+        let mut me = view(&[1, 2, 3], &[], &[2, 3]);
+        me.lost = vec![1, 9];
+        assert_eq!(c.decide(now, &me), None, "never the leader itself, nor a stranger");
     }
 
     #[test]

@@ -138,12 +138,29 @@ type WriteReply = oneshot::Sender<Result<WriteResponse, RaftError>>;
 type ReadReply = oneshot::Sender<Result<(), RaftError>>;
 
 enum Command {
-    Propose { id: u64, data: Bytes, reply: WriteReply, deadline: Instant },
-    Read { reply: ReadReply, deadline: Instant },
+    Propose {
+        id: u64,
+        data: Bytes,
+        reply: WriteReply,
+        deadline: Instant,
+    },
+    Read {
+        reply: ReadReply,
+        deadline: Instant,
+    },
     Step(Box<Message>),
     TransferLeader(u64),
-    ChangeMembership { change: Change, reply: ReadReply, deadline: Instant },
+    ChangeMembership {
+        change: Change,
+        reply: ReadReply,
+        deadline: Instant,
+    },
     ReportSnapshot(u64, raft::SnapshotStatus),
+    /// A member says its log ends at `last_index`, before what the leader told it to commit.
+    LostLog {
+        from: u64,
+        last_index: u64,
+    },
 }
 
 /// Carries Raft messages to other members.
@@ -153,6 +170,9 @@ pub trait Transport: Send + Sync + 'static {
     fn reachable(&self) -> Vec<(u64, String)>;
     /// Tells a member the cluster removed that it is out.
     fn tell_removed(&self, id: u64);
+    /// Tells the leader `to` that this member's log ends at `last_index`, before entries
+    /// the leader counts as replicated here: this member lost its data.
+    fn tell_lost_log(&self, to: u64, last_index: u64);
 }
 
 /// How Raft starts on a fresh data dir.
@@ -289,7 +309,7 @@ impl RaftHandle {
         let (id, must_be_learner) = match &change {
             Change::AddLearner { id, .. } => (*id, false),
             Change::Promote { id } => (*id, true),
-            Change::Remove { id } => (*id, false),
+            Change::Remove { id, .. } => (*id, false),
         };
         let known = m.voters.contains(&id) || m.learners.contains(&id);
         if !matches!(change, Change::AddLearner { .. }) && !known {
@@ -307,6 +327,11 @@ impl RaftHandle {
     /// Tells the leader how sending a snapshot to `to` went.
     pub fn report_snapshot(&self, to: u64, status: raft::SnapshotStatus) -> Result<(), RaftError> {
         self.send(Command::ReportSnapshot(to, status))
+    }
+
+    /// Hands the driver a member's word that its log ends at `last_index`.
+    pub fn lost_log(&self, from: u64, last_index: u64) -> Result<(), RaftError> {
+        self.send(Command::LostLog { from, last_index })
     }
 
     /// Asks the leader to hand leadership to `to`.
@@ -419,6 +444,10 @@ struct Driver {
     store_flush: Option<u64>,
     transport: Option<Arc<dyn Transport>>,
     controller: Controller,
+    /// On the leader: members that said their log ends at an index, and when.
+    lost_reports: HashMap<u64, (u64, Instant)>,
+    /// When this member last told a leader that it lost its log.
+    lost_told: Option<Instant>,
     ticks: u64,
     campaign_soon: bool,
     no_leader_since: Option<Instant>,
@@ -464,9 +493,13 @@ pub fn start(
                     let mut cc = ConfChange::default();
                     cc.set_change_type(ConfChangeType::AddNode);
                     cc.node_id = *id;
-                    cc.context = MemberContext { name: name.clone(), cluster_id: cluster_id.load(Ordering::Acquire) }
-                        .encode_to_vec()
-                        .into();
+                    cc.context = MemberContext {
+                        name: name.clone(),
+                        cluster_id: cluster_id.load(Ordering::Acquire),
+                        ..Default::default()
+                    }
+                    .encode_to_vec()
+                    .into();
                     let mut e = Entry::default();
                     e.set_entry_type(EntryType::EntryConfChange);
                     e.term = 1;
@@ -537,6 +570,8 @@ pub fn start(
         store_flush: None,
         transport,
         controller: Controller::new(cfg_membership),
+        lost_reports: HashMap::new(),
+        lost_told: None,
         ticks: 0,
         campaign_soon: false,
         no_leader_since: None,
@@ -703,6 +738,7 @@ impl Driver {
             {
                 self.forwarded.extend(m.take_entries().into_vec());
             }
+            Command::Step(m) if self.refuse(&m) => {}
             Command::Step(m) => {
                 if let Err(e) = self.node.step(*m) {
                     tracing::debug!(error = %e, "raft message rejected");
@@ -714,19 +750,61 @@ impl Driver {
                 let (t, id) = self.propose_change(change);
                 self.conf_waiters.push((id, t, Waiter { reply, deadline }));
             }
+            Command::LostLog { from, last_index } => {
+                if self.node.raft.state == StateRole::Leader {
+                    self.lost_reports.insert(from, (last_index, Instant::now()));
+                }
+            }
+        }
+    }
+
+    /// Messages this member must not step. A heartbeat that commits past the end of
+    /// the log comes from a leader that counts entries this member acknowledged and no
+    /// longer has: its data was lost (raft-rs would panic). The leader hears so and
+    /// has the cluster add it again. And a member whose log holds no configuration yet
+    /// (one that joins, or came back empty) does not vote: any vote it gave before is
+    /// forgotten with its data.
+    fn refuse(&mut self, m: &Message) -> bool {
+        let last = self.node.raft.raft_log.last_index();
+        match m.get_msg_type() {
+            MessageType::MsgHeartbeat if m.commit > last => {
+                let now = Instant::now();
+                if self.lost_told.is_none_or(|t| now.duration_since(t) >= Duration::from_millis(500)) {
+                    if self.lost_told.is_none() {
+                        tracing::error!(
+                            leader = format!("{:x}", m.from),
+                            commit = m.commit,
+                            last_index = last,
+                            "the leader counts log entries this member no longer has: its data was lost; \
+                             waiting for the cluster to add it again"
+                        );
+                    }
+                    self.lost_told = Some(now);
+                    if let Some(t) = &self.transport {
+                        t.tell_lost_log(m.from, last);
+                    }
+                }
+                true
+            }
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote => {
+                let conf = self.node.raft.prs().conf();
+                conf.voters().ids().iter().next().is_none() && conf.learners().is_empty()
+            }
+            _ => false,
         }
     }
 
     /// Proposes one membership change; returns what to watch for when it applies.
     fn propose_change(&mut self, change: Change) -> (ConfChangeType, u64) {
         let names = self.node.raft.raft_log.store().members();
-        let (change_type, node_id, name) = match change {
-            Change::AddLearner { id, name } => (ConfChangeType::AddLearnerNode, id, name),
-            Change::Promote { id } => (ConfChangeType::AddNode, id, names.get(&id).cloned().unwrap_or_default()),
-            Change::Remove { id } => (ConfChangeType::RemoveNode, id, names.get(&id).cloned().unwrap_or_default()),
+        let known = |id: u64| names.get(&id).cloned().unwrap_or_default();
+        let (change_type, node_id, name, rejoin) = match change {
+            Change::AddLearner { id, name } => (ConfChangeType::AddLearnerNode, id, name, false),
+            Change::Promote { id } => (ConfChangeType::AddNode, id, known(id), false),
+            Change::Remove { id, rejoin } => (ConfChangeType::RemoveNode, id, known(id), rejoin),
         };
-        tracing::info!(?change_type, member = format!("{node_id:x}"), %name, "proposing a membership change");
-        let ctx = MemberContext { name, cluster_id: self.status.cluster_id() }.encode_to_vec();
+        tracing::info!(?change_type, member = format!("{node_id:x}"), %name, rejoin, "proposing a membership change");
+        let ctx = MemberContext { name, cluster_id: self.status.cluster_id(), rejoin }.encode_to_vec();
         let mut cc = ConfChange::default();
         cc.set_change_type(change_type);
         cc.node_id = node_id;
@@ -745,7 +823,7 @@ impl Driver {
             return;
         }
         let cs = r.prs().conf().to_conf_state();
-        let view = View {
+        let mut view = View {
             me: self.cfg.id,
             voters: cs.voters.clone(),
             learners: cs.learners.clone(),
@@ -754,7 +832,15 @@ impl Driver {
             last_index: r.raft_log.last_index(),
             pending_conf_change: r.pending_conf_index > r.raft_log.applied,
             removed: self.node.raft.raft_log.store().removed(),
+            lost: Vec::new(),
         };
+        self.lost_reports.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(5));
+        view.lost = self
+            .lost_reports
+            .iter()
+            .filter(|(id, (last, _))| view.matched.get(id).is_some_and(|m| m > last))
+            .map(|(id, _)| *id)
+            .collect();
         for (id, _) in &view.reachable {
             if view.removed.contains(id) {
                 transport.tell_removed(*id);
@@ -1082,6 +1168,13 @@ impl Driver {
                                 names.insert(c.node_id, ctx.name.clone());
                             }
                             removed.retain(|r| *r != c.node_id);
+                        }
+                        ConfChangeType::RemoveNode if ctx.rejoin => {
+                            // The cluster's own removal: added back when it is reachable.
+                            names.remove(&c.node_id);
+                            if c.node_id == self.cfg.id {
+                                tracing::warn!("this member was removed by the cluster; it is added back as a learner");
+                            }
                         }
                         ConfChangeType::RemoveNode => {
                             names.remove(&c.node_id);

@@ -26,6 +26,9 @@ const TAG_CHUNK_REQUEST: u8 = 1;
 const TAG_CHUNK: u8 = 2;
 /// From a voter to a member the cluster removed, which may never see its removal commit.
 const TAG_REMOVED: u8 = 3;
+/// From a member to its leader: my log ends at this index (u64, big-endian), before
+/// entries you count as mine; I lost my data.
+const TAG_LOST_LOG: u8 = 4;
 
 /// A member id from a name: stable across restarts, never zero (raft-rs reserves 0).
 pub fn member_id(name: &str) -> u64 {
@@ -45,6 +48,7 @@ pub enum Datagram {
     ChunkRequest(SnapshotChunkRequest),
     Chunk(SnapshotChunk),
     Removed,
+    LostLog(u64),
 }
 
 /// Decodes a datagram; anything malformed is an error, never a panic.
@@ -55,6 +59,10 @@ pub fn decode_datagram(data: &[u8]) -> Result<Datagram, String> {
         TAG_CHUNK_REQUEST => SnapshotChunkRequest::decode(body).map(Datagram::ChunkRequest).map_err(|e| e.to_string()),
         TAG_CHUNK => SnapshotChunk::decode(body).map(Datagram::Chunk).map_err(|e| e.to_string()),
         TAG_REMOVED => Ok(Datagram::Removed),
+        TAG_LOST_LOG => body
+            .try_into()
+            .map(|b: [u8; 8]| Datagram::LostLog(u64::from_be_bytes(b)))
+            .map_err(|_| format!("a lost-log datagram of {} bytes", body.len())),
         t => Err(format!("unknown datagram tag {t}")),
     }
 }
@@ -125,6 +133,9 @@ impl MeshTransport {
                     if raft.status().membership().voters.contains(&member_id(&src)) {
                         raft.status().removed.store(true, Ordering::Release);
                     }
+                }
+                Ok(Datagram::LostLog(last_index)) => {
+                    let _ = raft.lost_log(member_id(&src), last_index);
                 }
                 Err(e) => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -290,6 +301,12 @@ impl Transport for MeshTransport {
         }
     }
 
+    fn tell_lost_log(&self, to: u64, last_index: u64) {
+        if let Some(name) = self.name_of(to) {
+            let _ = self.conn.send_to(&name, tagged(TAG_LOST_LOG, &last_index.to_be_bytes()), Priority::Control);
+        }
+    }
+
     fn reachable(&self) -> Vec<(u64, String)> {
         self.conn.mesh().reachable_peers().into_iter().map(|p| (member_id(&p), p.to_string())).collect()
     }
@@ -313,6 +330,14 @@ mod tests {
         assert!(decode_datagram(&[9, 1, 2]).is_err());
     }
 
+    #[test]
+    fn a_lost_log_names_its_last_index_in_exactly_eight_bytes() {
+        let d = tagged(TAG_LOST_LOG, &1234u64.to_be_bytes());
+        assert_eq!(decode_datagram(&d), Ok(Datagram::LostLog(1234)));
+        assert!(decode_datagram(&[TAG_LOST_LOG, 1, 2]).is_err());
+        assert!(decode_datagram(&tagged(TAG_LOST_LOG, &[0; 9])).is_err());
+    }
+
     proptest! {
         #[test]
         fn arbitrary_datagrams_never_panic(data in proptest::collection::vec(any::<u8>(), 0..256)) {
@@ -320,7 +345,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_bodies_behind_every_tag_never_panic(tag in 0u8..4, body in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fn arbitrary_bodies_behind_every_tag_never_panic(tag in 0u8..6, body in proptest::collection::vec(any::<u8>(), 0..256)) {
             let mut d = vec![tag];
             d.extend(body);
             let _ = decode_datagram(&d);
