@@ -74,11 +74,16 @@ pub fn spawn_meshkv(data_dir: &Path, peer_url: &str, extra: &[&str]) -> Proc {
 
 /// As [`spawn_meshkv`], serving clients on `client_url` (its port 0 or a free one).
 pub fn spawn_meshkv_on(data_dir: &Path, client_url: &str, peer_url: &str, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = vec!["--data-dir".into(), data_dir.display().to_string()];
+    args.extend(["--listen-client-urls", client_url, "--listen-peer-urls", peer_url].map(String::from));
+    args.extend(extra.iter().map(|a| a.to_string()));
+    spawn_meshkv_args(&args)
+}
+
+/// Starts `meshkv` with exactly `args`, without waiting for it to serve.
+pub fn spawn_meshkv_args(args: &[String]) -> Proc {
     let mut child = Command::new(meshkv_bin())
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(["--listen-client-urls", client_url, "--listen-peer-urls", peer_url])
-        .args(extra)
+        .args(args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
