@@ -131,10 +131,6 @@ async fn start_mesh(cfg: &Config, name: &str, cluster_id: Arc<AtomicU64>) -> Res
         tokio::spawn(follow_block_file(mesh.clone(), path));
     }
     tokio::spawn(remember_peers(mesh.clone(), cfg.data_dir.join(PEERS_FILE)));
-    let delta = mesh.with_channel::<Directory, _>(directory::CHANNEL, |d| d.publish(name, cfg.client_urls()));
-    if let Some(d) = delta {
-        mesh.broadcast(directory::CHANNEL, d);
-    }
     tracing::info!("mesh peer {name} listening on {}", mesh.addr());
     Ok(mesh)
 }
@@ -384,6 +380,11 @@ pub async fn run(
         snapshots,
     )?;
     tokio::spawn(transport.receive(started.handle.clone()));
+    // Where this member serves, and which start of its data this is.
+    let entry = |d: &mut Directory| d.publish(&cfg.name, cfg.client_urls(), started.incarnation);
+    if let Some(d) = mesh.with_channel::<Directory, _>(directory::CHANNEL, entry) {
+        mesh.broadcast(directory::CHANNEL, d);
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let ctx = Ctx {

@@ -612,39 +612,53 @@ async fn restarted_members_find_each_other_without_join() {
     assert_eq!(g.kvs()[0].mod_revision(), rev);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_follower_that_lost_its_data_is_taken_back_and_catches_up() {
+/// Three members; the leader (or a follower) has its disk replaced: it starts again
+/// with the flags it had and an empty data dir. The cluster removes it at once (no
+/// dead-member timeout to wait for), adds it back as a learner and promotes it again
+/// once it has caught up.
+async fn a_voter_loses_its_data(leader: bool) {
     let root = tempdir();
     let mut members = bootstrap_three(root.path(), &[&[], &[], &[]]);
     for i in 0..20 {
         client(&members[0]).await.put(format!("k{i}"), "v", None).await.unwrap();
     }
-    // c, a follower, has its disk replaced: it starts with the flags it had and an
-    // empty data dir.
     let refs: Vec<&Member> = members.iter().collect();
-    let leader = leader_of(&refs).await.unwrap();
-    if leader == member_id_of(&members[2]).await {
-        client(&members[2]).await.move_leader(member_id_of(&members[0]).await).await.unwrap();
-        eventually("a to lead", Duration::from_secs(10), || async { leader_of(&refs).await != Some(leader) }).await;
+    let lead = leader_of(&refs).await.unwrap();
+    let mut ids = Vec::new();
+    for m in &members {
+        ids.push(member_id_of(m).await);
     }
-    members[2].proc.kill9();
-    std::fs::remove_dir_all(&members[2].dir).unwrap();
-    restart(&mut members[2]);
-    members[2].proc.wait_ready(Duration::from_secs(60));
+    let lost = ids.iter().position(|id| (*id == lead) == leader).unwrap();
+    members[lost].proc.kill9();
+    std::fs::remove_dir_all(&members[lost].dir).unwrap();
+    restart(&mut members[lost]);
+    members[lost].proc.wait_ready(Duration::from_secs(60));
     let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    // Removed at once (no dead-member timeout to wait for), added back as a learner,
-    // promoted again once it has caught up.
-    eventually("c to be a voter again", Duration::from_secs(30), || async {
-        roles(&members[0]).await == Some((names(&["a", "b", "c"]), vec![]))
+    let reset = format!("RemoveNode member=\"{:x}\" name={} rejoin=true", ids[lost], members[lost].name);
+    wait_until("the cluster to remove it, to take it back", Duration::from_secs(30), || {
+        members.iter().any(|m| m.proc.log().contains(&reset))
+    });
+    let other = &members[(lost + 1) % 3];
+    eventually("the emptied member to be a voter again", Duration::from_secs(30), || async {
+        roles(other).await == Some((names(&["a", "b", "c"]), vec![]))
     })
     .await;
-    let rev = client(&members[2]).await.put("after", "v", None).await.unwrap().header().unwrap().revision();
-    catches_up_and_agrees(&members, &members[2], "k19", rev).await;
-    let all = client(&members[2]).await.get("k", Some(GetOptions::new().with_prefix())).await.unwrap();
-    assert_eq!(all.kvs().len(), 20, "c holds what was written before it lost its data");
-    let log = members[2].proc.log();
-    assert!(log.contains("its data was lost"), "c says what happened:\n{log}");
-    assert!(!log.contains("panicked"), "{log}");
+    let rev = client(&members[lost]).await.put("after", "v", None).await.unwrap().header().unwrap().revision();
+    catches_up_and_agrees(&members, &members[lost], "k19", rev).await;
+    let all = client(&members[lost]).await.get("k", Some(GetOptions::new().with_prefix())).await.unwrap();
+    assert_eq!(all.kvs().len(), 20, "it holds what was written before it lost its data");
+    let logs: String = members.iter().map(|m| m.proc.log()).collect();
+    assert!(!logs.contains("panicked"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_lost_its_data_is_taken_back_and_catches_up() {
+    a_voter_loses_its_data(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_lost_its_data_is_taken_back_and_catches_up() {
+    a_voter_loses_its_data(true).await;
 }
 
 /// `/health` on `m`: its status and what its JSON says.

@@ -342,6 +342,10 @@ async fn the_statefulset_forms_a_cluster_scales_and_restarts_as_kubernetes_runs_
     std::fs::remove_dir_all(root.path().join(set.net.pod(2))).unwrap();
     pod.proc = spawn_meshkv_args(&pod.args);
     ready(&set, 2, &mut pods).await;
+    let reset = format!("name={} rejoin=true", set.net.pod(2));
+    wait_until("the cluster to remove the emptied pod, to take it back", Duration::from_secs(30), || {
+        pods.values().any(|p| p.proc.log().contains(&reset))
+    });
     eventually("the emptied pod to hold both keys again", Duration::from_secs(30), || async {
         client(&pods[&2])
             .await
@@ -361,6 +365,9 @@ async fn the_statefulset_forms_a_cluster_scales_and_restarts_as_kubernetes_runs_
     .await;
     client(&pods[&2]).await.put("/registry/pods/default/db", "v1", None).await.unwrap();
     for (i, pod) in &pods {
-        assert!(!pod.proc.log().contains("panicked"), "pod {i} panicked:\n{}", pod.proc.log());
+        let log = pod.proc.log();
+        assert!(!log.contains("panicked"), "pod {i} panicked:\n{log}");
+        let removals = log.lines().filter(|l| l.contains("RemoveNode") && !l.contains(&reset)).count();
+        assert_eq!(removals, 0, "no other pod was removed:\n{log}");
     }
 }

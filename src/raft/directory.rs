@@ -1,6 +1,8 @@
 //! The member directory: a gossip channel in which each member publishes its client URLs,
-//! so that MemberList can tell clients where every member serves. Each member writes only
-//! its own entry, with a version that grows; a merge keeps the highest version per name.
+//! so that MemberList can tell clients where every member serves, and its incarnation
+//! (see `node::Started::incarnation`), so that the leader can tell a member that lost
+//! its data. Each member writes only its own entry, with a version that grows; a merge
+//! keeps the highest version per name.
 
 use std::any::Any;
 use std::collections::BTreeMap;
@@ -21,6 +23,8 @@ struct Entry {
     version: u64,
     #[prost(string, repeated, tag = "3")]
     client_urls: Vec<String>,
+    #[prost(uint64, tag = "4")]
+    incarnation: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -29,50 +33,54 @@ struct Entries {
     entries: Vec<Entry>,
 }
 
-/// Member name → (version, client URLs).
+/// Member name → its newest entry.
 #[derive(Clone, Debug, Default)]
 pub struct Directory {
-    entries: BTreeMap<String, (u64, Vec<String>)>,
+    entries: BTreeMap<String, Entry>,
 }
 
-fn encode<'a>(it: impl Iterator<Item = (&'a String, &'a (u64, Vec<String>))>) -> Bytes {
-    Entries { entries: it.map(|(n, (v, u))| Entry { name: n.clone(), version: *v, client_urls: u.clone() }).collect() }
-        .encode_to_vec()
-        .into()
+fn encode<'a>(it: impl Iterator<Item = &'a Entry>) -> Bytes {
+    Entries { entries: it.cloned().collect() }.encode_to_vec().into()
 }
 
 impl Directory {
     /// Sets our own entry; returns the delta to broadcast.
-    pub fn publish(&mut self, name: &str, client_urls: Vec<String>) -> Bytes {
+    pub fn publish(&mut self, name: &str, client_urls: Vec<String>, incarnation: u64) -> Bytes {
         let version = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0)
-            .max(self.entries.get(name).map_or(0, |e| e.0 + 1));
-        self.entries.insert(name.to_string(), (version, client_urls));
-        encode(self.entries.iter().filter(|(n, _)| n.as_str() == name))
+            .max(self.entries.get(name).map_or(0, |e| e.version + 1));
+        let e = Entry { name: name.to_string(), version, client_urls, incarnation };
+        self.entries.insert(name.to_string(), e.clone());
+        encode(std::iter::once(&e))
     }
 
     pub fn client_urls(&self, name: &str) -> Vec<String> {
-        self.entries.get(name).map(|e| e.1.clone()).unwrap_or_default()
+        self.entries.get(name).map(|e| e.client_urls.clone()).unwrap_or_default()
+    }
+
+    /// The incarnation `name` announced, None if it has announced nothing.
+    pub fn incarnation(&self, name: &str) -> Option<u64> {
+        self.entries.get(name).map(|e| e.incarnation)
     }
 }
 
 impl GossipData for Directory {
     fn encode(&self) -> Bytes {
-        encode(self.entries.iter())
+        encode(self.entries.values())
     }
 
     fn merge(&mut self, data: &[u8]) -> Result<Option<Bytes>, GossipError> {
         let incoming = Entries::decode(data).map_err(|e| GossipError(e.to_string()))?;
         let mut news = BTreeMap::new();
         for e in incoming.entries {
-            if self.entries.get(&e.name).is_none_or(|cur| e.version > cur.0) {
-                self.entries.insert(e.name.clone(), (e.version, e.client_urls.clone()));
-                news.insert(e.name, (e.version, e.client_urls));
+            if self.entries.get(&e.name).is_none_or(|cur| e.version > cur.version) {
+                self.entries.insert(e.name.clone(), e.clone());
+                news.insert(e.name.clone(), e);
             }
         }
-        Ok((!news.is_empty()).then(|| encode(news.iter())))
+        Ok((!news.is_empty()).then(|| encode(news.values())))
     }
 
     fn as_any(&self) -> &dyn Any {
@@ -81,5 +89,27 @@ impl GossipData for Directory {
 
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_entry_of_a_member_wins_with_its_incarnation() {
+        let mut here = Directory::default();
+        let mut there = Directory::default();
+        assert_eq!(there.incarnation("a"), None, "nothing announced yet");
+        let first = here.publish("a", vec!["http://a:2379".into()], 0);
+        let second = here.publish("a", vec!["http://a:2379".into()], 42);
+        assert!(there.merge(&second).unwrap().is_some());
+        assert_eq!(there.merge(&first).unwrap(), None, "an older entry changes nothing");
+        assert_eq!(there.incarnation("a"), Some(42));
+        assert_eq!(there.client_urls("a"), vec!["http://a:2379".to_string()]);
+        let mut third = Directory::default();
+        third.merge(&there.encode()).unwrap();
+        assert_eq!(third.incarnation("a"), Some(42), "the whole directory carries it");
+        assert!(there.merge(b"\xff\xff").is_err(), "garbage is an error, not a panic");
     }
 }

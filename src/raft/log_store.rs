@@ -29,6 +29,8 @@ struct Bounds {
     conf_state: ConfState,
     members: BTreeMap<u64, String>,
     removed: Vec<u64>,
+    /// Member id → the incarnation of its data that joined (members with one).
+    incarnations: BTreeMap<u64, u64>,
     truncated_index: u64,
     truncated_term: u64,
     last_index: u64,
@@ -87,6 +89,7 @@ impl LogStore {
         }
         if let Some(v) = db.get_cf(state_cf, KEY_MEMBERS)? {
             let m = crate::pb::meshkvpb::Members::decode(v.as_slice()).map_err(|e| corrupt(format!("members: {e}")))?;
+            b.incarnations = m.members.iter().filter(|r| r.incarnation != 0).map(|r| (r.id, r.incarnation)).collect();
             b.members = m.members.into_iter().map(|r| (r.id, r.name)).collect();
             b.removed = m.removed;
         }
@@ -120,8 +123,7 @@ impl LogStore {
     pub fn snapshot_state(
         &self,
         meta: &raft::eraftpb::SnapshotMetadata,
-        members: BTreeMap<u64, String>,
-        removed: Vec<u64>,
+        members: &crate::pb::meshkvpb::Members,
     ) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut truncated = Vec::with_capacity(16);
         truncated.extend_from_slice(&meta.index.to_be_bytes());
@@ -129,18 +131,11 @@ impl LogStore {
         let mut hs = self.hard_state();
         hs.term = hs.term.max(meta.term);
         hs.commit = meta.index;
-        let m = crate::pb::meshkvpb::Members {
-            members: members
-                .iter()
-                .map(|(id, name)| crate::pb::meshkvpb::MemberRecord { id: *id, name: name.clone() })
-                .collect(),
-            removed,
-        };
         vec![
             (KEY_TRUNCATED.to_vec(), truncated),
             (KEY_HARD_STATE.to_vec(), hs.write_to_bytes().unwrap_or_default()),
             (KEY_CONF_STATE.to_vec(), meta.get_conf_state().write_to_bytes().unwrap_or_default()),
-            (KEY_MEMBERS.to_vec(), m.encode_to_vec()),
+            (KEY_MEMBERS.to_vec(), members.encode_to_vec()),
         ]
     }
 
@@ -234,21 +229,32 @@ impl LogStore {
         self.read().members.clone()
     }
 
-    /// Members removed from the cluster.
+    /// Members removed from the cluster by a client.
     pub fn removed(&self) -> Vec<u64> {
         self.read().removed.clone()
     }
 
-    pub fn set_members(&self, batch: &mut WriteBatch, members: BTreeMap<u64, String>) {
-        let removed = self.removed();
-        self.set_membership(batch, members, removed);
+    /// The incarnation each member joined with, where known.
+    pub fn incarnations(&self) -> BTreeMap<u64, u64> {
+        self.read().incarnations.clone()
     }
 
-    pub fn set_membership(&self, batch: &mut WriteBatch, members: BTreeMap<u64, String>, removed: Vec<u64>) {
+    pub fn set_membership(
+        &self,
+        batch: &mut WriteBatch,
+        members: BTreeMap<u64, String>,
+        removed: Vec<u64>,
+        mut incarnations: BTreeMap<u64, u64>,
+    ) {
+        incarnations.retain(|id, _| members.contains_key(id));
         let m = crate::pb::meshkvpb::Members {
             members: members
                 .iter()
-                .map(|(id, name)| crate::pb::meshkvpb::MemberRecord { id: *id, name: name.clone() })
+                .map(|(id, name)| crate::pb::meshkvpb::MemberRecord {
+                    id: *id,
+                    name: name.clone(),
+                    incarnation: incarnations.get(id).copied().unwrap_or(0),
+                })
                 .collect(),
             removed: removed.clone(),
         };
@@ -256,6 +262,7 @@ impl LogStore {
         let mut b = self.write();
         b.members = members;
         b.removed = removed;
+        b.incarnations = incarnations;
     }
 
     pub fn last_index_cached(&self) -> u64 {

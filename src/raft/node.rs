@@ -173,6 +173,9 @@ pub trait Transport: Send + Sync + 'static {
     /// Tells the leader `to` that this member's log ends at `last_index`, before entries
     /// the leader counts as replicated here: this member lost its data.
     fn tell_lost_log(&self, to: u64, last_index: u64);
+    /// The incarnation the member `name` announces (0: it started with a configuration),
+    /// None while it has announced nothing.
+    fn incarnation(&self, name: &str) -> Option<u64>;
 }
 
 /// How Raft starts on a fresh data dir.
@@ -401,6 +404,10 @@ pub struct Snapshots {
 pub struct Started {
     pub handle: RaftHandle,
     pub thread: JoinHandle<()>,
+    /// Drawn when the log holds no configuration yet (a member that joins, or one that
+    /// lost its data): the member announces it, and the change that adds it carries it.
+    /// 0 for a member that starts with a configuration.
+    pub incarnation: u64,
 }
 
 struct Waiter<T> {
@@ -476,6 +483,10 @@ pub fn start(
     });
     let applied = store.applied_index();
     let mut batch = WriteBatch::default();
+    let incarnation = match log.is_fresh() && matches!(bootstrap, Bootstrap::Join) {
+        true => rand::random::<u64>().max(1),
+        false => 0,
+    };
     if log.is_fresh() {
         let voters = match &bootstrap {
             Bootstrap::Single => vec![(cfg.id, cfg.name.clone())],
@@ -601,7 +612,7 @@ pub fn start(
         max_request_bytes,
         request_timeout,
     };
-    Ok(Started { handle, thread })
+    Ok(Started { handle, thread, incarnation })
 }
 
 /// Proposal ids are unique across members and restarts: the low 16 bits of the member
@@ -804,7 +815,11 @@ impl Driver {
             Change::Remove { id, rejoin } => (ConfChangeType::RemoveNode, id, known(id), rejoin),
         };
         tracing::info!(?change_type, member = format!("{node_id:x}"), %name, rejoin, "proposing a membership change");
-        let ctx = MemberContext { name, cluster_id: self.status.cluster_id(), rejoin }.encode_to_vec();
+        let incarnation = match change_type {
+            ConfChangeType::AddLearnerNode => self.transport.as_ref().and_then(|t| t.incarnation(&name)).unwrap_or(0),
+            _ => 0,
+        };
+        let ctx = MemberContext { name, cluster_id: self.status.cluster_id(), rejoin, incarnation }.encode_to_vec();
         let mut cc = ConfChange::default();
         cc.set_change_type(change_type);
         cc.node_id = node_id;
@@ -817,7 +832,7 @@ impl Driver {
 
     /// On the leader: lets the membership controller propose the next change.
     fn control_membership(&mut self, now: Instant) {
-        let Some(transport) = &self.transport else { return };
+        let Some(transport) = self.transport.clone() else { return };
         let r = &self.node.raft;
         if r.state != StateRole::Leader {
             return;
@@ -841,13 +856,28 @@ impl Driver {
             .filter(|(id, (last, _))| view.matched.get(id).is_some_and(|m| m > last))
             .map(|(id, _)| *id)
             .collect();
+        // A member that announces an incarnation other than the one it joined with
+        // started again from an empty data dir.
+        let log = self.node.raft.raft_log.store();
+        let joined = log.incarnations();
+        for (id, name) in log.members() {
+            let announced = transport.incarnation(&name).unwrap_or(0);
+            if announced != 0 && joined.get(&id) != Some(&announced) && !view.lost.contains(&id) {
+                view.lost.push(id);
+            }
+        }
         for (id, _) in &view.reachable {
             if view.removed.contains(id) {
                 transport.tell_removed(*id);
             }
         }
-        if let Some(change) = self.controller.decide(now, &view) {
-            self.propose_change(change);
+        match self.controller.decide(now, &view) {
+            // A newcomer is added once it has announced its incarnation.
+            Some(Change::AddLearner { name, .. }) if transport.incarnation(&name).is_none() => {}
+            Some(change) => {
+                self.propose_change(change);
+            }
+            None => {}
         }
     }
 
@@ -874,10 +904,8 @@ impl Driver {
             keys.push((b"cluster_id", desc.cluster_id.to_be_bytes().to_vec()));
             self.status.cluster_id.store(desc.cluster_id, Ordering::Release);
         }
-        let m = desc.members.unwrap_or_default();
-        let members: BTreeMap<u64, String> = m.members.into_iter().map(|m| (m.id, m.name)).collect();
         let log = self.node.raft.raft_log.store();
-        let raft_state = log.snapshot_state(meta, members, m.removed);
+        let raft_state = log.snapshot_state(meta, &desc.members.unwrap_or_default());
         super::snapshot::install(&self.engine, &staging, &keys, &raft_state)?;
         log.reload()?;
         self.store.reload().map_err(|e| EngineError::Corrupt { cf: "kv", what: e.to_string() })?;
@@ -1161,23 +1189,29 @@ impl Driver {
                 log.set_conf_state(&mut batch, &cs);
                 let mut names = log.members();
                 let mut removed = log.removed();
+                let mut incarnations = log.incarnations();
                 for c in &cc.changes {
                     match c.get_change_type() {
                         ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
                             if !ctx.name.is_empty() {
                                 names.insert(c.node_id, ctx.name.clone());
                             }
+                            if ctx.incarnation != 0 {
+                                incarnations.insert(c.node_id, ctx.incarnation);
+                            }
                             removed.retain(|r| *r != c.node_id);
                         }
                         ConfChangeType::RemoveNode if ctx.rejoin => {
                             // The cluster's own removal: added back when it is reachable.
                             names.remove(&c.node_id);
+                            incarnations.remove(&c.node_id);
                             if c.node_id == self.cfg.id {
                                 tracing::warn!("this member was removed by the cluster; it is added back as a learner");
                             }
                         }
                         ConfChangeType::RemoveNode => {
                             names.remove(&c.node_id);
+                            incarnations.remove(&c.node_id);
                             if !removed.contains(&c.node_id) {
                                 removed.push(c.node_id);
                             }
@@ -1188,7 +1222,7 @@ impl Driver {
                         }
                     }
                 }
-                log.set_membership(&mut batch, names, removed);
+                log.set_membership(&mut batch, names, removed, incarnations);
                 for c in &cc.changes {
                     let (t, id) = (c.get_change_type(), c.node_id);
                     let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.conf_waiters)

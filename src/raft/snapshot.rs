@@ -362,7 +362,11 @@ mod tests {
             sink.finish().unwrap();
             let mut meta = SnapshotMetadata { index: 20, term: 2, ..Default::default() };
             meta.set_conf_state(ConfState { voters: vec![1], ..Default::default() });
-            let state = log.snapshot_state(&meta, [(1, "a".to_string())].into_iter().collect(), vec![]);
+            let members = crate::pb::meshkvpb::Members {
+                members: vec![crate::pb::meshkvpb::MemberRecord { id: 1, name: "a".into(), incarnation: 7 }],
+                removed: vec![],
+            };
+            let state = log.snapshot_state(&meta, &members);
             begin_install(&engine, &staging, &[(b"applied_index", 20u64.to_be_bytes().to_vec())], &state).unwrap();
             // The process dies here.
         }
@@ -376,6 +380,7 @@ mod tests {
         assert_eq!((hs.commit, hs.term), (20, 2));
         assert_eq!(log.conf_state().voters, vec![1]);
         assert_eq!(log.members().get(&1).map(String::as_str), Some("a"));
+        assert_eq!(log.incarnations().get(&1), Some(&7), "the incarnation a member joined with comes with it");
         assert_eq!(engine.db().get_cf(engine.cf(CF_KV), b"k1").unwrap().as_deref(), Some(&b"v1"[..]));
         assert!(engine.db().get_cf(engine.cf(CF_META), META_INSTALLING).unwrap().is_none());
     }

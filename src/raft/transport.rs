@@ -307,6 +307,14 @@ impl Transport for MeshTransport {
         }
     }
 
+    fn incarnation(&self, name: &str) -> Option<u64> {
+        let directory = self
+            .conn
+            .mesh()
+            .with_channel::<super::directory::Directory, _>(super::directory::CHANNEL, |d| d.incarnation(name));
+        directory.flatten()
+    }
+
     fn reachable(&self) -> Vec<(u64, String)> {
         self.conn.mesh().reachable_peers().into_iter().map(|p| (member_id(&p), p.to_string())).collect()
     }
