@@ -200,6 +200,18 @@ async fn members(pod: &Pod) -> Option<(Vec<String>, Vec<String>, Vec<String>)> {
     Some((voters, learners, urls))
 }
 
+/// Waits until `pod` serves `n` keys under /registry/pods/default/ from its own store.
+async fn holds_pods(pod: &Pod, n: usize) {
+    eventually(&format!("{} to hold {n} keys", pod.client), Duration::from_secs(30), || async {
+        client(pod)
+            .await
+            .get("/registry/pods/default/", Some(GetOptions::new().with_prefix().with_serializable()))
+            .await
+            .is_ok_and(|g| g.kvs().len() == n)
+    })
+    .await;
+}
+
 async fn ready(set: &Set, ordinal: usize, pods: &mut BTreeMap<usize, Pod>) {
     let pod = pods.get_mut(&ordinal).unwrap();
     pod.proc.wait_ready(Duration::from_secs(60));
@@ -324,14 +336,7 @@ async fn the_statefulset_forms_a_cluster_scales_and_restarts_as_kubernetes_runs_
     pod.proc.kill9();
     pod.proc = spawn_meshkv_args(&pod.args);
     ready(&set, 1, &mut pods).await;
-    eventually("the restarted pod to hold both keys", Duration::from_secs(30), || async {
-        client(&pods[&1])
-            .await
-            .get("/registry/pods/default/", Some(GetOptions::new().with_prefix().with_serializable()))
-            .await
-            .is_ok_and(|g| g.kvs().len() == 2)
-    })
-    .await;
+    holds_pods(&pods[&1], 2).await;
     let (voters, _, _) = members(&pods[&1]).await.unwrap();
     assert_eq!(voters, names, "the restarted pod is still a voter");
 
@@ -346,14 +351,7 @@ async fn the_statefulset_forms_a_cluster_scales_and_restarts_as_kubernetes_runs_
     wait_until("the cluster to remove the emptied pod, to take it back", Duration::from_secs(30), || {
         pods.values().any(|p| p.proc.log().contains(&reset))
     });
-    eventually("the emptied pod to hold both keys again", Duration::from_secs(30), || async {
-        client(&pods[&2])
-            .await
-            .get("/registry/pods/default/", Some(GetOptions::new().with_prefix().with_serializable()))
-            .await
-            .is_ok_and(|g| g.kvs().len() == 2)
-    })
-    .await;
+    holds_pods(&pods[&2], 2).await;
     let all: Vec<String> = (0..replicas + 2).map(|i| set.net.pod(i)).collect();
     eventually("every pod a member, with three voters", Duration::from_secs(30), || async {
         members(&pods[&0]).await.is_some_and(|(v, l, _)| {
