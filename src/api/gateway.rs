@@ -91,10 +91,12 @@ macro_rules! unary {
 /// Which way a streaming call streams.
 #[derive(Clone, Copy, PartialEq)]
 enum Streams {
-    /// Both ways: the client's requests stay open while its HTTP client stays.
+    /// The client's requests stay open while its HTTP client stays: etcd's Watch goes on
+    /// after its client's side ends, so the gateway's watch does.
     Both,
-    /// Answers only: the one request, then the client's side ends, as a gRPC client's
-    /// does (the server takes its request only then).
+    /// The requests, then the client's side ends, as etcd's gateway ends it with the
+    /// HTTP body: the server answers each and ends (keep-alive), or streams its answers
+    /// to the one request (snapshot, observe; the server takes the request only then).
     Answers,
 }
 
@@ -174,7 +176,7 @@ pub fn router(
     let r = streaming!(r, grpc,
         "/v3/watch" => "/etcdserverpb.Watch/Watch": WatchRequest => WatchResponse, Streams::Both;
         "/v3/lease/keepalive" => "/etcdserverpb.Lease/LeaseKeepAlive": LeaseKeepAliveRequest => LeaseKeepAliveResponse,
-            Streams::Both;
+            Streams::Answers;
         "/v3/maintenance/snapshot" => "/etcdserverpb.Maintenance/Snapshot": SnapshotRequest => SnapshotResponse,
             Streams::Answers;
         "/v3/election/observe" => "/v3electionpb.Election/Observe": LeaderRequest => LeaderResponse, Streams::Answers;
