@@ -12,6 +12,8 @@ meshkv_need_etcd
 meshkv_need_apt curl openssl
 # The fault harness puts members in network namespaces of their own (as root).
 meshkv_need_apt iproute2
+# Patroni keeps PostgreSQL highly available with meshkv as its DCS (tests/t73_patroni.rs).
+meshkv_need_apt patroni postgresql
 # The python etcd3 client, from PyPI, runs tests/python/test_etcd3.py (pinned to the
 # versions of its dependencies it works with).
 if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
