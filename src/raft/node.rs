@@ -455,6 +455,8 @@ struct Driver {
     lost_reports: HashMap<u64, (u64, Instant)>,
     /// When this member last told a leader that it lost its log.
     lost_told: Option<Instant>,
+    /// This start's incarnation (`Started::incarnation`).
+    incarnation: u64,
     ticks: u64,
     campaign_soon: bool,
     no_leader_since: Option<Instant>,
@@ -583,6 +585,7 @@ pub fn start(
         controller: Controller::new(cfg_membership),
         lost_reports: HashMap::new(),
         lost_told: None,
+        incarnation,
         ticks: 0,
         campaign_soon: false,
         no_leader_since: None,
@@ -772,9 +775,11 @@ impl Driver {
     /// Messages this member must not step. A heartbeat that commits past the end of
     /// the log comes from a leader that counts entries this member acknowledged and no
     /// longer has: its data was lost (raft-rs would panic). The leader hears so and
-    /// has the cluster add it again. And a member whose log holds no configuration yet
-    /// (one that joins, or came back empty) does not vote: any vote it gave before is
-    /// forgotten with its data.
+    /// has the cluster add it again. And a member that started with no configuration
+    /// in its log (one that joins, or came back empty) does not vote until its log
+    /// shows it added in this incarnation: whatever it acknowledged or voted for
+    /// before is gone with its data, and the configurations it replays until then
+    /// may still count it as the voter it was.
     fn refuse(&mut self, m: &Message) -> bool {
         let last = self.node.raft.raft_log.last_index();
         match m.get_msg_type() {
@@ -798,8 +803,8 @@ impl Driver {
                 true
             }
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote => {
-                let conf = self.node.raft.prs().conf();
-                conf.voters().ids().iter().next().is_none() && conf.learners().is_empty()
+                let added = self.node.raft.raft_log.store().incarnations().get(&self.cfg.id).copied();
+                self.incarnation != 0 && added != Some(self.incarnation)
             }
             _ => false,
         }
