@@ -95,7 +95,8 @@ struct TortureArgs {
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Faults to draw from: kill, pause, partition, one-way, net-partition (root: members
-    /// then run in network namespaces), snapshot-leader-kill, join, replace; or "all".
+    /// then run in network namespaces), snapshot-leader-kill, join, replace, wipe (a lost
+    /// disk); or "all".
     #[arg(
         long,
         value_delimiter = ',',

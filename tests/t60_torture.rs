@@ -59,6 +59,22 @@ fn network_namespace_partitions_keep_the_history_linearizable() {
     assert!(summary.contains("\"net-partition\"") && summary.contains("\"net-isolate\""), "{summary}");
 }
 
+/// Members lose their disks (killed, data dir deleted, started again under their name)
+/// between plain kills: the cluster takes each back and no acknowledged write is lost.
+#[test]
+fn members_that_lose_their_disks_lose_no_acknowledged_write() {
+    let dir = common::tempdir();
+    let d = dir.path().join("run").display().to_string();
+    let (ok, text) = torture(&["--duration", "45", "--seed", "3", "--faults", "wipe,kill", "--dir", &d]);
+    let summary = summary_of(&text, "3");
+    println!("{summary}");
+    assert!(ok, "{text}");
+    assert!(summary.contains("0 keys not linearizable") && summary.contains("hashes agree"), "{summary}");
+    assert!(summary.contains("\"wipe\""), "the run lost disks: {summary}");
+    let watch = text.lines().find(|l| l.starts_with("watch:")).unwrap_or_default();
+    assert!(watch.ends_with(" 0 problems"), "{text}");
+}
+
 #[test]
 fn a_build_that_skips_read_index_is_caught() {
     let dir = common::tempdir();

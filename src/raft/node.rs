@@ -156,10 +156,12 @@ enum Command {
         deadline: Instant,
     },
     ReportSnapshot(u64, raft::SnapshotStatus),
-    /// A member says its log ends at `last_index`, before what the leader told it to commit.
+    /// A member says its log ends at `last_index`, before what the leader told it to
+    /// commit, and that it started again as `incarnation`.
     LostLog {
         from: u64,
         last_index: u64,
+        incarnation: u64,
     },
 }
 
@@ -171,8 +173,9 @@ pub trait Transport: Send + Sync + 'static {
     /// Tells a member the cluster removed that it is out.
     fn tell_removed(&self, id: u64);
     /// Tells the leader `to` that this member's log ends at `last_index`, before entries
-    /// the leader counts as replicated here: this member lost its data.
-    fn tell_lost_log(&self, to: u64, last_index: u64);
+    /// the leader counts as replicated here: this member lost its data, and started
+    /// again as `incarnation`.
+    fn tell_lost_log(&self, to: u64, last_index: u64, incarnation: u64);
     /// The incarnation the member `name` announces (0: it started with a configuration),
     /// None while it has announced nothing.
     fn incarnation(&self, name: &str) -> Option<u64>;
@@ -333,8 +336,8 @@ impl RaftHandle {
     }
 
     /// Hands the driver a member's word that its log ends at `last_index`.
-    pub fn lost_log(&self, from: u64, last_index: u64) -> Result<(), RaftError> {
-        self.send(Command::LostLog { from, last_index })
+    pub fn lost_log(&self, from: u64, last_index: u64, incarnation: u64) -> Result<(), RaftError> {
+        self.send(Command::LostLog { from, last_index, incarnation })
     }
 
     /// Asks the leader to hand leadership to `to`.
@@ -453,6 +456,9 @@ struct Driver {
     controller: Controller,
     /// On the leader: members that said their log ends at an index, and when.
     lost_reports: HashMap<u64, (u64, Instant)>,
+    /// On the leader: the incarnation each such member said it started again as (the
+    /// member directory may not have brought it yet when the member is added back).
+    reported_incarnations: HashMap<u64, u64>,
     /// When this member last told a leader that it lost its log.
     lost_told: Option<Instant>,
     /// This start's incarnation (`Started::incarnation`).
@@ -584,6 +590,7 @@ pub fn start(
         transport,
         controller: Controller::new(cfg_membership),
         lost_reports: HashMap::new(),
+        reported_incarnations: HashMap::new(),
         lost_told: None,
         incarnation,
         ticks: 0,
@@ -764,9 +771,10 @@ impl Driver {
                 let (t, id) = self.propose_change(change);
                 self.conf_waiters.push((id, t, Waiter { reply, deadline }));
             }
-            Command::LostLog { from, last_index } => {
+            Command::LostLog { from, last_index, incarnation } => {
                 if self.node.raft.state == StateRole::Leader {
                     self.lost_reports.insert(from, (last_index, Instant::now()));
+                    self.reported_incarnations.insert(from, incarnation);
                 }
             }
         }
@@ -797,7 +805,7 @@ impl Driver {
                     }
                     self.lost_told = Some(now);
                     if let Some(t) = &self.transport {
-                        t.tell_lost_log(m.from, last);
+                        t.tell_lost_log(m.from, last, self.incarnation);
                     }
                 }
                 true
@@ -821,7 +829,7 @@ impl Driver {
         };
         tracing::info!(?change_type, member = format!("{node_id:x}"), %name, rejoin, "proposing a membership change");
         let incarnation = match change_type {
-            ConfChangeType::AddLearnerNode => self.transport.as_ref().and_then(|t| t.incarnation(&name)).unwrap_or(0),
+            ConfChangeType::AddLearnerNode => self.incarnation_of(node_id, &name),
             _ => 0,
         };
         let ctx = MemberContext { name, cluster_id: self.status.cluster_id(), rejoin, incarnation }.encode_to_vec();
@@ -833,6 +841,16 @@ impl Driver {
             tracing::debug!(error = %e, "membership change not proposed");
         }
         (change_type, node_id)
+    }
+
+    /// The incarnation member `id` announces: its directory entry's, or what it reported
+    /// with its lost log if the directory has not brought a newer one yet.
+    fn incarnation_of(&self, id: u64, name: &str) -> u64 {
+        let announced = self.transport.as_ref().and_then(|t| t.incarnation(name)).unwrap_or(0);
+        match announced {
+            0 => self.reported_incarnations.get(&id).copied().unwrap_or(0),
+            u => u,
+        }
     }
 
     /// On the leader: lets the membership controller propose the next change.
@@ -866,7 +884,7 @@ impl Driver {
         let log = self.node.raft.raft_log.store();
         let joined = log.incarnations();
         for (id, name) in log.members() {
-            let announced = transport.incarnation(&name).unwrap_or(0);
+            let announced = self.incarnation_of(id, &name);
             if announced != 0 && joined.get(&id) != Some(&announced) && !view.lost.contains(&id) {
                 view.lost.push(id);
             }
@@ -880,6 +898,10 @@ impl Driver {
             // A newcomer is added once it has announced its incarnation.
             Some(Change::AddLearner { name, .. }) if transport.incarnation(&name).is_none() => {}
             Some(change) => {
+                if let Change::Remove { id, .. } = &change {
+                    // Its reports speak of the progress the removal discards.
+                    self.lost_reports.remove(id);
+                }
                 self.propose_change(change);
             }
             None => {}

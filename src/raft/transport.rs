@@ -26,8 +26,8 @@ const TAG_CHUNK_REQUEST: u8 = 1;
 const TAG_CHUNK: u8 = 2;
 /// From a voter to a member the cluster removed, which may never see its removal commit.
 const TAG_REMOVED: u8 = 3;
-/// From a member to its leader: my log ends at this index (u64, big-endian), before
-/// entries you count as mine; I lost my data.
+/// From a member to its leader: my log ends at this index, before entries you count as
+/// mine; I lost my data, and this is my incarnation now (two u64, big-endian).
 const TAG_LOST_LOG: u8 = 4;
 
 /// A member id from a name: stable across restarts, never zero (raft-rs reserves 0).
@@ -48,7 +48,7 @@ pub enum Datagram {
     ChunkRequest(SnapshotChunkRequest),
     Chunk(SnapshotChunk),
     Removed,
-    LostLog(u64),
+    LostLog { last_index: u64, incarnation: u64 },
 }
 
 /// Decodes a datagram; anything malformed is an error, never a panic.
@@ -59,10 +59,13 @@ pub fn decode_datagram(data: &[u8]) -> Result<Datagram, String> {
         TAG_CHUNK_REQUEST => SnapshotChunkRequest::decode(body).map(Datagram::ChunkRequest).map_err(|e| e.to_string()),
         TAG_CHUNK => SnapshotChunk::decode(body).map(Datagram::Chunk).map_err(|e| e.to_string()),
         TAG_REMOVED => Ok(Datagram::Removed),
-        TAG_LOST_LOG => body
-            .try_into()
-            .map(|b: [u8; 8]| Datagram::LostLog(u64::from_be_bytes(b)))
-            .map_err(|_| format!("a lost-log datagram of {} bytes", body.len())),
+        TAG_LOST_LOG => match <[u8; 16]>::try_from(body) {
+            Ok(b) => Ok(Datagram::LostLog {
+                last_index: u64::from_be_bytes(b[..8].try_into().unwrap_or_default()),
+                incarnation: u64::from_be_bytes(b[8..].try_into().unwrap_or_default()),
+            }),
+            Err(_) => Err(format!("a lost-log datagram of {} bytes", body.len())),
+        },
         t => Err(format!("unknown datagram tag {t}")),
     }
 }
@@ -134,8 +137,8 @@ impl MeshTransport {
                         raft.status().removed.store(true, Ordering::Release);
                     }
                 }
-                Ok(Datagram::LostLog(last_index)) => {
-                    let _ = raft.lost_log(member_id(&src), last_index);
+                Ok(Datagram::LostLog { last_index, incarnation }) => {
+                    let _ = raft.lost_log(member_id(&src), last_index, incarnation);
                 }
                 Err(e) => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -301,9 +304,11 @@ impl Transport for MeshTransport {
         }
     }
 
-    fn tell_lost_log(&self, to: u64, last_index: u64) {
+    fn tell_lost_log(&self, to: u64, last_index: u64, incarnation: u64) {
         if let Some(name) = self.name_of(to) {
-            let _ = self.conn.send_to(&name, tagged(TAG_LOST_LOG, &last_index.to_be_bytes()), Priority::Control);
+            let mut body = last_index.to_be_bytes().to_vec();
+            body.extend_from_slice(&incarnation.to_be_bytes());
+            let _ = self.conn.send_to(&name, tagged(TAG_LOST_LOG, &body), Priority::Control);
         }
     }
 
@@ -339,11 +344,13 @@ mod tests {
     }
 
     #[test]
-    fn a_lost_log_names_its_last_index_in_exactly_eight_bytes() {
-        let d = tagged(TAG_LOST_LOG, &1234u64.to_be_bytes());
-        assert_eq!(decode_datagram(&d), Ok(Datagram::LostLog(1234)));
+    fn a_lost_log_names_its_last_index_and_incarnation_in_exactly_sixteen_bytes() {
+        let mut body = 1234u64.to_be_bytes().to_vec();
+        body.extend_from_slice(&99u64.to_be_bytes());
+        let d = tagged(TAG_LOST_LOG, &body);
+        assert_eq!(decode_datagram(&d), Ok(Datagram::LostLog { last_index: 1234, incarnation: 99 }));
         assert!(decode_datagram(&[TAG_LOST_LOG, 1, 2]).is_err());
-        assert!(decode_datagram(&tagged(TAG_LOST_LOG, &[0; 9])).is_err());
+        assert!(decode_datagram(&tagged(TAG_LOST_LOG, &[0; 17])).is_err());
     }
 
     proptest! {

@@ -47,10 +47,12 @@ pub enum Fault {
     Join,
     /// A voter dies for good and the cluster replaces it with a learner.
     Replace,
+    /// kill -9, the data dir deleted (a lost disk), then restart under the same name.
+    Wipe,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 8] = [
+    pub const ALL: [Fault; 9] = [
         Fault::Kill,
         Fault::Pause,
         Fault::Partition,
@@ -59,6 +61,7 @@ impl Fault {
         Fault::SnapshotLeaderKill,
         Fault::Join,
         Fault::Replace,
+        Fault::Wipe,
     ];
 
     pub fn name(self) -> &'static str {
@@ -71,6 +74,7 @@ impl Fault {
             Fault::SnapshotLeaderKill => "snapshot-leader-kill",
             Fault::Join => "join",
             Fault::Replace => "replace",
+            Fault::Wipe => "wipe",
         }
     }
 
@@ -416,6 +420,7 @@ impl Cluster {
                 self.join(rng).await?;
             }
             Fault::Replace => return self.replace(rng).await,
+            Fault::Wipe => return self.wipe(i, hold).await,
         }
         Ok(fault.name().to_string())
     }
@@ -479,6 +484,49 @@ impl Cluster {
         tokio::time::sleep(hold).await;
         self.start(s)?;
         Ok(if late { "snapshot-leader-kill-late".into() } else { Fault::SnapshotLeaderKill.name().to_string() })
+    }
+
+    /// Member `i` loses its disk and starts again under its name; waits until the
+    /// cluster is whole again (as many voters as before, the member holding what was
+    /// applied before it lost its disk, in the role it had), so that the next fault is
+    /// not a second lost disk while the first is still being restored: losing two of
+    /// three voters' disks loses the quorum, as it would etcd's.
+    async fn wipe(&mut self, i: usize, hold: Duration) -> std::io::Result<String> {
+        let Some(list) = self.member_list().await else { return Ok("wipe-no-answer".into()) };
+        let want = list.iter().filter(|(_, learner)| !learner).count();
+        let was_learner = list.iter().any(|(n, learner)| *n == self.members[i].name && *learner);
+        let mut applied = 0;
+        for o in self.live() {
+            if let Some(s) = status(&self.members[o].endpoint).await {
+                applied = applied.max(s.raft_applied_index);
+            }
+        }
+        self.members[i].kill9();
+        std::fs::remove_dir_all(&self.members[i].data_dir)?;
+        tokio::time::sleep(hold).await;
+        self.start(i)?;
+        let name = self.members[i].name.clone();
+        let endpoint = self.members[i].endpoint.clone();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        // A voter is taken back as a learner first, and promoted once caught up.
+        let mut reset = was_learner;
+        let mut whole = false;
+        while !whole && Instant::now() < deadline {
+            let s = status(&endpoint).await;
+            reset |= s.as_ref().is_some_and(|s| s.is_learner);
+            let restored = s.is_some_and(|s| s.is_learner == was_learner && s.raft_applied_index >= applied);
+            whole = reset
+                && restored
+                && self.member_list().await.is_some_and(|l| l.iter().filter(|(_, learner)| !learner).count() >= want);
+            if !whole {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        if !whole {
+            tracing::warn!(member = %name, "the cluster did not take the emptied member back in time");
+            return Ok("wipe-not-restored".into());
+        }
+        Ok(Fault::Wipe.name().to_string())
     }
 
     /// Makes sure a learner stands by, then kills a voter for good and waits until the
