@@ -25,16 +25,23 @@ fn summary_of(text: &str, seed: &str) -> String {
     text.lines().find(|l| l.starts_with(&format!("seed {seed}:"))).unwrap_or_default().to_string()
 }
 
-#[test]
-fn seeded_short_run_under_every_mesh_fault_is_linearizable() {
+/// A run of `seconds` under `faults` with `seed` that must pass with every key's
+/// history linearizable and every member's HashKV equal; its summary line and output.
+fn linearizable_run(seconds: &str, seed: &str, faults: &str) -> (String, String) {
     let dir = common::tempdir();
     let d = dir.path().join("run").display().to_string();
-    let faults = "kill,pause,partition,one-way,snapshot-leader-kill,join,replace";
-    let (ok, text) = torture(&["--duration", "100", "--seed", "1", "--faults", faults, "--dir", &d]);
-    let summary = summary_of(&text, "1");
+    let (ok, text) = torture(&["--duration", seconds, "--seed", seed, "--faults", faults, "--dir", &d]);
+    let summary = summary_of(&text, seed);
     println!("{summary}");
     assert!(ok, "{text}");
     assert!(summary.contains("0 keys not linearizable") && summary.contains("hashes agree"), "{summary}");
+    (summary, text)
+}
+
+#[test]
+fn seeded_short_run_under_every_mesh_fault_is_linearizable() {
+    let faults = "kill,pause,partition,one-way,snapshot-leader-kill,join,replace";
+    let (summary, text) = linearizable_run("100", "1", faults);
     let watch = text.lines().find(|l| l.starts_with("watch:")).unwrap_or_default();
     println!("{watch}");
     assert!(watch.ends_with(" 0 problems") && !watch.starts_with("watch: 0 events"), "{text}");
@@ -49,13 +56,7 @@ fn network_namespace_partitions_keep_the_history_linearizable() {
         println!("skipped: {why}");
         return;
     }
-    let dir = common::tempdir();
-    let d = dir.path().join("run").display().to_string();
-    let (ok, text) = torture(&["--duration", "45", "--seed", "6", "--faults", "net-partition,kill", "--dir", &d]);
-    let summary = summary_of(&text, "6");
-    println!("{summary}");
-    assert!(ok, "{text}");
-    assert!(summary.contains("0 keys not linearizable") && summary.contains("hashes agree"), "{summary}");
+    let (summary, _) = linearizable_run("45", "6", "net-partition,kill");
     assert!(summary.contains("\"net-partition\"") && summary.contains("\"net-isolate\""), "{summary}");
 }
 
@@ -63,13 +64,7 @@ fn network_namespace_partitions_keep_the_history_linearizable() {
 /// between plain kills: the cluster takes each back and no acknowledged write is lost.
 #[test]
 fn members_that_lose_their_disks_lose_no_acknowledged_write() {
-    let dir = common::tempdir();
-    let d = dir.path().join("run").display().to_string();
-    let (ok, text) = torture(&["--duration", "45", "--seed", "3", "--faults", "wipe,kill", "--dir", &d]);
-    let summary = summary_of(&text, "3");
-    println!("{summary}");
-    assert!(ok, "{text}");
-    assert!(summary.contains("0 keys not linearizable") && summary.contains("hashes agree"), "{summary}");
+    let (summary, text) = linearizable_run("45", "3", "wipe,kill");
     assert!(summary.contains("\"wipe\""), "the run lost disks: {summary}");
     let watch = text.lines().find(|l| l.starts_with("watch:")).unwrap_or_default();
     assert!(watch.ends_with(" 0 problems"), "{text}");

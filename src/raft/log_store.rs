@@ -239,6 +239,11 @@ impl LogStore {
         self.read().incarnations.clone()
     }
 
+    /// The incarnation member `id` joined with, where known.
+    pub fn incarnation(&self, id: u64) -> Option<u64> {
+        self.read().incarnations.get(&id).copied()
+    }
+
     pub fn set_membership(
         &self,
         batch: &mut WriteBatch,

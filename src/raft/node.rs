@@ -789,9 +789,9 @@ impl Driver {
     /// before is gone with its data, and the configurations it replays until then
     /// may still count it as the voter it was.
     fn refuse(&mut self, m: &Message) -> bool {
-        let last = self.node.raft.raft_log.last_index();
         match m.get_msg_type() {
-            MessageType::MsgHeartbeat if m.commit > last => {
+            MessageType::MsgHeartbeat if m.commit > self.node.raft.raft_log.last_index() => {
+                let last = self.node.raft.raft_log.last_index();
                 let now = Instant::now();
                 if self.lost_told.is_none_or(|t| now.duration_since(t) >= Duration::from_millis(500)) {
                     if self.lost_told.is_none() {
@@ -811,8 +811,8 @@ impl Driver {
                 true
             }
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote => {
-                let added = self.node.raft.raft_log.store().incarnations().get(&self.cfg.id).copied();
-                self.incarnation != 0 && added != Some(self.incarnation)
+                self.incarnation != 0
+                    && self.node.raft.raft_log.store().incarnation(self.cfg.id) != Some(self.incarnation)
             }
             _ => false,
         }
