@@ -226,6 +226,7 @@ async fn identity(engine: &Engine, cfg: &Config, mesh: &Mesh) -> Result<(u64, u6
             let d = blake2::Digest::finalize(h);
             let cluster = u64::from_be_bytes(d[..8].try_into().unwrap_or_default()).max(1);
             tracing::info!(members = ?names, "forming a new cluster");
+            mesh.set_founders(&names);
             (cluster, Bootstrap::Voters(names.iter().map(|n| (member_id(n), n.clone())).collect()))
         } else {
             tracing::info!(members = ?names, "a new cluster forms without this member; joining it");
@@ -293,13 +294,17 @@ async fn bind(
 
 /// Waits until `--bootstrap-expect` members see each other; returns the names of the
 /// members that form the cluster: the first N in name order, so every member that waited
-/// picks the same ones. No names if a peer turns out to be a member of a formed cluster.
+/// picks the same ones. No names if a peer turns out to be a member of a formed cluster
+/// that was not formed with this member.
 async fn wait_for_peers(cfg: &Config, mesh: &Mesh) -> Vec<String> {
     let n = cfg.bootstrap_expect;
     tracing::info!("waiting for {} more members to form a cluster", n - 1);
     loop {
         if mesh.cluster_seen() != 0 {
-            return Vec::new();
+            // Peers that saw this member formed the cluster with it before it saw them
+            // all: it is a founder too. Any other fresh member, one whose data was lost
+            // among them, joins.
+            return mesh.founded_with_me().filter(|names| names.len() == n).unwrap_or_default();
         }
         let mut names: Vec<String> = mesh.reachable_peers().iter().map(|p| p.to_string()).collect();
         if names.len() + 1 >= n {

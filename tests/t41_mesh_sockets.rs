@@ -249,3 +249,43 @@ async fn datagrams_are_relayed_around_a_cut_link() {
         Err(meshkv::mesh::SendError::TooLarge(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_founder_slow_to_see_the_others_is_told_it_founded_and_a_restart_is_not() {
+    let mut cfg = config("a", vec![]);
+    let id_a = cfg.cluster_id.clone();
+    let a = Mesh::start(cfg, vec![]).await.unwrap();
+    cfg = config("b", vec![a.addr().to_string()]);
+    let id_b = cfg.cluster_id.clone();
+    let b = Mesh::start(cfg, vec![]).await.unwrap();
+    let c = Mesh::start(config("c", vec![a.addr().to_string()]), vec![]).await.unwrap();
+    eventually("a and b to see three peers", Duration::from_secs(10), || async {
+        a.reachable_peers().len() == 2 && b.reachable_peers().len() == 2
+    })
+    .await;
+    // a and b form the cluster with c before c hears of it: their handshakes so far
+    // named no cluster.
+    let founders: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
+    for (m, id) in [(&a, &id_a), (&b, &id_b)] {
+        m.set_founders(&founders);
+        id.store(42, std::sync::atomic::Ordering::Release);
+    }
+    assert_eq!(c.cluster_seen(), 0);
+    // c's connections drop and come back: the new handshakes name the cluster and its
+    // founders, c among them under this very process's uid.
+    c.block("a");
+    c.block("b");
+    eventually("c to lose a and b", Duration::from_secs(10), || async { c.reachable_peers().is_empty() }).await;
+    c.unblock("a");
+    c.unblock("b");
+    eventually("c to see the cluster", Duration::from_secs(10), || async { c.cluster_seen() == 42 }).await;
+    assert_eq!(c.founded_with_me(), Some(founders.clone()), "c is one of the founders");
+
+    // c starts again, fresh, under the same name (its data lost): it is not a founder.
+    let old_uid = c.uid();
+    c.shutdown();
+    let c2 = Mesh::start(config("c", vec![b.addr().to_string()]), vec![]).await.unwrap();
+    assert_ne!(c2.uid(), old_uid);
+    eventually("the new c to see the cluster", Duration::from_secs(10), || async { c2.cluster_seen() == 42 }).await;
+    assert_eq!(c2.founded_with_me(), None, "a new process under a founder's name must join");
+}

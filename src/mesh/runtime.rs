@@ -31,7 +31,7 @@ use super::node::{Msg, Node, NodeConfig};
 use super::peer::{PeerInfo, PeerName};
 use super::secure::{self, Established, Opener, Sealer, PROTOCOL_VERSION};
 use super::wire::{self, Incoming};
-use crate::pb::meshkvpb::Hello;
+use crate::pb::meshkvpb::{Founder, Hello};
 
 /// How a mesh peer runs.
 #[derive(Clone, Debug)]
@@ -170,6 +170,10 @@ struct Inner {
     next_conn: AtomicU64,
     /// A cluster id a peer reported at its handshake (0: none seen yet).
     cluster_seen: AtomicU64,
+    /// The founders a peer named at its handshake along with its cluster id.
+    founders_seen: Mutex<Vec<Founder>>,
+    /// The founders this peer formed its cluster with, sent at every handshake.
+    founders: Mutex<Vec<Founder>>,
     stop: watch::Sender<bool>,
 }
 
@@ -275,6 +279,8 @@ impl Mesh {
             counters: Counters::default(),
             next_conn: AtomicU64::new(1),
             cluster_seen: AtomicU64::new(0),
+            founders_seen: Mutex::new(Vec::new()),
+            founders: Mutex::new(Vec::new()),
             stop,
             cfg,
         });
@@ -304,7 +310,37 @@ impl Mesh {
     /// The id of a formed cluster that a peer named at its handshake, 0 if none has: a
     /// fresh member that sees one joins it rather than forming a cluster.
     pub fn cluster_seen(&self) -> u64 {
-        self.inner.cluster_seen.load(Ordering::Relaxed)
+        self.inner.cluster_seen.load(Ordering::Acquire)
+    }
+
+    /// The members a peer formed its cluster with, sorted, if it names this very peer
+    /// (its name and this process's uid) among them: this peer was seen by the others
+    /// when they formed it, and is a founder. None otherwise: a fresh peer under a
+    /// founder's name that started again later (its data lost) is not one.
+    pub fn founded_with_me(&self) -> Option<Vec<String>> {
+        let founders = self.inner.founders_seen.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if !founders.iter().any(|f| *f.name == *self.inner.me && f.uid == self.inner.uid) {
+            return None;
+        }
+        let mut names: Vec<String> = founders.into_iter().map(|f| f.name).collect();
+        names.sort();
+        Some(names)
+    }
+
+    /// Records that this peer is forming a cluster with `names` (itself among them):
+    /// every later handshake names them with the uids they run under now. Call it
+    /// before the cluster id is set.
+    pub fn set_founders(&self, names: &[String]) {
+        let node = self.inner.node.lock().unwrap_or_else(|e| e.into_inner());
+        let topo = node.topology();
+        let founders = names
+            .iter()
+            .filter_map(|n| match n.as_str() == self.inner.me.as_ref() {
+                true => Some(Founder { name: n.clone(), uid: self.inner.uid }),
+                false => topo.get(n).map(|p| Founder { name: n.clone(), uid: p.uid }),
+            })
+            .collect();
+        *self.inner.founders.lock().unwrap_or_else(|e| e.into_inner()) = founders;
     }
 
     /// The address peers dial to reach us.
@@ -651,7 +687,10 @@ impl Mesh {
             uid: self.inner.uid,
             nickname: self.inner.cfg.nickname.clone(),
             addr: self.inner.addr.clone(),
-            cluster_id: self.inner.cfg.cluster_id.load(Ordering::Relaxed),
+            // The cluster id first: founders are set before it, so a hello that names a
+            // cluster names its founders too.
+            cluster_id: self.inner.cfg.cluster_id.load(Ordering::Acquire),
+            founders: self.inner.founders.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         };
         let hs = tokio::time::timeout(
             self.inner.cfg.handshake_timeout,
@@ -705,7 +744,10 @@ impl Mesh {
             None
         };
         if refuse.is_none() && remote.cluster_id != 0 {
-            self.inner.cluster_seen.store(remote.cluster_id, Ordering::Relaxed);
+            if !remote.founders.is_empty() {
+                *self.inner.founders_seen.lock().unwrap_or_else(|e| e.into_inner()) = remote.founders.clone();
+            }
+            self.inner.cluster_seen.store(remote.cluster_id, Ordering::Release);
         }
         if let Some(why) = refuse {
             self.inner.counters.refused.fetch_add(1, Ordering::Relaxed);

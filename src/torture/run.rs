@@ -305,7 +305,12 @@ impl Cluster {
 
     /// The cluster's members as one that answers lists them: (name, is_learner).
     async fn member_list(&self) -> Option<Vec<(String, bool)>> {
-        for i in self.live() {
+        self.member_list_from(self.live()).await
+    }
+
+    /// The member list as the first of `members` that answers sees it.
+    async fn member_list_from(&self, members: Vec<usize>) -> Option<Vec<(String, bool)>> {
+        for i in members {
             if let Some(ch) = channel(&self.members[i].endpoint).await {
                 if let Ok(r) = ClusterClient::new(ch).member_list(MemberListRequest { linearizable: false }).await {
                     return Some(r.into_inner().members.into_iter().map(|m| (m.name, m.is_learner)).collect());
@@ -508,18 +513,21 @@ impl Cluster {
         let name = self.members[i].name.clone();
         let endpoint = self.members[i].endpoint.clone();
         let deadline = Instant::now() + Duration::from_secs(60);
-        // A voter is taken back as a learner first, and promoted once caught up.
+        // A voter is removed, taken back as a learner, and promoted once caught up; the
+        // others' member list shows it gone or a learner for a moment, which is watched
+        // closely.
+        let others: Vec<usize> = self.live().into_iter().filter(|&o| o != i).collect();
         let mut reset = was_learner;
         let mut whole = false;
         while !whole && Instant::now() < deadline {
+            let list = self.member_list_from(others.clone()).await;
+            reset |= list.as_ref().is_some_and(|l| !l.iter().any(|(n, learner)| *n == name && !learner));
             let s = status(&endpoint).await;
             reset |= s.as_ref().is_some_and(|s| s.is_learner);
             let restored = s.is_some_and(|s| s.is_learner == was_learner && s.raft_applied_index >= applied);
-            whole = reset
-                && restored
-                && self.member_list().await.is_some_and(|l| l.iter().filter(|(_, learner)| !learner).count() >= want);
+            whole = reset && restored && list.is_some_and(|l| l.iter().filter(|(_, learner)| !learner).count() >= want);
             if !whole {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
         if !whole {
