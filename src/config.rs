@@ -62,6 +62,8 @@ pub struct Config {
     pub quota_backend_bytes: i64,
     /// How long an auth token lives without use, as etcd's --auth-token-ttl.
     pub auth_token_ttl: Duration,
+    /// JWT tokens (`--auth-token jwt,…`); None: etcd's simple tokens.
+    pub jwt: Option<crate::store::jwt::JwtOptions>,
     /// bcrypt's cost for the passwords of new users, as etcd's --bcrypt-cost.
     pub bcrypt_cost: u32,
     /// Time between Raft heartbeats.
@@ -97,6 +99,7 @@ impl Default for Config {
             max_txn_ops: 128,
             quota_backend_bytes: 0,
             auth_token_ttl: crate::store::auth::DEFAULT_TOKEN_TTL,
+            jwt: None,
             bcrypt_cost: crate::api::auth::DEFAULT_BCRYPT_COST,
             tls: Default::default(),
             heartbeat_interval: Duration::from_millis(100),

@@ -261,10 +261,13 @@ struct ServeArgs {
     /// the NOSPACE alarm. 0 takes the default, 2 GiB; a negative value turns it off.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     quota_backend_bytes: i64,
-    /// The kind of auth token handed out: `simple` (etcd's simple tokens, the only kind).
+    /// The kind of auth token handed out, as etcd's: `simple`, or
+    /// `jwt,pub-key=FILE,priv-key=FILE,sign-method=RS256,ttl=5m` (signed tokens any member
+    /// with the public key checks; sign-method RS*, PS*, ES256/384, or HS* with the secret
+    /// in priv-key).
     #[arg(long, default_value = "simple", value_parser = parse_auth_token)]
-    auth_token: String,
-    /// Seconds an auth token lives without use.
+    auth_token: AuthToken,
+    /// Seconds a simple auth token lives without use.
     #[arg(long, default_value_t = 300)]
     auth_token_ttl: u64,
     /// bcrypt's cost (4 to 31) for the passwords of new users and changed passwords.
@@ -298,12 +301,19 @@ struct ServeArgs {
     log_level: String,
 }
 
+/// etcd's --auth-token: `simple`, or `jwt` with its options.
+#[derive(Clone, Debug)]
+struct AuthToken(Option<meshkv::store::jwt::JwtOptions>);
+
 /// etcd's --auth-token: the kind, then options after a comma.
-fn parse_auth_token(s: &str) -> Result<String, String> {
-    match s.split(',').next() {
-        Some("simple") => Ok(s.to_string()),
-        Some("jwt") => Err("jwt tokens are not supported; use simple".to_string()),
-        _ => Err(format!("unknown token kind {s:?}; use simple")),
+fn parse_auth_token(s: &str) -> Result<AuthToken, String> {
+    let (kind, opts) = s.split_once(',').unwrap_or((s, ""));
+    match kind {
+        "simple" => Ok(AuthToken(None)),
+        "jwt" => meshkv::store::jwt::JwtOptions::parse(opts, parse_duration)
+            .map(|o| AuthToken(Some(o)))
+            .map_err(|e| e.to_string()),
+        _ => Err(format!("unknown token kind {kind:?}; use simple or jwt")),
     }
 }
 
@@ -352,6 +362,7 @@ impl ServeArgs {
             max_txn_ops: self.max_txn_ops,
             quota_backend_bytes: self.quota_backend_bytes,
             auth_token_ttl: Duration::from_secs(self.auth_token_ttl),
+            jwt: self.auth_token.0,
             bcrypt_cost: self.bcrypt_cost,
             tls: meshkv::tls::TlsFiles {
                 cert_file: self.cert_file,

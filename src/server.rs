@@ -59,6 +59,8 @@ pub enum ServerError {
     Mesh(#[from] crate::mesh::runtime::MeshError),
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Jwt(#[from] crate::store::jwt::JwtError),
 }
 
 /// The member's name: given, or kept in the data dir from an earlier start, or
@@ -325,6 +327,8 @@ pub async fn run(
     on_ready: impl FnOnce(&[SocketAddr]),
 ) -> Result<(), ServerError> {
     cfg.validate()?;
+    // Keys are read before anything is created, so that a wrong path leaves nothing behind.
+    let jwt = cfg.jwt.as_ref().map(crate::store::jwt::Jwt::load).transpose()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| EngineError::Corrupt { cf: "data dir", what: format!("{}: {e}", cfg.data_dir.display()) })?;
     let mut cfg = cfg;
@@ -355,7 +359,7 @@ pub async fn run(
     let (cluster, member_id, bootstrap) = identity(&engine, &cfg, &mesh).await?;
     cluster_id.store(cluster, Ordering::Release);
     crate::raft::snapshot::recover(&engine)?;
-    let tokens = crate::store::auth::Tokens::new(cfg.auth_token_ttl);
+    let tokens = crate::store::auth::Tokens::new(cfg.auth_token_ttl).with_jwt(jwt);
     let store = Arc::new(MvccStore::open_with(engine.clone(), tokens)?);
     tracing::info!(
         name = %cfg.name, member = format!("{member_id:x}"), cluster = format!("{cluster:x}"),

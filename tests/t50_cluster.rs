@@ -840,3 +840,78 @@ async fn users_tokens_and_permissions_hold_on_every_member() {
     let other = etcdctl(&ep, &["--user=alice:apw", "put", "/o", "1"], None);
     assert!(other.stderr.contains("etcdserver: permission denied"), "{other:?}");
 }
+
+/// Writes an RSA key pair for `--auth-token jwt,…` with openssl; returns the flag.
+fn jwt_flag(dir: &std::path::Path, name: &str) -> String {
+    let key = dir.join(format!("{name}.rsa"));
+    let public = dir.join(format!("{name}.rsa.pub"));
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl").args(args).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["genrsa", "-out", &key.display().to_string(), "2048"]);
+    run(&["rsa", "-in", &key.display().to_string(), "-pubout", "-out", &public.display().to_string()]);
+    format!("jwt,pub-key={},priv-key={},sign-method=RS256,ttl=10m", public.display(), key.display())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_tokens_hold_on_every_member_across_restarts_until_auth_changes() {
+    let root = tempdir();
+    let flag = jwt_flag(root.path(), "cluster");
+    let t = ["--auth-token", flag.as_str(), "--bcrypt-cost", "4"];
+    let mut members = bootstrap_three(root.path(), &[&t, &t, &t]);
+    enable_auth(&members[0].proc.client_addr, "alice:apw", "/app/");
+    let (status, v) = gateway_call(&members[0], "/v3/auth/authenticate", r#"{"name":"alice","password":"apw"}"#, None);
+    assert_eq!(status, 200, "{v}");
+    let token = v["token"].as_str().unwrap().to_string();
+    assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
+    let put = r#"{"key":"L2FwcC94","value":"MQ=="}"#; // /app/x = 1
+                                                      // Every member checks the signature itself; a member that restarts forgets nothing.
+    members[1].proc.kill9();
+    restart(&mut members[1]);
+    members[1].proc.wait_ready(Duration::from_secs(60));
+    for m in &members {
+        let (status, v) = gateway_call(m, "/v3/kv/put", put, Some(&token));
+        assert_eq!(status, 200, "through {}: {v}", m.name);
+        let (status, v) = gateway_call(m, "/v3/kv/put", r#"{"key":"L28=","value":"MQ=="}"#, Some(&token));
+        assert_eq!((status, v["message"].as_str()), (403, Some("etcdserver: permission denied")), "{}", m.name);
+    }
+    // A token signed with another key names nobody.
+    let other = jwt_flag(root.path(), "other");
+    let mut stranger = start_meshkv(&root.path().join("stranger"), &["--auth-token", &other, "--bcrypt-cost", "4"]);
+    stranger.wait_ready(Duration::from_secs(60));
+    enable_auth(&stranger.client_addr, "alice:apw", "/app/");
+    let (status, v) =
+        gateway_post(&stranger.endpoint(), "/v3/auth/authenticate", r#"{"name":"alice","password":"apw"}"#, None);
+    assert_eq!(status, 200, "{v}");
+    let forged = v["token"].as_str().unwrap();
+    let (status, v) = gateway_call(&members[2], "/v3/kv/put", put, Some(forged));
+    assert_eq!((status, v["message"].as_str()), (401, Some("etcdserver: invalid auth token")), "{v}");
+    // A change to users, roles or permissions through any member retires every token
+    // issued before it, in etcd's words; clients sign in again.
+    let grant = ["--user=root:rootpw", "role", "grant-permission", "alice", "--prefix", "read", "/o/"];
+    assert_eq!(etcdctl(&members[2].proc.client_addr, &grant, None).status, 0);
+    for m in &members {
+        let ep = m.proc.endpoint();
+        let tok = token.clone();
+        eventually("the old token to be refused", Duration::from_secs(10), || {
+            let (ep, tok) = (ep.clone(), tok.clone());
+            async move {
+                let (status, v) = gateway_post(&ep, "/v3/kv/put", put, Some(&tok));
+                (status, v["message"].as_str()) == (400, Some("etcdserver: revision of auth store is old"))
+            }
+        })
+        .await;
+    }
+    let out = etcdctl(&members[1].proc.client_addr, &["--user=alice:apw", "put", "/app/y", "2"], None);
+    assert_eq!(out.status, 0, "{out:?}");
+    // A client that signs in now gets a token of the new revision.
+    let mut c = Client::connect(
+        [members[0].proc.endpoint()],
+        Some(etcd_client::ConnectOptions::new().with_user("alice", "apw")),
+    )
+    .await
+    .unwrap();
+    c.put("/app/z", "3", None).await.unwrap();
+    assert_eq!(c.get("/app/y", None).await.unwrap().kvs()[0].value(), b"2");
+}

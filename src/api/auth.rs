@@ -37,9 +37,11 @@ impl Caller {
 impl From<AuthError> for Status {
     fn from(e: AuthError) -> Self {
         let code = match e {
-            AuthError::UserEmpty | AuthError::RoleEmpty | AuthError::Failed | AuthError::InvalidManagement => {
-                Code::InvalidArgument
-            }
+            AuthError::UserEmpty
+            | AuthError::RoleEmpty
+            | AuthError::Failed
+            | AuthError::InvalidManagement
+            | AuthError::OldRevision => Code::InvalidArgument,
             AuthError::PermissionDenied => Code::PermissionDenied,
             AuthError::InvalidToken => Code::Unauthenticated,
             AuthError::UserExists
@@ -107,12 +109,21 @@ impl Ctx {
     }
 
     fn named(&self, token: Option<&str>, cert: Option<&str>) -> Result<Caller, Status> {
-        match token {
-            Some(token) => match self.store.tokens().user(token) {
+        match (token, self.store.tokens().jwt()) {
+            (Some(token), Some(jwt)) => {
+                let (user, revision) = jwt.check(token).ok_or(AuthError::InvalidToken)?;
+                // As etcd: a token issued before the users, roles or permissions last
+                // changed is refused, and clients sign in again.
+                if revision < self.store.auth().revision() {
+                    return Err(AuthError::OldRevision.into());
+                }
+                Ok(Caller(user))
+            }
+            (Some(token), None) => match self.store.tokens().user(token) {
                 Some(user) => Ok(Caller(user)),
                 None => Err(AuthError::InvalidToken.into()),
             },
-            None => Ok(Caller(cert.unwrap_or_default().to_string())),
+            (None, _) => Ok(Caller(cert.unwrap_or_default().to_string())),
         }
     }
 
@@ -213,6 +224,16 @@ impl Auth for AuthService {
             .map_err(|e| Status::internal(e.to_string()))?;
         if !ok {
             return Err(AuthError::Failed.into());
+        }
+        if let Some(jwt) = self.ctx.store.tokens().jwt() {
+            // The token names the auth revision as of this sign-in: the store is brought
+            // up to date first, so the password checked was the latest.
+            self.ctx.raft.read_index().await?;
+            let revision = self.ctx.store.auth().revision();
+            let token = jwt.sign(&req.name, revision).ok_or_else(|| {
+                Status::new(Code::Unavailable, "etcdserver: this member has no priv-key to sign auth tokens with")
+            })?;
+            return Ok(Response::new(AuthenticateResponse { header: self.ctx.header(None), token }));
         }
         // etcd's simple token: sixteen random letters and a number.
         let letters: String = (0..16).map(|_| rand::rng().sample(rand::distr::Alphabetic) as char).collect();

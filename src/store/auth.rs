@@ -70,6 +70,8 @@ pub enum AuthError {
     NotEnabled,
     #[error("invalid auth token")]
     InvalidToken,
+    #[error("revision of auth store is old")]
+    OldRevision,
     #[error("invalid auth management")]
     InvalidManagement,
     #[error("root user does not exist")]
@@ -562,6 +564,8 @@ pub struct Tokens {
     ttl: Duration,
     start: Instant,
     live: RwLock<HashMap<String, TokenEntry>>,
+    /// Set when tokens are JWTs (`--auth-token jwt,…`): then no simple token is issued.
+    jwt: Option<super::jwt::Jwt>,
 }
 
 impl Default for Tokens {
@@ -583,7 +587,17 @@ fn unix_ms() -> i64 {
 
 impl Tokens {
     pub fn new(ttl: Duration) -> Self {
-        Tokens { ttl, start: Instant::now(), live: RwLock::new(HashMap::new()) }
+        Tokens { ttl, start: Instant::now(), live: RwLock::new(HashMap::new()), jwt: None }
+    }
+
+    /// Issues and checks JWTs with `jwt` instead of simple tokens.
+    pub fn with_jwt(mut self, jwt: Option<super::jwt::Jwt>) -> Self {
+        self.jwt = jwt;
+        self
+    }
+
+    pub fn jwt(&self) -> Option<&super::jwt::Jwt> {
+        self.jwt.as_ref()
     }
 
     fn now_ms(&self) -> u64 {

@@ -10,6 +10,7 @@ pub mod backup;
 pub mod bolt;
 pub mod engine;
 pub mod etcd_snapshot;
+pub mod jwt;
 pub mod lease;
 pub mod mvcc;
 pub mod watch;
