@@ -865,11 +865,21 @@ async fn jwt_tokens_hold_on_every_member_across_restarts_until_auth_changes() {
     assert_eq!(status, 200, "{v}");
     let token = v["token"].as_str().unwrap().to_string();
     assert_eq!(token.split('.').count(), 3, "a JWT: {token}");
-    let put = r#"{"key":"L2FwcC94","value":"MQ=="}"#; // /app/x = 1
-                                                      // Every member checks the signature itself; a member that restarts forgets nothing.
-    members[1].proc.kill9();
-    restart(&mut members[1]);
-    members[1].proc.wait_ready(Duration::from_secs(60));
+    // /app/x = 1
+    let put = r#"{"key":"L2FwcC94","value":"MQ=="}"#;
+    // Every member checks the signature itself; a member that restarts forgets nothing.
+    // (A follower restarts: a leader's restart would drop the writes in flight.)
+    let refs: Vec<&Member> = members.iter().collect();
+    let leader = leader_of(&refs).await.expect("a leader");
+    let mut follower = 0;
+    for (i, m) in members.iter().enumerate() {
+        if member_id_of(m).await != leader {
+            follower = i;
+        }
+    }
+    members[follower].proc.kill9();
+    restart(&mut members[follower]);
+    members[follower].proc.wait_ready(Duration::from_secs(60));
     for m in &members {
         let (status, v) = gateway_call(m, "/v3/kv/put", put, Some(&token));
         assert_eq!(status, 200, "through {}: {v}", m.name);

@@ -207,10 +207,20 @@ impl Auth for AuthService {
         request: Request<AuthenticateRequest>,
     ) -> Result<Response<AuthenticateResponse>, Status> {
         let req = request.into_inner();
+        if self.ctx.store.tokens().jwt().is_some() {
+            // No Raft entry hands a JWT out: the store is brought up to date first, so
+            // that the password checked and the revision signed are the latest.
+            self.ctx.raft.read_index().await?;
+        }
         if !self.ctx.store.auth_enabled() {
             return Err(AuthError::NotEnabled.into());
         }
-        let user = self.ctx.store.auth().user(&req.name).cloned();
+        // The revision the password is checked at: a token signed with it is refused
+        // once users, roles or permissions change, a password among them.
+        let (revision, user) = {
+            let auth = self.ctx.store.auth();
+            (auth.revision(), auth.user(&req.name).cloned())
+        };
         let Some(user) = user else { return Err(AuthError::Failed.into()) };
         if user.options.as_ref().is_some_and(|o| o.no_password) {
             return Err(Status::new(
@@ -226,10 +236,6 @@ impl Auth for AuthService {
             return Err(AuthError::Failed.into());
         }
         if let Some(jwt) = self.ctx.store.tokens().jwt() {
-            // The token names the auth revision as of this sign-in: the store is brought
-            // up to date first, so the password checked was the latest.
-            self.ctx.raft.read_index().await?;
-            let revision = self.ctx.store.auth().revision();
             let token = jwt.sign(&req.name, revision).ok_or_else(|| {
                 Status::new(Code::Unavailable, "etcdserver: this member has no priv-key to sign auth tokens with")
             })?;
