@@ -63,6 +63,8 @@ pub struct Jwt {
     alg: Algorithm,
     encoding: Option<EncodingKey>,
     decoding: DecodingKey,
+    /// What a token must pass, built once: it is checked on every request.
+    validation: Validation,
     ttl: Duration,
 }
 
@@ -98,29 +100,27 @@ impl Jwt {
             }
             Algorithm::EdDSA => return Err(JwtError::Option("unsupported sign-method \"EdDSA\"".into())),
             _ => {
+                let ec = matches!(alg, Algorithm::ES256 | Algorithm::ES384);
                 let path = o.pub_key.as_ref().ok_or_else(|| JwtError::Option("jwt needs pub-key".into()))?;
                 let pem = read(path)?;
-                let decoding = match alg {
-                    Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(&pem),
-                    _ => DecodingKey::from_rsa_pem(&pem),
-                }
-                .map_err(bad(path))?;
+                let decoding = if ec { DecodingKey::from_ec_pem(&pem) } else { DecodingKey::from_rsa_pem(&pem) };
+                let decoding = decoding.map_err(bad(path))?;
                 let encoding = match &o.priv_key {
                     None => None,
                     Some(path) => {
                         let pem = read(path)?;
-                        let key = match alg {
-                            Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(&pem),
-                            _ => EncodingKey::from_rsa_pem(&pem),
-                        }
-                        .map_err(bad(path))?;
-                        Some(key)
+                        let key = if ec { EncodingKey::from_ec_pem(&pem) } else { EncodingKey::from_rsa_pem(&pem) };
+                        Some(key.map_err(bad(path))?)
                     }
                 };
                 (encoding, decoding)
             }
         };
-        let jwt = Jwt { alg, encoding, decoding, ttl: o.ttl };
+        let mut validation = Validation::new(alg);
+        validation.leeway = 0;
+        validation.validate_exp = true;
+        validation.set_required_spec_claims(&["exp"]);
+        let jwt = Jwt { alg, encoding, decoding, validation, ttl: o.ttl };
         // A key pair that does not match fails here rather than at every sign-in.
         if jwt.encoding.is_some() {
             let t = jwt.sign("probe", 0).ok_or_else(|| JwtError::Option("the private key cannot sign".into()))?;
@@ -140,11 +140,7 @@ impl Jwt {
 
     /// The user and auth revision a valid, unexpired token names.
     pub fn check(&self, token: &str) -> Option<(String, u64)> {
-        let mut v = Validation::new(self.alg);
-        v.leeway = 0;
-        v.validate_exp = true;
-        v.set_required_spec_claims(&["exp"]);
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &v).ok()?;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).ok()?;
         Some((data.claims.username, data.claims.revision))
     }
 }
