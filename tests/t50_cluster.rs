@@ -925,3 +925,50 @@ async fn jwt_tokens_hold_on_every_member_across_restarts_until_auth_changes() {
     c.put("/app/z", "3", None).await.unwrap();
     assert_eq!(c.get("/app/y", None).await.unwrap().kvs()[0].value(), b"2");
 }
+
+/// A write that a follower forwards to a leader which then freezes (its socket holds the
+/// write, unread) is proposed again to the leader elected next: the client gets its
+/// answer after the election rather than "request timed out". It is applied once, though
+/// the old leader, running again, reads the first copy as the leader it still believes
+/// it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_forwarded_to_a_leader_that_freezes_goes_to_the_next_leader_once() {
+    let root = tempdir();
+    let members = bootstrap_three(root.path(), &[&[], &[], &[]]);
+    let refs: Vec<&Member> = members.iter().collect();
+    eventually("a leader", Duration::from_secs(20), || async { leader_of(&refs).await.is_some() }).await;
+    let leader = leader_of(&refs).await.unwrap();
+    let mut li = 0;
+    for (i, m) in members.iter().enumerate() {
+        if member_id_of(m).await == leader {
+            li = i;
+        }
+    }
+    let follower = &members[(li + 1) % 3];
+    // Longer than the member's own request timeout (7 s), so the member's answer is heard.
+    let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(20));
+    let mut c = Client::connect([follower.proc.endpoint()], Some(opts)).await.unwrap();
+    c.put("before", "1", None).await.unwrap();
+
+    members[li].proc.pause();
+    let started = Instant::now();
+    let put = c.put("forwarded", "once", None).await;
+    let took = started.elapsed();
+    members[li].proc.resume();
+    let put = put.unwrap_or_else(|e| panic!("the write through {} failed after {took:?}: {e}", follower.name));
+    println!("the write forwarded to a frozen leader was answered after {took:?}");
+    let rev = put.header().unwrap().revision();
+
+    let after = c.put("after", "1", None).await.unwrap().header().unwrap().revision();
+    catches_up_and_agrees(&members, &members[li], "after", after).await;
+    for m in &members {
+        let g = client(m).await.get("forwarded", Some(GetOptions::new().with_serializable())).await.unwrap();
+        let kv = &g.kvs()[0];
+        assert_eq!(
+            (kv.value(), kv.version(), kv.create_revision(), kv.mod_revision()),
+            (&b"once"[..], 1, rev, rev),
+            "{} applied the forwarded write once, at the revision its client was told",
+            m.name
+        );
+    }
+}

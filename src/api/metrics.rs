@@ -71,7 +71,7 @@ impl Metrics {
             crate::ETCD_COMPAT_VERSION,
         );
         let raft = &ctx.raft.status().metrics;
-        for c in [raft.leader_changes.clone(), raft.proposals_failed.clone()] {
+        for c in [raft.leader_changes.clone(), raft.proposals_failed.clone(), raft.proposals_retried.clone()] {
             registry.register(Box::new(c)).expect("registered once");
         }
         for h in [raft.wal_fsync.clone(), raft.backend_commit.clone()] {

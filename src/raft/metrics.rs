@@ -8,6 +8,8 @@ pub struct RaftMetrics {
     pub leader_changes: IntCounter,
     /// Client writes that failed to commit: refused, dropped, timed out.
     pub proposals_failed: IntCounter,
+    /// Client writes proposed again after a leader change lost them.
+    pub proposals_retried: IntCounter,
     /// Each sync of the Raft log's file.
     pub wal_fsync: Histogram,
     /// Each batch of committed entries written to the store.
@@ -31,6 +33,10 @@ impl Default for RaftMetrics {
             proposals_failed: counter(
                 "etcd_server_proposals_failed_total",
                 "The total number of failed proposals seen.",
+            ),
+            proposals_retried: counter(
+                "meshkv_server_proposals_retried_total",
+                "The total number of proposals a leader change lost and that were proposed again.",
             ),
             wal_fsync: disk_seconds(
                 "etcd_disk_wal_fsync_duration_seconds",

@@ -418,6 +418,29 @@ struct Waiter<T> {
     deadline: Instant,
 }
 
+/// A client's write from when the driver takes it until it is applied.
+struct Write {
+    waiter: Waiter<WriteResponse>,
+    /// The encoded `InternalRequest`, kept to propose it again if a leader loses it.
+    data: Bytes,
+    sent: Sent,
+}
+
+/// Where a write stands with the leaders.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sent {
+    /// Waiting to be proposed (held, or never sent).
+    No,
+    /// Handed to the leader of this term: this member's own log if it leads, else the
+    /// leader it forwarded the write to. An entry enters a log only in the term of the
+    /// leader that appends it, and a leader takes a forwarded write only when it was
+    /// sent in its own term. So once this member applies an entry of a later term, an
+    /// entry for the write either was applied before it or can never be committed.
+    InTerm(u64),
+    /// A snapshot installed since may hold it: never proposed again.
+    Unknown,
+}
+
 struct Driver {
     cfg: RaftConfig,
     node: RawNode<LogStore>,
@@ -430,11 +453,15 @@ struct Driver {
     last_tick: Instant,
     /// Where the Raft log's writes are made durable.
     wal: LogWal,
-    writes: HashMap<u64, Waiter<WriteResponse>>,
+    writes: HashMap<u64, Write>,
     /// Proposals taken this turn, proposed together at its end.
     proposals: Vec<Proposal>,
-    /// On the leader: entries followers forwarded this turn, proposed with `proposals`.
-    forwarded: Vec<Entry>,
+    /// On the leader: entries followers forwarded this turn, with the term they were
+    /// taken in, proposed with `proposals`.
+    forwarded: Vec<(u64, Entry)>,
+    /// The term of the last entry applied: when it grows, writes handed to a leader in
+    /// an earlier term and not applied are lost and are proposed again.
+    applied_term: u64,
     /// On the leader: the commit index the followers were last sent.
     commit_sent: u64,
     /// Proposals made while there was no leader, retried once there is one.
@@ -578,6 +605,7 @@ pub fn start(
         writes: HashMap::new(),
         proposals: Vec::new(),
         forwarded: Vec::new(),
+        applied_term: 0,
         commit_sent: 0,
         stalled: Vec::new(),
         reads_new: Vec::new(),
@@ -647,8 +675,8 @@ const STORE_FLUSH_MAX: u64 = 40_000;
 /// all of them, and a follower forwards them to the leader in one message.
 const MAX_PROPOSAL_BATCH_BYTES: usize = 1 << 20;
 
-/// A write waiting to enter the log: (proposal id, encoded request, deadline).
-type Proposal = (u64, Bytes, Instant);
+/// A write waiting to enter the log, by its proposal id (its data is in `writes`).
+type Proposal = u64;
 
 /// The driver's thread: a turn whenever a command is queued or a tick is due.
 fn run(shared: Arc<Shared>) {
@@ -750,14 +778,32 @@ impl Driver {
         self.handled += 1;
         match cmd {
             Command::Propose { id, data, reply, deadline } => {
-                self.writes.insert(id, Waiter { reply, deadline });
-                self.proposals.push((id, data, deadline));
+                self.writes.insert(id, Write { waiter: Waiter { reply, deadline }, data, sent: Sent::No });
+                self.proposals.push(id);
             }
             Command::Read { reply, deadline } => self.reads_new.push(Waiter { reply, deadline }),
+            // Writes forwarded by a member, with the term it sent them in (0 from raft-rs's
+            // own forwarding: membership changes, and members of older builds).
+            Command::Step(mut m) if m.get_msg_type() == MessageType::MsgPropose && m.term != 0 => {
+                let r = &self.node.raft;
+                if r.state == StateRole::Leader && m.term == r.term {
+                    let term = r.term;
+                    self.forwarded.extend(m.take_entries().into_iter().map(|e| (term, e)));
+                } else {
+                    // Sent to the leader of another term: its sender proposes it again
+                    // once it applies an entry of a later term.
+                    tracing::debug!(
+                        from = format!("{:x}", m.from),
+                        term = m.term,
+                        "forwarded write of another term dropped"
+                    );
+                }
+            }
             Command::Step(mut m)
                 if m.get_msg_type() == MessageType::MsgPropose && self.node.raft.state == StateRole::Leader =>
             {
-                self.forwarded.extend(m.take_entries().into_vec());
+                let term = self.node.raft.term;
+                self.forwarded.extend(m.take_entries().into_iter().map(|e| (term, e)));
             }
             Command::Step(m) if self.refuse(&m) => {}
             Command::Step(m) => {
@@ -936,6 +982,14 @@ impl Driver {
         super::snapshot::install(&self.engine, &staging, &keys, &raft_state)?;
         log.reload()?;
         self.store.reload().map_err(|e| EngineError::Corrupt { cf: "kv", what: e.to_string() })?;
+        // The writes handed to a leader may be in the snapshot: applied, but never seen
+        // here. Proposing them again could apply them twice; their clients time out.
+        for w in self.writes.values_mut() {
+            if matches!(w.sent, Sent::InTerm(_)) {
+                w.sent = Sent::Unknown;
+            }
+        }
+        self.applied_term = self.applied_term.max(meta.term);
         self.publish_membership();
         tracing::info!(
             index = meta.index,
@@ -957,15 +1011,26 @@ impl Driver {
     }
 
     /// Proposes the entries followers forwarded this turn, then this member's writes, in
-    /// as few messages as [`MAX_PROPOSAL_BATCH_BYTES`] allows. Writes Raft drops (no
-    /// leader yet) wait in `stalled`; forwarded entries Raft drops are lost, as a
-    /// forwarded proposal may be, and their clients time out.
+    /// as few messages as [`MAX_PROPOSAL_BATCH_BYTES`] allows. Writes that cannot go to
+    /// a leader (none yet) wait in `stalled`; forwarded entries taken in an earlier term
+    /// are dropped, and their members propose them again.
     fn propose(&mut self, proposals: Vec<Proposal>) {
+        let r = &self.node.raft;
+        let term = (r.state == StateRole::Leader).then_some(r.term);
         let forwarded = std::mem::take(&mut self.forwarded);
-        let entries = forwarded
+        let writes = &self.writes;
+        let entries: Vec<(Entry, Option<Proposal>)> = forwarded
             .into_iter()
-            .map(|e| (e, None))
-            .chain(proposals.into_iter().map(|p| (Entry { data: p.1.clone(), ..Default::default() }, Some(p))));
+            .filter(|(t, _)| Some(*t) == term)
+            .map(|(_, e)| (e, None))
+            .chain(
+                // A write whose client stopped waiting is not proposed.
+                proposals.into_iter().filter_map(|id| {
+                    let data = writes.get(&id)?.data.clone();
+                    Some((Entry { data, ..Default::default() }, Some(id)))
+                }),
+            )
+            .collect();
         let (mut batch, mut mine, mut bytes) = (Vec::new(), Vec::new(), 0);
         for (entry, proposal) in entries {
             if !batch.is_empty() && bytes + entry.data.len() > MAX_PROPOSAL_BATCH_BYTES {
@@ -988,14 +1053,65 @@ impl Driver {
         m.set_msg_type(MessageType::MsgPropose);
         m.from = self.cfg.id;
         m.set_entries(entries.into());
-        match self.node.step(m) {
-            // On the leader the appends just sent carry the commit index.
-            Ok(()) => self.commit_sent = self.node.raft.raft_log.committed,
-            Err(e) => {
-                tracing::debug!(error = %e, count = mine.len(), "proposals held until there is a leader");
-                self.stalled.extend(mine);
+        let r = &self.node.raft;
+        let (term, leader) = (r.term, r.leader_id);
+        let sent = match r.state {
+            StateRole::Leader => match self.node.step(m) {
+                // On the leader the appends just sent carry the commit index.
+                Ok(()) => {
+                    self.commit_sent = self.node.raft.raft_log.committed;
+                    true
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, count = mine.len(), "proposals held until there is a leader");
+                    false
+                }
+            },
+            // Forwarded here rather than by raft-rs, so as to carry the term the leader
+            // must still be in to take them (see `Sent::InTerm`).
+            StateRole::Follower if leader != raft::INVALID_ID => {
+                m.to = leader;
+                m.term = term;
+                self.send(vec![m]);
+                true
+            }
+            _ => false,
+        };
+        if !sent {
+            self.stalled.extend(mine);
+            return;
+        }
+        for id in mine {
+            if let Some(w) = self.writes.get_mut(&id) {
+                w.sent = Sent::InTerm(term);
             }
         }
+    }
+
+    /// After applying entries up to `term`: the writes handed to a leader in an earlier
+    /// term and still not applied never will be, and are proposed again, in the order
+    /// their clients sent them.
+    fn propose_lost_again(&mut self, term: u64) {
+        if term <= self.applied_term {
+            return;
+        }
+        self.applied_term = term;
+        let mut lost: Vec<u64> = self
+            .writes
+            .iter_mut()
+            .filter(|(_, w)| matches!(w.sent, Sent::InTerm(t) if t < term))
+            .map(|(id, w)| {
+                w.sent = Sent::No;
+                *id
+            })
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        lost.sort_unstable();
+        tracing::info!(count = lost.len(), term, "writes lost with a leader change proposed again");
+        self.status.metrics.proposals_retried.inc_by(lost.len() as u64);
+        self.stalled.extend(lost);
     }
 
     /// On the leader: sends the followers a commit index they have not heard yet (with
@@ -1038,9 +1154,9 @@ impl Driver {
         if self.node.raft.leader_id == raft::INVALID_ID {
             let since = *self.no_leader_since.get_or_insert(now);
             if now - since > self.cfg.tick * (2 * self.cfg.election_ticks) as u32 {
-                for (id, _, _) in std::mem::take(&mut self.stalled) {
+                for id in std::mem::take(&mut self.stalled) {
                     if let Some(w) = self.writes.remove(&id) {
-                        let _ = w.reply.send(Err(RaftError::NoLeader));
+                        let _ = w.waiter.reply.send(Err(RaftError::NoLeader));
                     }
                 }
                 for w in std::mem::take(&mut self.reads_new) {
@@ -1050,9 +1166,10 @@ impl Driver {
         } else {
             self.no_leader_since = None;
         }
-        self.writes.retain(|_, w| w.deadline > now);
+        self.writes.retain(|_, w| w.waiter.deadline > now);
         self.conf_waiters.retain(|(_, _, w)| w.deadline > now);
-        self.stalled.retain(|(_, _, d)| *d > now);
+        let writes = &self.writes;
+        self.stalled.retain(|id| writes.contains_key(id));
         // A round can be lost (a leader change drops it silently): ask again.
         let retry = self.cfg.tick * self.cfg.election_ticks as u32 / 2;
         let lost: Vec<u64> =
@@ -1186,9 +1303,10 @@ impl Driver {
         for ((_, req), res) in reqs.into_iter().zip(results) {
             let Some(req) = req else { continue };
             if let Some(w) = self.writes.remove(&req.id) {
-                let _ = w.reply.send(res.map_err(RaftError::Apply));
+                let _ = w.waiter.reply.send(res.map_err(RaftError::Apply));
             }
         }
+        self.propose_lost_again(entries.last().map_or(0, |e| e.term));
         // The writers' tasks are woken first; the watchers' streams after them.
         drop(held);
         self.release_reads();

@@ -47,6 +47,20 @@ impl Proc {
         None
     }
 
+    /// Freezes the process (SIGSTOP): it holds its sockets but reads nothing.
+    pub fn pause(&self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGSTOP);
+        }
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub fn resume(&self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGCONT);
+        }
+    }
+
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
