@@ -72,7 +72,83 @@ pub struct Config {
     pub election_timeout: Duration,
     /// How often a watcher that asked for progress notifications hears the revision.
     pub watch_progress_notify_interval: Duration,
+    /// The leader compacts the history by itself, as etcd's --auto-compaction-mode and
+    /// --auto-compaction-retention; None: only clients compact.
+    pub auto_compaction: Option<AutoCompaction>,
     pub log_level: String,
+}
+
+/// How much history the leader keeps when it compacts by itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutoCompaction {
+    /// Keep this long a stretch of history.
+    Periodic(Duration),
+    /// Keep this many revisions.
+    Revision(i64),
+}
+
+impl AutoCompaction {
+    /// etcd's two flags: `mode` is `periodic` or `revision`; `retention` is 0 (off), a
+    /// whole number (hours for `periodic`, revisions for `revision`), or for `periodic`
+    /// a duration (`30m`, `1h30m`). The errors are etcd's.
+    pub fn parse(mode: &str, retention: &str) -> Result<Option<Self>, String> {
+        let revision = match mode {
+            "periodic" => false,
+            "revision" => true,
+            _ => return Err(format!("unknown auto-compaction-mode {mode:?}; use periodic or revision")),
+        };
+        let r = retention.trim();
+        if let Ok(n) = r.parse::<u32>() {
+            return Ok(match (n, revision) {
+                (0, _) => None,
+                (n, true) => Some(Self::Revision(n.into())),
+                (n, false) => Some(Self::Periodic(Duration::from_secs(u64::from(n) * 3600))),
+            });
+        }
+        let bad = |why: String| format!("error parsing CompactionRetention: {why}");
+        if revision {
+            return Err(bad(format!("{r:?} is not a whole number of revisions")));
+        }
+        if r.parse::<f64>().is_ok() {
+            return Err(bad(format!("invalid duration {r:?}: hours must be whole; else give a unit (30m, 1h30m)")));
+        }
+        parse_duration(r).map(|d| Some(Self::Periodic(d))).map_err(bad)
+    }
+}
+
+/// A duration as etcd's flags take it, in Go's form: numbers with units, as in 500ms,
+/// 10s, 1h30m (units ns, us, ms, s, m, h); a bare number is seconds. Must be positive.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let invalid = |why: &str| format!("invalid duration {s:?}{why}");
+    let secs = match s.parse::<f64>() {
+        Ok(n) => n,
+        Err(_) => {
+            let (mut secs, mut rest) = (0.0, s);
+            while !rest.is_empty() {
+                let digits = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+                let (n, tail) = rest.split_at(digits);
+                let letters = tail.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(tail.len());
+                let (unit, tail) = tail.split_at(letters);
+                let n: f64 = n.parse().map_err(|_| invalid(""))?;
+                secs += n * match unit {
+                    "ns" => 1e-9,
+                    "us" | "µs" => 1e-6,
+                    "ms" => 1e-3,
+                    "s" => 1.0,
+                    "m" => 60.0,
+                    "h" => 3600.0,
+                    _ => return Err(invalid(": use ns, us, ms, s, m or h")),
+                };
+                rest = tail;
+            }
+            secs
+        }
+    };
+    if !(secs > 0.0 && secs.is_finite() && secs < 1e12) {
+        return Err(invalid(": must be positive"));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 impl Default for Config {
@@ -105,6 +181,7 @@ impl Default for Config {
             heartbeat_interval: Duration::from_millis(100),
             election_timeout: Duration::from_millis(1000),
             watch_progress_notify_interval: Duration::from_secs(600),
+            auto_compaction: None,
             log_level: "info".into(),
         }
     }

@@ -9,7 +9,7 @@ use clap::Parser;
 // gRPC and Raft (measured in docs/performance.md).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use meshkv::config::Config;
+use meshkv::config::{parse_duration, AutoCompaction, Config};
 use tracing_subscriber::EnvFilter;
 
 /// meshkv: an etcd-v3-compatible key-value store. With no flags it serves one member
@@ -296,6 +296,13 @@ struct ServeArgs {
     /// (a duration: 500ms, 5s, 10m).
     #[arg(long, alias = "experimental-watch-progress-notify-interval", default_value = "10m", value_parser = parse_duration)]
     watch_progress_notify_interval: Duration,
+    /// How --auto-compaction-retention counts: periodic (time) or revision.
+    #[arg(long, default_value = "periodic")]
+    auto_compaction_mode: String,
+    /// History the leader keeps when it compacts by itself: 0 (it does not), hours or a
+    /// duration (30m, 1h30m) in periodic mode, revisions in revision mode.
+    #[arg(long, default_value = "0")]
+    auto_compaction_retention: String,
     /// Log level: debug, info, warn or error.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -317,28 +324,10 @@ fn parse_auth_token(s: &str) -> Result<AuthToken, String> {
     }
 }
 
-/// A duration as etcd's flags take it: a number with a unit (ms, s, m, h), or seconds.
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
-    let (n, unit) = s.split_at(split);
-    let n: f64 = n.parse().map_err(|_| format!("invalid duration {s:?}"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration {s:?}: use ms, s, m or h")),
-    };
-    if !(secs > 0.0 && secs.is_finite()) {
-        return Err(format!("invalid duration {s:?}: must be positive"));
-    }
-    Ok(Duration::from_secs_f64(secs))
-}
-
 impl ServeArgs {
-    fn into_config(self) -> Config {
-        Config {
+    fn into_config(self) -> Result<Config, String> {
+        let auto_compaction = AutoCompaction::parse(&self.auto_compaction_mode, &self.auto_compaction_retention)?;
+        Ok(Config {
             data_dir: self
                 .data_dir
                 .unwrap_or_else(|| PathBuf::from(format!("{}.meshkv", self.name.as_deref().unwrap_or("default")))),
@@ -373,8 +362,9 @@ impl ServeArgs {
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
             election_timeout: Duration::from_millis(self.election_timeout),
             watch_progress_notify_interval: self.watch_progress_notify_interval,
+            auto_compaction,
             log_level: self.log_level,
-        }
+        })
     }
 }
 
@@ -673,7 +663,7 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Snapshot { action: SnapshotAction::Restore(args) }) => return restore(args),
         None => {}
     }
-    let cfg = cli.serve.into_config();
+    let cfg = cli.serve.into_config().map_err(anyhow::Error::msg)?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -428,6 +428,9 @@ pub async fn run(
     });
     let decode_limit = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let lessor = api::lease::Lessor::start(ctx.clone(), cfg.election_timeout);
+    if let Some(mode) = cfg.auto_compaction {
+        api::compactor::start(ctx.clone(), mode);
+    }
     let metrics = api::metrics::Metrics::new(&ctx);
     let http = api::http::Http::new(ctx.clone(), metrics.clone());
     let mut grpc = Routes::builder();

@@ -4,13 +4,18 @@
 //! show it; reads, deletes and compaction go on; after a compaction and a defragment,
 //! `etcdctl alarm disarm` lets writes in again. The CORRUPT alarm refuses every write.
 //! On meshkv alone: the alarm outlives a restart, and the health endpoints report it.
+//! Automatic compaction (--auto-compaction-retention) keeps history within its window
+//! and drops what is older, on both systems alike.
 
 mod common;
 
-use std::time::Duration;
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use common::*;
-use etcd_client::{AlarmAction, AlarmOptions, AlarmType, Client, Compare, CompareOp, Txn, TxnOp};
+use etcd_client::{
+    AlarmAction, AlarmOptions, AlarmType, Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions,
+};
 
 const QUOTA: &str = "4194304";
 
@@ -148,4 +153,73 @@ async fn nospace_and_corrupt_alarms_behave_as_etcds() {
     c.alarm(AlarmAction::Deactivate, AlarmType::Corrupt, Some(me)).await.unwrap();
     wait_until("ready again", Duration::from_secs(10), || curl(&format!("{client}/readyz"), &[]).status == 200);
     p.terminate();
+}
+
+/// Puts a key every 50 ms until a read at its first revision is refused as compacted;
+/// then asks a watch from revision 1 what the store is compacted to. Returns the
+/// refusal, and checks the window: the compaction kept every revision written within
+/// the last `retention` (the leader compacts to a revision it noted that long ago).
+async fn compacted_by_itself(endpoint: &str, retention: Duration) -> String {
+    let mut c = Client::connect([endpoint], None).await.unwrap();
+    let mut sent: Vec<(Instant, i64)> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let at = Instant::now();
+        let rev = c.put("auto", sent.len().to_string(), None).await.unwrap().header().unwrap().revision();
+        sent.push((at, rev));
+        if let Err(e) = c.get("auto", Some(GetOptions::new().with_revision(sent[0].1))).await {
+            let s = status_of(e);
+            break format!("{:?}: {}", s.code(), s.message());
+        }
+        assert!(Instant::now() < deadline, "{endpoint}: revision {} was never compacted", sent[0].1);
+        // The pace of the writes, not a wait for an outcome.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut events = c.watch("auto", Some(WatchOptions::new().with_start_revision(1))).await.unwrap();
+    let compacted = loop {
+        let r = events.message().await.unwrap().expect("a watch from a compacted revision is told so");
+        if r.compact_revision() != 0 {
+            break r.compact_revision();
+        }
+    };
+    let answered = Instant::now();
+    let written_before_window = sent.iter().filter(|(at, _)| *at + retention <= answered).map(|(_, r)| *r).max();
+    assert!(
+        compacted > sent[0].1 && written_before_window.is_some_and(|r| compacted <= r),
+        "{endpoint}: compacted to {compacted}; revisions written within the last {retention:?} must stay \
+         (the last one written before: {written_before_window:?}; writes: {sent:?})"
+    );
+    refused
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_compaction_keeps_its_window_and_drops_older_history_as_etcd_does() {
+    let dir = tempdir();
+    let flags = ["--auto-compaction-retention", "2s"];
+    let m = start_meshkv(&dir.path().join("meshkv"), &flags);
+    let e = start_etcd_with(&dir.path().join("etcd"), &flags);
+    let retention = Duration::from_secs(2);
+    let (m_endpoint, e_endpoint) = (m.endpoint(), e.endpoint());
+    let (ours, etcds) =
+        tokio::join!(compacted_by_itself(&m_endpoint, retention), compacted_by_itself(&e_endpoint, retention));
+    assert_eq!(ours, "OutOfRange: etcdserver: mvcc: required revision has been compacted");
+    assert_eq!(ours, etcds);
+}
+
+#[test]
+fn automatic_compaction_flags_are_refused_at_start_in_etcds_words() {
+    let dir = tempdir();
+    let run = |args: &[&str]| {
+        let out =
+            Command::new(meshkv_bin()).arg("--data-dir").arg(dir.path().join("data")).args(args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["--auto-compaction-mode", "daily", "--auto-compaction-retention", "1"]);
+    assert!(err.contains("unknown auto-compaction-mode \"daily\""), "{err}");
+    let err = run(&["--auto-compaction-retention", "abc"]);
+    assert!(err.contains("error parsing CompactionRetention: invalid duration \"abc\""), "{err}");
+    let err = run(&["--auto-compaction-mode", "revision", "--auto-compaction-retention", "5m"]);
+    assert!(err.contains("error parsing CompactionRetention: \"5m\" is not a whole number of revisions"), "{err}");
+    assert!(!dir.path().join("data").exists(), "nothing was created");
 }

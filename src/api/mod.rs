@@ -5,6 +5,7 @@ pub mod admin;
 pub mod auth;
 pub mod authority;
 pub mod cluster;
+pub mod compactor;
 pub mod conn;
 pub mod coord;
 pub mod election;
