@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 
 // The allocator: fewer cycles than glibc's malloc on the many small, short-lived buffers of
 // gRPC and Raft (measured in docs/performance.md).
@@ -651,8 +651,73 @@ fn torture(args: TortureArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What reading the environment has to say once logging runs: (a warning?, the words).
+type EnvNotes = Vec<(bool, String)>;
+
+/// etcd's environment variables: `ETCD_<FLAG>` (the flag's name in capitals, `-` as `_`:
+/// ETCD_DATA_DIR, ETCD_LISTEN_CLIENT_URLS) sets a flag the command line leaves out. As
+/// with etcd, a variable whose flag the command line also gives is an error, and one
+/// that names no flag a warning; but the variables that would give a member a static
+/// cluster are refused, since ignoring them would start members on their own. Returns
+/// the arguments to add, in the variables' order by name.
+fn flags_from_env(
+    cmd: &clap::Command,
+    given: &clap::ArgMatches,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(Vec<String>, EnvNotes), String> {
+    let mut vars: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with("ETCD_")).collect();
+    vars.sort();
+    let (mut args, mut notes) = (Vec::new(), Vec::new());
+    for (var, value) in vars {
+        let flag = var["ETCD_".len()..].to_ascii_lowercase().replace('_', "-");
+        let arg = cmd.get_arguments().find(|a| {
+            a.get_long() == Some(flag.as_str()) || a.get_all_aliases().is_some_and(|al| al.contains(&flag.as_str()))
+        });
+        let Some(arg) = arg.filter(|a| !matches!(a.get_action(), ArgAction::Help | ArgAction::Version)) else {
+            if ["initial-cluster", "initial-cluster-state", "discovery", "discovery-srv"].contains(&flag.as_str()) {
+                return Err(format!(
+                    "environment variable {var}: meshkv members find each other through the mesh, with no \
+                     static member list; set ETCD_JOIN (host:port of any member) and, to form a new cluster, \
+                     ETCD_BOOTSTRAP_EXPECT"
+                ));
+            }
+            notes.push((true, format!("unrecognized environment variable {var}={value}")));
+            continue;
+        };
+        if given.value_source(arg.get_id().as_str()) == Some(clap::parser::ValueSource::CommandLine) {
+            return Err(format!(
+                "conflicting environment variable {var:?} is shadowed by corresponding command-line flag \
+                 (either unset environment variable or disable flag)"
+            ));
+        }
+        if matches!(arg.get_action(), ArgAction::SetTrue) {
+            match value.as_str() {
+                "true" | "1" => args.push(format!("--{flag}")),
+                "false" | "0" | "" => {}
+                _ => return Err(format!("environment variable {var}={value:?}: expected true or false")),
+            }
+        } else {
+            args.push(format!("--{flag}={value}"));
+        }
+        notes.push((false, format!("recognized and used environment variable {var}={value}")));
+    }
+    Ok((args, notes))
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cmd = Cli::command();
+    let given = cmd.clone().get_matches();
+    let mut cli = Cli::from_arg_matches(&given).unwrap_or_else(|e| e.exit());
+    let mut env_notes = EnvNotes::new();
+    if cli.command.is_none() {
+        let vars = std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
+        let (extra, notes) = flags_from_env(&cmd, &given, vars).map_err(anyhow::Error::msg)?;
+        if !extra.is_empty() {
+            let argv = std::env::args_os().chain(extra.into_iter().map(Into::into));
+            cli = Cli::from_arg_matches(&cmd.get_matches_from(argv)).unwrap_or_else(|e| e.exit());
+        }
+        env_notes = notes;
+    }
     match cli.command {
         Some(Command::Bench(args)) => return bench(*args),
         Some(Command::Status(args)) => {
@@ -670,10 +735,72 @@ fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    for (warn, words) in env_notes {
+        if warn {
+            tracing::warn!("{words}");
+        } else {
+            tracing::info!("{words}");
+        }
+    }
     if let Err(e) = cfg.validate() {
         anyhow::bail!("{e}");
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(meshkv::server::run(cfg, shutdown_signal(), |_| {}))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_env(argv: &[&str], env: &[(&str, &str)]) -> Result<(Vec<String>, EnvNotes), String> {
+        let cmd = Cli::command();
+        let given = cmd.clone().try_get_matches_from(std::iter::once("meshkv").chain(argv.iter().copied())).unwrap();
+        flags_from_env(&cmd, &given, env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn etcd_environment_variables_set_the_flags_the_command_line_leaves_out() {
+        let (args, notes) = from_env(
+            &["--name", "a"],
+            &[
+                ("ETCD_DATA_DIR", "/var/lib/a"),
+                ("ETCD_CLIENT_CERT_AUTH", "true"),
+                ("ETCD_AUTO_COMPACTION_RETENTION", "1h"),
+                ("ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", "5s"),
+                ("ETCDCTL_API", "3"),
+                ("HOME", "/root"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            args,
+            [
+                "--auto-compaction-retention=1h",
+                "--client-cert-auth",
+                "--data-dir=/var/lib/a",
+                "--experimental-watch-progress-notify-interval=5s"
+            ]
+        );
+        assert!(notes.iter().all(|(warn, w)| !warn && w.starts_with("recognized and used environment variable ETCD_")));
+        let (args, notes) = from_env(&[], &[("ETCD_FOO_BAR", "1"), ("ETCD_CLIENT_CERT_AUTH", "false")]).unwrap();
+        assert!(args.is_empty());
+        assert_eq!(notes[0], (false, "recognized and used environment variable ETCD_CLIENT_CERT_AUTH=false".into()));
+        assert_eq!(notes[1], (true, "unrecognized environment variable ETCD_FOO_BAR=1".into()));
+    }
+
+    #[test]
+    fn etcd_environment_variables_that_conflict_or_set_a_static_cluster_are_refused() {
+        let e = from_env(&["--name", "a"], &[("ETCD_NAME", "b")]).unwrap_err();
+        assert_eq!(
+            e,
+            "conflicting environment variable \"ETCD_NAME\" is shadowed by corresponding command-line flag \
+             (either unset environment variable or disable flag)"
+        );
+        let e = from_env(&[], &[("ETCD_INITIAL_CLUSTER", "a=http://10.0.0.1:2380")]).unwrap_err();
+        assert!(e.starts_with("environment variable ETCD_INITIAL_CLUSTER: meshkv members find each other"), "{e}");
+        let e = from_env(&[], &[("ETCD_CLIENT_CERT_AUTH", "yes")]).unwrap_err();
+        assert!(e.contains("expected true or false"), "{e}");
+    }
 }

@@ -308,3 +308,38 @@ fn endpoints_given_as_urls_serve_the_per_endpoint_commands() {
     let health = etcdctl(&url, &["endpoint", "health"], None);
     assert!(health.status == 0 && health.stderr.contains(&format!("{url} is healthy")), "{health:?}");
 }
+
+/// A member configured as Debian's etcd package configures etcd, by ETCD_* variables
+/// (/etc/default/etcd): each sets its flag; one that names no flag is a warning; one
+/// whose flag the command line also gives stops the member at start, in etcd's words.
+#[test]
+fn a_member_takes_its_flags_from_etcds_environment_variables() {
+    let dir = tempdir();
+    let data = dir.path().join("from-env");
+    let env = [
+        ("ETCD_NAME", "envmember".to_string()),
+        ("ETCD_DATA_DIR", data.display().to_string()),
+        ("ETCD_LISTEN_CLIENT_URLS", "http://127.0.0.1:0".to_string()),
+        ("ETCD_LISTEN_PEER_URLS", "http://127.0.0.1:0".to_string()),
+        ("ETCD_INITIAL_CLUSTER_TOKEN", "tok".to_string()),
+    ];
+    let mut p = spawn_meshkv_env(&[], &env);
+    p.wait_ready(Duration::from_secs(60));
+    let out = etcdctl(&p.client_addr, &["member", "list", "-w", "json"], None);
+    let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert_eq!(list["members"][0]["name"], "envmember", "{out:?}");
+    assert!(std::fs::read_dir(&data).is_ok_and(|mut d| d.next().is_some()), "the data is in ETCD_DATA_DIR");
+    let log = p.log();
+    assert!(log.contains("recognized and used environment variable ETCD_DATA_DIR="), "{log}");
+    assert!(log.contains("unrecognized environment variable ETCD_INITIAL_CLUSTER_TOKEN=tok"), "{log}");
+    p.kill9();
+
+    let out =
+        Command::new(meshkv_bin()).args(["--name", "flag"]).envs(env.iter().map(|(k, v)| (k, v))).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("conflicting environment variable \"ETCD_NAME\" is shadowed by corresponding command-line flag"),
+        "{err}"
+    );
+}

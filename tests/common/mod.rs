@@ -96,8 +96,14 @@ pub fn spawn_meshkv_on(data_dir: &Path, client_url: &str, peer_url: &str, extra:
 
 /// Starts `meshkv` with exactly `args`, without waiting for it to serve.
 pub fn spawn_meshkv_args(args: &[String]) -> Proc {
+    spawn_meshkv_env(args, &[])
+}
+
+/// As [`spawn_meshkv_args`], with these environment variables too.
+pub fn spawn_meshkv_env(args: &[String], env: &[(&str, String)]) -> Proc {
     let mut child = Command::new(meshkv_bin())
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
