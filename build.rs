@@ -1,7 +1,7 @@
-//! Compiles the etcd v3 protos (and meshkv's internal messages) with tonic-prost-build,
-//! gives etcd's messages the protobuf JSON mapping (pbjson, with the proto's own field
-//! names, as etcd's JSON gateway writes them), and lists every gRPC method they declare
-//! (`grpc_methods.rs`, from the compiled descriptors) for the metrics.
+//! Compiles the etcd v3 protos, gRPC's health service and meshkv's internal messages with
+//! tonic-prost-build, gives etcd's messages the protobuf JSON mapping (pbjson, with the
+//! proto's own field names, as etcd's JSON gateway writes them), and lists every gRPC
+//! method they declare (`grpc_methods.rs`, from the compiled descriptors) for the metrics.
 
 use prost::Message as _;
 
@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/meshkvpb/internal.proto",
         "proto/meshkvpb/mesh.proto",
         "proto/meshkvpb/admin.proto",
+        "proto/grpc/health/v1/health.proto",
     ];
     for p in protos {
         println!("cargo:rerun-if-changed={p}");

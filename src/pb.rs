@@ -25,3 +25,6 @@ pub mod v3electionpb {
 pub mod meshkvpb {
     tonic::include_proto!("meshkvpb");
 }
+pub mod grpc_health {
+    tonic::include_proto!("grpc.health.v1");
+}

@@ -453,7 +453,10 @@ pub async fn run(
         .add_service(AuthServer::new(api::auth::AuthService::new(ctx.clone(), cfg.bcrypt_cost)))
         .add_service(LockServer::new(api::lock::LockService::new(ctx.clone())))
         .add_service(ElectionServer::new(api::election::ElectionService::new(ctx.clone())))
-        .add_service(crate::pb::meshkvpb::admin_server::AdminServer::new(api::admin::AdminService::new(ctx.clone())));
+        .add_service(crate::pb::meshkvpb::admin_server::AdminServer::new(api::admin::AdminService::new(ctx.clone())))
+        .add_service(crate::pb::grpc_health::health_server::HealthServer::new(api::grpc_health::HealthService::new(
+            ctx.clone(),
+        )));
     // The plain endpoints and the JSON gateway beside gRPC, as etcd serves them on its
     // client URLs.
     // The gateway's calls are counted as gRPC calls, as etcd's gateway, a gRPC client of

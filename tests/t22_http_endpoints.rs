@@ -1,7 +1,7 @@
 //! The plain HTTP endpoints of a real member, as probes and scrapers reach them with
 //! curl: `/health`, `/livez`, `/readyz`, `/version` and `/metrics` on the client URL
 //! (HTTP/1.1 and HTTP/2 beside gRPC) and on `--listen-metrics-urls`, with etcd's bodies,
-//! status codes and metric names.
+//! status codes and metric names; and gRPC's health service, as etcd's answers it.
 
 mod common;
 
@@ -352,4 +352,39 @@ fn the_json_gateway_streams_watches_and_keep_alives_as_etcds_does() {
         let leader: serde_json::Value = serde_json::from_str(&observed[0]).unwrap();
         assert_eq!(leader["result"]["kv"]["value"], "Y2FuZDE=", "{observed:?}");
     }
+}
+
+/// gRPC's health service as probes ask it (grpc_health_probe, Kubernetes' gRPC probes),
+/// against meshkv and etcd side by side: the server as a whole serves, another service
+/// name is unknown, and a watch tells the status and then stays open.
+#[tokio::test]
+async fn the_grpc_health_service_answers_as_etcds_does() {
+    use meshkv::pb::grpc_health::health_client::HealthClient;
+    use meshkv::pb::grpc_health::HealthCheckRequest;
+
+    let dir = tempdir();
+    let m = start_meshkv(&dir.path().join("meshkv"), &[]);
+    let e = start_etcd(&dir.path().join("etcd"));
+    let mut seen = Vec::new();
+    for p in [&m, &e] {
+        let channel = tonic::transport::Endpoint::from_shared(p.endpoint()).unwrap().connect().await.unwrap();
+        let mut c = HealthClient::new(channel);
+        let ask = |service: &str| HealthCheckRequest { service: service.to_string() };
+        let whole = c.check(ask("")).await.map(|r| r.into_inner().status());
+        let other = c.check(ask("etcdserverpb.KV")).await.map_err(|s| (s.code(), s.message().to_string()));
+        let mut watches = Vec::new();
+        for service in ["", "etcdserverpb.KV"] {
+            let mut w = c.watch(ask(service)).await.unwrap().into_inner();
+            let first = w.message().await.unwrap().map(|r| r.status());
+            let stays_open = tokio::time::timeout(Duration::from_millis(300), w.message()).await.is_err();
+            watches.push(format!("{first:?} then open: {stays_open}"));
+        }
+        seen.push(format!("check: {whole:?}; other: {other:?}; watch: {watches:?}"));
+    }
+    assert_eq!(
+        seen[0],
+        "check: Ok(Serving); other: Err((NotFound, \"unknown service\")); \
+         watch: [\"Some(Serving) then open: true\", \"Some(ServiceUnknown) then open: true\"]"
+    );
+    assert_eq!(seen[0], seen[1], "meshkv, then etcd");
 }

@@ -11,6 +11,7 @@ pub mod coord;
 pub mod election;
 pub mod error;
 pub mod gateway;
+pub mod grpc_health;
 pub mod http;
 pub mod kv;
 pub mod lease;
