@@ -303,6 +303,10 @@ struct ServeArgs {
     /// duration (30m, 1h30m) in periodic mode, revisions in revision mode.
     #[arg(long, default_value = "0")]
     auto_compaction_retention: String,
+    /// A YAML file of flags, as etcd's: keys are the flags' names (the TLS ones under
+    /// client-transport-security). Environment variables are then not read.
+    #[arg(long)]
+    config_file: Option<PathBuf>,
     /// Log level: debug, info, warn or error.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -651,56 +655,161 @@ fn torture(args: TortureArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What reading the environment has to say once logging runs: (a warning?, the words).
-type EnvNotes = Vec<(bool, String)>;
+/// What reading the environment or a config file has to say once logging runs: (a
+/// warning?, the words).
+type Notes = Vec<(bool, String)>;
 
-/// etcd's environment variables: `ETCD_<FLAG>` (the flag's name in capitals, `-` as `_`:
-/// ETCD_DATA_DIR, ETCD_LISTEN_CLIENT_URLS) sets a flag the command line leaves out. As
-/// with etcd, a variable whose flag the command line also gives is an error, and one
-/// that names no flag a warning; but the variables that would give a member a static
-/// cluster are refused, since ignoring them would start members on their own. Returns
-/// the arguments to add, in the variables' order by name.
-fn flags_from_env(
+/// A setting from outside the command line: the flag it names (as written there), what
+/// to call it in messages, and its value.
+struct Setting {
+    flag: String,
+    named: String,
+    value: String,
+}
+
+/// Where settings besides the command line come from.
+enum Source<'a> {
+    /// etcd's `ETCD_<FLAG>` variables.
+    Env,
+    /// `--config-file`, etcd's YAML.
+    File(&'a std::path::Path),
+}
+
+/// The flags a static cluster is set up with. meshkv members find each other through
+/// the mesh; set, these would be left unread and each member would start alone.
+const STATIC_CLUSTER: [&str; 3] = ["initial-cluster", "discovery", "discovery-srv"];
+
+/// Turns `settings` into the arguments to add to the command line. A setting whose flag
+/// the command line also gives is an error, one that names no flag a warning (as etcd
+/// has it), one that gives a static cluster an error.
+fn flags_from(
     cmd: &clap::Command,
     given: &clap::ArgMatches,
-    env: impl IntoIterator<Item = (String, String)>,
-) -> Result<(Vec<String>, EnvNotes), String> {
-    let mut vars: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with("ETCD_")).collect();
-    vars.sort();
-    let (mut args, mut notes) = (Vec::new(), Vec::new());
-    for (var, value) in vars {
-        let flag = var["ETCD_".len()..].to_ascii_lowercase().replace('_', "-");
+    source: &Source,
+    settings: Vec<Setting>,
+) -> Result<(Vec<String>, Notes), String> {
+    let (mut args, mut notes) = (Vec::new(), Notes::new());
+    for Setting { flag, named, value } in settings {
         let arg = cmd.get_arguments().find(|a| {
             a.get_long() == Some(flag.as_str()) || a.get_all_aliases().is_some_and(|al| al.contains(&flag.as_str()))
         });
         let Some(arg) = arg.filter(|a| !matches!(a.get_action(), ArgAction::Help | ArgAction::Version)) else {
-            if ["initial-cluster", "initial-cluster-state", "discovery", "discovery-srv"].contains(&flag.as_str()) {
+            if STATIC_CLUSTER.contains(&flag.as_str()) && !value.is_empty() {
                 return Err(format!(
-                    "environment variable {var}: meshkv members find each other through the mesh, with no \
-                     static member list; set ETCD_JOIN (host:port of any member) and, to form a new cluster, \
-                     ETCD_BOOTSTRAP_EXPECT"
+                    "{named}: meshkv members find each other through the mesh, with no static member list; \
+                     give --join (ETCD_JOIN: host:port of any member) and, to form a new cluster, \
+                     --bootstrap-expect (ETCD_BOOTSTRAP_EXPECT)"
                 ));
             }
-            notes.push((true, format!("unrecognized environment variable {var}={value}")));
+            notes.push((
+                true,
+                match source {
+                    Source::Env => format!("unrecognized environment variable {named}={value}"),
+                    Source::File(f) => format!("config file {}: unknown key {named} ignored", f.display()),
+                },
+            ));
             continue;
         };
         if given.value_source(arg.get_id().as_str()) == Some(clap::parser::ValueSource::CommandLine) {
-            return Err(format!(
-                "conflicting environment variable {var:?} is shadowed by corresponding command-line flag \
-                 (either unset environment variable or disable flag)"
-            ));
+            return Err(match source {
+                Source::Env => format!(
+                    "conflicting environment variable {named:?} is shadowed by corresponding command-line flag \
+                     (either unset environment variable or disable flag)"
+                ),
+                Source::File(f) => format!("--{flag} is given both on the command line and in {}", f.display()),
+            });
         }
         if matches!(arg.get_action(), ArgAction::SetTrue) {
             match value.as_str() {
                 "true" | "1" => args.push(format!("--{flag}")),
                 "false" | "0" | "" => {}
-                _ => return Err(format!("environment variable {var}={value:?}: expected true or false")),
+                _ => return Err(format!("{named}={value:?}: expected true or false")),
             }
-        } else {
+        } else if !value.is_empty() {
             args.push(format!("--{flag}={value}"));
         }
-        notes.push((false, format!("recognized and used environment variable {var}={value}")));
+        if let Source::Env = source {
+            notes.push((false, format!("recognized and used environment variable {named}={value}")));
+        }
     }
+    Ok((args, notes))
+}
+
+/// etcd's environment variables: `ETCD_<FLAG>`, the flag's name in capitals with `_` for
+/// `-` (ETCD_DATA_DIR, ETCD_LISTEN_CLIENT_URLS), in order of their names.
+fn env_settings(env: impl IntoIterator<Item = (String, String)>) -> Vec<Setting> {
+    let mut vars: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with("ETCD_")).collect();
+    vars.sort();
+    vars.into_iter()
+        .map(|(named, value)| Setting {
+            flag: named["ETCD_".len()..].to_ascii_lowercase().replace('_', "-"),
+            named,
+            value,
+        })
+        .collect()
+}
+
+/// etcd's config file: YAML whose keys are the flags' names, with the TLS flags under
+/// `client-transport-security`. `peer-transport-security` has no meshkv flags (the mesh
+/// encrypts peers' traffic) and is reported as unknown, as every other key is.
+fn file_settings(yaml: &str) -> Result<Vec<Setting>, String> {
+    use serde_yaml_ng::Value;
+    fn scalar(v: &Value) -> Option<String> {
+        match v {
+            Value::Null => Some(String::new()),
+            Value::Bool(b) => Some(b.to_string()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::String(s) => Some(s.clone()),
+            Value::Sequence(items) => items.iter().map(scalar).collect::<Option<Vec<_>>>().map(|v| v.join(",")),
+            _ => None,
+        }
+    }
+    let doc: Value = serde_yaml_ng::from_str(yaml).map_err(|e| format!("not YAML: {e}"))?;
+    let Value::Mapping(top) = doc else {
+        return Err("expected a mapping of flag names to values".into());
+    };
+    let mut settings = Vec::new();
+    for (key, value) in &top {
+        let key = key.as_str().ok_or("keys must be flag names")?;
+        match value {
+            Value::Mapping(inner) if key == "client-transport-security" => {
+                for (k, v) in inner {
+                    let k = k.as_str().ok_or("keys must be flag names")?;
+                    let value = scalar(v).ok_or_else(|| format!("{key}.{k}: expected a value"))?;
+                    settings.push(Setting { flag: k.to_string(), named: format!("{key}.{k}"), value });
+                }
+            }
+            Value::Mapping(_) => {
+                settings.push(Setting { flag: key.to_string(), named: key.to_string(), value: "{…}".into() })
+            }
+            v => {
+                let value = scalar(v).ok_or_else(|| format!("{key}: expected a value"))?;
+                settings.push(Setting { flag: key.to_string(), named: key.to_string(), value });
+            }
+        }
+    }
+    Ok(settings)
+}
+
+/// The flags the environment or `--config-file` adds to the command line, as etcd reads
+/// them: with a config file, the file (and no environment variable); else the
+/// environment.
+fn flags_beyond_the_command_line(
+    cmd: &clap::Command,
+    given: &clap::ArgMatches,
+    config_file: Option<&std::path::Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(Vec<String>, Notes), String> {
+    let Some(file) = config_file else {
+        return flags_from(cmd, given, &Source::Env, env_settings(env));
+    };
+    let text = std::fs::read_to_string(file).map_err(|e| format!("--config-file {}: {e}", file.display()))?;
+    let settings = file_settings(&text).map_err(|e| format!("--config-file {}: {e}", file.display()))?;
+    let (args, mut notes) = flags_from(cmd, given, &Source::File(file), settings)?;
+    notes.insert(
+        0,
+        (false, format!("loaded server configuration from {}; environment variables are not read", file.display())),
+    );
     Ok((args, notes))
 }
 
@@ -708,10 +817,11 @@ fn main() -> anyhow::Result<()> {
     let cmd = Cli::command();
     let given = cmd.clone().get_matches();
     let mut cli = Cli::from_arg_matches(&given).unwrap_or_else(|e| e.exit());
-    let mut env_notes = EnvNotes::new();
+    let mut env_notes = Notes::new();
     if cli.command.is_none() {
         let vars = std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)));
-        let (extra, notes) = flags_from_env(&cmd, &given, vars).map_err(anyhow::Error::msg)?;
+        let (extra, notes) = flags_beyond_the_command_line(&cmd, &given, cli.serve.config_file.as_deref(), vars)
+            .map_err(anyhow::Error::msg)?;
         if !extra.is_empty() {
             let argv = std::env::args_os().chain(extra.into_iter().map(Into::into));
             cli = Cli::from_arg_matches(&cmd.get_matches_from(argv)).unwrap_or_else(|e| e.exit());
@@ -754,21 +864,32 @@ fn main() -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    fn from_env(argv: &[&str], env: &[(&str, &str)]) -> Result<(Vec<String>, EnvNotes), String> {
+    fn beyond(argv: &[&str], file: Option<&str>, env: &[(&str, &str)]) -> Result<(Vec<String>, Notes), String> {
         let cmd = Cli::command();
         let given = cmd.clone().try_get_matches_from(std::iter::once("meshkv").chain(argv.iter().copied())).unwrap();
-        flags_from_env(&cmd, &given, env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("etcd.conf.yml");
+        if let Some(text) = file {
+            std::fs::write(&path, text).unwrap();
+        }
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let file_named = |s: String| s.replace(&path.display().to_string(), "FILE");
+        flags_beyond_the_command_line(&cmd, &given, file.map(|_| path.as_path()), env)
+            .map(|(args, notes)| (args, notes.into_iter().map(|(w, s)| (w, file_named(s))).collect()))
+            .map_err(file_named)
     }
 
     #[test]
     fn etcd_environment_variables_set_the_flags_the_command_line_leaves_out() {
-        let (args, notes) = from_env(
+        let (args, notes) = beyond(
             &["--name", "a"],
+            None,
             &[
                 ("ETCD_DATA_DIR", "/var/lib/a"),
                 ("ETCD_CLIENT_CERT_AUTH", "true"),
                 ("ETCD_AUTO_COMPACTION_RETENTION", "1h"),
                 ("ETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL", "5s"),
+                ("ETCD_INITIAL_CLUSTER_STATE", "new"),
                 ("ETCDCTL_API", "3"),
                 ("HOME", "/root"),
             ],
@@ -783,8 +904,10 @@ mod tests {
                 "--experimental-watch-progress-notify-interval=5s"
             ]
         );
-        assert!(notes.iter().all(|(warn, w)| !warn && w.starts_with("recognized and used environment variable ETCD_")));
-        let (args, notes) = from_env(&[], &[("ETCD_FOO_BAR", "1"), ("ETCD_CLIENT_CERT_AUTH", "false")]).unwrap();
+        let warned: Vec<&str> = notes.iter().filter(|(w, _)| *w).map(|(_, s)| s.as_str()).collect();
+        assert_eq!(warned, ["unrecognized environment variable ETCD_INITIAL_CLUSTER_STATE=new"]);
+        assert_eq!(notes.len(), 5);
+        let (args, notes) = beyond(&[], None, &[("ETCD_FOO_BAR", "1"), ("ETCD_CLIENT_CERT_AUTH", "false")]).unwrap();
         assert!(args.is_empty());
         assert_eq!(notes[0], (false, "recognized and used environment variable ETCD_CLIENT_CERT_AUTH=false".into()));
         assert_eq!(notes[1], (true, "unrecognized environment variable ETCD_FOO_BAR=1".into()));
@@ -792,15 +915,77 @@ mod tests {
 
     #[test]
     fn etcd_environment_variables_that_conflict_or_set_a_static_cluster_are_refused() {
-        let e = from_env(&["--name", "a"], &[("ETCD_NAME", "b")]).unwrap_err();
+        let e = beyond(&["--name", "a"], None, &[("ETCD_NAME", "b")]).unwrap_err();
         assert_eq!(
             e,
             "conflicting environment variable \"ETCD_NAME\" is shadowed by corresponding command-line flag \
              (either unset environment variable or disable flag)"
         );
-        let e = from_env(&[], &[("ETCD_INITIAL_CLUSTER", "a=http://10.0.0.1:2380")]).unwrap_err();
-        assert!(e.starts_with("environment variable ETCD_INITIAL_CLUSTER: meshkv members find each other"), "{e}");
-        let e = from_env(&[], &[("ETCD_CLIENT_CERT_AUTH", "yes")]).unwrap_err();
+        let e = beyond(&[], None, &[("ETCD_INITIAL_CLUSTER", "a=http://10.0.0.1:2380")]).unwrap_err();
+        assert!(e.starts_with("ETCD_INITIAL_CLUSTER: meshkv members find each other through the mesh"), "{e}");
+        let e = beyond(&[], None, &[("ETCD_CLIENT_CERT_AUTH", "yes")]).unwrap_err();
         assert!(e.contains("expected true or false"), "{e}");
+    }
+
+    /// A file as etcd's sample config writes one, in part.
+    const ETCD_CONF: &str = "
+name: 'm1'
+data-dir: /var/lib/m1
+snapshot-count: 10000
+heartbeat-interval: 100
+election-timeout: 1000
+listen-client-urls: http://localhost:2379
+initial-cluster:
+initial-cluster-state: 'new'
+client-transport-security:
+  cert-file:
+  key-file:
+  client-cert-auth: false
+  trusted-ca-file:
+  auto-tls: false
+peer-transport-security:
+  cert-file:
+auto-compaction-retention: 1
+";
+
+    #[test]
+    fn etcds_config_file_sets_the_flags_and_the_environment_is_not_read() {
+        let (args, notes) = beyond(&["--config-file", "x"], Some(ETCD_CONF), &[("ETCD_NAME", "ignored")]).unwrap();
+        assert_eq!(
+            args,
+            [
+                "--name=m1",
+                "--data-dir=/var/lib/m1",
+                "--snapshot-count=10000",
+                "--heartbeat-interval=100",
+                "--election-timeout=1000",
+                "--listen-client-urls=http://localhost:2379",
+                "--auto-compaction-retention=1"
+            ]
+        );
+        let warned: Vec<&str> = notes.iter().filter(|(w, _)| *w).map(|(_, s)| s.as_str()).collect();
+        let unknown = [
+            "initial-cluster",
+            "initial-cluster-state",
+            "client-transport-security.auto-tls",
+            "peer-transport-security",
+        ];
+        assert_eq!(warned, unknown.map(|k| format!("config file FILE: unknown key {k} ignored")), "{notes:?}");
+        assert_eq!(
+            notes[0],
+            (false, "loaded server configuration from FILE; environment variables are not read".into())
+        );
+    }
+
+    #[test]
+    fn etcds_config_file_refuses_what_it_cannot_honour() {
+        let e = beyond(&["--config-file", "x", "--name", "b"], Some("name: a\n"), &[]).unwrap_err();
+        assert_eq!(e, "--name is given both on the command line and in FILE");
+        let e = beyond(&["--config-file", "x"], Some("initial-cluster: a=http://10.0.0.1:2380\n"), &[]).unwrap_err();
+        assert!(e.starts_with("initial-cluster: meshkv members find each other"), "{e}");
+        let e = beyond(&["--config-file", "x"], Some("name: [a, {b: c}]\n"), &[]).unwrap_err();
+        assert_eq!(e, "--config-file FILE: name: expected a value");
+        let e = beyond(&["--config-file", "x"], Some("- a\n"), &[]).unwrap_err();
+        assert_eq!(e, "--config-file FILE: expected a mapping of flag names to values");
     }
 }

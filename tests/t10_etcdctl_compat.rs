@@ -343,3 +343,33 @@ fn a_member_takes_its_flags_from_etcds_environment_variables() {
         "{err}"
     );
 }
+
+/// A member started from etcd's YAML config file (`--config-file`), TLS section and all:
+/// the file's flags hold, the keys meshkv has no flag for are named in a warning.
+#[test]
+fn a_member_reads_etcds_config_file() {
+    let dir = tempdir();
+    let data = dir.path().join("from-file");
+    let file = dir.path().join("etcd.conf.yml");
+    let yaml = format!(
+        "name: 'filemember'\ndata-dir: {}\nlisten-client-urls: http://127.0.0.1:0\n\
+         listen-peer-urls: http://127.0.0.1:0\nauto-compaction-retention: 1\ninitial-cluster-token: 'tok'\n\
+         client-transport-security:\n  cert-file:\n  key-file:\n  client-cert-auth: false\n",
+        data.display()
+    );
+    std::fs::write(&file, yaml).unwrap();
+    let mut p = spawn_meshkv_env(&["--config-file".into(), file.display().to_string()], &[]);
+    p.wait_ready(Duration::from_secs(60));
+    let out = etcdctl(&p.client_addr, &["member", "list", "-w", "json"], None);
+    let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert_eq!(list["members"][0]["name"], "filemember", "{out:?}");
+    assert!(std::fs::read_dir(&data).is_ok_and(|mut d| d.next().is_some()), "the data is in the file's data-dir");
+    let log = p.log();
+    assert!(log.contains("unknown key initial-cluster-token ignored"), "{log}");
+    assert!(log.contains("automatic compaction on"), "{log}");
+    p.kill9();
+
+    let out = Command::new(meshkv_bin()).arg("--config-file").arg(&file).args(["--name", "flag"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--name is given both on the command line and in "), "{err}");
+}
