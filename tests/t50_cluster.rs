@@ -972,3 +972,67 @@ async fn a_write_forwarded_to_a_leader_that_freezes_goes_to_the_next_leader_once
         );
     }
 }
+
+/// A member that lost its disk does not vote until the cluster has taken it back: a and c
+/// commit a write while b is cut off; a goes down and c comes back empty. b, which lacks
+/// the write, cannot win with c's vote, so the cluster waits for a rather than losing
+/// the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_lost_its_disk_cannot_elect_one_that_lacks_a_committed_write() {
+    let root = tempdir();
+    let block = |n: &str| root.path().join(format!("block-{n}"));
+    let flag = |n: &str| block(n).display().to_string();
+    let (fa, fb, fc) = (flag("a"), flag("b"), flag("c"));
+    let mut members = bootstrap_three(
+        root.path(),
+        &[&["--mesh-block-file", &fa], &["--mesh-block-file", &fb], &["--mesh-block-file", &fc]],
+    );
+    let refs: Vec<&Member> = members.iter().collect();
+    eventually("a leader", Duration::from_secs(20), || async { leader_of(&refs).await.is_some() }).await;
+
+    std::fs::write(block("b"), "a\nc\n").unwrap();
+    std::fs::write(block("a"), "b\n").unwrap();
+    std::fs::write(block("c"), "b\n").unwrap();
+    let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(3));
+    let mut ca = Client::connect([members[0].proc.endpoint()], Some(opts)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rev = loop {
+        if let Ok(r) = ca.put("without-b", "kept", None).await {
+            break r.header().unwrap().revision();
+        }
+        assert!(Instant::now() < deadline, "a and c commit a write without b");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    drop(ca);
+
+    members[0].proc.kill9();
+    members[2].proc.kill9();
+    std::fs::remove_dir_all(&members[2].dir).unwrap();
+    for n in ["a", "b", "c"] {
+        std::fs::write(block(n), "").unwrap();
+    }
+    restart(&mut members[2]);
+    members[2].proc.wait_ready(Duration::from_secs(60));
+    // Time for b to campaign several times over (elections time out after 1 to 2 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for m in &members[1..] {
+        let status = client(m).await.status().await.unwrap();
+        assert_eq!(status.leader(), 0, "{} knows no leader while a is down", m.name);
+    }
+
+    restart(&mut members[0]);
+    members[0].proc.wait_ready(Duration::from_secs(60));
+    let refs: Vec<&Member> = members.iter().collect();
+    eventually("a leader once a is back", Duration::from_secs(30), || async { leader_of(&refs).await.is_some() }).await;
+    let after = client(&members[1]).await.put("after", "1", None).await.unwrap().header().unwrap().revision();
+    catches_up_and_agrees(&members, &members[2], "after", after).await;
+    for m in &members {
+        let g = client(m).await.get("without-b", None).await.unwrap();
+        assert_eq!(
+            g.kvs().first().map(|kv| (kv.value(), kv.mod_revision())),
+            Some((&b"kept"[..], rev)),
+            "{} holds the write a and c committed",
+            m.name
+        );
+    }
+}
