@@ -993,6 +993,14 @@ async fn a_member_that_lost_its_disk_cannot_elect_one_that_lacks_a_committed_wri
     std::fs::write(block("b"), "a\nc\n").unwrap();
     std::fs::write(block("a"), "b\n").unwrap();
     std::fs::write(block("c"), "b\n").unwrap();
+    let cut = "failure drill: mesh traffic with this peer is now dropped peer=";
+    wait_until("b cut off from a and c", Duration::from_secs(10), || {
+        let (a, b, c) = (members[0].proc.log(), members[1].proc.log(), members[2].proc.log());
+        a.contains(&format!("{cut}b"))
+            && b.contains(&format!("{cut}a"))
+            && b.contains(&format!("{cut}c"))
+            && c.contains(&format!("{cut}b"))
+    });
     let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(3));
     let mut ca = Client::connect([members[0].proc.endpoint()], Some(opts)).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -1004,6 +1012,8 @@ async fn a_member_that_lost_its_disk_cannot_elect_one_that_lacks_a_committed_wri
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     drop(ca);
+    let on_b = client(&members[1]).await.get("without-b", Some(GetOptions::new().with_serializable())).await;
+    assert!(on_b.unwrap().kvs().is_empty(), "b, cut off, does not have the write");
 
     members[0].proc.kill9();
     members[2].proc.kill9();
@@ -1017,14 +1027,21 @@ async fn a_member_that_lost_its_disk_cannot_elect_one_that_lacks_a_committed_wri
     tokio::time::sleep(Duration::from_secs(6)).await;
     for m in &members[1..] {
         let status = client(m).await.status().await.unwrap();
-        assert_eq!(status.leader(), 0, "{} knows no leader while a is down", m.name);
+        let me = status.header().unwrap().member_id();
+        assert_ne!(status.leader(), me, "{} is not leader while a is down", m.name);
     }
 
     restart(&mut members[0]);
     members[0].proc.wait_ready(Duration::from_secs(60));
-    let refs: Vec<&Member> = members.iter().collect();
-    eventually("a leader once a is back", Duration::from_secs(30), || async { leader_of(&refs).await.is_some() }).await;
-    let after = client(&members[1]).await.put("after", "1", None).await.unwrap().header().unwrap().revision();
+    let mut cb = client(&members[1]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let after = loop {
+        if let Ok(r) = cb.put("after", "1", None).await {
+            break r.header().unwrap().revision();
+        }
+        assert!(Instant::now() < deadline, "writes are taken again once a is back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     catches_up_and_agrees(&members, &members[2], "after", after).await;
     for m in &members {
         let g = client(m).await.get("without-b", None).await.unwrap();
