@@ -388,6 +388,7 @@ pub async fn run(
         cluster_id,
         snapshots,
     )?;
+    transport.set_incarnation(started.incarnation);
     tokio::spawn(transport.receive(started.handle.clone()));
     // Where this member serves, and which start of its data this is.
     let entry = |d: &mut Directory| d.publish(&cfg.name, cfg.client_urls(), started.incarnation);

@@ -148,7 +148,8 @@ enum Command {
         reply: ReadReply,
         deadline: Instant,
     },
-    Step(Box<Message>),
+    /// A message from another member, with the incarnation it sent (0: none).
+    Step(Box<Message>, u64),
     TransferLeader(u64),
     ChangeMembership {
         change: Change,
@@ -304,9 +305,10 @@ impl RaftHandle {
         self.wait(rx).await?
     }
 
-    /// Hands the driver a message from another member.
-    pub fn step(&self, msg: Message) -> Result<(), RaftError> {
-        self.send(Command::Step(Box::new(msg)))
+    /// Hands the driver a message from another member, which sent its incarnation with
+    /// it (0 for one that started with its data).
+    pub fn step(&self, msg: Message, incarnation: u64) -> Result<(), RaftError> {
+        self.send(Command::Step(Box::new(msg), incarnation))
     }
 
     /// Proposes a membership change and waits until this member has applied it.
@@ -784,7 +786,15 @@ impl Driver {
             Command::Read { reply, deadline } => self.reads_new.push(Waiter { reply, deadline }),
             // Writes forwarded by a member, with the term it sent them in (0 from raft-rs's
             // own forwarding: membership changes, and members of older builds).
-            Command::Step(mut m) if m.get_msg_type() == MessageType::MsgPropose && m.term != 0 => {
+            Command::Step(m, incarnation) if self.from_lost_data(&m, incarnation) => {
+                tracing::debug!(
+                    from = format!("{:x}", m.from),
+                    incarnation,
+                    kind = ?m.get_msg_type(),
+                    "answer of a member not yet taken back since it lost its data dropped"
+                );
+            }
+            Command::Step(mut m, _) if m.get_msg_type() == MessageType::MsgPropose && m.term != 0 => {
                 let r = &self.node.raft;
                 if r.state == StateRole::Leader && m.term == r.term {
                     let term = r.term;
@@ -799,14 +809,14 @@ impl Driver {
                     );
                 }
             }
-            Command::Step(mut m)
+            Command::Step(mut m, _)
                 if m.get_msg_type() == MessageType::MsgPropose && self.node.raft.state == StateRole::Leader =>
             {
                 let term = self.node.raft.term;
                 self.forwarded.extend(m.take_entries().into_iter().map(|e| (term, e)));
             }
-            Command::Step(m) if self.refuse(&m) => {}
-            Command::Step(m) => {
+            Command::Step(m, _) if self.refuse(&m) => {}
+            Command::Step(m, _) => {
                 if let Err(e) = self.node.step(*m) {
                     tracing::debug!(error = %e, "raft message rejected");
                 }
@@ -824,6 +834,23 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// An answer from a member that started with no data, in a start this member's log
+    /// has not taken into the cluster (a member that lost its data and is not yet added
+    /// back). Its acknowledgements and votes would speak for promises the member it was
+    /// made and no longer remembers: counted by a leader that has not heard of the loss
+    /// (one cut off from the others, say), they could commit what the others overwrote.
+    fn from_lost_data(&self, m: &Message, incarnation: u64) -> bool {
+        incarnation != 0
+            && matches!(
+                m.get_msg_type(),
+                MessageType::MsgAppendResponse
+                    | MessageType::MsgHeartbeatResponse
+                    | MessageType::MsgRequestVoteResponse
+                    | MessageType::MsgRequestPreVoteResponse
+            )
+            && self.node.raft.raft_log.store().incarnation(m.from) != Some(incarnation)
     }
 
     /// Messages this member must not step. A heartbeat that commits past the end of

@@ -29,6 +29,10 @@ const TAG_REMOVED: u8 = 3;
 /// From a member to its leader: my log ends at this index, before entries you count as
 /// mine; I lost my data, and this is my incarnation now (two u64, big-endian).
 const TAG_LOST_LOG: u8 = 4;
+/// A Raft message from a member that started with no data (it joined, or lost its
+/// data): its incarnation (u64, big-endian), then the message. The receiver can tell
+/// whether its log has taken that start of the member into the cluster.
+const TAG_RAFT_OF: u8 = 5;
 
 /// A member id from a name: stable across restarts, never zero (raft-rs reserves 0).
 pub fn member_id(name: &str) -> u64 {
@@ -44,18 +48,27 @@ pub fn member_id(name: &str) -> u64 {
 /// A datagram between members' Raft transports.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Datagram {
-    Raft(Message),
+    /// A Raft message, and its sender's incarnation (0: one that started with its data).
+    Raft(Message, u64),
     ChunkRequest(SnapshotChunkRequest),
     Chunk(SnapshotChunk),
     Removed,
-    LostLog { last_index: u64, incarnation: u64 },
+    LostLog {
+        last_index: u64,
+        incarnation: u64,
+    },
 }
 
 /// Decodes a datagram; anything malformed is an error, never a panic.
 pub fn decode_datagram(data: &[u8]) -> Result<Datagram, String> {
     let (&tag, body) = data.split_first().ok_or("empty datagram")?;
     match tag {
-        TAG_RAFT => Message::parse_from_bytes(body).map(Datagram::Raft).map_err(|e| e.to_string()),
+        TAG_RAFT => Message::parse_from_bytes(body).map(|m| Datagram::Raft(m, 0)).map_err(|e| e.to_string()),
+        TAG_RAFT_OF => {
+            let (incarnation, m) = body.split_at_checked(8).ok_or("a raft datagram too short for its incarnation")?;
+            let incarnation = u64::from_be_bytes(incarnation.try_into().unwrap_or_default());
+            Message::parse_from_bytes(m).map(|m| Datagram::Raft(m, incarnation)).map_err(|e| e.to_string())
+        }
         TAG_CHUNK_REQUEST => SnapshotChunkRequest::decode(body).map(Datagram::ChunkRequest).map_err(|e| e.to_string()),
         TAG_CHUNK => SnapshotChunk::decode(body).map(Datagram::Chunk).map_err(|e| e.to_string()),
         TAG_REMOVED => Ok(Datagram::Removed),
@@ -75,6 +88,9 @@ pub struct MeshTransport {
     conn: MeshConn,
     names: RwLock<HashMap<u64, PeerName>>,
     pub dropped: AtomicU64,
+    /// This start's incarnation when it started with no data, else 0; sent with every
+    /// Raft message.
+    incarnation: AtomicU64,
     outgoing: Arc<Outgoing>,
     incoming: Arc<Incoming>,
     /// Snapshot fetches under way: snapshot id → where its chunks go.
@@ -94,10 +110,16 @@ impl MeshTransport {
             conn,
             names: RwLock::new(HashMap::new()),
             dropped: AtomicU64::new(0),
+            incarnation: AtomicU64::new(0),
             outgoing,
             incoming,
             fetching: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Set once the driver has started, before any message is received or sent.
+    pub fn set_incarnation(&self, incarnation: u64) {
+        self.incarnation.store(incarnation, Ordering::Relaxed);
     }
 
     fn name_of(&self, id: u64) -> Option<PeerName> {
@@ -128,7 +150,7 @@ impl MeshTransport {
         });
         while let Some((src, data)) = self.conn.recv_from().await {
             match decode_datagram(&data) {
-                Ok(Datagram::Raft(m)) => self.on_raft(&raft, src, m),
+                Ok(Datagram::Raft(m, incarnation)) => self.on_raft(&raft, src, m, incarnation),
                 Ok(Datagram::ChunkRequest(r)) => self.on_chunk_request(&raft, src, r),
                 Ok(Datagram::Chunk(c)) => self.on_chunk(c),
                 Ok(Datagram::Removed) => {
@@ -168,7 +190,7 @@ impl MeshTransport {
     }
 
     /// Holds a MsgSnapshot back until its data is fetched, then hands it to Raft.
-    fn on_snapshot(self: &Arc<Self>, raft: &RaftHandle, src: PeerName, msg: Message) {
+    fn on_snapshot(self: &Arc<Self>, raft: &RaftHandle, src: PeerName, msg: Message, incarnation: u64) {
         let Ok(desc) = SnapshotDescriptor::decode(msg.get_snapshot().data.as_ref()) else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -196,7 +218,7 @@ impl MeshTransport {
                         "snapshot fetched; installing"
                     );
                     me.incoming.mark_fetched(id, staging);
-                    let _ = raft.step(msg);
+                    let _ = raft.step(msg, incarnation);
                 }
                 Err(e) => {
                     tracing::warn!(id = format!("{id:x}"), from = %src, error = %e, "snapshot fetch failed");
@@ -263,7 +285,7 @@ impl MeshTransport {
         Ok(total)
     }
 
-    fn on_raft(self: &Arc<Self>, raft: &RaftHandle, src: PeerName, msg: Message) {
+    fn on_raft(self: &Arc<Self>, raft: &RaftHandle, src: PeerName, msg: Message, incarnation: u64) {
         // A peer speaks only for itself.
         if msg.from != member_id(&src) || msg.to != raft.status().id {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -271,10 +293,10 @@ impl MeshTransport {
         }
         self.names.write().unwrap_or_else(|e| e.into_inner()).insert(msg.from, src.clone());
         if msg.get_msg_type() == MessageType::MsgSnapshot {
-            self.on_snapshot(raft, src, msg);
+            self.on_snapshot(raft, src, msg, incarnation);
             return;
         }
-        if raft.step(msg).is_err() {
+        if raft.step(msg, incarnation).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -293,7 +315,17 @@ impl Transport for MeshTransport {
             Ok(d) => d,
             Err(_) => return,
         };
-        if self.conn.send_to(&name, tagged(TAG_RAFT, &data), prio).is_err() {
+        let datagram = match self.incarnation.load(Ordering::Relaxed) {
+            0 => tagged(TAG_RAFT, &data),
+            i => {
+                let mut v = Vec::with_capacity(data.len() + 9);
+                v.push(TAG_RAFT_OF);
+                v.extend_from_slice(&i.to_be_bytes());
+                v.extend_from_slice(&data);
+                v.into()
+            }
+        };
+        if self.conn.send_to(&name, datagram, prio).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -338,7 +370,12 @@ mod tests {
         m.to = 9;
         m.term = 3;
         let d = tagged(TAG_RAFT, &m.write_to_bytes().unwrap());
-        assert_eq!(decode_datagram(&d), Ok(Datagram::Raft(m)));
+        assert_eq!(decode_datagram(&d), Ok(Datagram::Raft(m.clone(), 0)));
+        let mut of = vec![TAG_RAFT_OF];
+        of.extend_from_slice(&7u64.to_be_bytes());
+        of.extend_from_slice(&m.write_to_bytes().unwrap());
+        assert_eq!(decode_datagram(&of), Ok(Datagram::Raft(m, 7)));
+        assert!(decode_datagram(&[TAG_RAFT_OF, 1, 2]).is_err());
         assert!(decode_datagram(&[]).is_err());
         assert!(decode_datagram(&[9, 1, 2]).is_err());
     }
