@@ -786,7 +786,7 @@ impl Driver {
             Command::Read { reply, deadline } => self.reads_new.push(Waiter { reply, deadline }),
             // Writes forwarded by a member, with the term it sent them in (0 from raft-rs's
             // own forwarding: membership changes, and members of older builds).
-            Command::Step(m, incarnation) if self.from_lost_data(&m, incarnation) => {
+            Command::Step(m, incarnation) if self.answers_for_lost_data(&m, incarnation) => {
                 tracing::debug!(
                     from = format!("{:x}", m.from),
                     incarnation,
@@ -841,7 +841,7 @@ impl Driver {
     /// back). Its acknowledgements and votes would speak for promises the member it was
     /// made and no longer remembers: counted by a leader that has not heard of the loss
     /// (one cut off from the others, say), they could commit what the others overwrote.
-    fn from_lost_data(&self, m: &Message, incarnation: u64) -> bool {
+    fn answers_for_lost_data(&self, m: &Message, incarnation: u64) -> bool {
         incarnation != 0
             && matches!(
                 m.get_msg_type(),
