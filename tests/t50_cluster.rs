@@ -28,7 +28,10 @@ fn peer_url(port: u16) -> String {
 
 fn spawn(root: &std::path::Path, name: &str, port: u16, extra: &[&str]) -> Member {
     let dir = root.join(name);
-    let mut args = vec!["--name", name, "--heartbeat-interval", "100", "--election-timeout", "1000"];
+    let mut args = vec!["--name", name, "--heartbeat-interval", "100"];
+    if !extra.contains(&"--election-timeout") {
+        args.extend(["--election-timeout", "1000"]);
+    }
     args.extend_from_slice(extra);
     let proc = spawn_meshkv(&dir, &peer_url(port), &args);
     let args = args.iter().map(|a| a.to_string()).collect();
@@ -1051,5 +1054,110 @@ async fn a_member_that_lost_its_disk_cannot_elect_one_that_lacks_a_committed_wri
             "{} holds the write a and c committed",
             m.name
         );
+    }
+}
+
+/// A leader cut off from the others believes it leads until its election timeout (here
+/// 20 s) tells it otherwise. A member that lost its data and started again meanwhile no
+/// longer knows the later term it had moved on to, and answers that leader: its
+/// acknowledgements must not count, or the stale leader would commit a write the
+/// others have already overwritten, and acknowledge it only for it to be lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_lost_its_disk_cannot_help_a_stale_leader_commit() {
+    let root = tempdir();
+    let block = |n: &str| root.path().join(format!("block-{n}"));
+    let flag = |n: &str| block(n).display().to_string();
+    let (fa, fb, fc) = (flag("a"), flag("b"), flag("c"));
+    let mut members = bootstrap_three(
+        root.path(),
+        &[
+            &["--mesh-block-file", &fa],
+            &["--mesh-block-file", &fb, "--election-timeout", "20000"],
+            &["--mesh-block-file", &fc],
+        ],
+    );
+    let refs: Vec<&Member> = members.iter().collect();
+    eventually("a leader", Duration::from_secs(20), || async { leader_of(&refs).await.is_some() }).await;
+    let b_id = member_id_of(&members[1]).await;
+    eventually("b to lead", Duration::from_secs(20), || async {
+        let Some(leader) = leader_of(&refs).await else { return false };
+        if leader != b_id {
+            for m in &members {
+                if member_id_of(m).await == leader {
+                    let _ = client(m).await.move_leader(b_id).await;
+                }
+            }
+        }
+        client(&members[1]).await.status().await.is_ok_and(|s| s.leader() == b_id)
+    })
+    .await;
+    client(&members[1]).await.put("before", "1", None).await.unwrap();
+
+    std::fs::write(block("b"), "a\nc\n").unwrap();
+    std::fs::write(block("a"), "b\n").unwrap();
+    std::fs::write(block("c"), "b\n").unwrap();
+    let cut = "failure drill: mesh traffic with this peer is now dropped peer=";
+    wait_until("b cut off from a and c", Duration::from_secs(10), || {
+        let (a, b, c) = (members[0].proc.log(), members[1].proc.log(), members[2].proc.log());
+        a.contains(&format!("{cut}b"))
+            && b.contains(&format!("{cut}a"))
+            && b.contains(&format!("{cut}c"))
+            && c.contains(&format!("{cut}b"))
+    });
+    // A write to b, which still believes it leads: it waits in b's log for a quorum.
+    let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(20));
+    let mut cb = Client::connect([members[1].proc.endpoint()], Some(opts)).await.unwrap();
+    let via_b =
+        tokio::spawn(async move { cb.put("via-b", "stale", None).await.map(|r| r.header().unwrap().revision()) });
+
+    let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(3));
+    let mut ca = Client::connect([members[0].proc.endpoint()], Some(opts)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let rev = loop {
+        if let Ok(r) = ca.put("without-b", "kept", None).await {
+            break r.header().unwrap().revision();
+        }
+        assert!(Instant::now() < deadline, "a and c commit a write without b");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    drop(ca);
+
+    // c loses its disk and comes back while b still believes it leads; a is down.
+    members[0].proc.kill9();
+    members[2].proc.kill9();
+    std::fs::remove_dir_all(&members[2].dir).unwrap();
+    for n in ["a", "b", "c"] {
+        std::fs::write(block(n), "").unwrap();
+    }
+    restart(&mut members[2]);
+    members[2].proc.wait_ready(Duration::from_secs(60));
+    let via_b = via_b.await.unwrap();
+    println!("the write to the stale leader: {via_b:?}");
+
+    restart(&mut members[0]);
+    members[0].proc.wait_ready(Duration::from_secs(60));
+    let mut ca = client(&members[0]).await;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let after = loop {
+        if let Ok(r) = ca.put("after", "1", None).await {
+            break r.header().unwrap().revision();
+        }
+        assert!(Instant::now() < deadline, "writes are taken again once a is back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    catches_up_and_agrees(&members, &members[2], "after", after).await;
+    for m in &members {
+        let mut c = client(m).await;
+        let kept = c.get("without-b", None).await.unwrap();
+        assert_eq!(
+            kept.kvs().first().map(|kv| kv.mod_revision()),
+            Some(rev),
+            "{} holds the write a and c committed",
+            m.name
+        );
+        if let Ok(at) = via_b {
+            let g = c.get("via-b", None).await.unwrap();
+            assert_eq!(g.kvs().first().map(|kv| kv.mod_revision()), Some(at), "{} lost a write b acknowledged", m.name);
+        }
     }
 }
