@@ -784,8 +784,6 @@ impl Driver {
                 self.proposals.push(id);
             }
             Command::Read { reply, deadline } => self.reads_new.push(Waiter { reply, deadline }),
-            // Writes forwarded by a member, with the term it sent them in (0 from raft-rs's
-            // own forwarding: membership changes, and members of older builds).
             Command::Step(m, incarnation) if self.answers_for_lost_data(&m, incarnation) => {
                 tracing::debug!(
                     from = format!("{:x}", m.from),
@@ -794,6 +792,8 @@ impl Driver {
                     "answer of a member not yet taken back since it lost its data dropped"
                 );
             }
+            // Writes forwarded by a member, with the term it sent them in (0 from raft-rs's
+            // own forwarding: membership changes, and members of older builds).
             Command::Step(mut m, _) if m.get_msg_type() == MessageType::MsgPropose && m.term != 0 => {
                 let r = &self.node.raft;
                 if r.state == StateRole::Leader && m.term == r.term {
