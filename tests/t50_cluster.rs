@@ -976,26 +976,21 @@ async fn a_write_forwarded_to_a_leader_that_freezes_goes_to_the_next_leader_once
     }
 }
 
-/// A member that lost its disk does not vote until the cluster has taken it back: a and c
-/// commit a write while b is cut off; a goes down and c comes back empty. b, which lacks
-/// the write, cannot win with c's vote, so the cluster waits for a rather than losing
-/// the write.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_that_lost_its_disk_cannot_elect_one_that_lacks_a_committed_write() {
-    let root = tempdir();
-    let block = |n: &str| root.path().join(format!("block-{n}"));
-    let flag = |n: &str| block(n).display().to_string();
+/// Three bootstrap members, each following its block file in `root` (`block-a`, …); b
+/// with `b_extra` besides.
+fn three_with_drills(root: &std::path::Path, b_extra: &[&str]) -> Vec<Member> {
+    let flag = |n: &str| root.join(format!("block-{n}")).display().to_string();
     let (fa, fb, fc) = (flag("a"), flag("b"), flag("c"));
-    let mut members = bootstrap_three(
-        root.path(),
-        &[&["--mesh-block-file", &fa], &["--mesh-block-file", &fb], &["--mesh-block-file", &fc]],
-    );
-    let refs: Vec<&Member> = members.iter().collect();
-    eventually("a leader", Duration::from_secs(20), || async { leader_of(&refs).await.is_some() }).await;
+    let mut b: Vec<&str> = vec!["--mesh-block-file", &fb];
+    b.extend_from_slice(b_extra);
+    bootstrap_three(root, &[&["--mesh-block-file", &fa], &b, &["--mesh-block-file", &fc]])
+}
 
-    std::fs::write(block("b"), "a\nc\n").unwrap();
-    std::fs::write(block("a"), "b\n").unwrap();
-    std::fs::write(block("c"), "b\n").unwrap();
+/// Cuts b off from a and c, and waits until every member has the drill in force.
+fn cut_off_b(root: &std::path::Path, members: &[Member]) {
+    for (n, peers) in [("a", "b\n"), ("b", "a\nc\n"), ("c", "b\n")] {
+        std::fs::write(root.join(format!("block-{n}")), peers).unwrap();
+    }
     let cut = "failure drill: mesh traffic with this peer is now dropped peer=";
     wait_until("b cut off from a and c", Duration::from_secs(10), || {
         let (a, b, c) = (members[0].proc.log(), members[1].proc.log(), members[2].proc.log());
@@ -1004,28 +999,64 @@ async fn a_member_that_lost_its_disk_cannot_elect_one_that_lacks_a_committed_wri
             && b.contains(&format!("{cut}c"))
             && c.contains(&format!("{cut}b"))
     });
-    let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(3));
-    let mut ca = Client::connect([members[0].proc.endpoint()], Some(opts)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let rev = loop {
-        if let Ok(r) = ca.put("without-b", "kept", None).await {
-            break r.header().unwrap().revision();
-        }
-        assert!(Instant::now() < deadline, "a and c commit a write without b");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    drop(ca);
-    let on_b = client(&members[1]).await.get("without-b", Some(GetOptions::new().with_serializable())).await;
-    assert!(on_b.unwrap().kvs().is_empty(), "b, cut off, does not have the write");
+}
 
+/// Puts `key` through `m` until a put is taken, within `within`; its revision.
+async fn put_until_taken(m: &Member, key: &str, within: Duration) -> i64 {
+    let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(3));
+    let mut c = Client::connect([m.proc.endpoint()], Some(opts)).await.unwrap();
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(r) = c.put(key, "1", None).await {
+            return r.header().unwrap().revision();
+        }
+        assert!(Instant::now() < deadline, "a write of {key} through {} is taken within {within:?}", m.name);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// a and c go down, c loses its data, the cut heals, and c starts again, empty.
+fn c_loses_its_disk_while_a_is_down(root: &std::path::Path, members: &mut [Member]) {
     members[0].proc.kill9();
     members[2].proc.kill9();
     std::fs::remove_dir_all(&members[2].dir).unwrap();
     for n in ["a", "b", "c"] {
-        std::fs::write(block(n), "").unwrap();
+        std::fs::write(root.join(format!("block-{n}")), "").unwrap();
     }
     restart(&mut members[2]);
     members[2].proc.wait_ready(Duration::from_secs(60));
+}
+
+/// a starts again: writes are taken, c catches up, and every member holds `key` as
+/// written at `rev`.
+async fn a_returns_and_everyone_holds(members: &mut [Member], key: &str, rev: i64) {
+    restart(&mut members[0]);
+    members[0].proc.wait_ready(Duration::from_secs(60));
+    let after = put_until_taken(&members[0], "after", Duration::from_secs(40)).await;
+    catches_up_and_agrees(members, &members[2], "after", after).await;
+    for m in members.iter() {
+        let g = client(m).await.get(key, None).await.unwrap();
+        assert_eq!(g.kvs().first().map(|kv| kv.mod_revision()), Some(rev), "{} holds {key} at {rev}", m.name);
+    }
+}
+
+/// A member that lost its disk does not vote until the cluster has taken it back: a and c
+/// commit a write while b is cut off; a goes down and c comes back empty. b, which lacks
+/// the write, cannot win with c's vote, so the cluster waits for a rather than losing
+/// the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_lost_its_disk_cannot_elect_one_that_lacks_a_committed_write() {
+    let root = tempdir();
+    let mut members = three_with_drills(root.path(), &[]);
+    let refs: Vec<&Member> = members.iter().collect();
+    eventually("a leader", Duration::from_secs(20), || async { leader_of(&refs).await.is_some() }).await;
+
+    cut_off_b(root.path(), &members);
+    let rev = put_until_taken(&members[0], "without-b", Duration::from_secs(30)).await;
+    let on_b = client(&members[1]).await.get("without-b", Some(GetOptions::new().with_serializable())).await;
+    assert!(on_b.unwrap().kvs().is_empty(), "b, cut off, does not have the write");
+
+    c_loses_its_disk_while_a_is_down(root.path(), &mut members);
     // Time for b to campaign several times over (elections time out after 1 to 2 s).
     tokio::time::sleep(Duration::from_secs(6)).await;
     for m in &members[1..] {
@@ -1033,28 +1064,7 @@ async fn a_member_that_lost_its_disk_cannot_elect_one_that_lacks_a_committed_wri
         let me = status.header().unwrap().member_id();
         assert_ne!(status.leader(), me, "{} is not leader while a is down", m.name);
     }
-
-    restart(&mut members[0]);
-    members[0].proc.wait_ready(Duration::from_secs(60));
-    let mut cb = client(&members[1]).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let after = loop {
-        if let Ok(r) = cb.put("after", "1", None).await {
-            break r.header().unwrap().revision();
-        }
-        assert!(Instant::now() < deadline, "writes are taken again once a is back");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    catches_up_and_agrees(&members, &members[2], "after", after).await;
-    for m in &members {
-        let g = client(m).await.get("without-b", None).await.unwrap();
-        assert_eq!(
-            g.kvs().first().map(|kv| (kv.value(), kv.mod_revision())),
-            Some((&b"kept"[..], rev)),
-            "{} holds the write a and c committed",
-            m.name
-        );
-    }
+    a_returns_and_everyone_holds(&mut members, "without-b", rev).await;
 }
 
 /// A leader cut off from the others believes it leads until its election timeout (here
@@ -1065,17 +1075,7 @@ async fn a_member_that_lost_its_disk_cannot_elect_one_that_lacks_a_committed_wri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_that_lost_its_disk_cannot_help_a_stale_leader_commit() {
     let root = tempdir();
-    let block = |n: &str| root.path().join(format!("block-{n}"));
-    let flag = |n: &str| block(n).display().to_string();
-    let (fa, fb, fc) = (flag("a"), flag("b"), flag("c"));
-    let mut members = bootstrap_three(
-        root.path(),
-        &[
-            &["--mesh-block-file", &fa],
-            &["--mesh-block-file", &fb, "--election-timeout", "20000"],
-            &["--mesh-block-file", &fc],
-        ],
-    );
+    let mut members = three_with_drills(root.path(), &["--election-timeout", "20000"]);
     let refs: Vec<&Member> = members.iter().collect();
     eventually("a leader", Duration::from_secs(20), || async { leader_of(&refs).await.is_some() }).await;
     let b_id = member_id_of(&members[1]).await;
@@ -1093,70 +1093,20 @@ async fn a_member_that_lost_its_disk_cannot_help_a_stale_leader_commit() {
     .await;
     client(&members[1]).await.put("before", "1", None).await.unwrap();
 
-    std::fs::write(block("b"), "a\nc\n").unwrap();
-    std::fs::write(block("a"), "b\n").unwrap();
-    std::fs::write(block("c"), "b\n").unwrap();
-    let cut = "failure drill: mesh traffic with this peer is now dropped peer=";
-    wait_until("b cut off from a and c", Duration::from_secs(10), || {
-        let (a, b, c) = (members[0].proc.log(), members[1].proc.log(), members[2].proc.log());
-        a.contains(&format!("{cut}b"))
-            && b.contains(&format!("{cut}a"))
-            && b.contains(&format!("{cut}c"))
-            && c.contains(&format!("{cut}b"))
-    });
+    cut_off_b(root.path(), &members);
     // A write to b, which still believes it leads: it waits in b's log for a quorum.
     let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(20));
     let mut cb = Client::connect([members[1].proc.endpoint()], Some(opts)).await.unwrap();
-    let via_b =
-        tokio::spawn(async move { cb.put("via-b", "stale", None).await.map(|r| r.header().unwrap().revision()) });
+    let via_b = tokio::spawn(async move { cb.put("via-b", "1", None).await.map(|r| r.header().unwrap().revision()) });
+    let rev = put_until_taken(&members[0], "without-b", Duration::from_secs(30)).await;
 
-    let opts = etcd_client::ConnectOptions::new().with_timeout(Duration::from_secs(3));
-    let mut ca = Client::connect([members[0].proc.endpoint()], Some(opts)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let rev = loop {
-        if let Ok(r) = ca.put("without-b", "kept", None).await {
-            break r.header().unwrap().revision();
-        }
-        assert!(Instant::now() < deadline, "a and c commit a write without b");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    drop(ca);
-
-    // c loses its disk and comes back while b still believes it leads; a is down.
-    members[0].proc.kill9();
-    members[2].proc.kill9();
-    std::fs::remove_dir_all(&members[2].dir).unwrap();
-    for n in ["a", "b", "c"] {
-        std::fs::write(block(n), "").unwrap();
-    }
-    restart(&mut members[2]);
-    members[2].proc.wait_ready(Duration::from_secs(60));
+    c_loses_its_disk_while_a_is_down(root.path(), &mut members);
     let via_b = via_b.await.unwrap();
     println!("the write to the stale leader: {via_b:?}");
-
-    restart(&mut members[0]);
-    members[0].proc.wait_ready(Duration::from_secs(60));
-    let mut ca = client(&members[0]).await;
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let after = loop {
-        if let Ok(r) = ca.put("after", "1", None).await {
-            break r.header().unwrap().revision();
-        }
-        assert!(Instant::now() < deadline, "writes are taken again once a is back");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    catches_up_and_agrees(&members, &members[2], "after", after).await;
-    for m in &members {
-        let mut c = client(m).await;
-        let kept = c.get("without-b", None).await.unwrap();
-        assert_eq!(
-            kept.kvs().first().map(|kv| kv.mod_revision()),
-            Some(rev),
-            "{} holds the write a and c committed",
-            m.name
-        );
-        if let Ok(at) = via_b {
-            let g = c.get("via-b", None).await.unwrap();
+    a_returns_and_everyone_holds(&mut members, "without-b", rev).await;
+    if let Ok(at) = via_b {
+        for m in &members {
+            let g = client(m).await.get("via-b", None).await.unwrap();
             assert_eq!(g.kvs().first().map(|kv| kv.mod_revision()), Some(at), "{} lost a write b acknowledged", m.name);
         }
     }
