@@ -323,21 +323,13 @@ fn a_member_takes_its_flags_from_etcds_environment_variables() {
         ("ETCD_LISTEN_PEER_URLS", "http://127.0.0.1:0".to_string()),
         ("ETCD_INITIAL_CLUSTER_TOKEN", "tok".to_string()),
     ];
-    let mut p = spawn_meshkv_env(&[], &env);
-    p.wait_ready(Duration::from_secs(60));
-    let out = etcdctl(&p.client_addr, &["member", "list", "-w", "json"], None);
-    let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
-    assert_eq!(list["members"][0]["name"], "envmember", "{out:?}");
-    assert!(std::fs::read_dir(&data).is_ok_and(|mut d| d.next().is_some()), "the data is in ETCD_DATA_DIR");
+    let mut p = starts_as(&[], &env, "envmember", &data);
     let log = p.log();
     assert!(log.contains("recognized and used environment variable ETCD_DATA_DIR="), "{log}");
     assert!(log.contains("unrecognized environment variable ETCD_INITIAL_CLUSTER_TOKEN=tok"), "{log}");
     p.kill9();
 
-    let out =
-        Command::new(meshkv_bin()).args(["--name", "flag"]).envs(env.iter().map(|(k, v)| (k, v))).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let err = refused_at_start(&["--name".into(), "flag".into()], &env);
     assert!(
         err.contains("conflicting environment variable \"ETCD_NAME\" is shadowed by corresponding command-line flag"),
         "{err}"
@@ -358,18 +350,25 @@ fn a_member_reads_etcds_config_file() {
         data.display()
     );
     std::fs::write(&file, yaml).unwrap();
-    let mut p = spawn_meshkv_env(&["--config-file".into(), file.display().to_string()], &[]);
-    p.wait_ready(Duration::from_secs(60));
-    let out = etcdctl(&p.client_addr, &["member", "list", "-w", "json"], None);
-    let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
-    assert_eq!(list["members"][0]["name"], "filemember", "{out:?}");
-    assert!(std::fs::read_dir(&data).is_ok_and(|mut d| d.next().is_some()), "the data is in the file's data-dir");
+    let config = ["--config-file".to_string(), file.display().to_string()];
+    let mut p = starts_as(&config, &[], "filemember", &data);
     let log = p.log();
     assert!(log.contains("unknown key initial-cluster-token ignored"), "{log}");
     assert!(log.contains("automatic compaction on"), "{log}");
     p.kill9();
 
-    let out = Command::new(meshkv_bin()).arg("--config-file").arg(&file).args(["--name", "flag"]).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("--name is given both on the command line and in "), "{err}");
+    let err = refused_at_start(&[&config[..], &["--name".into(), "flag".into()]].concat(), &[]);
+    assert!(err.contains("--name is given both on the command line and in "), "{err}");
+}
+
+/// Starts a member from `args` and `env` alone, and checks that it serves under `name`
+/// with its data in `data`.
+fn starts_as(args: &[String], env: &[(&str, String)], name: &str, data: &std::path::Path) -> Proc {
+    let mut p = spawn_meshkv_env(args, env);
+    p.wait_ready(Duration::from_secs(60));
+    let out = etcdctl(&p.client_addr, &["member", "list", "-w", "json"], None);
+    let list: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    assert_eq!(list["members"][0]["name"], name, "{out:?}");
+    assert!(std::fs::read_dir(data).is_ok_and(|mut d| d.next().is_some()), "the data is in {}", data.display());
+    p
 }

@@ -9,7 +9,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -209,12 +208,7 @@ async fn automatic_compaction_keeps_its_window_and_drops_older_history_as_etcd_d
 #[test]
 fn automatic_compaction_flags_are_refused_at_start_in_etcds_words() {
     let dir = tempdir();
-    let run = |args: &[&str]| {
-        let out =
-            Command::new(meshkv_bin()).arg("--data-dir").arg(dir.path().join("data")).args(args).output().unwrap();
-        assert!(!out.status.success(), "{args:?} started");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let run = |args: &[&str]| refused_at_start_in(dir.path(), args);
     let err = run(&["--auto-compaction-mode", "daily", "--auto-compaction-retention", "1"]);
     assert!(err.contains("unknown auto-compaction-mode \"daily\""), "{err}");
     let err = run(&["--auto-compaction-retention", "abc"]);

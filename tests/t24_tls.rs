@@ -184,12 +184,7 @@ fn with_auth_on_a_client_certificate_names_its_user() {
 #[test]
 fn tls_without_its_files_is_refused_at_start() {
     let dir = tempdir();
-    let run = |args: &[&str]| {
-        let out =
-            Command::new(meshkv_bin()).arg("--data-dir").arg(dir.path().join("data")).args(args).output().unwrap();
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
+    let run = |args: &[&str]| refused_at_start_in(dir.path(), args);
     let err = run(&["--listen-client-urls", "https://127.0.0.1:0"]);
     assert!(err.contains("https://127.0.0.1:0: TLS needs --cert-file and --key-file"), "{err}");
     let err = run(&[

@@ -99,6 +99,21 @@ pub fn spawn_meshkv_args(args: &[String]) -> Proc {
     spawn_meshkv_env(args, &[])
 }
 
+/// Runs `meshkv` with `args` and `env`, which it must refuse at start; what it said.
+pub fn refused_at_start(args: &[String], env: &[(&str, String)]) -> String {
+    let out = Command::new(meshkv_bin()).args(args).envs(env.iter().map(|(k, v)| (k, v))).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} started: {said}");
+    said
+}
+
+/// [`refused_at_start`] with `args` and a data dir of `dir`/data.
+pub fn refused_at_start_in(dir: &Path, args: &[&str]) -> String {
+    let mut all = vec!["--data-dir".to_string(), dir.join("data").display().to_string()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    refused_at_start(&all, &[])
+}
+
 /// As [`spawn_meshkv_args`], with these environment variables too.
 pub fn spawn_meshkv_env(args: &[String], env: &[(&str, String)]) -> Proc {
     let mut child = Command::new(meshkv_bin())
