@@ -675,6 +675,37 @@ enum Source<'a> {
     File(&'a std::path::Path),
 }
 
+/// etcd's flags that meshkv has no use for, with what to give instead: refused on the
+/// command line with this advice rather than as an unknown argument.
+const ETCD_ONLY: &[(&str, &str)] = &[
+    ("initial-cluster", MESH_FORMS_THE_CLUSTER),
+    ("initial-cluster-state", MESH_FORMS_THE_CLUSTER),
+    ("initial-cluster-token", MESH_FORMS_THE_CLUSTER),
+    ("discovery", MESH_FORMS_THE_CLUSTER),
+    ("discovery-srv", MESH_FORMS_THE_CLUSTER),
+    ("initial-advertise-peer-urls", "meshkv's flag is --advertise-peer-urls"),
+    ("peer-cert-file", PEERS_ON_THE_MESH),
+    ("peer-key-file", PEERS_ON_THE_MESH),
+    ("peer-trusted-ca-file", PEERS_ON_THE_MESH),
+    ("peer-client-cert-auth", PEERS_ON_THE_MESH),
+    ("peer-auto-tls", PEERS_ON_THE_MESH),
+    ("wal-dir", "meshkv keeps its Raft log in --data-dir"),
+];
+const MESH_FORMS_THE_CLUSTER: &str = "meshkv members find each other through the mesh, with no static member \
+     list: give --join (host:port of any member) and, to form a new cluster, --bootstrap-expect N";
+const PEERS_ON_THE_MESH: &str =
+    "peers do not speak TLS; their traffic is encrypted by the mesh: give --mesh-secret-file";
+
+/// The first of etcd's flags meshkv has no use for on the command line, and its advice.
+fn etcd_only_flag<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Option<String> {
+    args.iter().find_map(|a| {
+        let a = a.as_ref().to_str()?.strip_prefix("--")?;
+        let name = a.split_once('=').map_or(a, |(n, _)| n);
+        let (flag, advice) = ETCD_ONLY.iter().find(|(f, _)| *f == name)?;
+        Some(format!("--{flag} is etcd's: {advice}"))
+    })
+}
+
 /// The flags a static cluster is set up with. meshkv members find each other through
 /// the mesh; set, these would be left unread and each member would start alone.
 const STATIC_CLUSTER: [&str; 3] = ["initial-cluster", "discovery", "discovery-srv"];
@@ -695,11 +726,7 @@ fn flags_from(
         });
         let Some(arg) = arg.filter(|a| !matches!(a.get_action(), ArgAction::Help | ArgAction::Version)) else {
             if STATIC_CLUSTER.contains(&flag.as_str()) && !value.is_empty() {
-                return Err(format!(
-                    "{named}: meshkv members find each other through the mesh, with no static member list; \
-                     give --join (ETCD_JOIN: host:port of any member) and, to form a new cluster, \
-                     --bootstrap-expect (ETCD_BOOTSTRAP_EXPECT)"
-                ));
+                return Err(format!("{named}: {MESH_FORMS_THE_CLUSTER}"));
             }
             notes.push((
                 true,
@@ -814,6 +841,10 @@ fn flags_beyond_the_command_line(
 }
 
 fn main() -> anyhow::Result<()> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(advice) = etcd_only_flag(&argv) {
+        anyhow::bail!("{advice}");
+    }
     let cmd = Cli::command();
     let given = cmd.clone().get_matches();
     let mut cli = Cli::from_arg_matches(&given).unwrap_or_else(|e| e.exit());
@@ -975,6 +1006,20 @@ auto-compaction-retention: 1
             notes[0],
             (false, "loaded server configuration from FILE; environment variables are not read".into())
         );
+    }
+
+    #[test]
+    fn etcds_flags_meshkv_has_no_use_for_are_refused_with_what_to_give_instead() {
+        assert_eq!(
+            etcd_only_flag(&["meshkv", "--name", "a", "--initial-cluster=a=http://10.0.0.1:2380"]),
+            Some(format!("--initial-cluster is etcd's: {MESH_FORMS_THE_CLUSTER}"))
+        );
+        assert_eq!(
+            etcd_only_flag(&["meshkv", "--peer-cert-file", "p.pem"]),
+            Some(format!("--peer-cert-file is etcd's: {PEERS_ON_THE_MESH}"))
+        );
+        assert_eq!(etcd_only_flag(&["meshkv", "--name", "initial-cluster", "--data-dir", "d"]), None);
+        assert_eq!(etcd_only_flag(&["meshkv", "--initial-cluster-x"]), None);
     }
 
     #[test]

@@ -329,6 +329,8 @@ fn a_member_takes_its_flags_from_etcds_environment_variables() {
     assert!(log.contains("unrecognized environment variable ETCD_INITIAL_CLUSTER_TOKEN=tok"), "{log}");
     p.kill9();
 
+    let err = refused_at_start(&["--initial-cluster".into(), "a=http://127.0.0.1:1".into()], &[]);
+    assert!(err.contains("--initial-cluster is etcd's: meshkv members find each other through the mesh"), "{err}");
     let err = refused_at_start(&["--name".into(), "flag".into()], &env);
     assert!(
         err.contains("conflicting environment variable \"ETCD_NAME\" is shadowed by corresponding command-line flag"),
