@@ -75,6 +75,12 @@ pub struct Config {
     /// The leader compacts the history by itself, as etcd's --auto-compaction-mode and
     /// --auto-compaction-retention; None: only clients compact.
     pub auto_compaction: Option<AutoCompaction>,
+    /// Compare the store's hash with the other members' before serving, as etcd's
+    /// --experimental-initial-corrupt-check.
+    pub initial_corrupt_check: bool,
+    /// How often the leader compares the members' hashes, as etcd's
+    /// --experimental-corrupt-check-time; zero: never.
+    pub corrupt_check_time: Duration,
     pub log_level: String,
 }
 
@@ -151,6 +157,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// As [`parse_duration`], where zero (`0`, `0s`) means "never".
+pub fn parse_duration_or_zero(s: &str) -> Result<Duration, String> {
+    let number = s.trim().trim_end_matches(|c: char| c.is_ascii_alphabetic() || c == 'µ');
+    match number.parse::<f64>().is_ok_and(|n| n == 0.0) {
+        true => Ok(Duration::ZERO),
+        false => parse_duration(s),
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -182,6 +197,8 @@ impl Default for Config {
             election_timeout: Duration::from_millis(1000),
             watch_progress_notify_interval: Duration::from_secs(600),
             auto_compaction: None,
+            initial_corrupt_check: false,
+            corrupt_check_time: Duration::ZERO,
             log_level: "info".into(),
         }
     }

@@ -9,7 +9,7 @@ use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 // gRPC and Raft (measured in docs/performance.md).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use meshkv::config::{parse_duration, AutoCompaction, Config};
+use meshkv::config::{parse_duration, parse_duration_or_zero, AutoCompaction, Config};
 use tracing_subscriber::EnvFilter;
 
 /// meshkv: an etcd-v3-compatible key-value store. With no flags it serves one member
@@ -103,7 +103,8 @@ struct TortureArgs {
         default_value = "kill,pause,partition,one-way,snapshot-leader-kill,join,replace"
     )]
     faults: Vec<String>,
-    /// Directory for data, logs and violation reports [default: a new temporary one].
+    /// Directory for data, logs and violation reports, kept after the run [default: a new
+    /// temporary one, removed if the run passes].
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Extra flags for every member, space-separated.
@@ -284,7 +285,8 @@ struct ServeArgs {
     trusted_ca_file: Option<PathBuf>,
     /// Requires every client on an https:// URL to show a certificate signed by a CA of
     /// --trusted-ca-file.
-    #[arg(long)]
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = parse_bool, default_value = "false")]
     client_cert_auth: bool,
     /// Time between Raft heartbeats, in milliseconds.
     #[arg(long, default_value_t = 100)]
@@ -296,6 +298,15 @@ struct ServeArgs {
     /// (a duration: 500ms, 5s, 10m).
     #[arg(long, alias = "experimental-watch-progress-notify-interval", default_value = "10m", value_parser = parse_duration)]
     watch_progress_notify_interval: Duration,
+    /// Before serving, compare the store's hash with the other members' and refuse to
+    /// start if they differ where they should agree.
+    #[arg(long, alias = "experimental-initial-corrupt-check", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool, default_value = "false")]
+    initial_corrupt_check: bool,
+    /// How often the leader compares the members' hashes and raises the CORRUPT alarm for
+    /// one that differs (a duration: 1m, 2h); 0 for never.
+    #[arg(long, alias = "experimental-corrupt-check-time", default_value = "0s", value_parser = parse_duration_or_zero)]
+    corrupt_check_time: Duration,
     /// How --auto-compaction-retention counts: periodic (time) or revision.
     #[arg(long, default_value = "periodic")]
     auto_compaction_mode: String,
@@ -310,6 +321,16 @@ struct ServeArgs {
     /// Log level: debug, info, warn or error.
     #[arg(long, default_value = "info")]
     log_level: String,
+}
+
+/// A boolean as etcd's flags take it (Go's): `--flag`, `--flag=true`, `--flag=false`, and
+/// the other spellings Go accepts.
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("parse error: {s:?} is not a boolean")),
+    }
 }
 
 /// etcd's --auth-token: `simple`, or `jwt` with its options.
@@ -367,6 +388,8 @@ impl ServeArgs {
             election_timeout: Duration::from_millis(self.election_timeout),
             watch_progress_notify_interval: self.watch_progress_notify_interval,
             auto_compaction,
+            initial_corrupt_check: self.initial_corrupt_check,
+            corrupt_check_time: self.corrupt_check_time,
             log_level: self.log_level,
         })
     }
@@ -605,9 +628,10 @@ fn torture(args: TortureArgs) -> anyhow::Result<()> {
             anyhow::bail!("the net-partition fault cannot run here: {why}");
         }
     }
-    let dir = match args.dir {
-        Some(d) => d,
-        None => std::env::temp_dir().join(format!("meshkv-torture-{}-{}", args.seed, std::process::id())),
+    // A directory the user named is theirs to keep; a temporary one goes once the run passes.
+    let (dir, temporary) = match args.dir {
+        Some(d) => (d, false),
+        None => (std::env::temp_dir().join(format!("meshkv-torture-{}-{}", args.seed, std::process::id())), true),
     };
     let cfg = TortureConfig {
         binary: std::env::current_exe()?,
@@ -651,7 +675,9 @@ fn torture(args: TortureArgs) -> anyhow::Result<()> {
     if !report.ok() {
         anyhow::bail!("torture found problems (see above); data and logs in {}", dir.display());
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    if temporary {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
     Ok(())
 }
 
@@ -746,11 +772,17 @@ fn flags_from(
                 Source::File(f) => format!("--{flag} is given both on the command line and in {}", f.display()),
             });
         }
-        if matches!(arg.get_action(), ArgAction::SetTrue) {
+        // A boolean: a flag of its own, or one that takes `=true` as etcd's do.
+        let boolean = matches!(arg.get_action(), ArgAction::SetTrue)
+            || arg.get_num_args().is_some_and(|n| n.min_values() == 0 && n.max_values() == 1);
+        if boolean {
             match value.as_str() {
-                "true" | "1" => args.push(format!("--{flag}")),
-                "false" | "0" | "" => {}
-                _ => return Err(format!("{named}={value:?}: expected true or false")),
+                "" => {}
+                v => match parse_bool(v) {
+                    Ok(true) => args.push(format!("--{flag}")),
+                    Ok(false) => {}
+                    Err(_) => return Err(format!("{named}={value:?}: expected true or false")),
+                },
             }
         } else if !value.is_empty() {
             args.push(format!("--{flag}={value}"));
@@ -942,6 +974,32 @@ mod tests {
         assert!(args.is_empty());
         assert_eq!(notes[0], (false, "recognized and used environment variable ETCD_CLIENT_CERT_AUTH=false".into()));
         assert_eq!(notes[1], (true, "unrecognized environment variable ETCD_FOO_BAR=1".into()));
+    }
+
+    #[test]
+    fn boolean_flags_take_a_value_as_etcds_do() {
+        let cfg = |extra: &[&str]| {
+            let mut argv = vec!["meshkv"];
+            argv.extend_from_slice(extra);
+            let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+            cli.serve.into_config()
+        };
+        for (given, want) in [
+            (&["--client-cert-auth"][..], true),
+            (&["--client-cert-auth=true"], true),
+            (&["--client-cert-auth=false"], false),
+            (&[], false),
+        ] {
+            assert_eq!(cfg(given).unwrap().tls.client_cert_auth, want, "{given:?}");
+        }
+        let c = cfg(&["--experimental-initial-corrupt-check=true", "--experimental-corrupt-check-time=2h"]).unwrap();
+        assert!(c.initial_corrupt_check);
+        assert_eq!(c.corrupt_check_time, Duration::from_secs(7200));
+        assert_eq!(cfg(&[]).unwrap().corrupt_check_time, Duration::ZERO, "no periodic check unless asked");
+        assert_eq!(cfg(&["--experimental-corrupt-check-time=0"]).unwrap().corrupt_check_time, Duration::ZERO);
+        assert!(cfg(&["--client-cert-auth=yes"]).unwrap_err().contains("is not a boolean"));
+        let (args, _) = beyond(&[], None, &[("ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", "True")]).unwrap();
+        assert_eq!(args, ["--experimental-initial-corrupt-check"]);
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub enum ServerError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Jwt(#[from] crate::store::jwt::JwtError),
+    /// The initial corruption check found this member's data unlike the others'.
+    #[error("{0}")]
+    Inconsistent(String),
 }
 
 /// The member's name: given, or kept in the data dir from an earlier start, or
@@ -377,8 +380,12 @@ pub async fn run(
         outgoing: Arc::new(crate::raft::snapshot::Outgoing::new(cfg.data_dir.join("snap-out"))),
         incoming: Arc::new(crate::raft::snapshot::Incoming::new(cfg.data_dir.join("snap-in"))),
     };
-    let transport =
-        MeshTransport::new(MeshConn::new(mesh.clone()), snapshots.outgoing.clone(), snapshots.incoming.clone());
+    let transport = MeshTransport::new(
+        MeshConn::new(mesh.clone()),
+        snapshots.outgoing.clone(),
+        snapshots.incoming.clone(),
+        store.clone(),
+    );
     let started = node::start(
         rcfg,
         engine.clone(),
@@ -389,7 +396,7 @@ pub async fn run(
         snapshots,
     )?;
     transport.set_incarnation(started.incarnation);
-    tokio::spawn(transport.receive(started.handle.clone()));
+    tokio::spawn(transport.clone().receive(started.handle.clone()));
     // Where this member serves, and which start of its data this is.
     let entry = |d: &mut Directory| d.publish(&cfg.name, cfg.client_urls(), started.incarnation);
     if let Some(d) = mesh.with_channel::<Directory, _>(directory::CHANNEL, entry) {
@@ -431,6 +438,12 @@ pub async fn run(
     let lessor = api::lease::Lessor::start(ctx.clone(), cfg.election_timeout);
     if let Some(mode) = cfg.auto_compaction {
         api::compactor::start(ctx.clone(), mode);
+    }
+    if cfg.initial_corrupt_check {
+        api::corruption::initial_check(&ctx, &transport).await.map_err(ServerError::Inconsistent)?;
+    }
+    if !cfg.corrupt_check_time.is_zero() {
+        api::corruption::start(ctx.clone(), transport.clone(), cfg.corrupt_check_time);
     }
     let metrics = api::metrics::Metrics::new(&ctx);
     let http = api::http::Http::new(ctx.clone(), metrics.clone());

@@ -1111,3 +1111,86 @@ async fn a_member_that_lost_its_disk_cannot_help_a_stale_leader_commit() {
         }
     }
 }
+
+/// Changes the value `key` was written with at revision `rev` in the store of a stopped
+/// member, behind Raft's back: what a bad disk or a bug below the store would do.
+fn alter_stored_value(dir: &std::path::Path, key: &str, rev: i64, value: &str) {
+    use meshkv::store::engine::{Engine, CF_KV};
+    use prost::Message as _;
+    let engine = Engine::open(dir).unwrap();
+    let db = engine.db();
+    let mut found = None;
+    for item in db.iterator_cf(engine.cf(CF_KV), rocksdb::IteratorMode::Start) {
+        let (k, v) = item.unwrap();
+        let kv = meshkv::pb::mvccpb::KeyValue::decode(v.as_ref()).unwrap();
+        if kv.key == key.as_bytes() && kv.mod_revision == rev {
+            found = Some((k, kv));
+        }
+    }
+    let (k, mut kv) = found.unwrap_or_else(|| panic!("{key} at {rev} is not in {}", dir.display()));
+    kv.value = value.as_bytes().to_vec().into();
+    db.put_cf(engine.cf(CF_KV), k, kv.encode_to_vec()).unwrap();
+}
+
+/// etcd's corruption checks. While the stores agree, the leader's periodic check finds
+/// nothing, under writes. A member whose store was altered while it was down refuses to
+/// start with the initial check; started without it, it is found by the leader, which
+/// raises the CORRUPT alarm for it: every member then refuses writes, in etcd's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_store_was_altered_is_refused_at_start_and_alarmed_by_the_leader() {
+    let root = tempdir();
+    let check: [&str; 1] = ["--experimental-corrupt-check-time=1s"];
+    let mut members = bootstrap_three(root.path(), &[&check, &check, &check]);
+    let refs: Vec<&Member> = members.iter().collect();
+    eventually("a leader", Duration::from_secs(20), || async { leader_of(&refs).await.is_some() }).await;
+    let leader = leader_of(&refs).await.unwrap();
+    let mut ids = Vec::new();
+    for m in &members {
+        ids.push(member_id_of(m).await);
+    }
+    let l = ids.iter().position(|id| *id == leader).unwrap();
+    let v = (l + 1) % 3;
+    let mut c = client(&members[l]).await;
+    let altered_at = c.put("k", "original", None).await.unwrap().header().unwrap().revision();
+    let rounds = |log: &str| log.matches("finished peer corruption check peers_checked=2").count();
+    let before = rounds(&members[l].proc.log());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0.. {
+        c.put(format!("load/{i}"), "x", None).await.unwrap();
+        if rounds(&members[l].proc.log()) >= before + 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no two checks by the leader in 30 s: {}", members[l].proc.log());
+    }
+    assert_eq!(etcdctl(&members[l].proc.client_addr, &["alarm", "list"], None).stdout, "", "no alarm while they agree");
+    let rev = c.put("last", "x", None).await.unwrap().header().unwrap().revision();
+    catches_up_and_agrees(&members, &members[v], "last", rev).await;
+
+    members[v].proc.terminate();
+    alter_stored_value(&members[v].dir, "k", altered_at, "altered");
+    let port: u16 = members[v].peer.rsplit(':').next().unwrap().parse().unwrap();
+    let mut args: Vec<&str> = members[v].args.iter().map(String::as_str).collect();
+    args.push("--experimental-initial-corrupt-check=true");
+    let mut refused = spawn_meshkv(&members[v].dir, &peer_url(port), &args);
+    wait_until("the altered member to stop", Duration::from_secs(30), || refused.child.try_wait().unwrap().is_some());
+    let status = refused.child.wait().unwrap();
+    let log = refused.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains(&format!("{:x} found data inconsistency with peers", ids[v])), "{log}");
+    assert!(!log.contains("ready to serve client requests"), "{log}");
+
+    restart(&mut members[v]);
+    members[v].proc.wait_ready(Duration::from_secs(60));
+    let got = client(&members[v]).await.get("k", Some(GetOptions::new().with_serializable())).await.unwrap();
+    assert_eq!(got.kvs()[0].value(), b"altered", "the alteration survived the restart");
+    let listed = format!("memberID:{} alarm:CORRUPT \n", ids[v]);
+    eventually("the leader to raise CORRUPT for the altered member", Duration::from_secs(30), || async {
+        etcdctl(&members[l].proc.client_addr, &["alarm", "list"], None).stdout == listed
+    })
+    .await;
+    for m in &members {
+        assert_eq!(etcdctl(&m.proc.client_addr, &["alarm", "list"], None).stdout, listed, "on {}", m.name);
+        let e = client(m).await.put("after", "y", None).await.unwrap_err();
+        assert!(e.to_string().contains("etcdserver: corrupt cluster"), "a put through {}: {e}", m.name);
+    }
+}

@@ -45,6 +45,9 @@ impl From<MvccError> for Status {
             MvccError::NoSpace => no_space(),
             MvccError::CorruptAlarm => etcd(Code::DataLoss, "corrupt cluster"),
             MvccError::Auth(e) => e.into(),
+            MvccError::Installing => {
+                etcd(Code::Unavailable, "a snapshot is being installed on this member; try again shortly")
+            }
             e @ (MvccError::Engine(_) | MvccError::Corrupt(..)) => {
                 tracing::error!(error = %e, "storage error");
                 Status::new(Code::Internal, format!("etcdserver: {e}"))

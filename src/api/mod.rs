@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod compactor;
 pub mod conn;
 pub mod coord;
+pub mod corruption;
 pub mod election;
 pub mod error;
 pub mod gateway;

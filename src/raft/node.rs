@@ -786,6 +786,7 @@ impl Driver {
             Command::Read { reply, deadline } => self.reads_new.push(Waiter { reply, deadline }),
             Command::Step(m, incarnation) if self.answers_for_lost_data(&m, incarnation) => {
                 tracing::debug!(
+                    recorded = ?self.node.raft.raft_log.store().incarnation(m.from),
                     from = format!("{:x}", m.from),
                     incarnation,
                     kind = ?m.get_msg_type(),
@@ -900,11 +901,18 @@ impl Driver {
             Change::Promote { id } => (ConfChangeType::AddNode, id, known(id), false),
             Change::Remove { id, rejoin } => (ConfChangeType::RemoveNode, id, known(id), rejoin),
         };
-        tracing::info!(?change_type, member = format!("{node_id:x}"), %name, rejoin, "proposing a membership change");
         let incarnation = match change_type {
             ConfChangeType::AddLearnerNode => self.incarnation_of(node_id, &name),
             _ => 0,
         };
+        tracing::info!(
+            ?change_type,
+            member = format!("{node_id:x}"),
+            %name,
+            rejoin,
+            incarnation,
+            "proposing a membership change"
+        );
         let ctx = MemberContext { name, cluster_id: self.status.cluster_id(), rejoin, incarnation }.encode_to_vec();
         let mut cc = ConfChange::default();
         cc.set_change_type(change_type);

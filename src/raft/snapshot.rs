@@ -27,13 +27,12 @@ use crate::pb::meshkvpb::{SnapshotChunk, SnapshotChunkRequest};
 use crate::store::engine::{
     Engine, EngineError, CF_ALARM, CF_AUTH, CF_KV, CF_LEASE, CF_META, CF_RAFT_LOG, CF_RAFT_STATE,
 };
+use crate::store::mvcc::META_INSTALLING;
 
 /// Column families a snapshot carries, by index on the wire.
 pub const CFS: [&str; 4] = [CF_KV, CF_LEASE, CF_AUTH, CF_ALARM];
 const CHUNK_BYTES: usize = 1 << 20;
 const SST_BYTES: usize = 64 << 20;
-/// Meta key set while an install is under way: the staging directory.
-const META_INSTALLING: &[u8] = b"snapshot_installing";
 
 fn err(what: impl std::fmt::Display) -> EngineError {
     EngineError::Corrupt { cf: "snapshot", what: what.to_string() }
@@ -46,6 +45,8 @@ struct Served {
     to: u64,
     /// The log index the checkpoint covers, once read from it.
     index: Option<u64>,
+    /// The member asked for the last chunk: it has everything.
+    delivered: bool,
 }
 
 /// Leader side: checkpoints being served, by snapshot id.
@@ -71,7 +72,7 @@ impl Outgoing {
         names.extend(crate::store::engine::ALL_CFS);
         let db = DB::open_cf_for_read_only(&Options::default(), &path, names, false)?;
         let mut served = self.served.lock().unwrap_or_else(|e| e.into_inner());
-        served.insert(id, Served { db, path, last_used: Instant::now(), to, index: None });
+        served.insert(id, Served { db, path, last_used: Instant::now(), to, index: None, delivered: false });
         Ok(())
     }
 
@@ -137,6 +138,7 @@ impl Outgoing {
             out.keys.push(Bytes::from(k.into_vec()));
             out.values.push(Bytes::from(v.into_vec()));
         }
+        s.delivered |= out.done && req.cf as usize == CFS.len() - 1;
         out
     }
 
@@ -148,16 +150,26 @@ impl Outgoing {
         }
     }
 
-    /// Transfers nobody asked anything of for `idle`: (snapshot id, member) to report failed.
+    /// Forgets the transfers nobody asked anything of for `idle`; returns those of them
+    /// that stopped before the end, (snapshot id, member), to report failed.
     pub fn expire(&self, idle: Duration) -> Vec<(u64, u64)> {
-        let stale: Vec<(u64, u64)> = {
+        let stale: Vec<(u64, u64, bool)> = {
             let served = self.served.lock().unwrap_or_else(|e| e.into_inner());
-            served.iter().filter(|(_, s)| s.last_used.elapsed() > idle).map(|(id, s)| (*id, s.to)).collect()
+            served
+                .iter()
+                .filter(|(_, s)| s.last_used.elapsed() > idle)
+                .map(|(id, s)| (*id, s.to, s.delivered))
+                .collect()
         };
-        for (id, _) in &stale {
+        for (id, _, _) in &stale {
             self.finish(*id);
         }
-        stale
+        stale.into_iter().filter(|(_, _, delivered)| !delivered).map(|(id, to, _)| (id, to)).collect()
+    }
+
+    /// Whether the member of snapshot `id` has fetched all of it.
+    pub fn delivered(&self, id: u64) -> bool {
+        self.served.lock().unwrap_or_else(|e| e.into_inner()).get(&id).is_some_and(|s| s.delivered)
     }
 }
 
@@ -383,6 +395,30 @@ mod tests {
         assert_eq!(log.incarnations().get(&1), Some(&7), "the incarnation a member joined with comes with it");
         assert_eq!(engine.db().get_cf(engine.cf(CF_KV), b"k1").unwrap().as_deref(), Some(&b"v1"[..]));
         assert!(engine.db().get_cf(engine.cf(CF_META), META_INSTALLING).unwrap().is_none());
+    }
+
+    /// A transfer whose member fetched every chunk is forgotten quietly once idle; one that
+    /// stopped part way is reported failed, so that Raft sends another.
+    #[test]
+    fn only_transfers_that_stopped_part_way_are_reported_failed() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&dir.path().join("db")).unwrap();
+        let mut batch = WriteBatch::default();
+        batch.put_cf(engine.cf(CF_KV), b"k", b"v");
+        engine.write(batch, true).unwrap();
+        let outgoing = Outgoing::new(dir.path().join("out"));
+        outgoing.create(&engine, 1, 10).unwrap();
+        outgoing.create(&engine, 2, 20).unwrap();
+        for cf in 0..CFS.len() as u32 {
+            let chunk = outgoing.chunk(&SnapshotChunkRequest { id: 1, cf, from_start: true, ..Default::default() });
+            assert!(chunk.done && !chunk.unknown);
+            assert_eq!(outgoing.delivered(1), cf as usize == CFS.len() - 1);
+        }
+        outgoing.chunk(&SnapshotChunkRequest { id: 2, cf: 0, from_start: true, ..Default::default() });
+        assert!(!outgoing.delivered(2));
+        assert_eq!(outgoing.expire(Duration::ZERO), vec![(2, 20)]);
+        assert!(outgoing.chunk(&SnapshotChunkRequest { id: 1, cf: 0, ..Default::default() }).unknown, "forgotten");
+        assert!(!dir.path().join("out").join(format!("{:016x}", 1)).exists(), "its checkpoint is removed");
     }
 
     #[test]

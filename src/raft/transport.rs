@@ -1,7 +1,8 @@
 //! Raft messages over the mesh. Raft ids are derived from mesh peer names
 //! ([`member_id`]), so a message to id N goes to the mesh peer whose name hashes to N,
 //! and a restart is the same member. Votes and heartbeats travel as control datagrams;
-//! appends with entries and snapshots as bulk.
+//! appends with entries and snapshots as bulk. Beside Raft, members ask each other for
+//! the hash of their store (the corruption check).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +19,8 @@ use tokio::sync::mpsc;
 use super::node::{RaftHandle, Transport};
 use super::snapshot::{Incoming, Outgoing, SstSink, CFS};
 use crate::mesh::{MeshConn, PeerName, Priority};
-use crate::pb::meshkvpb::{SnapshotChunk, SnapshotChunkRequest, SnapshotDescriptor};
+use crate::pb::meshkvpb::{PeerHash, PeerHashRequest, SnapshotChunk, SnapshotChunkRequest, SnapshotDescriptor};
+use crate::store::mvcc::{MvccError, MvccStore};
 
 /// First byte of every datagram: what follows.
 const TAG_RAFT: u8 = 0;
@@ -33,6 +35,9 @@ const TAG_LOST_LOG: u8 = 4;
 /// data): its incarnation (u64, big-endian), then the message. The receiver can tell
 /// whether its log has taken that start of the member into the cluster.
 const TAG_RAFT_OF: u8 = 5;
+/// The hash of the store at a revision, asked ([`PeerHashRequest`]) and answered ([`PeerHash`]).
+const TAG_HASH_REQUEST: u8 = 6;
+const TAG_HASH: u8 = 7;
 
 /// A member id from a name: stable across restarts, never zero (raft-rs reserves 0).
 pub fn member_id(name: &str) -> u64 {
@@ -57,6 +62,8 @@ pub enum Datagram {
         last_index: u64,
         incarnation: u64,
     },
+    HashRequest(PeerHashRequest),
+    Hash(PeerHash),
 }
 
 /// Decodes a datagram; anything malformed is an error, never a panic.
@@ -79,6 +86,8 @@ pub fn decode_datagram(data: &[u8]) -> Result<Datagram, String> {
             }),
             Err(_) => Err(format!("a lost-log datagram of {} bytes", body.len())),
         },
+        TAG_HASH_REQUEST => PeerHashRequest::decode(body).map(Datagram::HashRequest).map_err(|e| e.to_string()),
+        TAG_HASH => PeerHash::decode(body).map(Datagram::Hash).map_err(|e| e.to_string()),
         t => Err(format!("unknown datagram tag {t}")),
     }
 }
@@ -95,6 +104,11 @@ pub struct MeshTransport {
     incoming: Arc<Incoming>,
     /// Snapshot fetches under way: snapshot id → where its chunks go.
     fetching: Mutex<HashMap<u64, mpsc::Sender<SnapshotChunk>>>,
+    /// The store whose hash others ask for; one hash is computed at a time.
+    store: Arc<MvccStore>,
+    hashing: Arc<tokio::sync::Semaphore>,
+    /// Hash requests under way: request id → where the answers go.
+    asking: Mutex<HashMap<u64, mpsc::Sender<(PeerName, PeerHash)>>>,
 }
 
 fn tagged(tag: u8, body: &[u8]) -> Bytes {
@@ -105,7 +119,7 @@ fn tagged(tag: u8, body: &[u8]) -> Bytes {
 }
 
 impl MeshTransport {
-    pub fn new(conn: MeshConn, outgoing: Arc<Outgoing>, incoming: Arc<Incoming>) -> Arc<Self> {
+    pub fn new(conn: MeshConn, outgoing: Arc<Outgoing>, incoming: Arc<Incoming>, store: Arc<MvccStore>) -> Arc<Self> {
         Arc::new(Self {
             conn,
             names: RwLock::new(HashMap::new()),
@@ -114,7 +128,83 @@ impl MeshTransport {
             outgoing,
             incoming,
             fetching: Mutex::new(HashMap::new()),
+            store,
+            hashing: Arc::new(tokio::sync::Semaphore::new(1)),
+            asking: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Asks each of `members` (id, name) for the hash of its store at `revision`, and
+    /// returns the answers that come before `timeout`, by member id. A member the mesh
+    /// cannot reach yet is waited for, within the same time.
+    pub async fn peer_hashes(
+        &self,
+        members: &[(u64, String)],
+        revision: i64,
+        timeout: Duration,
+    ) -> Vec<(u64, PeerHash)> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let id = rand::random::<u64>();
+        let (tx, mut rx) = mpsc::channel(members.len().max(1));
+        self.asking.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+        let request = tagged(TAG_HASH_REQUEST, &PeerHashRequest { id, revision }.encode_to_vec());
+        let mut unasked: Vec<PeerName> = members.iter().map(|(_, n)| PeerName::from(n.as_str())).collect();
+        let mut answers: HashMap<u64, PeerHash> = HashMap::new();
+        while answers.len() < members.len() && tokio::time::Instant::now() < deadline {
+            let reachable = self.conn.mesh().reachable_peers();
+            unasked.retain(|n| {
+                !(reachable.contains(n) && self.conn.send_to(n, request.clone(), Priority::Control).is_ok())
+            });
+            let wait = match unasked.is_empty() {
+                true => deadline,
+                false => deadline.min(tokio::time::Instant::now() + Duration::from_millis(50)),
+            };
+            match tokio::time::timeout_at(wait, rx.recv()).await {
+                Ok(Some((from, h))) if h.id == id => {
+                    answers.insert(member_id(&from), h);
+                }
+                Ok(_) | Err(_) => {}
+            }
+        }
+        self.asking.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        let asked: Vec<u64> = members.iter().map(|(id, _)| *id).collect();
+        answers.into_iter().filter(|(m, _)| asked.contains(m)).collect()
+    }
+
+    /// Answers a member's hash request, one hash at a time: a hash reads the whole store.
+    fn on_hash_request(self: &Arc<Self>, src: PeerName, req: PeerHashRequest) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let Ok(_turn) = me.hashing.clone().acquire_owned().await else { return };
+            let store = me.store.clone();
+            let hashed = tokio::task::spawn_blocking(move || (store.hash_kv(req.revision), store.revision())).await;
+            let Ok((hashed, current)) = hashed else { return };
+            let mut answer = PeerHash { id: req.id, current_revision: current, ..Default::default() };
+            match hashed {
+                Ok((hash, revision, compacted)) => {
+                    answer.hash = hash;
+                    answer.revision = revision;
+                    answer.compact_revision = compacted;
+                }
+                Err(e @ (MvccError::FutureRev | MvccError::Compacted | MvccError::Installing)) => {
+                    answer.error = e.to_string()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, asker = %src, "the store's hash could not be computed");
+                    answer.error = e.to_string();
+                }
+            }
+            if me.conn.send_to(&src, tagged(TAG_HASH, &answer.encode_to_vec()), Priority::Control).is_err() {
+                me.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+
+    fn on_hash(&self, src: PeerName, h: PeerHash) {
+        let tx = self.asking.lock().unwrap_or_else(|e| e.into_inner()).get(&h.id).cloned();
+        if let Some(tx) = tx {
+            let _ = tx.try_send((src, h));
+        }
     }
 
     /// Set once the driver has started, before any message is received or sent.
@@ -162,6 +252,8 @@ impl MeshTransport {
                 Ok(Datagram::LostLog { last_index, incarnation }) => {
                     let _ = raft.lost_log(member_id(&src), last_index, incarnation);
                 }
+                Ok(Datagram::HashRequest(r)) => self.on_hash_request(src, r),
+                Ok(Datagram::Hash(h)) => self.on_hash(src, h),
                 Err(e) => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%src, error = %e, "undecodable datagram dropped");
@@ -173,7 +265,7 @@ impl MeshTransport {
 
     fn on_chunk_request(&self, raft: &RaftHandle, src: PeerName, req: SnapshotChunkRequest) {
         let chunk = self.outgoing.chunk(&req);
-        if chunk.done && req.cf as usize == CFS.len() - 1 {
+        if self.outgoing.delivered(req.id) {
             // The member has everything; raft-rs may go on with it once it answers.
             let _ = raft.report_snapshot(member_id(&src), SnapshotStatus::Finish);
         }

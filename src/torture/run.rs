@@ -492,10 +492,12 @@ impl Cluster {
     }
 
     /// Member `i` loses its disk and starts again under its name; waits until the
-    /// cluster is whole again (as many voters as before, the member holding what was
-    /// applied before it lost its disk, in the role it had), so that the next fault is
+    /// cluster is whole again (as many voters as before, the member back in the list
+    /// and holding what was applied before it lost its disk), so that the next fault is
     /// not a second lost disk while the first is still being restored: losing two of
-    /// three voters' disks loses the quorum, as it would etcd's.
+    /// three voters' disks loses the quorum, as it would etcd's. A voter may come back
+    /// as a learner: when a learner stood by, the cluster promotes it in the emptied
+    /// voter's place, and the member that returns then stands by in turn.
     async fn wipe(&mut self, i: usize, hold: Duration) -> std::io::Result<String> {
         let Some(list) = self.member_list().await else { return Ok("wipe-no-answer".into()) };
         let want = list.iter().filter(|(_, learner)| !learner).count();
@@ -513,9 +515,9 @@ impl Cluster {
         let name = self.members[i].name.clone();
         let endpoint = self.members[i].endpoint.clone();
         let deadline = Instant::now() + Duration::from_secs(60);
-        // A voter is removed, taken back as a learner, and promoted once caught up; the
-        // others' member list shows it gone or a learner for a moment, which is watched
-        // closely.
+        // A voter is removed, taken back as a learner, and promoted once caught up (unless
+        // a learner took its place); the others' member list shows it gone or a learner
+        // for a moment, which is watched closely.
         let others: Vec<usize> = self.live().into_iter().filter(|&o| o != i).collect();
         let mut reset = was_learner;
         let mut whole = false;
@@ -524,8 +526,12 @@ impl Cluster {
             reset |= list.as_ref().is_some_and(|l| !l.iter().any(|(n, learner)| *n == name && !learner));
             let s = status(&endpoint).await;
             reset |= s.as_ref().is_some_and(|s| s.is_learner);
-            let restored = s.is_some_and(|s| s.is_learner == was_learner && s.raft_applied_index >= applied);
-            whole = reset && restored && list.is_some_and(|l| l.iter().filter(|(_, learner)| !learner).count() >= want);
+            let restored = s.is_some_and(|s| s.raft_applied_index >= applied);
+            whole = reset
+                && restored
+                && list.is_some_and(|l| {
+                    l.iter().any(|(n, _)| *n == name) && l.iter().filter(|(_, learner)| !learner).count() >= want
+                });
             if !whole {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }

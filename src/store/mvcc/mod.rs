@@ -43,6 +43,9 @@ pub use revision::Revision;
 pub(crate) const META_APPLIED: &[u8] = b"applied_index";
 pub(crate) const META_REVISION: &[u8] = b"revision";
 pub(crate) const META_COMPACTED: &[u8] = b"compact_revision";
+/// Meta key set while a Raft snapshot replaces the store: its staging directory. The
+/// store's column families are then neither the old state nor the new one.
+pub const META_INSTALLING: &[u8] = b"snapshot_installing";
 
 /// Why a request against the store failed. The API maps each to etcd's gRPC error.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +73,9 @@ pub enum MvccError {
     /// Refused by authentication, or an auth change that does not hold.
     #[error(transparent)]
     Auth(#[from] AuthError),
+    /// A Raft snapshot is replacing the store: it has no one state to hash.
+    #[error("a snapshot is being installed")]
+    Installing,
 }
 
 impl From<Refusal> for MvccError {
@@ -935,13 +941,29 @@ impl MvccStore {
 
     /// A CRC-32 over every stored revision up to `rev` (0: the newest), for comparing
     /// members' stores. Returns the hash, the revision it covers and the compact revision.
+    /// It reads one point in time of the store, so that a write or a compaction applied
+    /// meanwhile cannot make two members that agree hash differently.
     pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64), MvccError> {
-        let current = self.revision();
-        let rev = self.check_read_rev(rev, current)?;
+        let db = self.engine.db();
+        let view = db.snapshot();
+        let meta = |key: &[u8]| -> Result<Option<i64>, MvccError> {
+            let v = view.get_cf(self.engine.cf(CF_META), key).map_err(EngineError::from)?;
+            Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map(|b| u64::from_be_bytes(b) as i64))
+        };
+        if view.get_cf(self.engine.cf(CF_META), META_INSTALLING).map_err(EngineError::from)?.is_some() {
+            return Err(MvccError::Installing);
+        }
+        let current = meta(META_REVISION)?.unwrap_or(1);
+        let compacted = meta(META_COMPACTED)?.unwrap_or(0);
+        let rev = match rev {
+            r if r <= 0 => current,
+            r if r > current => return Err(MvccError::FutureRev),
+            r if r < compacted => return Err(MvccError::Compacted),
+            r => r,
+        };
         let mut h = crc32fast::Hasher::new();
         let upper = Revision::new(rev + 1, 0).to_key(false);
-        let iter = self.engine.db().iterator_cf(self.engine.cf(CF_KV), IteratorMode::Start);
-        for item in iter {
+        for item in view.iterator_cf(self.engine.cf(CF_KV), IteratorMode::Start) {
             let (k, v) = item.map_err(EngineError::from)?;
             if k.as_ref() >= upper.as_slice() {
                 break;
@@ -949,7 +971,7 @@ impl MvccStore {
             h.update(&k);
             h.update(&v);
         }
-        Ok((h.finalize(), rev, self.compact_revision()))
+        Ok((h.finalize(), rev, compacted))
     }
 }
 
