@@ -1166,11 +1166,20 @@ async fn a_member_whose_store_was_altered_is_refused_at_start_and_alarmed_by_the
     let rev = c.put("last", "x", None).await.unwrap().header().unwrap().revision();
     catches_up_and_agrees(&members, &members[v], "last", rev).await;
 
-    members[v].proc.terminate();
-    alter_stored_value(&members[v].dir, "k", altered_at, "altered");
+    // Unaltered, it passes the check at start.
     let port: u16 = members[v].peer.rsplit(':').next().unwrap().parse().unwrap();
-    let mut args: Vec<&str> = members[v].args.iter().map(String::as_str).collect();
-    args.push("--experimental-initial-corrupt-check=true");
+    let mut args: Vec<String> = members[v].args.clone();
+    args.push("--experimental-initial-corrupt-check=true".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    members[v].proc.terminate();
+    let mut checked = spawn_meshkv(&members[v].dir, &peer_url(port), &args);
+    checked.wait_ready(Duration::from_secs(60));
+    let log = checked.log();
+    let passed = log.lines().find(|l| l.contains("initial corruption checking passed; no corruption"));
+    assert!(passed.is_some_and(|l| l.ends_with("peers_checked=2")), "{log}");
+    checked.terminate();
+
+    alter_stored_value(&members[v].dir, "k", altered_at, "altered");
     let mut refused = spawn_meshkv(&members[v].dir, &peer_url(port), &args);
     wait_until("the altered member to stop", Duration::from_secs(30), || refused.child.try_wait().unwrap().is_some());
     let status = refused.child.wait().unwrap();

@@ -112,7 +112,8 @@ pub async fn initial_check(ctx: &Ctx, transport: &MeshTransport) -> Result<(), S
     if !bad.is_empty() {
         return Err(format!("{me} found data inconsistency with peers"));
     }
-    tracing::info!(member = %me, peers_checked = peers.len(), "initial corruption checking passed; no corruption");
+    let checked = peers.iter().filter(|(_, p)| p.error.is_empty()).count();
+    tracing::info!(member = %me, peers_checked = checked, "initial corruption checking passed; no corruption");
     Ok(())
 }
 
@@ -142,7 +143,8 @@ async fn check(ctx: &Ctx, transport: &MeshTransport) -> Result<(), String> {
     ctx.raft.read_index().await.map_err(|e| e.to_string())?;
     let second = hash_now(ctx).await?;
     let Some(bad) = periodic_mismatch(ctx.id.member_id, first, second, &peers) else {
-        tracing::info!(peers_checked = peers.len(), "finished peer corruption check");
+        let checked = peers.iter().filter(|(_, p)| p.error.is_empty()).count();
+        tracing::info!(peers_checked = checked, "finished peer corruption check");
         return Ok(());
     };
     let name = ctx.raft.status().membership().names.get(&bad).cloned().unwrap_or_default();

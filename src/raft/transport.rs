@@ -38,6 +38,8 @@ const TAG_RAFT_OF: u8 = 5;
 /// The hash of the store at a revision, asked ([`PeerHashRequest`]) and answered ([`PeerHash`]).
 const TAG_HASH_REQUEST: u8 = 6;
 const TAG_HASH: u8 = 7;
+/// Hash requests a member holds at most: one hashing, the rest waiting.
+const MAX_HASH_QUEUE: u64 = 8;
 
 /// A member id from a name: stable across restarts, never zero (raft-rs reserves 0).
 pub fn member_id(name: &str) -> u64 {
@@ -104,9 +106,11 @@ pub struct MeshTransport {
     incoming: Arc<Incoming>,
     /// Snapshot fetches under way: snapshot id → where its chunks go.
     fetching: Mutex<HashMap<u64, mpsc::Sender<SnapshotChunk>>>,
-    /// The store whose hash others ask for; one hash is computed at a time.
+    /// The store whose hash others ask for; one hash is computed at a time, and a few
+    /// more requests wait (the rest are dropped, as a busy member's would be).
     store: Arc<MvccStore>,
     hashing: Arc<tokio::sync::Semaphore>,
+    hash_queue: Arc<AtomicU64>,
     /// Hash requests under way: request id → where the answers go.
     asking: Mutex<HashMap<u64, mpsc::Sender<(PeerName, PeerHash)>>>,
 }
@@ -130,6 +134,7 @@ impl MeshTransport {
             fetching: Mutex::new(HashMap::new()),
             store,
             hashing: Arc::new(tokio::sync::Semaphore::new(1)),
+            hash_queue: Arc::new(AtomicU64::new(0)),
             asking: Mutex::new(HashMap::new()),
         })
     }
@@ -173,9 +178,16 @@ impl MeshTransport {
 
     /// Answers a member's hash request, one hash at a time: a hash reads the whole store.
     fn on_hash_request(self: &Arc<Self>, src: PeerName, req: PeerHashRequest) {
+        if self.hash_queue.fetch_add(1, Ordering::AcqRel) >= MAX_HASH_QUEUE {
+            self.hash_queue.fetch_sub(1, Ordering::AcqRel);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let me = self.clone();
         tokio::spawn(async move {
-            let Ok(_turn) = me.hashing.clone().acquire_owned().await else { return };
+            let turn = me.hashing.clone().acquire_owned().await;
+            me.hash_queue.fetch_sub(1, Ordering::AcqRel);
+            let Ok(_turn) = turn else { return };
             let store = me.store.clone();
             let hashed = tokio::task::spawn_blocking(move || (store.hash_kv(req.revision), store.revision())).await;
             let Ok((hashed, current)) = hashed else { return };
