@@ -81,6 +81,12 @@ pub struct Config {
     /// How often the leader compares the members' hashes, as etcd's
     /// --experimental-corrupt-check-time; zero: never.
     pub corrupt_check_time: Duration,
+    /// The leader checkpoints the time left of long leases through Raft, so that a new
+    /// leader does not start them over (etcd's --experimental-enable-lease-checkpoint;
+    /// on by default here, and kept in the store).
+    pub lease_checkpoint: bool,
+    /// How often it does, as etcd's (five minutes).
+    pub lease_checkpoint_interval: Duration,
     pub log_level: String,
 }
 
@@ -199,6 +205,8 @@ impl Default for Config {
             auto_compaction: None,
             initial_corrupt_check: false,
             corrupt_check_time: Duration::ZERO,
+            lease_checkpoint: true,
+            lease_checkpoint_interval: Duration::from_secs(300),
             log_level: "info".into(),
         }
     }

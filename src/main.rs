@@ -307,6 +307,14 @@ struct ServeArgs {
     /// one that differs (a duration: 1m, 2h); 0 for never.
     #[arg(long, alias = "experimental-corrupt-check-time", default_value = "0s", value_parser = parse_duration_or_zero)]
     corrupt_check_time: Duration,
+    /// The leader records the time left of leases longer than the interval through Raft,
+    /// so that a new leader counts them on from there rather than from their whole TTL.
+    #[arg(long, alias = "experimental-enable-lease-checkpoint", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool, default_value = "true")]
+    lease_checkpoint: bool,
+    /// How often the leader records the time left of leases (a duration).
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    lease_checkpoint_interval: Duration,
     /// How --auto-compaction-retention counts: periodic (time) or revision.
     #[arg(long, default_value = "periodic")]
     auto_compaction_mode: String,
@@ -390,6 +398,8 @@ impl ServeArgs {
             auto_compaction,
             initial_corrupt_check: self.initial_corrupt_check,
             corrupt_check_time: self.corrupt_check_time,
+            lease_checkpoint: self.lease_checkpoint,
+            lease_checkpoint_interval: self.lease_checkpoint_interval,
             log_level: self.log_level,
         })
     }

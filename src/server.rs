@@ -435,7 +435,8 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     let decode_limit = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
-    let lessor = api::lease::Lessor::start(ctx.clone(), cfg.election_timeout);
+    let checkpoints = cfg.lease_checkpoint.then_some(cfg.lease_checkpoint_interval);
+    let lessor = api::lease::Lessor::start(ctx.clone(), cfg.election_timeout, checkpoints);
     if let Some(mode) = cfg.auto_compaction {
         api::compactor::start(ctx.clone(), mode);
     }

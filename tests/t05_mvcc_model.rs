@@ -326,3 +326,27 @@ fn replayed_entries_are_not_applied_twice() {
     let r = store.range(&RangeRequest { key: Bytes::from_static(b"k"), ..Default::default() }).unwrap();
     assert_eq!((r.kvs[0].version, r.kvs[0].value.as_ref()), (3, &b"c"[..]));
 }
+
+/// A lease checkpoint records the time left with the lease, takes no revision, survives
+/// a restart, is cleared by a checkpoint of 0, and skips a lease that is gone.
+#[test]
+fn lease_checkpoints_are_kept_with_the_lease_and_take_no_revision() {
+    use meshkv::pb::etcdserverpb::{LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantRequest};
+    let dir = tempfile::tempdir().unwrap();
+    let store = MvccStore::open(Engine::open(dir.path()).unwrap()).unwrap();
+    let mut index = 0;
+    let checkpoint = |id, remaining_ttl| {
+        Request::LeaseCheckpoint(LeaseCheckpointRequest { checkpoints: vec![LeaseCheckpoint { id, remaining_ttl }] })
+    };
+    apply(&store, &mut index, Request::LeaseGrant(LeaseGrantRequest { id: 7, ttl: 600 })).unwrap();
+    let rev = store.revision();
+    apply(&store, &mut index, checkpoint(7, 420)).unwrap();
+    apply(&store, &mut index, checkpoint(8, 100)).unwrap();
+    assert_eq!(store.revision(), rev);
+    assert_eq!(store.leases().get(7).map(|l| (l.ttl, l.remaining)), Some((600, 420)));
+    drop(store);
+    let store = MvccStore::open(Engine::open(dir.path()).unwrap()).unwrap();
+    assert_eq!(store.leases().all(), vec![(7, 600, 420)], "kept across a restart, and no lease 8");
+    apply(&store, &mut index, checkpoint(7, 0)).unwrap();
+    assert_eq!(store.leases().get(7).map(|l| l.remaining), Some(0));
+}

@@ -14,12 +14,18 @@ use etcd_client::{Client, EventType, GetOptions, LockOptions, PutOptions, WatchO
 
 /// Three members on loopback that form one cluster; returns them with their data dirs.
 fn three_members(root: &std::path::Path) -> Vec<Proc> {
+    three_members_with(root, &[])
+}
+
+/// [`three_members`], each with the flags `extra` too.
+fn three_members_with(root: &std::path::Path, extra: &[&str]) -> Vec<Proc> {
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let mut members: Vec<Proc> = (0..3)
         .map(|i| {
             let name = format!("m{i}");
             let join = format!("127.0.0.1:{}", ports[(i + 1) % 3]);
-            let args = ["--name", name.as_str(), "--bootstrap-expect", "3", "--join", join.as_str()];
+            let mut args = vec!["--name", name.as_str(), "--bootstrap-expect", "3", "--join", join.as_str()];
+            args.extend_from_slice(extra);
             spawn_meshkv(&root.join(&name), &format!("http://127.0.0.1:{}", ports[i]), &args)
         })
         .collect();
@@ -133,6 +139,60 @@ async fn a_lease_kept_alive_outlives_the_leader_and_one_left_alone_does_not() {
     assert_eq!(g.count(), 1, "the kept-alive lease's key is still there");
     assert!(c.lease_time_to_live(kept, None).await.unwrap().ttl() > 0);
     assert_eq!(c.get("left", None).await.unwrap().count(), 0, "the lease nobody kept ran out");
+}
+
+/// Hands the lead from the leader to the next member, and waits until it has it.
+async fn move_leader(members: &[Proc]) -> usize {
+    let l = leader(members).await;
+    let to = (l + 1) % 3;
+    let mut target = connect(&[members[to].endpoint()]).await;
+    let to_id = target.status().await.unwrap().header().unwrap().member_id();
+    connect(&[members[l].endpoint()]).await.move_leader(to_id).await.unwrap();
+    eventually("the lead to move", Duration::from_secs(10), || async { leader(members).await == to }).await;
+    to
+}
+
+/// A new leader starts every lease over from its whole TTL unless the time left was
+/// checkpointed: with a leader change more often than the TTL, a lease nobody renews
+/// would never run out. With checkpoints (here every second), it runs out, a lease kept
+/// alive through the same changes does not, and right after a change the time left is
+/// what was left, not the whole TTL again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_nobody_renews_runs_out_though_the_leader_changes_more_often_than_its_ttl() {
+    let dir = tempdir();
+    let members = three_members_with(dir.path(), &["--lease-checkpoint-interval", "1s"]);
+    let endpoints: Vec<String> = members.iter().map(Proc::endpoint).collect();
+    let mut c = connect(&endpoints).await;
+    let (alone, kept) = (c.lease_grant(8, None).await.unwrap().id(), c.lease_grant(8, None).await.unwrap().id());
+    c.put("alone", "1", Some(PutOptions::new().with_lease(alone))).await.unwrap();
+    c.put("kept", "1", Some(PutOptions::new().with_lease(kept))).await.unwrap();
+    let granted = Instant::now();
+    let (mut keeper, _) = c.lease_keep_alive(kept).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await; // three checkpoints
+    move_leader(&members).await;
+    let left = c.lease_time_to_live(alone, None).await.unwrap().ttl();
+    assert!(left <= 7, "after a leader change {:?} into an 8 s lease, {left} s are left", granted.elapsed());
+    // The lead moves every 4 s, which without checkpoints gives the lease its 8 s again
+    // each time; the other lease is renewed every second all along.
+    let mut changes = 1;
+    let mut last_change = Instant::now();
+    while c.get("alone", None).await.unwrap().count() == 1 {
+        assert!(granted.elapsed() < Duration::from_secs(30), "the lease alone outlived {changes} leader changes");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if keeper.keep_alive().await.is_err() {
+            keeper = c.lease_keep_alive(kept).await.unwrap().0;
+        }
+        if last_change.elapsed() >= Duration::from_secs(4) {
+            move_leader(&members).await;
+            changes += 1;
+            last_change = Instant::now();
+        }
+    }
+    println!("the lease alone ran out after {:?} and {changes} leader changes", granted.elapsed());
+    assert!(changes >= 2, "it ran out before the lead moved again");
+    move_leader(&members).await;
+    assert_eq!(c.get("kept", None).await.unwrap().count(), 1, "the renewed lease's key is still there");
+    assert!(c.lease_time_to_live(kept, None).await.unwrap().ttl() >= 5, "a renewal clears its checkpoint");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -7,6 +7,14 @@
 //! that clock, so a follower forwards them to the leader. When a member becomes leader,
 //! every lease starts over with its full TTL plus an election timeout — etcd's rule —
 //! so a lease kept alive through a leader change never expires for it.
+//!
+//! With checkpoints (etcd's `--experimental-enable-lease-checkpoint`, on by default
+//! here), the leader records through Raft, every interval (five minutes), the time left
+//! of each lease longer than the interval, and a new leader starts such a lease over
+//! from that time rather than from its whole TTL: a lease nobody renews runs out even
+//! if the leader changes more often than its TTL. A renewal clears the lease's
+//! checkpoint first (one Raft entry, only when one stands), or a leader change could
+//! count the renewed lease from the older, shorter time.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,9 +29,9 @@ use super::Ctx;
 use crate::pb::etcdserverpb::lease_client::LeaseClient;
 use crate::pb::etcdserverpb::lease_server::Lease;
 use crate::pb::etcdserverpb::{
-    LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseLeasesRequest,
-    LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse, LeaseStatus, LeaseTimeToLiveRequest,
-    LeaseTimeToLiveResponse,
+    LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
+    LeaseKeepAliveResponse, LeaseLeasesRequest, LeaseLeasesResponse, LeaseRevokeRequest, LeaseRevokeResponse,
+    LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use crate::pb::meshkvpb::internal_request::Request as Write;
 use crate::raft::directory::{self, Directory};
@@ -45,20 +53,29 @@ struct Clock {
     /// The leases that existed at the last tick as a follower: the ones a new leader
     /// inherits (and extends); those granted since start with their plain TTL.
     inherited: std::collections::HashSet<i64>,
+    /// When the leader next records checkpoints.
+    next_checkpoint: Option<Instant>,
+    /// Leases whose checkpoint is proposed and not yet known applied.
+    checkpointing: std::collections::HashSet<i64>,
 }
+
+/// Checkpoints in one Raft entry at most, as etcd's.
+const CHECKPOINT_BATCH: usize = 1000;
 
 /// Keeps lease time on the leader.
 pub struct Lessor {
     ctx: Ctx,
     /// Added to every lease's TTL when this member becomes leader.
     extend: Duration,
-    clock: Mutex<Clock>,
+    /// How often the leader checkpoints the time left of leases; None: never.
+    checkpoint: Option<Duration>,
+    clock: Arc<Mutex<Clock>>,
 }
 
 impl Lessor {
     /// Starts the lessor's clock; it runs until the runtime stops.
-    pub fn start(ctx: Ctx, election_timeout: Duration) -> Arc<Self> {
-        let me = Arc::new(Self { ctx, extend: election_timeout, clock: Mutex::default() });
+    pub fn start(ctx: Ctx, election_timeout: Duration, checkpoint: Option<Duration>) -> Arc<Self> {
+        let me = Arc::new(Self { ctx, extend: election_timeout, checkpoint, clock: Arc::default() });
         let weak = Arc::downgrade(&me);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(TICK);
@@ -88,21 +105,29 @@ impl Lessor {
         if clock.primary_term != Some(term) {
             clock.primary_term = Some(term);
             clock.revoking.clear();
+            clock.checkpointing.clear();
+            clock.next_checkpoint = self.checkpoint.map(|every| now + every);
             let inherited = std::mem::take(&mut clock.inherited);
             clock.expiry = leases
                 .iter()
-                .map(|&(id, ttl)| {
+                .map(|&(id, ttl, remaining)| {
                     let extend = if inherited.contains(&id) { self.extend } else { Duration::ZERO };
-                    (id, now + extend + Duration::from_secs(ttl as u64))
+                    // A checkpoint stands only where checkpoints are on: one left from a
+                    // start with them would otherwise never be cleared by renewals.
+                    let left = match remaining > 0 && self.checkpoint.is_some() {
+                        true => remaining.min(ttl),
+                        false => ttl,
+                    };
+                    (id, now + extend + Duration::from_secs(left as u64))
                 })
                 .collect();
             return;
         }
-        for &(id, ttl) in &leases {
+        for &(id, ttl, _) in &leases {
             clock.expiry.entry(id).or_insert_with(|| now + Duration::from_secs(ttl as u64));
         }
         if clock.expiry.len() != leases.len() {
-            let live: std::collections::HashSet<i64> = leases.iter().map(|(id, _)| *id).collect();
+            let live: std::collections::HashSet<i64> = leases.iter().map(|(id, _, _)| *id).collect();
             clock.expiry.retain(|id, _| live.contains(id));
             clock.revoking.retain(|id, _| live.contains(id));
         }
@@ -115,7 +140,7 @@ impl Lessor {
             if clock.primary_term.is_some() {
                 *clock = Clock::default();
             }
-            clock.inherited = leases.into_iter().map(|(id, _)| id).collect();
+            clock.inherited = leases.into_iter().map(|(id, _, _)| id).collect();
             return;
         }
         let now = Instant::now();
@@ -143,6 +168,64 @@ impl Lessor {
                 }
             });
         }
+        self.checkpoint_due();
+    }
+
+    /// On the leader, once an interval: proposes the time left of every lease longer than
+    /// the interval that has run some of its TTL, in batches.
+    fn checkpoint_due(&self) {
+        let Some(every) = self.checkpoint else { return };
+        let now = Instant::now();
+        let batch: Vec<LeaseCheckpoint> = {
+            let mut clock = self.clock();
+            if clock.next_checkpoint.is_none_or(|at| now < at) {
+                return;
+            }
+            clock.next_checkpoint = Some(now + every);
+            let leases = self.ctx.store.leases().all();
+            let mut batch = Vec::new();
+            for (id, ttl, _) in leases {
+                let Some(at) = clock.expiry.get(&id) else { continue };
+                if (ttl as u64) <= every.as_secs() || *at <= now {
+                    continue;
+                }
+                let left = at.duration_since(now).as_secs_f64().ceil() as i64;
+                if left < ttl {
+                    batch.push(LeaseCheckpoint { id, remaining_ttl: left });
+                }
+            }
+            clock.checkpointing.extend(batch.iter().map(|c| c.id));
+            batch
+        };
+        for chunk in batch.chunks(CHECKPOINT_BATCH) {
+            let (raft, clock) = (self.ctx.raft.clone(), self.clock.clone());
+            let ids: Vec<i64> = chunk.iter().map(|c| c.id).collect();
+            let req = LeaseCheckpointRequest { checkpoints: chunk.to_vec() };
+            tokio::spawn(async move {
+                if let Err(e) = raft.propose(Write::LeaseCheckpoint(req)).await {
+                    tracing::debug!(error = %e, "lease checkpoints not recorded; the next interval tries again");
+                }
+                let mut clock = clock.lock().unwrap_or_else(|e| e.into_inner());
+                for id in ids {
+                    clock.checkpointing.remove(&id);
+                }
+            });
+        }
+    }
+
+    /// Before a renewal on the leader: clears the lease's checkpoint if one stands or is
+    /// on its way, so that a later leader counts the renewed lease from its whole TTL.
+    async fn clear_checkpoint(&self, id: i64) -> Result<(), Status> {
+        if self.checkpoint.is_none() {
+            return Ok(());
+        }
+        let stands = self.ctx.store.leases().get(id).is_some_and(|l| l.remaining > 0);
+        if !stands && !self.clock().checkpointing.contains(&id) {
+            return Ok(());
+        }
+        let clear = LeaseCheckpointRequest { checkpoints: vec![LeaseCheckpoint { id, remaining_ttl: 0 }] };
+        self.ctx.raft.propose(Write::LeaseCheckpoint(clear)).await.map_err(Status::from)?;
+        Ok(())
     }
 
     /// KeepAlive on the leader: the lease's TTL starts over. None if it does not exist
@@ -248,6 +331,7 @@ impl LeaseService {
         // revision is never seen renewed at a later one.
         let header = self.ctx.header(None);
         if self.lessor.is_leader() {
+            self.lessor.clear_checkpoint(id).await?;
             let ttl = self.lessor.renew(id).unwrap_or(0);
             return Ok(LeaseKeepAliveResponse { header, id, ttl });
         }
@@ -366,7 +450,7 @@ impl Lease for LeaseService {
     }
 
     async fn lease_leases(&self, _: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
-        let leases = self.ctx.store.leases().all().into_iter().map(|(id, _)| LeaseStatus { id }).collect();
+        let leases = self.ctx.store.leases().all().into_iter().map(|(id, _, _)| LeaseStatus { id }).collect();
         Ok(Response::new(LeaseLeasesResponse { header: self.ctx.header(None), leases }))
     }
 }

@@ -101,10 +101,11 @@ impl Refusals {
     /// Whether `req` may be applied: with CORRUPT raised no write is, with NOSPACE none
     /// that takes space (a put, a Txn that could put, a lease grant). Alarms themselves
     /// always are, or nothing could disarm them, and so are auth changes, or no user
-    /// could sign in to disarm them.
+    /// could sign in to disarm them, and lease checkpoints, which keep-alives need (etcd
+    /// does not refuse them either).
     pub fn check(&self, req: &Request) -> Result<(), Refusal> {
         let r = self.0.load(Ordering::Acquire);
-        if r == 0 || matches!(req, Request::Alarm(_) | Request::Auth(_)) {
+        if r == 0 || matches!(req, Request::Alarm(_) | Request::Auth(_) | Request::LeaseCheckpoint(_)) {
             return Ok(());
         }
         if r & CORRUPT != 0 {

@@ -9,7 +9,7 @@
 //! | etcd bucket | key → value | meshkv |
 //! | --- | --- | --- |
 //! | `key` | main (8 BE) `_` sub (8 BE) [`t`] → `mvccpb.KeyValue` | `kv`: main · sub [`t`] → the same KeyValue |
-//! | `lease` | id (8 BE) → `leasepb.Lease` (id, TTL, remaining TTL) | `lease`: id → `LeaseRecord` (id, TTL) |
+//! | `lease` | id (8 BE) → `leasepb.Lease` (id, TTL, remaining TTL) | `lease`: id → `LeaseRecord` (id, TTL, remaining TTL) |
 //! | `meta` | `scheduledCompactRev`, `finishedCompactRev` → a revision | `meta`: `compact_revision`, `revision` |
 //! | `auth`, `authUsers`, `authRoles` | enabled, revision; name → `authpb.User` / `authpb.Role` | `auth` |
 //!
@@ -166,7 +166,11 @@ pub(super) fn restore(mut file: File, out: &mut Writer, skip_hash_check: bool) -
     if let Some(leases) = db.bucket(b"lease")? {
         db.walk::<BackupError>(&leases, &mut |k, v, _| {
             let l = EtcdLease::decode(v).map_err(|e| damaged(format!("lease {k:?}: {e}")))?;
-            out.put(CF_LEASE, &l.id.to_be_bytes(), &LeaseRecord { id: l.id, ttl: l.ttl }.encode_to_vec())?;
+            out.put(
+                CF_LEASE,
+                &l.id.to_be_bytes(),
+                &LeaseRecord { id: l.id, ttl: l.ttl, remaining_ttl: l.remaining_ttl }.encode_to_vec(),
+            )?;
             done.records += 1;
             Ok(())
         })?;
@@ -228,7 +232,7 @@ pub(super) fn export(
     each_row(engine, read, CF_LEASE, &mut |k, v| {
         let l = LeaseRecord::decode(v)
             .map_err(|e| EngineError::Corrupt { cf: CF_LEASE, what: format!("lease {k:?}: {e}") })?;
-        w.put(k, &EtcdLease { id: l.id, ttl: l.ttl, remaining_ttl: 0 }.encode_to_vec())?;
+        w.put(k, &EtcdLease { id: l.id, ttl: l.ttl, remaining_ttl: l.remaining_ttl }.encode_to_vec())?;
         Ok(())
     })?;
 
@@ -405,7 +409,7 @@ mod tests {
         assert_eq!(engine.get_u64(CF_META, super::super::mvcc::META_REVISION).unwrap(), Some(7));
         assert_eq!(engine.get_u64(CF_META, super::super::mvcc::META_COMPACTED).unwrap(), Some(6));
         let lease = engine.db().get_cf(engine.cf(CF_LEASE), 77i64.to_be_bytes()).unwrap().unwrap();
-        assert_eq!(LeaseRecord::decode(lease.as_slice()).unwrap(), LeaseRecord { id: 77, ttl: 30 });
+        assert_eq!(LeaseRecord::decode(lease.as_slice()).unwrap(), LeaseRecord { id: 77, ttl: 30, remaining_ttl: 12 });
         let auth: Vec<_> =
             engine.db().iterator_cf(engine.cf(CF_AUTH), IteratorMode::Start).map(|r| r.unwrap()).collect();
         let state = auth::AuthState::load(auth).unwrap();

@@ -1,6 +1,7 @@
-//! Leases as the replicated state sees them: which exist, their granted TTL, and which
-//! keys each holds. When a lease runs out is not part of it: only the leader keeps time,
-//! and it revokes through Raft like any other write.
+//! Leases as the replicated state sees them: which exist, their granted TTL, the time
+//! left at the leader's last checkpoint, and which keys each holds. When a lease runs out
+//! is not part of it: only the leader keeps time, and it revokes through Raft like any
+//! other write.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -12,6 +13,8 @@ pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 #[derive(Debug, Clone, Default)]
 pub struct LeaseEntry {
     pub ttl: i64,
+    /// Seconds left at the last checkpoint; 0: none stands.
+    pub remaining: i64,
     pub keys: BTreeSet<Bytes>,
 }
 
@@ -24,10 +27,13 @@ pub struct LeaseTable {
 }
 
 impl LeaseTable {
-    /// Builds the table from lease records and the lease of each live key.
-    pub fn rebuild(records: impl IntoIterator<Item = (i64, i64)>, key_lease: HashMap<Bytes, i64>) -> Self {
-        let mut leases: HashMap<i64, LeaseEntry> =
-            records.into_iter().map(|(id, ttl)| (id, LeaseEntry { ttl, keys: BTreeSet::new() })).collect();
+    /// Builds the table from lease records (id, TTL, remaining at the last checkpoint) and
+    /// the lease of each live key.
+    pub fn rebuild(records: impl IntoIterator<Item = (i64, i64, i64)>, key_lease: HashMap<Bytes, i64>) -> Self {
+        let mut leases: HashMap<i64, LeaseEntry> = records
+            .into_iter()
+            .map(|(id, ttl, remaining)| (id, LeaseEntry { ttl, remaining, keys: BTreeSet::new() }))
+            .collect();
         let mut kept = HashMap::with_capacity(key_lease.len());
         for (key, id) in key_lease {
             if let Some(l) = leases.get_mut(&id) {
@@ -46,9 +52,9 @@ impl LeaseTable {
         self.leases.get(&id)
     }
 
-    /// Every lease: (id, granted TTL).
-    pub fn all(&self) -> Vec<(i64, i64)> {
-        let mut v: Vec<_> = self.leases.iter().map(|(id, l)| (*id, l.ttl)).collect();
+    /// Every lease: (id, granted TTL, seconds left at the last checkpoint or 0).
+    pub fn all(&self) -> Vec<(i64, i64, i64)> {
+        let mut v: Vec<_> = self.leases.iter().map(|(id, l)| (*id, l.ttl, l.remaining)).collect();
         v.sort_unstable();
         v
     }
@@ -62,7 +68,18 @@ impl LeaseTable {
     }
 
     pub fn grant(&mut self, id: i64, ttl: i64) {
-        self.leases.insert(id, LeaseEntry { ttl, keys: BTreeSet::new() });
+        self.leases.insert(id, LeaseEntry { ttl, remaining: 0, keys: BTreeSet::new() });
+    }
+
+    /// Records the time left at a checkpoint (0 clears it); false if there is no such lease.
+    pub fn checkpoint(&mut self, id: i64, remaining: i64) -> bool {
+        match self.leases.get_mut(&id) {
+            Some(l) => {
+                l.remaining = remaining;
+                true
+            }
+            None => false,
+        }
     }
 
     /// Removes the lease; returns the keys it held.
@@ -127,7 +144,7 @@ mod tests {
         assert!(!t.contains(1));
         // A later put of the key with no lease finds nothing to detach.
         t.attach(&k, 0);
-        assert_eq!(t.all(), vec![(2, 20)]);
+        assert_eq!(t.all(), vec![(2, 20, 0)]);
     }
 
     #[test]
@@ -145,7 +162,8 @@ mod tests {
         let mut key_lease = HashMap::new();
         key_lease.insert(Bytes::from_static(b"a"), 7);
         key_lease.insert(Bytes::from_static(b"b"), 8);
-        let t = LeaseTable::rebuild([(7, 30)], key_lease);
+        let t = LeaseTable::rebuild([(7, 30, 12)], key_lease);
+        assert_eq!(t.get(7).unwrap().remaining, 12);
         assert_eq!(t.get(7).unwrap().keys.len(), 1);
         assert!(!t.contains(8));
     }

@@ -26,8 +26,8 @@ use rocksdb::{IteratorMode, WriteBatch};
 use crate::pb::etcdserverpb::{
     alarm_request, compare, range_request, request_op, response_op, AlarmMember, AlarmRequest, AlarmResponse,
     AlarmType, CompactionRequest, CompactionResponse, Compare, DeleteRangeRequest, DeleteRangeResponse,
-    LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest, PutResponse,
-    RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    LeaseCheckpointRequest, LeaseGrantRequest, LeaseGrantResponse, LeaseRevokeRequest, LeaseRevokeResponse, PutRequest,
+    PutResponse, RangeRequest, RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use crate::pb::meshkvpb::{internal_request, InternalRequest, LeaseRecord};
 use crate::pb::mvccpb::{Event, KeyValue};
@@ -265,7 +265,7 @@ impl MvccStore {
             let (k, v) = item.map_err(EngineError::from)?;
             let r = LeaseRecord::decode(v.as_ref())
                 .map_err(|e| EngineError::Corrupt { cf: CF_LEASE, what: format!("lease {k:?}: {e}") })?;
-            records.push((r.id, r.ttl));
+            records.push((r.id, r.ttl, r.remaining_ttl));
         }
         let leases = LeaseTable::rebuild(records, key_lease);
         let keys = db.iterator_cf(engine.cf(CF_ALARM), IteratorMode::Start).map(|item| item.map(|(k, _)| k));
@@ -603,6 +603,10 @@ impl MvccStore {
                         self.lease_revoke(&mut a, r).map(WriteResponse::LeaseRevoke)
                     }
                     internal_request::Request::Alarm(r) => Ok(WriteResponse::Alarm(self.alarm(&mut a, r))),
+                    internal_request::Request::LeaseCheckpoint(c) => {
+                        self.lease_checkpoint(&mut a, c);
+                        Ok(WriteResponse::Empty)
+                    }
                     internal_request::Request::Auth(r) => self.change_auth(&mut a, r, user),
                     internal_request::Request::Compaction(_) => unreachable!("handled above"),
                 })
@@ -663,7 +667,7 @@ impl MvccStore {
                     auth.check(user, crate::store::auth::Access::Write, key, &[])?;
                 }
             }
-            R::Compaction(_) | R::LeaseGrant(_) | R::Alarm(_) | R::Auth(_) => {}
+            R::Compaction(_) | R::LeaseGrant(_) | R::LeaseCheckpoint(_) | R::Alarm(_) | R::Auth(_) => {}
         }
         Ok(())
     }
@@ -728,7 +732,7 @@ impl MvccStore {
             return Err(MvccError::LeaseExists);
         }
         a.leases.grant(g.id, g.ttl);
-        let record = LeaseRecord { id: g.id, ttl: g.ttl };
+        let record = LeaseRecord { id: g.id, ttl: g.ttl, remaining_ttl: 0 };
         a.batch.put_cf(self.engine.cf(CF_LEASE), g.id.to_be_bytes(), record.encode_to_vec());
         Ok(LeaseGrantResponse {
             header: Some(ResponseHeader { revision: rev, ..Default::default() }),
@@ -736,6 +740,18 @@ impl MvccStore {
             ttl: g.ttl,
             error: String::new(),
         })
+    }
+
+    /// Records the leader's checkpoints of time left; leases revoked meanwhile are
+    /// skipped. No revision: nothing a client reads changes.
+    fn lease_checkpoint(&self, a: &mut Apply, c: &LeaseCheckpointRequest) {
+        for cp in &c.checkpoints {
+            if a.leases.checkpoint(cp.id, cp.remaining_ttl.max(0)) {
+                let ttl = a.leases.get(cp.id).map_or(0, |l| l.ttl);
+                let record = LeaseRecord { id: cp.id, ttl, remaining_ttl: cp.remaining_ttl.max(0) };
+                a.batch.put_cf(self.engine.cf(CF_LEASE), cp.id.to_be_bytes(), record.encode_to_vec());
+            }
+        }
     }
 
     /// Removes a lease and deletes every key it holds, all in one revision.
