@@ -375,6 +375,9 @@ pub async fn run(
     rcfg.max_request_bytes = cfg.max_request_bytes;
     rcfg.membership.voters = cfg.voters;
     rcfg.log_keep = cfg.snapshot_count;
+    // A member whose store may differ from the others' must not lead (and send it in
+    // snapshots) before the check has compared them.
+    rcfg.hold_campaigns = cfg.initial_corrupt_check;
     rcfg.membership.dead_member_timeout = cfg.dead_member_timeout;
     let snapshots = node::Snapshots {
         outgoing: Arc::new(crate::raft::snapshot::Outgoing::new(cfg.data_dir.join("snap-out"))),
@@ -442,6 +445,7 @@ pub async fn run(
     }
     if cfg.initial_corrupt_check {
         api::corruption::initial_check(&ctx, &transport).await.map_err(ServerError::Inconsistent)?;
+        let _ = ctx.raft.campaign();
     }
     if !cfg.corrupt_check_time.is_zero() {
         api::corruption::start(ctx.clone(), transport.clone(), cfg.corrupt_check_time);

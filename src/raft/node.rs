@@ -61,6 +61,10 @@ pub struct RaftConfig {
     pub queue_depth: usize,
     /// Applied entries kept in the log before the front is trimmed.
     pub log_keep: u64,
+    /// Start without campaigning, until [`RaftHandle::campaign`] allows it: the member
+    /// takes part (it votes and keeps the log) but does not lead, as while its store is
+    /// checked against the others'.
+    pub hold_campaigns: bool,
 }
 
 impl RaftConfig {
@@ -76,6 +80,7 @@ impl RaftConfig {
             request_timeout: Duration::from_secs(7),
             queue_depth: 16 * 1024,
             log_keep: 10_000,
+            hold_campaigns: false,
         }
     }
 }
@@ -157,6 +162,8 @@ enum Command {
         deadline: Instant,
     },
     ReportSnapshot(u64, raft::SnapshotStatus),
+    /// Lets this member campaign for leadership (see [`RaftConfig::hold_campaigns`]).
+    Campaign,
     /// A member says its log ends at `last_index`, before what the leader told it to
     /// commit, and that it started again as `incarnation`.
     LostLog {
@@ -345,6 +352,11 @@ impl RaftHandle {
     /// Asks the leader to hand leadership to `to`.
     pub fn transfer_leader(&self, to: u64) -> Result<(), RaftError> {
         self.send(Command::TransferLeader(to))
+    }
+
+    /// Lets a member started with [`RaftConfig::hold_campaigns`] campaign.
+    pub fn campaign(&self) -> Result<(), RaftError> {
+        self.send(Command::Campaign)
     }
 
     fn queue(&self, cmd: Command) -> Result<(), RaftError> {
@@ -739,7 +751,10 @@ impl Driver {
         }
         if self.last_tick.elapsed() >= self.cfg.tick {
             self.last_tick = Instant::now();
-            self.node.tick();
+            // A follower's ticks count towards its next campaign; held, it has none.
+            if !self.cfg.hold_campaigns || self.node.raft.state == StateRole::Leader {
+                self.node.tick();
+            }
             self.ticks += 1;
             self.expire(self.last_tick);
             if self.ticks % 5 == 0 {
@@ -822,8 +837,12 @@ impl Driver {
                     tracing::debug!(error = %e, "raft message rejected");
                 }
             }
+            Command::TransferLeader(to) if self.cfg.hold_campaigns && to == self.cfg.id => {
+                tracing::info!("leadership not taken while campaigns are held");
+            }
             Command::TransferLeader(to) => self.node.transfer_leader(to),
             Command::ReportSnapshot(to, status) => self.node.report_snapshot(to, status),
+            Command::Campaign => self.cfg.hold_campaigns = false,
             Command::ChangeMembership { change, reply, deadline } => {
                 let (t, id) = self.propose_change(change);
                 self.conf_waiters.push((id, t, Waiter { reply, deadline }));
@@ -884,6 +903,8 @@ impl Driver {
                 }
                 true
             }
+            // A leader handing over its lead: not taken while campaigns are held.
+            MessageType::MsgTimeoutNow => self.cfg.hold_campaigns,
             MessageType::MsgRequestVote | MessageType::MsgRequestPreVote => {
                 self.incarnation != 0
                     && self.node.raft.raft_log.store().incarnation(self.cfg.id) != Some(self.incarnation)
