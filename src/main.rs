@@ -315,6 +315,11 @@ struct ServeArgs {
     /// How often the leader records the time left of leases (a duration).
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     lease_checkpoint_interval: Duration,
+    /// etcd 3.5's switch to keep lease checkpoints in the store: meshkv always keeps them
+    /// there, so either value is taken and changes nothing.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = parse_bool, default_value = "true")]
+    experimental_enable_lease_checkpoint_persist: bool,
     /// How --auto-compaction-retention counts: periodic (time) or revision.
     #[arg(long, default_value = "periodic")]
     auto_compaction_mode: String,
@@ -911,6 +916,9 @@ fn main() -> anyhow::Result<()> {
         Some(Command::Snapshot { action: SnapshotAction::Restore(args) }) => return restore(args),
         None => {}
     }
+    if !cli.serve.experimental_enable_lease_checkpoint_persist {
+        env_notes.push((true, "lease checkpoints are always kept in the store; persist=false changes nothing".into()));
+    }
     let cfg = cli.serve.into_config().map_err(anyhow::Error::msg)?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log_level));
     tracing_subscriber::fmt()
@@ -1008,6 +1016,8 @@ mod tests {
         assert_eq!(cfg(&[]).unwrap().corrupt_check_time, Duration::ZERO, "no periodic check unless asked");
         assert_eq!(cfg(&["--experimental-corrupt-check-time=0"]).unwrap().corrupt_check_time, Duration::ZERO);
         assert!(cfg(&["--client-cert-auth=yes"]).unwrap_err().contains("is not a boolean"));
+        assert!(cfg(&["--experimental-enable-lease-checkpoint-persist=true"]).unwrap().lease_checkpoint);
+        assert!(!cfg(&["--experimental-enable-lease-checkpoint=false"]).unwrap().lease_checkpoint);
         let (args, _) = beyond(&[], None, &[("ETCD_EXPERIMENTAL_INITIAL_CORRUPT_CHECK", "True")]).unwrap();
         assert_eq!(args, ["--experimental-initial-corrupt-check"]);
     }
