@@ -63,15 +63,13 @@ pub fn periodic_mismatch(me: u64, first: Hash, second: Hash, peers: &[(u64, Peer
     })
 }
 
-fn hash_now(ctx: &Ctx) -> impl std::future::Future<Output = Result<Hash, String>> {
+async fn hash_now(ctx: &Ctx) -> Result<Hash, String> {
     let store = ctx.store.clone();
-    async move {
-        let (hash, revision, compact_revision) = tokio::task::spawn_blocking(move || store.hash_kv(0))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-        Ok(Hash { hash, revision, compact_revision })
-    }
+    let (hash, revision, compact_revision) = tokio::task::spawn_blocking(move || store.hash_kv(0))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(Hash { hash, revision, compact_revision })
 }
 
 /// The other members of the cluster, by id and name.

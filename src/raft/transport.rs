@@ -39,7 +39,7 @@ const TAG_RAFT_OF: u8 = 5;
 const TAG_HASH_REQUEST: u8 = 6;
 const TAG_HASH: u8 = 7;
 /// Hash requests a member holds at most: one hashing, the rest waiting.
-const MAX_HASH_QUEUE: u64 = 8;
+const MAX_HASH_REQUESTS: usize = 9;
 
 /// A member id from a name: stable across restarts, never zero (raft-rs reserves 0).
 pub fn member_id(name: &str) -> u64 {
@@ -110,7 +110,7 @@ pub struct MeshTransport {
     /// more requests wait (the rest are dropped, as a busy member's would be).
     store: Arc<MvccStore>,
     hashing: Arc<tokio::sync::Semaphore>,
-    hash_queue: Arc<AtomicU64>,
+    held: Arc<tokio::sync::Semaphore>,
     /// Hash requests under way: request id → where the answers go.
     asking: Mutex<HashMap<u64, mpsc::Sender<(PeerName, PeerHash)>>>,
 }
@@ -134,7 +134,7 @@ impl MeshTransport {
             fetching: Mutex::new(HashMap::new()),
             store,
             hashing: Arc::new(tokio::sync::Semaphore::new(1)),
-            hash_queue: Arc::new(AtomicU64::new(0)),
+            held: Arc::new(tokio::sync::Semaphore::new(MAX_HASH_REQUESTS)),
             asking: Mutex::new(HashMap::new()),
         })
     }
@@ -178,16 +178,14 @@ impl MeshTransport {
 
     /// Answers a member's hash request, one hash at a time: a hash reads the whole store.
     fn on_hash_request(self: &Arc<Self>, src: PeerName, req: PeerHashRequest) {
-        if self.hash_queue.fetch_add(1, Ordering::AcqRel) >= MAX_HASH_QUEUE {
-            self.hash_queue.fetch_sub(1, Ordering::AcqRel);
+        let Ok(held) = self.held.clone().try_acquire_owned() else {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             return;
-        }
+        };
         let me = self.clone();
         tokio::spawn(async move {
-            let turn = me.hashing.clone().acquire_owned().await;
-            me.hash_queue.fetch_sub(1, Ordering::AcqRel);
-            let Ok(_turn) = turn else { return };
+            let _held = held; // released when the answer is sent
+            let Ok(_turn) = me.hashing.clone().acquire_owned().await else { return };
             let store = me.store.clone();
             let hashed = tokio::task::spawn_blocking(move || (store.hash_kv(req.revision), store.revision())).await;
             let Ok((hashed, current)) = hashed else { return };

@@ -71,15 +71,12 @@ impl LeaseTable {
         self.leases.insert(id, LeaseEntry { ttl, remaining: 0, keys: BTreeSet::new() });
     }
 
-    /// Records the time left at a checkpoint (0 clears it); false if there is no such lease.
-    pub fn checkpoint(&mut self, id: i64, remaining: i64) -> bool {
-        match self.leases.get_mut(&id) {
-            Some(l) => {
-                l.remaining = remaining;
-                true
-            }
-            None => false,
-        }
+    /// Records the time left at a checkpoint (0 clears it); the lease's TTL, None if there
+    /// is no such lease.
+    pub fn checkpoint(&mut self, id: i64, remaining: i64) -> Option<i64> {
+        let l = self.leases.get_mut(&id)?;
+        l.remaining = remaining;
+        Some(l.ttl)
     }
 
     /// Removes the lease; returns the keys it held.

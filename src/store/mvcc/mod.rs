@@ -746,9 +746,9 @@ impl MvccStore {
     /// skipped. No revision: nothing a client reads changes.
     fn lease_checkpoint(&self, a: &mut Apply, c: &LeaseCheckpointRequest) {
         for cp in &c.checkpoints {
-            if a.leases.checkpoint(cp.id, cp.remaining_ttl.max(0)) {
-                let ttl = a.leases.get(cp.id).map_or(0, |l| l.ttl);
-                let record = LeaseRecord { id: cp.id, ttl, remaining_ttl: cp.remaining_ttl.max(0) };
+            let remaining_ttl = cp.remaining_ttl.max(0);
+            if let Some(ttl) = a.leases.checkpoint(cp.id, remaining_ttl) {
+                let record = LeaseRecord { id: cp.id, ttl, remaining_ttl };
                 a.batch.put_cf(self.engine.cf(CF_LEASE), cp.id.to_be_bytes(), record.encode_to_vec());
             }
         }
