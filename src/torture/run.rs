@@ -741,7 +741,8 @@ struct WatchEvent {
 }
 
 /// Watches every key from revision 1 on, through whichever member answers, resuming
-/// after the last revision it got whenever its stream breaks.
+/// after the last revision it got whenever its stream breaks. The ballast's values are
+/// not kept.
 async fn watch_loop(endpoints: Arc<RwLock<Vec<String>>>, log: Arc<Mutex<Vec<WatchEvent>>>) {
     use crate::pb::etcdserverpb::watch_client::WatchClient;
     use crate::pb::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
@@ -757,9 +758,10 @@ async fn watch_loop(endpoints: Arc<RwLock<Vec<String>>>, log: Arc<Mutex<Vec<Watc
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        // Every key, so that every revision after the first has an event to show.
         let create = WatchCreateRequest {
-            key: Bytes::from_static(b"k"),
-            range_end: Bytes::from_static(b"l"),
+            key: Bytes::from_static(b"\0"),
+            range_end: Bytes::from_static(b"\0"),
             start_revision: next,
             ..Default::default()
         };
@@ -767,25 +769,45 @@ async fn watch_loop(endpoints: Arc<RwLock<Vec<String>>>, log: Arc<Mutex<Vec<Watc
         // Keep the request side open for as long as the stream lives.
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let _ = tx.send(req).await;
-        let mut client = WatchClient::new(ch);
-        let Ok(resp) = client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await else { continue };
+        // The ballast's history comes in responses of tens of megabytes, as etcd sends it.
+        let mut client = WatchClient::new(ch).max_decoding_message_size(usize::MAX);
+        let resp = match client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::info!(member = %ep, from = next, error = %e, "the watcher could not watch");
+                continue;
+            }
+        };
         let mut stream = resp.into_inner();
         loop {
             // A member that stops answering (paused, cut off) is left after a while.
             let msg = tokio::time::timeout(Duration::from_secs(5), stream.message()).await;
-            let Ok(Ok(Some(r))) = msg else { break };
+            let r = match msg {
+                Ok(Ok(Some(r))) => r,
+                Ok(Ok(None)) => break,
+                Ok(Err(e)) => {
+                    tracing::info!(member = %ep, error = %e, "the watcher's stream broke");
+                    break;
+                }
+                Err(_) => break,
+            };
             if r.canceled {
+                tracing::info!(member = %ep, reason = %r.cancel_reason, compact = r.compact_revision, "watch canceled");
                 break;
+            }
+            if let Some(first) = r.events.first().and_then(|e| e.kv.as_ref()) {
+                let expected = log.lock().unwrap_or_else(|e| e.into_inner()).last().map_or(2, |e| e.rev + 1);
+                if first.mod_revision > expected {
+                    tracing::warn!(member = %ep, expected, got = first.mod_revision, "the watcher skipped revisions");
+                }
             }
             let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
             for ev in r.events {
                 let Some(kv) = ev.kv else { continue };
                 let delete = ev.r#type == crate::pb::mvccpb::event::EventType::Delete as i32;
-                log.push(WatchEvent {
-                    rev: kv.mod_revision,
-                    key: String::from_utf8_lossy(&kv.key).into_owned(),
-                    value: (!delete).then(|| String::from_utf8_lossy(&kv.value).into_owned()),
-                });
+                let key = String::from_utf8_lossy(&kv.key).into_owned();
+                let value = (!delete && is_client_key(&key)).then(|| String::from_utf8_lossy(&kv.value).into_owned());
+                log.push(WatchEvent { rev: kv.mod_revision, key, value });
             }
         }
         drop(tx);
@@ -803,20 +825,42 @@ async fn final_revision(endpoints: &[String]) -> i64 {
     rev
 }
 
-/// Watch guarantees: revisions never go back and no event comes twice; every event
-/// is a write some client made; every acknowledged write is among the events.
+/// The keys the clients write (the rest is ballast).
+fn is_client_key(key: &str) -> bool {
+    key.starts_with('k')
+}
+
+/// Watch guarantees: revisions never go back and no event comes twice; every revision
+/// from the first write to the last has its events (nothing compacts during a run, and
+/// every revision is made by a write of at least one key); every event on a client's
+/// key is a write some client made; every acknowledged write is among the events.
 fn check_watch(events: &[WatchEvent], history: &BTreeMap<String, Vec<Op>>, last: i64) -> Vec<String> {
     let mut problems = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut prev = 0;
+    // Revisions missing between one event and the next, as (first, last) of each gap; a
+    // watcher that stops short is told below.
+    let mut gaps = Vec::new();
+    // The store starts at revision 1, so the first write makes revision 2.
+    let mut expected = 2;
     for e in events {
         if e.rev < prev {
             problems.push(format!("revision {} after {prev}", e.rev));
         }
+        if e.rev > expected {
+            gaps.push((expected, e.rev - 1));
+        }
+        expected = expected.max(e.rev + 1);
         prev = e.rev;
         if !seen.insert((e.rev, e.key.clone())) {
             problems.push(format!("event on {} at {} twice", e.key, e.rev));
         }
+    }
+    let missing: i64 = gaps.iter().map(|(a, b)| b - a + 1).sum();
+    if missing > 0 {
+        let shown: Vec<String> = gaps.iter().take(10).map(|(a, b)| format!("{a}..={b}")).collect();
+        let noun = if missing == 1 { "revision" } else { "revisions" };
+        problems.push(format!("{missing} {noun} never reached the watcher: {}", shown.join(", ")));
     }
     let written: std::collections::HashSet<(String, String)> = history
         .iter()
@@ -1002,5 +1046,63 @@ async fn client_loop(
         }
         let op = Op { client: id, input, output, invoke, complete };
         history.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().push(op);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(rev: i64, key: &str, value: &str) -> WatchEvent {
+        WatchEvent { rev, key: key.into(), value: Some(value.into()) }
+    }
+
+    fn written(writes: &[(&str, &str)]) -> BTreeMap<String, Vec<Op>> {
+        let mut h: BTreeMap<String, Vec<Op>> = BTreeMap::new();
+        for (i, (k, v)) in writes.iter().enumerate() {
+            let op = Op {
+                client: 0,
+                input: Input::Write(v.to_string()),
+                output: Some(Output::Written),
+                invoke: i as u64 * 2,
+                complete: Some(i as u64 * 2 + 1),
+            };
+            h.entry(k.to_string()).or_default().push(op);
+        }
+        h
+    }
+
+    #[test]
+    fn every_revision_in_order_once_passes() {
+        let h = written(&[("k1", "a"), ("k2", "b")]);
+        let ballast = WatchEvent { rev: 2, key: "ballast/00000".into(), value: None };
+        let events = vec![ballast, put(3, "k1", "a"), put(4, "k2", "b")];
+        assert_eq!(check_watch(&events, &h, 4), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_revision_nobody_acknowledged_that_never_arrives_is_a_gap() {
+        // k2=b was not acknowledged (say its client timed out) but took revision 3.
+        let mut h = written(&[("k1", "a"), ("k2", "b"), ("k1", "c")]);
+        h.get_mut("k2").unwrap()[0].output = None;
+        let events = vec![put(2, "k1", "a"), put(4, "k1", "c")];
+        let problems = check_watch(&events, &h, 4);
+        assert_eq!(problems, vec!["1 revision never reached the watcher: 3..=3".to_string()]);
+    }
+
+    #[test]
+    fn events_out_of_order_or_twice_are_caught() {
+        let h = written(&[("k1", "a"), ("k2", "b")]);
+        let twice = vec![put(2, "k1", "a"), put(2, "k1", "a"), put(3, "k2", "b")];
+        assert_eq!(check_watch(&twice, &h, 3), vec!["event on k1 at 2 twice".to_string()]);
+        let back = vec![put(3, "k2", "b"), put(2, "k1", "a")];
+        assert!(check_watch(&back, &h, 3).iter().any(|p| p == "revision 2 after 3"));
+    }
+
+    #[test]
+    fn a_watcher_that_stops_short_is_caught() {
+        let h = written(&[("k1", "a"), ("k2", "b")]);
+        let problems = check_watch(&[put(2, "k1", "a")], &h, 3);
+        assert_eq!(problems, vec!["the watcher reached revision 2, not 3".to_string()]);
     }
 }
