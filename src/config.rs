@@ -87,6 +87,23 @@ pub struct Config {
     pub lease_checkpoint: bool,
     /// How often it does, as etcd's (five minutes).
     pub lease_checkpoint_interval: Duration,
+    /// Refuse to remove a voter when the voters left that this member reaches would be
+    /// fewer than a quorum, as etcd's --strict-reconfig-check (on by default).
+    pub strict_reconfig_check: bool,
+    /// Raft's pre-vote phase, as etcd's --pre-vote (on by default here).
+    pub pre_vote: bool,
+    /// How long a client connection may be idle before the member pings it, as etcd's
+    /// --grpc-keepalive-interval (2 h); zero for never.
+    pub grpc_keepalive_interval: Duration,
+    /// How long the member waits for a ping's answer before it closes the connection,
+    /// as etcd's --grpc-keepalive-timeout (20 s).
+    pub grpc_keepalive_timeout: Duration,
+    /// Most concurrent streams (calls) one client connection may have open, as etcd's
+    /// --max-concurrent-streams.
+    pub max_concurrent_streams: u32,
+    /// Applying a batch of entries that takes longer is logged as a warning, as etcd's
+    /// --experimental-warning-apply-duration (100 ms).
+    pub warning_apply_duration: Duration,
     pub log_level: String,
 }
 
@@ -207,6 +224,12 @@ impl Default for Config {
             corrupt_check_time: Duration::ZERO,
             lease_checkpoint: true,
             lease_checkpoint_interval: Duration::from_secs(300),
+            strict_reconfig_check: true,
+            pre_vote: true,
+            grpc_keepalive_interval: Duration::from_secs(2 * 3600),
+            grpc_keepalive_timeout: Duration::from_secs(20),
+            max_concurrent_streams: u32::MAX,
+            warning_apply_duration: Duration::from_millis(100),
             log_level: "info".into(),
         }
     }

@@ -1,5 +1,7 @@
 //! The `meshkv` binary: flags → `Config` → `server::run`.
 
+mod etcd_flags;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,6 +12,7 @@ use clap::{ArgAction, CommandFactory, FromArgMatches, Parser};
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use meshkv::config::{parse_duration, parse_duration_or_zero, AutoCompaction, Config};
+use tracing_subscriber::fmt::writer::{BoxMakeWriter, MakeWriterExt};
 use tracing_subscriber::EnvFilter;
 
 /// meshkv: an etcd-v3-compatible key-value store. With no flags it serves one member
@@ -331,9 +334,37 @@ struct ServeArgs {
     /// client-transport-security). Environment variables are then not read.
     #[arg(long)]
     config_file: Option<PathBuf>,
+    /// Refuse to remove a voter when the voters left that this member reaches would be
+    /// fewer than a quorum.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = parse_bool, default_value = "true")]
+    strict_reconfig_check: bool,
+    /// Raft's pre-vote phase: a member cut off from the others asks whether it could
+    /// win an election before it raises its term, so it does not depose a working leader
+    /// when it comes back.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = parse_bool, default_value = "true")]
+    pre_vote: bool,
+    /// How long a client connection may be idle before the member pings it (a
+    /// duration); 0 for never.
+    #[arg(long, default_value = "2h", value_parser = parse_duration_or_zero)]
+    grpc_keepalive_interval: Duration,
+    /// How long the member waits for the answer to its ping before it closes the
+    /// connection.
+    #[arg(long, default_value = "20s", value_parser = parse_duration_or_zero)]
+    grpc_keepalive_timeout: Duration,
+    /// Most concurrent calls one client connection may have open.
+    #[arg(long, default_value_t = u32::MAX)]
+    max_concurrent_streams: u32,
+    /// Applying committed entries that takes longer than this is logged as a warning.
+    #[arg(long, alias = "experimental-warning-apply-duration", default_value = "100ms", value_parser = parse_duration)]
+    warning_apply_duration: Duration,
     /// Log level: debug, info, warn or error.
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// etcd's other flags: accepted where meshkv can do what they ask.
+    #[command(flatten)]
+    etcd: etcd_flags::EtcdFlags,
 }
 
 /// A boolean as etcd's flags take it (Go's): `--flag`, `--flag=true`, `--flag=false`, and
@@ -405,7 +436,13 @@ impl ServeArgs {
             corrupt_check_time: self.corrupt_check_time,
             lease_checkpoint: self.lease_checkpoint,
             lease_checkpoint_interval: self.lease_checkpoint_interval,
-            log_level: self.log_level,
+            strict_reconfig_check: self.strict_reconfig_check,
+            pre_vote: self.pre_vote,
+            grpc_keepalive_interval: self.grpc_keepalive_interval,
+            grpc_keepalive_timeout: self.grpc_keepalive_timeout,
+            max_concurrent_streams: self.max_concurrent_streams,
+            warning_apply_duration: self.warning_apply_duration,
+            log_level: if self.etcd.debug { "debug".into() } else { self.log_level },
         })
     }
 }
@@ -724,12 +761,19 @@ const ETCD_ONLY: &[(&str, &str)] = &[
     ("initial-cluster-token", MESH_FORMS_THE_CLUSTER),
     ("discovery", MESH_FORMS_THE_CLUSTER),
     ("discovery-srv", MESH_FORMS_THE_CLUSTER),
+    ("discovery-srv-name", MESH_FORMS_THE_CLUSTER),
+    ("discovery-fallback", MESH_FORMS_THE_CLUSTER),
+    ("discovery-proxy", MESH_FORMS_THE_CLUSTER),
     ("initial-advertise-peer-urls", "meshkv's flag is --advertise-peer-urls"),
     ("peer-cert-file", PEERS_ON_THE_MESH),
     ("peer-key-file", PEERS_ON_THE_MESH),
     ("peer-trusted-ca-file", PEERS_ON_THE_MESH),
     ("peer-client-cert-auth", PEERS_ON_THE_MESH),
     ("peer-auto-tls", PEERS_ON_THE_MESH),
+    ("peer-crl-file", PEERS_ON_THE_MESH),
+    ("peer-cert-allowed-cn", PEERS_ON_THE_MESH),
+    ("peer-cert-allowed-hostname", PEERS_ON_THE_MESH),
+    ("experimental-peer-skip-client-san-verification", PEERS_ON_THE_MESH),
     ("wal-dir", "meshkv keeps its Raft log in --data-dir"),
 ];
 const MESH_FORMS_THE_CLUSTER: &str = "meshkv members find each other through the mesh, with no static member \
@@ -787,15 +831,17 @@ fn flags_from(
                 Source::File(f) => format!("--{flag} is given both on the command line and in {}", f.display()),
             });
         }
-        // A boolean: a flag of its own, or one that takes `=true` as etcd's do.
-        let boolean = matches!(arg.get_action(), ArgAction::SetTrue)
-            || arg.get_num_args().is_some_and(|n| n.min_values() == 0 && n.max_values() == 1);
+        // A boolean: a flag of its own, or one that takes `=true` or `=false` as etcd's
+        // do (and may be on by default, so false is said).
+        let switch = matches!(arg.get_action(), ArgAction::SetTrue);
+        let boolean = switch || arg.get_num_args().is_some_and(|n| n.min_values() == 0 && n.max_values() == 1);
         if boolean {
             match value.as_str() {
                 "" => {}
                 v => match parse_bool(v) {
                     Ok(true) => args.push(format!("--{flag}")),
-                    Ok(false) => {}
+                    Ok(false) if switch => {}
+                    Ok(false) => args.push(format!("--{flag}=false")),
                     Err(_) => return Err(format!("{named}={value:?}: expected true or false")),
                 },
             }
@@ -919,13 +965,11 @@ fn main() -> anyhow::Result<()> {
     if !cli.serve.experimental_enable_lease_checkpoint_persist {
         env_notes.push((true, "lease checkpoints are always kept in the store; persist=false changes nothing".into()));
     }
+    env_notes.extend(cli.serve.etcd.notes().map_err(anyhow::Error::msg)?.into_iter().map(|n| (true, n)));
+    let (writer, to_terminal) = log_writer(&cli.serve.etcd.log_outputs)?;
     let cfg = cli.serve.into_config().map_err(anyhow::Error::msg)?;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&cfg.log_level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(to_terminal).with_writer(writer).init();
     for (warn, words) in env_notes {
         if warn {
             tracing::warn!("{words}");
@@ -939,6 +983,47 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(meshkv::server::run(cfg, shutdown_signal(), |_| {}))?;
     Ok(())
+}
+
+/// Where the log goes, as etcd's --log-outputs: `default` and `stderr` (and
+/// `systemd/journal`, which keeps a service's stderr) to stderr, `stdout`, or files,
+/// appended to; several at once. Whether it is all one terminal (for colours).
+fn log_writer(outputs: &[String]) -> anyhow::Result<(BoxMakeWriter, bool)> {
+    use std::io::IsTerminal;
+    let mut writers: Vec<BoxMakeWriter> = Vec::new();
+    let mut terminal = true;
+    let mut seen = std::collections::HashSet::new();
+    for out in outputs.iter().map(|o| o.trim()).filter(|o| !o.is_empty()) {
+        let out = match out {
+            "default" | "stderr" | "systemd/journal" => "stderr",
+            o => o,
+        };
+        if !seen.insert(out.to_string()) {
+            continue;
+        }
+        writers.push(match out {
+            "stderr" => {
+                terminal &= std::io::stderr().is_terminal();
+                BoxMakeWriter::new(std::io::stderr)
+            }
+            "stdout" => {
+                terminal &= std::io::stdout().is_terminal();
+                BoxMakeWriter::new(std::io::stdout)
+            }
+            path => {
+                terminal = false;
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| anyhow::anyhow!("--log-outputs {path}: {e}"))?;
+                BoxMakeWriter::new(std::sync::Arc::new(file))
+            }
+        });
+    }
+    let mut writers = writers.into_iter();
+    let Some(first) = writers.next() else { return Ok((BoxMakeWriter::new(std::io::stderr), false)) };
+    Ok((writers.fold(first, |all, w| BoxMakeWriter::new(all.and(w))), terminal))
 }
 
 #[cfg(test)]
@@ -989,7 +1074,7 @@ mod tests {
         assert_eq!(warned, ["unrecognized environment variable ETCD_INITIAL_CLUSTER_STATE=new"]);
         assert_eq!(notes.len(), 5);
         let (args, notes) = beyond(&[], None, &[("ETCD_FOO_BAR", "1"), ("ETCD_CLIENT_CERT_AUTH", "false")]).unwrap();
-        assert!(args.is_empty());
+        assert_eq!(args, ["--client-cert-auth=false"]);
         assert_eq!(notes[0], (false, "recognized and used environment variable ETCD_CLIENT_CERT_AUTH=false".into()));
         assert_eq!(notes[1], (true, "unrecognized environment variable ETCD_FOO_BAR=1".into()));
     }
@@ -1069,21 +1154,66 @@ auto-compaction-retention: 1
                 "--heartbeat-interval=100",
                 "--election-timeout=1000",
                 "--listen-client-urls=http://localhost:2379",
+                "--client-cert-auth=false",
+                "--auto-tls=false",
                 "--auto-compaction-retention=1"
             ]
         );
         let warned: Vec<&str> = notes.iter().filter(|(w, _)| *w).map(|(_, s)| s.as_str()).collect();
-        let unknown = [
-            "initial-cluster",
-            "initial-cluster-state",
-            "client-transport-security.auto-tls",
-            "peer-transport-security",
-        ];
+        let unknown = ["initial-cluster", "initial-cluster-state", "peer-transport-security"];
         assert_eq!(warned, unknown.map(|k| format!("config file FILE: unknown key {k} ignored")), "{notes:?}");
         assert_eq!(
             notes[0],
             (false, "loaded server configuration from FILE; environment variables are not read".into())
         );
+    }
+
+    /// The keys of etcd 3.4's sample config file that are not in `ETCD_CONF`.
+    const ETCD_SAMPLE_REST: &str = "
+max-snapshots: 5
+max-wals: 5
+cors:
+discovery-fallback: 'proxy'
+strict-reconfig-check: false
+enable-v2: true
+enable-pprof: true
+proxy: 'off'
+proxy-failure-wait: 5000
+proxy-read-timeout: 0
+debug: false
+logger: zap
+log-outputs: [stderr]
+force-new-cluster: false
+";
+
+    #[test]
+    fn etcds_sample_config_file_starts_a_member_with_its_settings() {
+        let (args, notes) = beyond(&["--config-file", "x"], Some(ETCD_SAMPLE_REST), &[]).unwrap();
+        assert_eq!(
+            args,
+            [
+                "--max-snapshots=5",
+                "--max-wals=5",
+                "--strict-reconfig-check=false",
+                "--enable-v2",
+                "--enable-pprof",
+                "--proxy=off",
+                "--proxy-failure-wait=5000",
+                "--proxy-read-timeout=0",
+                "--debug=false",
+                "--logger=zap",
+                "--log-outputs=stderr"
+            ]
+        );
+        let warned: Vec<&str> = notes.iter().filter(|(w, _)| *w).map(|(_, s)| s.as_str()).collect();
+        let unknown = ["discovery-fallback", "force-new-cluster"];
+        assert_eq!(warned, unknown.map(|k| format!("config file FILE: unknown key {k} ignored")), "{notes:?}");
+        let argv = std::iter::once("meshkv").chain(args.iter().map(String::as_str));
+        let serve = Cli::try_parse_from(argv).unwrap().serve;
+        assert!(!serve.strict_reconfig_check, "false from the file turns off what is on by default");
+        let said = serve.etcd.notes().unwrap();
+        assert!(said.iter().any(|n| n.starts_with("--enable-v2 has no effect")), "{said:?}");
+        assert!(said.iter().any(|n| n.starts_with("--max-wals has no effect")), "{said:?}");
     }
 
     #[test]

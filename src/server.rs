@@ -379,6 +379,9 @@ pub async fn run(
     // snapshots) before the check has compared them.
     rcfg.hold_campaigns = cfg.initial_corrupt_check;
     rcfg.membership.dead_member_timeout = cfg.dead_member_timeout;
+    rcfg.strict_reconfig_check = cfg.strict_reconfig_check;
+    rcfg.pre_vote = cfg.pre_vote;
+    rcfg.warning_apply_duration = cfg.warning_apply_duration;
     let snapshots = node::Snapshots {
         outgoing: Arc::new(crate::raft::snapshot::Outgoing::new(cfg.data_dir.join("snap-out"))),
         incoming: Arc::new(crate::raft::snapshot::Incoming::new(cfg.data_dir.join("snap-in"))),
@@ -499,7 +502,14 @@ pub async fn run(
         .chain(metrics_listeners.into_iter().map(|l| (l, &metrics_routes)));
     for (listener, routes) in listening {
         // HTTP/1.1 too, for the plain endpoints: probes and scrapers speak it.
-        let router = Server::builder().tcp_nodelay(true).accept_http1(true).add_routes(routes.clone());
+        let keepalive = (!cfg.grpc_keepalive_interval.is_zero()).then_some(cfg.grpc_keepalive_interval);
+        let router = Server::builder()
+            .tcp_nodelay(true)
+            .accept_http1(true)
+            .http2_keepalive_interval(keepalive)
+            .http2_keepalive_timeout((!cfg.grpc_keepalive_timeout.is_zero()).then_some(cfg.grpc_keepalive_timeout))
+            .max_concurrent_streams(cfg.max_concurrent_streams)
+            .add_routes(routes.clone());
         let mut stop = stop_rx.clone();
         let incoming = crate::tls::incoming(listener.listener, listener.tls)
             .map(|conn| conn.map(|c| api::conn::Coalesced::serving(api::authority::LenientAuthority::new(c))));

@@ -365,6 +365,61 @@ fn etcds_experimental_flags_with_their_values_start_both_alike() {
     assert!(err.contains("invalid value 'maybe' for '--client-cert-auth"), "{err}");
 }
 
+/// etcd's other server flags, as an etcd command line gives them, start meshkv as they
+/// start etcd: the log goes where --log-outputs says, and the flags that ask for what
+/// meshkv has no part for are named in a warning. Those whose absence would let in
+/// clients they keep out, or that ask for a mode meshkv has not, stop it at start.
+#[test]
+fn etcds_other_server_flags_start_both_alike() {
+    let dir = tempdir();
+    let log_file = dir.path().join("meshkv.log");
+    let flags = [
+        "--logger=zap",
+        "--pre-vote=true",
+        "--strict-reconfig-check",
+        "--grpc-keepalive-min-time=5s",
+        "--grpc-keepalive-interval=2h",
+        "--grpc-keepalive-timeout=20s",
+        "--max-concurrent-streams=1000",
+        "--metrics=extensive",
+        "--max-snapshots=5",
+        "--max-wals=5",
+        "--enable-v2=false",
+        "--proxy=off",
+        "--experimental-compaction-batch-limit=1000",
+        "--experimental-backend-bbolt-freelist-type=map",
+        "--initial-election-tick-advance=false",
+        "--experimental-warning-apply-duration=200ms",
+        "--enable-pprof",
+    ];
+    let etcd = start_etcd_with(&dir.path().join("etcd"), &flags);
+    let outputs = format!("--log-outputs=stderr,{}", log_file.display());
+    let mut meshkv = start_meshkv(&dir.path().join("meshkv"), &[&flags[..], &[outputs.as_str()]].concat());
+    for (who, addr) in [("etcd", &etcd.client_addr), ("meshkv", &meshkv.client_addr)] {
+        let out = etcdctl(addr, &["put", "k", "v"], None);
+        assert_eq!((out.status, out.stdout.as_str()), (0, "OK\n"), "{who}: {out:?}");
+    }
+    let log = meshkv.log();
+    for warned in ["--max-wals has no effect", "--enable-pprof has no effect: meshkv has no Go profiler"] {
+        assert!(log.contains(warned), "{warned}: {log}");
+    }
+    assert!(!log.contains("--enable-v2 has no effect"), "false asks for nothing: {log}");
+    let copy = std::fs::read_to_string(&log_file).unwrap();
+    assert!(copy.contains("ready to serve client requests on "), "{copy}");
+    meshkv.kill9();
+
+    for (flag, said) in [
+        ("--proxy=on", "meshkv does not run as etcd's v2 proxy"),
+        ("--auto-tls", "meshkv does not make its own certificates"),
+        ("--client-crl-file=revoked.pem", "--client-crl-file is not supported by meshkv"),
+        ("--host-whitelist=example.com", "--host-whitelist: meshkv does not check the Host"),
+        ("--logger=glog", "invalid value 'glog' for '--logger"),
+    ] {
+        let err = refused_at_start_in(dir.path(), &[flag]);
+        assert!(err.contains(said), "{flag}: {err}");
+    }
+}
+
 /// A member started from etcd's YAML config file (`--config-file`), TLS section and all:
 /// the file's flags hold, the keys meshkv has no flag for are named in a warning.
 #[test]

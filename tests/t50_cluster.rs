@@ -1203,3 +1203,108 @@ async fn a_member_whose_store_was_altered_is_refused_at_start_and_alarmed_by_the
         assert!(e.to_string().contains("etcdserver: corrupt cluster"), "a put through {}: {e}", m.name);
     }
 }
+
+/// Whether `m`'s mesh has a route to the member named `to`.
+async fn reaches(m: &Member, to: &str) -> bool {
+    use meshkv::pb::meshkvpb::{admin_client::AdminClient, MeshStatusRequest};
+    let Ok(ch) = tonic::transport::Endpoint::from_shared(m.proc.endpoint()).unwrap().connect().await else {
+        return false;
+    };
+    let Ok(s) = AdminClient::new(ch).mesh_status(MeshStatusRequest {}).await else { return false };
+    s.into_inner().peers.iter().any(|p| p.name == to && !p.next_hop.is_empty())
+}
+
+/// Writes each member's block file in `root`: `cuts` names, for each member, the peers
+/// whose traffic it drops.
+fn drill(root: &std::path::Path, cuts: &[(&str, &str)]) {
+    for (n, peers) in cuts {
+        std::fs::write(root.join(format!("block-{n}")), peers).unwrap();
+    }
+}
+
+/// etcd's strict reconfiguration check, on by default: with c cut off, removing b would
+/// leave a alone of the two voters left, and is refused in etcd's words with b kept.
+/// Removing c, which the active quorum does not count on, goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_voter_the_quorum_needs_is_refused() {
+    let root = tempdir();
+    let members = three_with_drills(root.path(), &[]);
+    drill(root.path(), &[("a", "c\n"), ("b", "c\n"), ("c", "a\nb\n")]);
+    eventually("a and b to lose their routes to c", Duration::from_secs(20), || async {
+        !reaches(&members[0], "c").await && !reaches(&members[1], "c").await
+    })
+    .await;
+    let (a, b, c) = (&members[0], &members[1], &members[2]);
+    let b_id = member_id_of(b).await;
+    let out = etcdctl(&a.proc.client_addr, &["member", "remove", &format!("{b_id:x}")], None);
+    assert_ne!(out.status, 0, "{out:?}");
+    assert!(out.stderr.contains("etcdserver: unhealthy cluster"), "{}", out.stderr);
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(roles(a).await, Some((names(&["a", "b", "c"]), vec![])));
+    let c_id = member_id_of(c).await;
+    let out = etcdctl(&a.proc.client_addr, &["member", "remove", &format!("{c_id:x}")], None);
+    assert_eq!(out.status, 0, "{out:?}");
+    eventually("c to be gone", Duration::from_secs(10), || async {
+        roles(a).await == Some((names(&["a", "b"]), vec![]))
+    })
+    .await;
+    // Both voters left are up: the cluster still takes writes.
+    put_until_taken(b, "after", Duration::from_secs(10)).await;
+}
+
+/// A learner is promoted only once it holds nine tenths of the leader's log, as etcd
+/// has it; the leader judges, whichever member the client asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_behind_the_leader_is_not_promoted_until_it_catches_up() {
+    let root = tempdir();
+    // No member is taken for dead while it is cut off.
+    let flags: Vec<Vec<String>> = ["a", "b", "c", "d"]
+        .iter()
+        .map(|n| {
+            let block = root.path().join(format!("block-{n}")).display().to_string();
+            ["--mesh-block-file", &block, "--dead-member-timeout", "600"].map(String::from).to_vec()
+        })
+        .collect();
+    let f: Vec<Vec<&str>> = flags.iter().map(|v| v.iter().map(String::as_str).collect()).collect();
+    let members = bootstrap_three(root.path(), &[&f[0], &f[1], &f[2]]);
+    let join = members[0].peer.clone();
+    let mut d = spawn(root.path(), "d", free_port(), &[&["--join", join.as_str()][..], &f[3]].concat());
+    d.proc.wait_ready(Duration::from_secs(60));
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    eventually("d to join as a learner", Duration::from_secs(20), || async {
+        roles(&members[0]).await == Some((names(&["a", "b", "c"]), names(&["d"])))
+    })
+    .await;
+    drill(root.path(), &[("a", "d\n"), ("b", "d\n"), ("c", "d\n"), ("d", "a\nb\nc\n")]);
+    eventually("the others to lose their routes to d", Duration::from_secs(20), || async {
+        !reaches(&members[0], "d").await && !reaches(&members[1], "d").await && !reaches(&members[2], "d").await
+    })
+    .await;
+    let mut c = client(&members[0]).await;
+    for i in 0..300 {
+        c.put(format!("k{i}"), "v", None).await.unwrap();
+    }
+    let d_id = member_id_of(&d).await;
+    let refs: Vec<&Member> = members.iter().collect();
+    let leader = leader_of(&refs).await.unwrap();
+    let mut follower = None;
+    for m in &members {
+        if member_id_of(m).await != leader {
+            follower = Some(m);
+        }
+    }
+    let follower = follower.unwrap();
+    let promote = || etcdctl(&follower.proc.client_addr, &["member", "promote", &format!("{d_id:x}")], None);
+    let out = promote();
+    assert_ne!(out.status, 0, "{out:?}");
+    assert!(out.stderr.contains("can only promote a learner member which is in sync with leader"), "{}", out.stderr);
+    assert_eq!(roles(&members[0]).await, Some((names(&["a", "b", "c"]), names(&["d"]))));
+
+    drill(root.path(), &[("a", ""), ("b", ""), ("c", ""), ("d", "")]);
+    eventually("d to catch up and be promoted", Duration::from_secs(30), || async { promote().status == 0 }).await;
+    eventually("d to be a voter", Duration::from_secs(10), || async {
+        roles(&members[0]).await == Some((names(&["a", "b", "c", "d"]), vec![]))
+    })
+    .await;
+    d.proc.kill9();
+}

@@ -6,21 +6,25 @@ use std::collections::HashMap;
 
 use tonic::{Code, Request, Response, Status};
 
+use super::leader::{LeaderLink, FORWARDED};
 use super::Ctx;
+use crate::pb::etcdserverpb::cluster_client::ClusterClient;
 use crate::pb::etcdserverpb::cluster_server::Cluster;
 use crate::pb::etcdserverpb::{
     Member, MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse, MemberPromoteRequest,
     MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
 };
 use crate::raft::directory::{self, Directory};
+use crate::raft::RaftError;
 
 pub struct ClusterService {
     ctx: Ctx,
+    leader: LeaderLink,
 }
 
 impl ClusterService {
     pub fn new(ctx: Ctx) -> Self {
-        Self { ctx }
+        Self { ctx, leader: LeaderLink::default() }
     }
 
     /// Every member, voters first, each in id order.
@@ -96,8 +100,29 @@ impl Cluster for ClusterService {
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
         self.ctx.require_admin(&request)?;
-        let id = request.into_inner().id;
-        self.ctx.raft.change_membership(crate::raft::membership::Change::Promote { id }).await?;
-        Ok(Response::new(MemberPromoteResponse { header: self.ctx.header(None), members: self.members() }))
+        let forwarded = request.metadata().contains_key(FORWARDED);
+        let id = request.get_ref().id;
+        match self.ctx.raft.change_membership(crate::raft::membership::Change::Promote { id }).await {
+            Ok(()) => {
+                Ok(Response::new(MemberPromoteResponse { header: self.ctx.header(None), members: self.members() }))
+            }
+            // Only the leader knows how far the learner has come: it decides, as etcd's does.
+            Err(RaftError::NotLeader) if !forwarded => {
+                let mut fwd = Request::new(MemberPromoteRequest { id });
+                for key in ["token", "authorization"] {
+                    if let Some(v) = request.metadata().get(key) {
+                        fwd.metadata_mut().insert(key, v.clone());
+                    }
+                }
+                fwd.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+                let resp = ClusterClient::new(self.leader.channel(&self.ctx)?).member_promote(fwd).await?;
+                Ok(Response::new(MemberPromoteResponse {
+                    header: self.ctx.header(None),
+                    members: resp.into_inner().members,
+                }))
+            }
+            Err(RaftError::NotLeader) => Err(Status::new(Code::Unavailable, "etcdserver: leader changed")),
+            Err(e) => Err(e.into()),
+        }
     }
 }

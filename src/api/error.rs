@@ -71,6 +71,11 @@ impl From<RaftError> for Status {
             RaftError::Timeout => etcd(Code::Unavailable, "request timed out"),
             RaftError::MemberNotFound => etcd(Code::NotFound, "member not found"),
             RaftError::NotLearner => etcd(Code::FailedPrecondition, "can only promote a learner member"),
+            RaftError::LearnerNotReady => {
+                etcd(Code::FailedPrecondition, "can only promote a learner member which is in sync with leader")
+            }
+            RaftError::Unhealthy => etcd(Code::Unavailable, "unhealthy cluster"),
+            RaftError::NotLeader => etcd(Code::FailedPrecondition, "not leader"),
             RaftError::Apply(e) => e.into(),
         }
     }

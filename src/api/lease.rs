@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
+use super::leader::{LeaderLink, FORWARDED};
 use super::Ctx;
 use crate::pb::etcdserverpb::lease_client::LeaseClient;
 use crate::pb::etcdserverpb::lease_server::Lease;
@@ -34,12 +35,9 @@ use crate::pb::etcdserverpb::{
     LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use crate::pb::meshkvpb::internal_request::Request as Write;
-use crate::raft::directory::{self, Directory};
 use crate::store::lease::MAX_LEASE_TTL;
 use crate::store::mvcc::WriteResponse;
 
-/// Metadata on a request a follower forwarded to the leader: it is never forwarded again.
-const FORWARDED: &str = "meshkv-forwarded";
 /// How often the leader looks for expired leases.
 const TICK: Duration = Duration::from_millis(100);
 
@@ -267,42 +265,18 @@ pub struct LeaseService {
     lessor: Arc<Lessor>,
     /// etcd's minimum TTL: one and a half election timeouts, rounded up to a second.
     min_ttl: i64,
-    leader_channel: Arc<Mutex<Option<(String, Channel)>>>,
+    leader: Arc<LeaderLink>,
 }
 
 impl LeaseService {
     pub fn new(ctx: Ctx, lessor: Arc<Lessor>, election_timeout: Duration) -> Self {
         let min_ttl = (election_timeout.as_secs_f64() * 1.5).ceil().max(1.0) as i64;
-        Self { ctx, lessor, min_ttl, leader_channel: Arc::default() }
+        Self { ctx, lessor, min_ttl, leader: Arc::default() }
     }
 
     /// A channel to the leader's client URL, for requests that need its clock.
-    async fn leader(&self) -> Result<Channel, Status> {
-        let status = self.ctx.raft.status();
-        let leader = status.leader();
-        if leader == 0 {
-            return Err(Status::new(Code::Unavailable, "etcdserver: no leader"));
-        }
-        let name = status.membership().names.get(&leader).cloned().unwrap_or_default();
-        let url = self
-            .ctx
-            .mesh
-            .with_channel::<Directory, _>(directory::CHANNEL, |d| d.client_urls(&name))
-            .unwrap_or_default()
-            .into_iter()
-            .next()
-            .ok_or_else(|| Status::new(Code::Unavailable, "etcdserver: leader changed"))?;
-        if let Some((u, ch)) = &*self.leader_channel.lock().unwrap_or_else(|e| e.into_inner()) {
-            if *u == url {
-                return Ok(ch.clone());
-            }
-        }
-        let ch = Endpoint::from_shared(url.clone())
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy();
-        *self.leader_channel.lock().unwrap_or_else(|e| e.into_inner()) = Some((url, ch.clone()));
-        Ok(ch)
+    fn leader(&self) -> Result<Channel, Status> {
+        self.leader.channel(&self.ctx)
     }
 
     /// A request for the leader, carrying what this member has applied: the leader
@@ -338,7 +312,7 @@ impl LeaseService {
         if forwarded.is_some() {
             return Err(Status::new(Code::Unavailable, "etcdserver: not leader"));
         }
-        let mut client = LeaseClient::new(self.leader().await?);
+        let mut client = LeaseClient::new(self.leader()?);
         let req = LeaseKeepAliveRequest { id };
         let mut stream = client.lease_keep_alive(self.forwarded(tokio_stream::once(req))).await?.into_inner();
         match stream.message().await? {
@@ -435,7 +409,7 @@ impl Lease for LeaseService {
             if forwarded.is_some() {
                 return Err(Status::new(Code::Unavailable, "etcdserver: not leader"));
             }
-            let mut client = LeaseClient::new(self.leader().await?);
+            let mut client = LeaseClient::new(self.leader()?);
             let mut resp = client.lease_time_to_live(self.forwarded(req)).await?.into_inner();
             resp.header = self.ctx.header(None);
             return Ok(Response::new(resp));

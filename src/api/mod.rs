@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod grpc_health;
 pub mod http;
 pub mod kv;
+pub mod leader;
 pub mod lease;
 pub mod lock;
 pub mod maintenance;

@@ -142,9 +142,59 @@ impl Controller {
     }
 }
 
+/// Whether a learner whose log reaches `matched` is close enough to the leader's
+/// `last_index` to be promoted: nine tenths of it, as etcd asks.
+pub fn in_sync(matched: u64, last_index: u64) -> bool {
+    matched as u128 * 10 >= last_index as u128 * 9
+}
+
+/// Whether removing `removed` leaves a quorum of the voters left among those active:
+/// member `me` and the members it can reach. etcd's strict reconfiguration check: a
+/// learner, or a voter that cannot be reached, takes nothing from the active quorum.
+pub fn quorum_kept_without(removed: u64, me: u64, voters: &[u64], reachable: &[u64]) -> bool {
+    if !voters.contains(&removed) {
+        return true;
+    }
+    let active: Vec<u64> = voters.iter().copied().filter(|v| *v == me || reachable.contains(v)).collect();
+    if removed != me && !active.contains(&removed) {
+        return true;
+    }
+    let quorum_left = (voters.len() - 1) / 2 + 1;
+    active.len() > quorum_left
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_voter_is_removed_only_if_the_active_voters_left_make_a_quorum() {
+        // Three voters, all reachable: any one can go (two of two left).
+        assert!(quorum_kept_without(2, 1, &[1, 2, 3], &[2, 3]));
+        // 3 is down: removing 2 would leave 1 active of two voters.
+        assert!(!quorum_kept_without(2, 1, &[1, 2, 3], &[2]));
+        // Nor may this member remove itself then.
+        assert!(!quorum_kept_without(1, 1, &[1, 2, 3], &[2]));
+        // The one that is down can go: two active of two left.
+        assert!(quorum_kept_without(3, 1, &[1, 2, 3], &[2]));
+        // Five voters, two down: removing a third active one leaves two of four.
+        assert!(!quorum_kept_without(2, 1, &[1, 2, 3, 4, 5], &[2, 3]));
+        // Five voters, one down: three active of four left.
+        assert!(quorum_kept_without(2, 1, &[1, 2, 3, 4, 5], &[2, 3, 4]));
+        // Learners never count.
+        assert!(quorum_kept_without(9, 1, &[1, 2, 3], &[]));
+        // The last voter cannot remove itself.
+        assert!(!quorum_kept_without(1, 1, &[1], &[]));
+    }
+
+    #[test]
+    fn a_learner_is_in_sync_at_nine_tenths_of_the_leaders_log() {
+        assert!(in_sync(90, 100));
+        assert!(!in_sync(89, 100));
+        assert!(in_sync(0, 0));
+        assert!(!in_sync(0, 5));
+        assert!(in_sync(u64::MAX, u64::MAX));
+    }
 
     fn view(voters: &[u64], learners: &[u64], reachable: &[u64]) -> View {
         View {

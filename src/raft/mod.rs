@@ -38,6 +38,15 @@ pub enum RaftError {
     MemberNotFound,
     #[error("can only promote a learner member")]
     NotLearner,
+    /// A learner too far behind the leader's log to be promoted.
+    #[error("can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    /// A membership change that would leave fewer active voters than a quorum.
+    #[error("unhealthy cluster")]
+    Unhealthy,
+    /// Only the leader can judge this (how far a learner has caught up).
+    #[error("not leader")]
+    NotLeader,
     #[error(transparent)]
     Apply(#[from] MvccError),
 }

@@ -35,7 +35,7 @@ use rocksdb::WriteBatch;
 use tokio::sync::oneshot;
 
 use super::log_store::LogStore;
-use super::membership::{Change, Controller, MembershipConfig, View};
+use super::membership::{self, Change, Controller, MembershipConfig, View};
 use super::wal::LogWal;
 use super::{logger, RaftError};
 use crate::pb::meshkvpb::{internal_request, InternalRequest, MemberContext, SnapshotDescriptor};
@@ -65,6 +65,16 @@ pub struct RaftConfig {
     /// takes part (it votes and keeps the log) but does not lead, as while its store is
     /// checked against the others'.
     pub hold_campaigns: bool,
+    /// As etcd's --strict-reconfig-check: refuse to remove a voter when the voters left
+    /// that this member can reach would be fewer than a quorum.
+    pub strict_reconfig_check: bool,
+    /// Raft's pre-vote phase (etcd's --pre-vote): a member cut off from the others asks
+    /// whether it could win before it raises its term, so it does not depose a working
+    /// leader when it comes back.
+    pub pre_vote: bool,
+    /// Applying a batch of committed entries that takes longer is logged as a warning
+    /// (etcd's --experimental-warning-apply-duration).
+    pub warning_apply_duration: Duration,
 }
 
 impl RaftConfig {
@@ -81,6 +91,9 @@ impl RaftConfig {
             queue_depth: 16 * 1024,
             log_keep: 10_000,
             hold_campaigns: false,
+            strict_reconfig_check: true,
+            pre_vote: true,
+            warning_apply_duration: Duration::from_millis(100),
         }
     }
 }
@@ -589,7 +602,7 @@ pub fn start(
         max_size_per_msg: 1 << 20,
         max_inflight_msgs: 256,
         check_quorum: true,
-        pre_vote: true,
+        pre_vote: cfg.pre_vote,
         // The leader tells followers a new commit index with its next appends, or once
         // per turn when it has none to send (`tell_commit`), rather than on every ack.
         skip_bcast_commit: true,
@@ -844,6 +857,10 @@ impl Driver {
             Command::ReportSnapshot(to, status) => self.node.report_snapshot(to, status),
             Command::Campaign => self.cfg.hold_campaigns = false,
             Command::ChangeMembership { change, reply, deadline } => {
+                if let Err(e) = self.admissible(&change) {
+                    let _ = reply.send(Err(e));
+                    return;
+                }
                 let (t, id) = self.propose_change(change);
                 self.conf_waiters.push((id, t, Waiter { reply, deadline }));
             }
@@ -914,6 +931,40 @@ impl Driver {
     }
 
     /// Proposes one membership change; returns what to watch for when it applies.
+    /// etcd's checks on a membership change a client asked for: a learner is promoted
+    /// only once it holds nine tenths of the leader's log (judged by the leader), and
+    /// with the strict check a voter is removed only if the voters left that this member
+    /// can reach still make a quorum (removing one that cannot be reached takes nothing
+    /// from the quorum).
+    fn admissible(&self, change: &Change) -> Result<(), RaftError> {
+        let r = &self.node.raft;
+        match change {
+            Change::Promote { id } => {
+                if r.state != StateRole::Leader {
+                    return Err(RaftError::NotLeader);
+                }
+                let matched = r.prs().get(*id).map_or(0, |p| p.matched);
+                if !membership::in_sync(matched, r.raft_log.last_index()) {
+                    return Err(RaftError::LearnerNotReady);
+                }
+                Ok(())
+            }
+            Change::Remove { id, .. } if self.cfg.strict_reconfig_check => {
+                let voters = r.prs().conf().to_conf_state().voters;
+                let reachable: Vec<u64> = self
+                    .transport
+                    .as_ref()
+                    .map_or_else(Vec::new, |t| t.reachable().into_iter().map(|(id, _)| id).collect());
+                if membership::quorum_kept_without(*id, self.cfg.id, &voters, &reachable) {
+                    Ok(())
+                } else {
+                    Err(RaftError::Unhealthy)
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn propose_change(&mut self, change: Change) -> (ConfChangeType, u64) {
         let names = self.node.raft.raft_log.store().members();
         let known = |id: u64| names.get(&id).cloned().unwrap_or_default();
@@ -1355,7 +1406,16 @@ impl Driver {
         let started = Instant::now();
         let (results, held) =
             self.store.apply_held(&reqs).map_err(|e| EngineError::Corrupt { cf: "kv", what: e.to_string() })?;
-        self.status.metrics.backend_commit.observe(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        self.status.metrics.backend_commit.observe(took.as_secs_f64());
+        if took > self.cfg.warning_apply_duration {
+            tracing::warn!(
+                ?took,
+                expected = ?self.cfg.warning_apply_duration,
+                entries = reqs.len(),
+                "apply request took too long"
+            );
+        }
         for ((_, req), res) in reqs.into_iter().zip(results) {
             let Some(req) = req else { continue };
             if let Some(w) = self.writes.remove(&req.id) {
