@@ -1,8 +1,8 @@
 //! etcd's flags that ask for nothing meshkv must do differently: taken, so that an etcd
 //! command line, `ETCD_*` environment or config file starts meshkv as it started etcd.
 //! A value that asks for what meshkv does not do is refused when running without it
-//! would be unsafe (a v2 proxy, self-made certificates, revocation lists, cipher
-//! choices), and otherwise logged as a warning once the member starts.
+//! would be unsafe or surprising (a v2 proxy, self-made certificates, a list of host
+//! names), and otherwise logged as a warning once the member starts.
 
 use std::time::Duration;
 
@@ -98,15 +98,6 @@ pub struct EtcdFlags {
     /// Host names accepted on plain-HTTP requests: only * (all).
     #[arg(long)]
     pub host_whitelist: Option<String>,
-    /// A client certificate revocation list: not supported, refused if given.
-    #[arg(long)]
-    pub client_crl_file: Option<String>,
-    /// TLS cipher suites for clients: not supported, refused if given.
-    #[arg(long)]
-    pub cipher_suites: Option<String>,
-    /// The host name a client certificate must carry: not supported, refused if given.
-    #[arg(long)]
-    pub client_cert_allowed_hostname: Option<String>,
 }
 
 impl EtcdFlags {
@@ -118,18 +109,6 @@ impl EtcdFlags {
         }
         if self.auto_tls {
             return Err("--auto-tls: meshkv does not make its own certificates; give --cert-file and --key-file".into());
-        }
-        let unsupported = [
-            ("client-crl-file", &self.client_crl_file),
-            ("cipher-suites", &self.cipher_suites),
-            ("client-cert-allowed-hostname", &self.client_cert_allowed_hostname),
-        ];
-        for (flag, value) in unsupported {
-            if value.as_deref().is_some_and(|v| !v.is_empty()) {
-                return Err(format!(
-                    "--{flag} is not supported by meshkv: clients would be let in that this setting keeps out"
-                ));
-            }
         }
         if self.host_whitelist.as_deref().is_some_and(|h| !matches!(h.trim(), "" | "*")) {
             return Err("--host-whitelist: meshkv does not check the Host of plain-HTTP requests; only * (all)".into());

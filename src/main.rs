@@ -291,6 +291,19 @@ struct ServeArgs {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
           value_parser = parse_bool, default_value = "false")]
     client_cert_auth: bool,
+    /// Revocation lists (PEM) of client certificates: a client showing a revoked
+    /// certificate is refused (with --client-cert-auth).
+    #[arg(long)]
+    client_crl_file: Option<PathBuf>,
+    /// The TLS 1.2 cipher suites offered to clients, comma-separated, by Go's names
+    /// (TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, …); TLS 1.3's are all kept, as etcd's are
+    /// [default: all of rustls's].
+    #[arg(long, value_delimiter = ',')]
+    cipher_suites: Vec<String>,
+    /// A host name every client certificate must be valid for (a DNS name or IP address
+    /// among its subject alternative names), with --client-cert-auth.
+    #[arg(long)]
+    client_cert_allowed_hostname: Option<String>,
     /// Time between Raft heartbeats, in milliseconds.
     #[arg(long, default_value_t = 100)]
     heartbeat_interval: u64,
@@ -427,6 +440,9 @@ impl ServeArgs {
                 key_file: self.key_file,
                 trusted_ca_file: self.trusted_ca_file,
                 client_cert_auth: self.client_cert_auth,
+                client_crl_file: self.client_crl_file,
+                cipher_suites: self.cipher_suites.into_iter().filter(|c| !c.trim().is_empty()).collect(),
+                client_cert_allowed_hostname: self.client_cert_allowed_hostname.filter(|h| !h.is_empty()),
             },
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
             election_timeout: Duration::from_millis(self.election_timeout),
@@ -964,6 +980,21 @@ fn main() -> anyhow::Result<()> {
     }
     if !cli.serve.experimental_enable_lease_checkpoint_persist {
         env_notes.push((true, "lease checkpoints are always kept in the store; persist=false changes nothing".into()));
+    }
+    if !cli.serve.client_cert_auth {
+        let given = [
+            ("client-crl-file", cli.serve.client_crl_file.is_some()),
+            (
+                "client-cert-allowed-hostname",
+                cli.serve.client_cert_allowed_hostname.as_ref().is_some_and(|h| !h.is_empty()),
+            ),
+        ];
+        for (flag, _) in given.iter().filter(|(_, set)| *set) {
+            env_notes.push((
+                true,
+                format!("--{flag} has no effect without --client-cert-auth: clients show no certificate"),
+            ));
+        }
     }
     env_notes.extend(cli.serve.etcd.notes().map_err(anyhow::Error::msg)?.into_iter().map(|n| (true, n)));
     let (writer, to_terminal) = log_writer(&cli.serve.etcd.log_outputs)?;

@@ -13,10 +13,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{RootCertStore, ServerConfig};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
+    SupportedCipherSuite,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
@@ -32,6 +38,14 @@ pub struct TlsFiles {
     pub key_file: Option<PathBuf>,
     pub trusted_ca_file: Option<PathBuf>,
     pub client_cert_auth: bool,
+    /// Revoked client certificates (PEM CRLs), as etcd's --client-crl-file.
+    pub client_crl_file: Option<PathBuf>,
+    /// The TLS 1.2 cipher suites offered, by Go's names, as etcd's --cipher-suites
+    /// (TLS 1.3's are not chosen, as in Go); empty for all.
+    pub cipher_suites: Vec<String>,
+    /// A host name every client certificate must be valid for, as etcd's
+    /// --client-cert-allowed-hostname.
+    pub client_cert_allowed_hostname: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +60,8 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("--trusted-ca-file: {0}")]
     Verifier(String),
+    #[error("--cipher-suites: unsupported cipher suite {0:?}; meshkv offers {1}")]
+    CipherSuite(String, String),
 }
 
 fn file_error(flag: &'static str, path: &Path, why: impl std::fmt::Display) -> TlsError {
@@ -69,27 +85,125 @@ impl TlsFiles {
         let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) else { return Err(TlsError::NoCertificate) };
         let chain = certificates("--cert-file", cert)?;
         let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error("--key-file", key, e))?;
-        let builder = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()?;
+        let provider = Arc::new(self.provider()?);
+        let builder = ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
         let builder = if self.client_cert_auth {
             let Some(ca) = &self.trusted_ca_file else { return Err(TlsError::NoTrustedCa) };
             let mut roots = RootCertStore::empty();
             for c in certificates("--trusted-ca-file", ca)? {
                 roots.add(c).map_err(|e| file_error("--trusted-ca-file", ca, e))?;
             }
-            let verifier = WebPkiClientVerifier::builder_with_provider(
-                Arc::new(roots),
-                Arc::new(rustls::crypto::ring::default_provider()),
-            )
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
+            let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            if let Some(path) = &self.client_crl_file {
+                let crls = CertificateRevocationListDer::pem_file_iter(path)
+                    .map_err(|e| file_error("--client-crl-file", path, e))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| file_error("--client-crl-file", path, e))?;
+                if crls.is_empty() {
+                    return Err(file_error("--client-crl-file", path, "no revocation list in the file"));
+                }
+                verifier = verifier.with_crls(crls);
+            }
+            let verifier = verifier.build().map_err(|e| TlsError::Verifier(e.to_string()))?;
+            match &self.client_cert_allowed_hostname {
+                Some(host) => builder.with_client_cert_verifier(Arc::new(HostnameVerifier::new(verifier, host)?)),
+                None => builder.with_client_cert_verifier(verifier),
+            }
         } else {
             builder.with_no_client_auth()
         };
         let mut config = builder.with_single_cert(chain, key)?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(Arc::new(config))
+    }
+
+    /// ring's suites, TLS 1.2's narrowed to `cipher_suites` when some are named.
+    fn provider(&self) -> Result<CryptoProvider, TlsError> {
+        let mut provider = rustls::crypto::ring::default_provider();
+        if self.cipher_suites.is_empty() {
+            return Ok(provider);
+        }
+        // Go names a few suites without their hash, which is SHA-256 for them all.
+        let name = |s: &SupportedCipherSuite| format!("{:?}", s.suite());
+        let offered: Vec<String> = provider.cipher_suites.iter().filter(|s| s.tls13().is_none()).map(name).collect();
+        let mut wanted = Vec::new();
+        for given in &self.cipher_suites {
+            let given = given.trim();
+            let full = if given.ends_with("_POLY1305") { format!("{given}_SHA256") } else { given.to_string() };
+            if !offered.contains(&full) {
+                return Err(TlsError::CipherSuite(given.to_string(), offered.join(", ")));
+            }
+            wanted.push(full);
+        }
+        provider.cipher_suites.retain(|s| s.tls13().is_some() || wanted.contains(&name(s)));
+        Ok(provider)
+    }
+}
+
+/// Checks, besides the chain, that a client's certificate is valid for one host name,
+/// as etcd's --client-cert-allowed-hostname: a DNS name (a wildcard covering one label)
+/// or an IP address among its subject alternative names.
+#[derive(Debug)]
+struct HostnameVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    host: ServerName<'static>,
+}
+
+impl HostnameVerifier {
+    fn new(inner: Arc<dyn ClientCertVerifier>, host: &str) -> Result<Self, TlsError> {
+        let host = ServerName::try_from(host.to_string())
+            .map_err(|e| TlsError::Verifier(format!("--client-cert-allowed-hostname {host:?}: {e}")))?;
+        Ok(Self { inner, host })
+    }
+}
+
+impl ClientCertVerifier for HostnameVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
+        cert.verify_is_valid_for_subject_name(&self.host)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::NotValidForName))?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
     }
 }
 

@@ -411,7 +411,6 @@ fn etcds_other_server_flags_start_both_alike() {
     for (flag, said) in [
         ("--proxy=on", "meshkv does not run as etcd's v2 proxy"),
         ("--auto-tls", "meshkv does not make its own certificates"),
-        ("--client-crl-file=revoked.pem", "--client-crl-file is not supported by meshkv"),
         ("--host-whitelist=example.com", "--host-whitelist: meshkv does not check the Host"),
         ("--logger=glog", "invalid value 'glog' for '--logger"),
     ] {

@@ -17,6 +17,8 @@ struct Pki {
     client: (PathBuf, PathBuf),
     /// A client certificate for the user alice.
     alice: (PathBuf, PathBuf),
+    /// A client certificate for root valid for the host name ops.example.
+    ops: (PathBuf, PathBuf),
 }
 
 fn openssl(args: &[&str]) {
@@ -71,7 +73,29 @@ fn pki(dir: &Path) -> Pki {
     );
     let client = leaf("client", "/CN=root", "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n");
     let alice = leaf("alice", "/CN=alice", "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n");
-    Pki { ca: dir.join("ca.crt"), server, client, alice }
+    let ops = leaf(
+        "ops",
+        "/CN=root",
+        "basicConstraints=CA:FALSE\nsubjectAltName=DNS:ops.example\nextendedKeyUsage=clientAuth\n",
+    );
+    Pki { ca: dir.join("ca.crt"), server, client, alice, ops }
+}
+
+/// A revocation list, signed by the CA of `pki`, that revokes `cert`.
+fn revoke(dir: &Path, pki: &Pki, cert: &Path) -> PathBuf {
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    std::fs::write(dir.join("index.txt"), "").unwrap();
+    std::fs::write(dir.join("crlnumber"), "1000\n").unwrap();
+    let conf = format!(
+        "[ca]\ndefault_ca = d\n[d]\ndatabase = {}\ncrlnumber = {}\ndefault_md = sha256\ndefault_crl_days = 2\n",
+        p("index.txt"),
+        p("crlnumber")
+    );
+    std::fs::write(dir.join("ca.cnf"), conf).unwrap();
+    let (cnf, key, ca, crl) = (p("ca.cnf"), p("ca.key"), s(&pki.ca).to_string(), p("crl.pem"));
+    openssl(&["ca", "-config", &cnf, "-keyfile", &key, "-cert", &ca, "-revoke", s(cert)]);
+    openssl(&["ca", "-config", &cnf, "-keyfile", &key, "-cert", &ca, "-gencrl", "-out", &crl]);
+    PathBuf::from(crl)
 }
 
 fn s(p: &Path) -> &str {
@@ -179,6 +203,53 @@ fn with_auth_on_a_client_certificate_names_its_user() {
     // A token names its user whatever the certificate says.
     assert_eq!(as_cert(&pki.alice, &["--user", "root:rootpw", "get", "/other", "--print-value-only"]), "by root\n");
     assert!(p.terminate().is_some_and(|st| st.success()), "{}", p.log());
+}
+
+/// etcd's --client-crl-file and --client-cert-allowed-hostname narrow who is let in:
+/// a revoked certificate is refused, and with a host name, a certificate not valid for
+/// it; --cipher-suites narrows what TLS 1.2 offers.
+#[test]
+fn revoked_certificates_others_hosts_and_unoffered_ciphers_are_refused() {
+    let dir = tempdir();
+    let pki = pki(dir.path());
+    let crl = revoke(dir.path(), &pki, &pki.alice.0);
+    let trust = ["--trusted-ca-file", s(&pki.ca), "--client-cert-auth"];
+    let get = |url: &str, cert: &(PathBuf, PathBuf)| {
+        let args = ["--cacert", s(&pki.ca), "--cert", s(&cert.0), "--key", s(&cert.1), "--dial-timeout", "3s"];
+        etcdctl(url, &[&args[..], &["get", "k"]].concat(), None)
+    };
+    let (mut p, url) =
+        start_tls(&dir.path().join("crl"), &pki, &[&trust[..], &["--client-crl-file", s(&crl)]].concat());
+    assert_eq!(get(&url, &pki.client).status, 0, "a certificate not revoked");
+    assert_ne!(get(&url, &pki.alice).status, 0, "alice's certificate is revoked");
+    p.kill9();
+
+    let host = ["--client-cert-allowed-hostname", "ops.example"];
+    let (mut p, url) = start_tls(&dir.path().join("host"), &pki, &[&trust[..], &host[..]].concat());
+    assert_eq!(get(&url, &pki.ops).status, 0, "valid for ops.example");
+    assert_ne!(get(&url, &pki.client).status, 0, "valid for no host name");
+    p.kill9();
+
+    let suites = ["--cipher-suites", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305"];
+    let (mut p, url) = start_tls(&dir.path().join("suites"), &pki, &suites);
+    let handshake = |args: &[&str]| {
+        let mut cmd = Command::new("openssl");
+        cmd.args(["s_client", "-connect", &p.client_addr, "-CAfile", s(&pki.ca), "-verify_return_error"]);
+        cmd.args(args).stdin(std::process::Stdio::null()).output().unwrap().status.success()
+    };
+    assert!(handshake(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES256-GCM-SHA384"]));
+    assert!(handshake(&["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"]));
+    assert!(!handshake(&["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"]), "not offered");
+    assert!(handshake(&["-tls1_3"]), "TLS 1.3's suites are kept");
+    assert_eq!(etcdctl(&url, &["--cacert", s(&pki.ca), "put", "k", "v"], None).stdout, "OK\n");
+    p.kill9();
+
+    let bad = ["--cipher-suites", "TLS_RSA_WITH_RC4_128_SHA", "--listen-client-urls", "https://127.0.0.1:0"];
+    let err = refused_at_start_in(
+        dir.path(),
+        &[&bad[..], &["--cert-file", s(&pki.server.0), "--key-file", s(&pki.server.1)]].concat(),
+    );
+    assert!(err.contains("--cipher-suites: unsupported cipher suite \"TLS_RSA_WITH_RC4_128_SHA\""), "{err}");
 }
 
 #[test]

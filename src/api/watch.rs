@@ -444,6 +444,11 @@ impl WatchStream {
             Ok(Ok(r)) => r,
             // Compacted meanwhile: the next step cancels whom it concerns.
             Ok(Err(MvccError::Compacted)) => return Ok(()),
+            // A snapshot is replacing the store: its history is read once it is in.
+            Ok(Err(MvccError::Installing)) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                return Ok(());
+            }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "reading the watch history failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;

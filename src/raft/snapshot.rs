@@ -397,6 +397,41 @@ mod tests {
         assert!(engine.db().get_cf(engine.cf(CF_META), META_INSTALLING).unwrap().is_none());
     }
 
+    /// Regression (torture, seed 23): a watcher that asked a member for the history while
+    /// the member was installing a snapshot read the store between the install's clearing
+    /// of the old data and its ingesting the new, found nothing, and was told it had all
+    /// revisions up to the member's revision. Its next events began past them. The
+    /// history (and HashKV) now answer `Installing` until the install is whole.
+    #[test]
+    fn the_history_is_not_read_from_a_store_half_installed() {
+        use crate::pb::etcdserverpb::PutRequest;
+        use crate::pb::meshkvpb::{internal_request, InternalRequest};
+        use crate::store::mvcc::{MvccError, MvccStore};
+
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&dir.path().join("db")).unwrap();
+        let store = MvccStore::open(engine.clone()).unwrap();
+        let put = |i: u64| {
+            let req = PutRequest { key: format!("k{i}").into(), value: Bytes::from_static(b"v"), ..Default::default() };
+            let req = InternalRequest { request: Some(internal_request::Request::Put(req)), ..Default::default() };
+            store.apply(&[(i, Some(req))]).unwrap();
+        };
+        (1..=5).for_each(put);
+        assert_eq!(store.revision(), 6);
+        let (events, covered) = store.events(None, 1, 6, 1000).unwrap();
+        assert_eq!((events.len(), covered), (5, 6));
+
+        // An install under way: its marker is written, the old data cleared, the new
+        // not yet ingested.
+        let staging = dir.path().join("staging");
+        begin_install(&engine, &staging, &[(b"applied_index", 9u64.to_be_bytes().to_vec())], &[]).unwrap();
+        let mut clear = WriteBatch::default();
+        clear.delete_range_cf(engine.cf(CF_KV), [0u8; 0].as_slice(), [0xffu8; 64].as_slice());
+        engine.write(clear, true).unwrap();
+        assert!(matches!(store.events(None, 1, 6, 1000), Err(MvccError::Installing)));
+        assert!(matches!(store.hash_kv(0), Err(MvccError::Installing)));
+    }
+
     /// A transfer whose member fetched every chunk is forgotten quietly once idle; one that
     /// stopped part way is reported failed, so that Raft sends another.
     #[test]

@@ -318,16 +318,18 @@ impl MvccStore {
         to: i64,
         max: usize,
     ) -> Result<(Vec<Event>, i64), MvccError> {
-        if from < self.compact_revision() {
+        // One point in time of the store: a snapshot being installed clears the history
+        // and ingests the new one, and what a read finds half way is no history at all.
+        let db = self.engine.db();
+        let view = db.snapshot();
+        let (current, compacted) = self.settled(&view)?;
+        if from < compacted.max(self.compact_revision()) {
             return Err(MvccError::Compacted);
         }
-        let to = to.min(self.revision());
+        let to = to.min(self.revision()).min(current);
         let mut out = Vec::new();
         let start = Revision::new(from, 0).to_key(false);
-        let iter = self
-            .engine
-            .db()
-            .iterator_cf(self.engine.cf(CF_KV), IteratorMode::From(&start, rocksdb::Direction::Forward));
+        let iter = view.iterator_cf(self.engine.cf(CF_KV), IteratorMode::From(&start, rocksdb::Direction::Forward));
         let (mut scanned, mut main, mut covered) = (0usize, 0i64, to);
         for item in iter {
             let (k, v) = item.map_err(EngineError::from)?;
@@ -955,13 +957,9 @@ impl MvccStore {
         Ok(CompactionResponse { header: Some(ResponseHeader { revision: current, ..Default::default() }) })
     }
 
-    /// A CRC-32 over every stored revision up to `rev` (0: the newest), for comparing
-    /// members' stores. Returns the hash, the revision it covers and the compact revision.
-    /// It reads one point in time of the store, so that a write or a compaction applied
-    /// meanwhile cannot make two members that agree hash differently.
-    pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64), MvccError> {
-        let db = self.engine.db();
-        let view = db.snapshot();
+    /// The revision and compact revision a point in time of the store holds, or
+    /// `Installing` while a snapshot is replacing its data there.
+    fn settled(&self, view: &rocksdb::SnapshotWithThreadMode<'_, rocksdb::DB>) -> Result<(i64, i64), MvccError> {
         let meta = |key: &[u8]| -> Result<Option<i64>, MvccError> {
             let v = view.get_cf(self.engine.cf(CF_META), key).map_err(EngineError::from)?;
             Ok(v.and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok()).map(|b| u64::from_be_bytes(b) as i64))
@@ -969,8 +967,17 @@ impl MvccStore {
         if view.get_cf(self.engine.cf(CF_META), META_INSTALLING).map_err(EngineError::from)?.is_some() {
             return Err(MvccError::Installing);
         }
-        let current = meta(META_REVISION)?.unwrap_or(1);
-        let compacted = meta(META_COMPACTED)?.unwrap_or(0);
+        Ok((meta(META_REVISION)?.unwrap_or(1), meta(META_COMPACTED)?.unwrap_or(0)))
+    }
+
+    /// A CRC-32 over every stored revision up to `rev` (0: the newest), for comparing
+    /// members' stores. Returns the hash, the revision it covers and the compact revision.
+    /// It reads one point in time of the store, so that a write or a compaction applied
+    /// meanwhile cannot make two members that agree hash differently.
+    pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64), MvccError> {
+        let db = self.engine.db();
+        let view = db.snapshot();
+        let (current, compacted) = self.settled(&view)?;
         let rev = match rev {
             r if r <= 0 => current,
             r if r > current => return Err(MvccError::FutureRev),
