@@ -508,7 +508,8 @@ pub async fn run(
             .accept_http1(true)
             .http2_keepalive_interval(keepalive)
             .http2_keepalive_timeout((!cfg.grpc_keepalive_timeout.is_zero()).then_some(cfg.grpc_keepalive_timeout))
-            .max_concurrent_streams(cfg.max_concurrent_streams)
+            // Unlimited (etcd's default, math.MaxUint32) is h2's own default: not sent.
+            .max_concurrent_streams((cfg.max_concurrent_streams != u32::MAX).then_some(cfg.max_concurrent_streams))
             .add_routes(routes.clone());
         let mut stop = stop_rx.clone();
         let incoming = crate::tls::incoming(listener.listener, listener.tls)

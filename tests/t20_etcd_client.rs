@@ -265,3 +265,37 @@ async fn kubernetes_storage_calls() {
     assert_eq!(s.leader(), s.header().unwrap().member_id());
     assert!(s.raft_index() > 0);
 }
+
+/// etcd's --max-concurrent-streams: a connection holds that many calls open at once; the
+/// next waits until one ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_holds_at_most_max_concurrent_streams_calls() {
+    use meshkv::pb::etcdserverpb::watch_client::WatchClient;
+    use meshkv::pb::etcdserverpb::{watch_request, WatchCreateRequest, WatchRequest};
+    use std::time::Duration;
+    let dir = tempdir();
+    let p = start_meshkv(dir.path(), &["--max-concurrent-streams=2"]);
+    let ch = tonic::transport::Endpoint::from_shared(p.endpoint()).unwrap().connect().await.unwrap();
+    let open = |key: &'static str| {
+        let mut client = WatchClient::new(ch.clone());
+        async move {
+            let create = WatchCreateRequest { key: key.into(), ..Default::default() };
+            let req = WatchRequest { request_union: Some(watch_request::RequestUnion::CreateRequest(create)) };
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.send(req).await.unwrap();
+            let mut stream = client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+            let created = stream.message().await.unwrap().unwrap();
+            assert!(created.created);
+            (tx, stream)
+        }
+    };
+    let first = open("a").await;
+    let _second = open("b").await;
+    let third = tokio::spawn(open("c"));
+    // That nothing happens can only be watched for a while.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!third.is_finished(), "a third call on the connection waits");
+    drop(first);
+    let waited = tokio::time::timeout(Duration::from_secs(10), third).await;
+    assert!(waited.is_ok_and(|r| r.is_ok()), "it goes once the first ends");
+}

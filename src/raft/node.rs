@@ -930,7 +930,6 @@ impl Driver {
         }
     }
 
-    /// Proposes one membership change; returns what to watch for when it applies.
     /// etcd's checks on a membership change a client asked for: a learner is promoted
     /// only once it holds nine tenths of the leader's log (judged by the leader), and
     /// with the strict check a voter is removed only if the voters left that this member
@@ -965,6 +964,7 @@ impl Driver {
         }
     }
 
+    /// Proposes one membership change; returns what to watch for when it applies.
     fn propose_change(&mut self, change: Change) -> (ConfChangeType, u64) {
         let names = self.node.raft.raft_log.store().members();
         let known = |id: u64| names.get(&id).cloned().unwrap_or_default();

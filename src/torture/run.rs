@@ -491,6 +491,17 @@ impl Cluster {
         Ok(if late { "snapshot-leader-kill-late".into() } else { Fault::SnapshotLeaderKill.name().to_string() })
     }
 
+    /// The voters the members keep: their --voters, 3 unless the member args say.
+    fn voter_target(&self) -> usize {
+        let args = &self.cfg.member_args;
+        let given = args.iter().enumerate().find_map(|(i, a)| match a.strip_prefix("--voters") {
+            Some("") => args.get(i + 1).and_then(|v| v.parse().ok()),
+            Some(v) => v.strip_prefix('=').and_then(|v| v.parse().ok()),
+            None => None,
+        });
+        given.unwrap_or(3)
+    }
+
     /// Member `i` loses its disk and starts again under its name; waits until the
     /// cluster is whole again (as many voters as before, the member back in the list
     /// and holding what was applied before it lost its disk), so that the next fault is
@@ -500,7 +511,9 @@ impl Cluster {
     /// voter's place, and the member that returns then stands by in turn.
     async fn wipe(&mut self, i: usize, hold: Duration) -> std::io::Result<String> {
         let Some(list) = self.member_list().await else { return Ok("wipe-no-answer".into()) };
-        let want = list.iter().filter(|(_, learner)| !learner).count();
+        // No more than the cluster keeps: while a dead voter's replacement is under way
+        // the list can hold one voter more, which the cluster then removes.
+        let want = list.iter().filter(|(_, learner)| !learner).count().min(self.voter_target());
         let was_learner = list.iter().any(|(n, learner)| *n == self.members[i].name && *learner);
         let mut applied = 0;
         for o in self.live() {
