@@ -1086,9 +1086,10 @@ impl Driver {
         }
         let log = self.node.raft.raft_log.store();
         let raft_state = log.snapshot_state(meta, &desc.members.unwrap_or_default());
-        super::snapshot::install(&self.engine, &staging, &keys, &raft_state)?;
-        log.reload()?;
-        self.store.reload().map_err(|e| EngineError::Corrupt { cf: "kv", what: e.to_string() })?;
+        self.store.replace_with(|| {
+            super::snapshot::install(&self.engine, &staging, &keys, &raft_state)?;
+            log.reload()
+        })?;
         // The writes handed to a leader may be in the snapshot: applied, but never seen
         // here. Proposing them again could apply them twice; their clients time out.
         for w in self.writes.values_mut() {

@@ -432,6 +432,42 @@ mod tests {
         assert!(matches!(store.hash_kv(0), Err(MvccError::Installing)));
     }
 
+    /// While a snapshot replaces the store, until the index is rebuilt from it, a read
+    /// whose value is gone is told to try again (Unavailable), not that its revision was
+    /// compacted; once the install is whole, the same read is answered.
+    #[test]
+    fn a_read_during_an_install_is_told_to_try_again() {
+        use crate::pb::etcdserverpb::{PutRequest, RangeRequest};
+        use crate::pb::meshkvpb::{internal_request, InternalRequest};
+        use crate::store::mvcc::{MvccError, MvccStore};
+
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(&dir.path().join("db")).unwrap();
+        let store = MvccStore::open(engine.clone()).unwrap();
+        let req = PutRequest { key: Bytes::from_static(b"k"), value: Bytes::from_static(b"v"), ..Default::default() };
+        let req = InternalRequest { request: Some(internal_request::Request::Put(req)), ..Default::default() };
+        store.apply(&[(1, Some(req))]).unwrap();
+        let get = RangeRequest { key: Bytes::from_static(b"k"), ..Default::default() };
+        let rows: Vec<_> =
+            engine.db().iterator_cf(engine.cf(CF_KV), rocksdb::IteratorMode::Start).map(|r| r.unwrap()).collect();
+        store
+            .replace_with(|| {
+                let mut clear = WriteBatch::default();
+                clear.delete_range_cf(engine.cf(CF_KV), [0u8; 0].as_slice(), [0xffu8; 64].as_slice());
+                engine.write(clear, true)?;
+                assert!(matches!(store.range(&get), Err(MvccError::Installing)));
+                assert!(matches!(store.events(None, 1, 2, 1000), Err(MvccError::Installing)));
+                let mut ingest = WriteBatch::default();
+                for (k, v) in &rows {
+                    ingest.put_cf(engine.cf(CF_KV), k, v);
+                }
+                engine.write(ingest, true)
+            })
+            .unwrap();
+        assert_eq!(store.range(&get).unwrap().kvs[0].value, Bytes::from_static(b"v"));
+        assert_eq!(store.events(None, 1, 2, 1000).unwrap().0.len(), 1);
+    }
+
     /// A transfer whose member fetched every chunk is forgotten quietly once idle; one that
     /// stopped part way is reported failed, so that Raft sends another.
     #[test]

@@ -73,7 +73,7 @@ pub enum MvccError {
     /// Refused by authentication, or an auth change that does not hold.
     #[error(transparent)]
     Auth(#[from] AuthError),
-    /// A Raft snapshot is replacing the store: it has no one state to hash.
+    /// A Raft snapshot is replacing the store: what it holds is not one state yet.
     #[error("a snapshot is being installed")]
     Installing,
 }
@@ -125,6 +125,9 @@ pub struct MvccStore {
     auth_on: AtomicBool,
     tokens: Tokens,
     hub: WatchHub,
+    /// Set while a snapshot replaces the store's data, until the index is rebuilt from
+    /// it: a value the index names may be missing meanwhile.
+    replacing: AtomicBool,
 }
 
 /// The state of one write request while it is applied.
@@ -206,7 +209,30 @@ impl MvccStore {
             auth: RwLock::new(l.auth),
             tokens,
             hub: WatchHub::default(),
+            replacing: AtomicBool::new(false),
         })
+    }
+
+    /// Runs `install`, which replaces the store's data under it, then reloads the store
+    /// from what it wrote. Meanwhile readers that miss a value, and the watch history,
+    /// are answered `Installing` (try again) rather than told the value was compacted or
+    /// the history empty.
+    pub fn replace_with(&self, install: impl FnOnce() -> Result<(), EngineError>) -> Result<(), EngineError> {
+        self.replacing.store(true, Ordering::Release);
+        let done =
+            install().and_then(|()| self.reload().map_err(|e| EngineError::Corrupt { cf: "kv", what: e.to_string() }));
+        self.replacing.store(false, Ordering::Release);
+        done
+    }
+
+    /// Why a value the index names is not in the store.
+    fn missing(&self) -> MvccError {
+        if self.replacing.load(Ordering::Acquire) {
+            MvccError::Installing
+        } else {
+            // Compaction removed it between the index look-up and the read.
+            MvccError::Compacted
+        }
     }
 
     /// Reloads everything from disk, after a snapshot replaced it.
@@ -320,6 +346,9 @@ impl MvccStore {
     ) -> Result<(Vec<Event>, i64), MvccError> {
         // One point in time of the store: a snapshot being installed clears the history
         // and ingests the new one, and what a read finds half way is no history at all.
+        if self.replacing.load(Ordering::Acquire) {
+            return Err(MvccError::Installing);
+        }
         let db = self.engine.db();
         let view = db.snapshot();
         let (current, compacted) = self.settled(&view)?;
@@ -427,8 +456,7 @@ impl MvccStore {
             self.engine.db().get_pinned_cf(self.engine.cf(CF_KV), rev.to_key(false)).map_err(EngineError::from)?;
         match raw {
             Some(v) => KeyValue::decode(v.as_ref()).map_err(|e| MvccError::Corrupt(rev, e.to_string())),
-            // Compaction removed it between the index look-up and this read.
-            None => Err(MvccError::Compacted),
+            None => Err(self.missing()),
         }
     }
 
@@ -442,7 +470,7 @@ impl MvccStore {
                     Some(v) => out.push(
                         KeyValue::decode(v.as_ref()).map_err(|e| MvccError::Corrupt(at.modified, e.to_string()))?,
                     ),
-                    None => return Err(MvccError::Compacted),
+                    None => return Err(self.missing()),
                 }
             }
             return Ok(out);
