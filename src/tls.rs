@@ -60,6 +60,8 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("--trusted-ca-file: {0}")]
     Verifier(String),
+    #[error("--client-cert-allowed-hostname {0:?}: not a host name or IP address")]
+    AllowedHostname(String),
     #[error("--cipher-suites: unsupported cipher suite {0:?}; meshkv offers {1}")]
     CipherSuite(String, String),
 }
@@ -151,8 +153,7 @@ struct HostnameVerifier {
 
 impl HostnameVerifier {
     fn new(inner: Arc<dyn ClientCertVerifier>, host: &str) -> Result<Self, TlsError> {
-        let host = ServerName::try_from(host.to_string())
-            .map_err(|e| TlsError::Verifier(format!("--client-cert-allowed-hostname {host:?}: {e}")))?;
+        let host = ServerName::try_from(host.to_string()).map_err(|_| TlsError::AllowedHostname(host.to_string()))?;
         Ok(Self { inner, host })
     }
 }
