@@ -104,6 +104,12 @@ pub struct Config {
     /// Applying a batch of entries that takes longer is logged as a warning, as etcd's
     /// --experimental-warning-apply-duration (100 ms).
     pub warning_apply_duration: Duration,
+    /// The origins whose scripts may call the plain-HTTP endpoints and the JSON gateway,
+    /// as etcd's --cors; empty or `*`: any.
+    pub cors: Vec<String>,
+    /// The host names a plain-HTTP request (not over TLS) may name, as etcd's
+    /// --host-whitelist; empty or `*`: any.
+    pub host_whitelist: Vec<String>,
     pub log_level: String,
 }
 
@@ -230,6 +236,8 @@ impl Default for Config {
             grpc_keepalive_timeout: Duration::from_secs(20),
             max_concurrent_streams: u32::MAX,
             warning_apply_duration: Duration::from_millis(100),
+            cors: Vec::new(),
+            host_whitelist: Vec::new(),
             log_level: "info".into(),
         }
     }

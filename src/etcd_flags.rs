@@ -1,8 +1,8 @@
 //! etcd's flags that ask for nothing meshkv must do differently: taken, so that an etcd
 //! command line, `ETCD_*` environment or config file starts meshkv as it started etcd.
 //! A value that asks for what meshkv does not do is refused when running without it
-//! would be unsafe or surprising (a v2 proxy, self-made certificates, a list of host
-//! names), and otherwise logged as a warning once the member starts.
+//! would be unsafe or surprising (a v2 proxy, self-made certificates), and otherwise logged
+//! as a warning once the member starts.
 
 use std::time::Duration;
 
@@ -92,12 +92,6 @@ pub struct EtcdFlags {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
           value_parser = parse_bool, default_value = "false")]
     pub auto_tls: bool,
-    /// Origins allowed by CORS on the HTTP endpoints: meshkv sends no CORS headers.
-    #[arg(long)]
-    pub cors: Option<String>,
-    /// Host names accepted on plain-HTTP requests: only * (all).
-    #[arg(long)]
-    pub host_whitelist: Option<String>,
 }
 
 impl EtcdFlags {
@@ -109,9 +103,6 @@ impl EtcdFlags {
         }
         if self.auto_tls {
             return Err("--auto-tls: meshkv does not make its own certificates; give --cert-file and --key-file".into());
-        }
-        if self.host_whitelist.as_deref().is_some_and(|h| !matches!(h.trim(), "" | "*")) {
-            return Err("--host-whitelist: meshkv does not check the Host of plain-HTTP requests; only * (all)".into());
         }
         let mut notes = Vec::new();
         let mut no_effect = |flag: &str, why: &str| notes.push(format!("--{flag} has no effect: {why}"));
@@ -142,11 +133,6 @@ impl EtcdFlags {
                 "experimental-enable-v2v3",
                 self.experimental_enable_v2v3.as_deref().is_some_and(|v| !v.is_empty()),
                 "meshkv serves etcd's v3 API only",
-            ),
-            (
-                "cors",
-                self.cors.as_deref().is_some_and(|c| !matches!(c.trim(), "" | "*")),
-                "meshkv sends no CORS headers",
             ),
         ];
         for (flag, set, why) in given {

@@ -372,6 +372,14 @@ struct ServeArgs {
     /// Applying committed entries that takes longer than this is logged as a warning.
     #[arg(long, alias = "experimental-warning-apply-duration", default_value = "100ms", value_parser = parse_duration)]
     warning_apply_duration: Duration,
+    /// Origins whose scripts may call the HTTP endpoints and the JSON gateway
+    /// (comma-separated; * for any): the answers carry CORS headers for them.
+    #[arg(long, default_value = "*", value_delimiter = ',')]
+    cors: Vec<String>,
+    /// Host names a plain-HTTP request may name in its Host header (comma-separated; *
+    /// for any); others are answered 421. Requests over TLS are not checked.
+    #[arg(long, default_value = "*", value_delimiter = ',')]
+    host_whitelist: Vec<String>,
     /// Log level: debug, info, warn or error.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -458,6 +466,8 @@ impl ServeArgs {
             grpc_keepalive_timeout: self.grpc_keepalive_timeout,
             max_concurrent_streams: self.max_concurrent_streams,
             warning_apply_duration: self.warning_apply_duration,
+            cors: self.cors,
+            host_whitelist: self.host_whitelist,
             log_level: if self.etcd.debug { "debug".into() } else { self.log_level },
         })
     }

@@ -493,7 +493,10 @@ pub async fn run(
         grpc.clone(),
         &metrics,
     );
-    let client_routes = Routes::from(grpc.merge(http.router()).merge(gateway).fallback(api::http::not_found));
+    let access = api::access::Access::new(&cfg.cors, &cfg.host_whitelist, cfg.tls.client_cert_auth, ctx.store.clone());
+    let plain = access.guard(http.router().merge(api::access::v3beta(gateway)));
+    let unknown = access.guard(axum::Router::new().fallback(api::http::not_found));
+    let client_routes = Routes::from(grpc.merge(plain).fallback_service(unknown));
     let metrics_routes = Routes::from(http.router().fallback(api::http::not_found));
     let mut servers = Vec::new();
     let listening = listeners

@@ -268,6 +268,8 @@ impl AsyncWrite for ClientConn {
 #[derive(Clone, Debug)]
 pub struct ClientInfo {
     pub tcp: TcpConnectInfo,
+    /// Whether the connection is TLS.
+    pub tls: bool,
     /// The common name of the certificate the client presented, if any: its user, once
     /// authentication is on, when it sends no token.
     pub cert_name: Option<String>,
@@ -278,11 +280,11 @@ impl Connected for ClientConn {
 
     fn connect_info(&self) -> ClientInfo {
         match self {
-            ClientConn::Plain(s) => ClientInfo { tcp: s.connect_info(), cert_name: None },
+            ClientConn::Plain(s) => ClientInfo { tcp: s.connect_info(), tls: false, cert_name: None },
             ClientConn::Tls(s) => {
                 let (tcp, tls) = s.get_ref();
                 let cert_name = tls.peer_certificates().and_then(|c| c.first()).and_then(|der| common_name(der));
-                ClientInfo { tcp: tcp.connect_info(), cert_name }
+                ClientInfo { tcp: tcp.connect_info(), tls: true, cert_name }
             }
         }
     }

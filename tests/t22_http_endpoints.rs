@@ -231,6 +231,62 @@ fn the_json_gateway_answers_as_etcds_does() {
     assert_eq!(m, e, "the gateway's calls in the gRPC metrics: meshkv, then etcd");
 }
 
+/// The CORS headers and the check of the Host, as etcd's `--cors` and
+/// `--host-whitelist` set them, by default and with lists; gRPC passes by both.
+#[test]
+fn cors_and_the_host_whitelist_answer_as_etcds_do() {
+    // What a browser and a DNS-rebinding page would see: status, CORS headers, body.
+    let seen = |p: &Proc, method: &str, path: &str, host: Option<&str>, origin: Option<&str>| {
+        let (host, origin) = (host.map(|h| format!("Host: {h}")), origin.map(|o| format!("Origin: {o}")));
+        let mut args = vec!["-X", method];
+        for h in [&host, &origin].into_iter().flatten() {
+            args.extend(["-H", h.as_str()]);
+        }
+        if method == "POST" {
+            args.extend(["-d", r#"{"key":"Zm9v","value":"YmFy"}"#]);
+        }
+        let r = curl(&format!("http://{}{path}", p.client_addr), &args);
+        let cors = ["access-control-allow-origin", "access-control-allow-methods", "access-control-allow-headers"]
+            .map(|h| r.header(h).map(String::from));
+        let body = r.body.replace("etcd", "meshkv");
+        // Answers that carry the member's identity are compared by their status.
+        let body = if r.status == 421 || r.body.is_empty() { body } else { String::new() };
+        (r.status, cors, body)
+    };
+    let lists = ["--cors", "http://a.example:8080,http://b.example:80", "--host-whitelist", "localhost,example.com"];
+    for flags in [&[][..], &lists[..]] {
+        let (m_dir, e_dir) = (tempdir(), tempdir());
+        let meshkv = start_meshkv(m_dir.path(), flags);
+        let etcd = start_etcd_with(e_dir.path(), flags);
+        let asks: &[(&str, &str, Option<&str>, Option<&str>)] = &[
+            ("OPTIONS", "/v3/kv/range", Some("localhost"), Some("http://a.example:8080")),
+            ("OPTIONS", "/v3/kv/range", Some("localhost"), Some("http://c.example")),
+            ("OPTIONS", "/no/such/path", Some("localhost:1234"), Some("http://b.example:80")),
+            ("OPTIONS", "/health", None, None),
+            ("POST", "/v3/kv/put", Some("example.com"), Some("http://c.example")),
+            ("POST", "/v3beta/kv/put", Some("example.com:2379"), Some("http://a.example:8080")),
+            ("POST", "/v3alpha/kv/put", Some("example.com:2379"), None),
+            ("POST", "/v3/kv/put", None, Some("http://a.example:8080")),
+            ("GET", "/health", Some("localhost"), Some("http://b.example:80")),
+            ("GET", "/health", None, None),
+            ("GET", "/version", Some("evil.example"), Some("http://a.example:8080")),
+            ("GET", "/metrics", Some("[::1]:2379"), None),
+            ("GET", "/no/such/path", Some("example.com"), Some("http://a.example:8080")),
+        ];
+        for &(method, path, host, origin) in asks {
+            let (m, e) = (seen(&meshkv, method, path, host, origin), seen(&etcd, method, path, host, origin));
+            assert_eq!(m, e, "{flags:?}: {method} {path} Host {host:?} Origin {origin:?}: meshkv, then etcd");
+        }
+        let refused = seen(&meshkv, "GET", "/health", None, None);
+        assert_eq!(refused.0, if flags.is_empty() { 200 } else { 421 }, "{refused:?}");
+        // gRPC names 127.0.0.1 too, and passes.
+        for p in [&meshkv, &etcd] {
+            let out = etcdctl(&p.client_addr, &["get", "foo", "--print-value-only"], None);
+            assert_eq!((out.status, out.stdout.as_str()), (0, "bar\n"), "{out:?}");
+        }
+    }
+}
+
 /// Every gRPC call counted on `p`'s client URL: each series of grpc_server_started_total
 /// and grpc_server_handled_total, and its count.
 fn grpc_calls(p: &Proc) -> BTreeMap<String, f64> {

@@ -1,6 +1,7 @@
 //! The etcd v3 gRPC services. Each handler runs: validate → (ReadIndex or proposal) →
 //! local store read → response header. One file per etcd service.
 
+pub mod access;
 pub mod admin;
 pub mod auth;
 pub mod authority;
