@@ -110,6 +110,9 @@ pub struct Config {
     /// The host names a plain-HTTP request (not over TLS) may name, as etcd's
     /// --host-whitelist; empty or `*`: any.
     pub host_whitelist: Vec<String>,
+    /// etcd's --force-new-cluster: a member whose cluster lost its quorum for good starts
+    /// as the only member of a new cluster, with its data.
+    pub force_new_cluster: bool,
     pub log_level: String,
 }
 
@@ -238,6 +241,7 @@ impl Default for Config {
             warning_apply_duration: Duration::from_millis(100),
             cors: Vec::new(),
             host_whitelist: Vec::new(),
+            force_new_cluster: false,
             log_level: "info".into(),
         }
     }

@@ -380,6 +380,13 @@ struct ServeArgs {
     /// for any); others are answered 421. Requests over TLS are not checked.
     #[arg(long, default_value = "*", value_delimiter = ',')]
     host_whitelist: Vec<String>,
+    /// For a cluster that lost its quorum for good: this member drops what was not
+    /// committed, removes every other member and starts a new cluster (a new cluster
+    /// id) with its data. Others join it again only with empty data dirs. Start it
+    /// without this flag afterwards.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = parse_bool, default_value = "false")]
+    force_new_cluster: bool,
     /// Log level: debug, info, warn or error.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -468,6 +475,7 @@ impl ServeArgs {
             warning_apply_duration: self.warning_apply_duration,
             cors: self.cors,
             host_whitelist: self.host_whitelist,
+            force_new_cluster: self.force_new_cluster,
             log_level: if self.etcd.debug { "debug".into() } else { self.log_level },
         })
     }
@@ -1243,11 +1251,12 @@ force-new-cluster: false
                 "--proxy-read-timeout=0",
                 "--debug=false",
                 "--logger=zap",
-                "--log-outputs=stderr"
+                "--log-outputs=stderr",
+                "--force-new-cluster=false"
             ]
         );
         let warned: Vec<&str> = notes.iter().filter(|(w, _)| *w).map(|(_, s)| s.as_str()).collect();
-        let unknown = ["discovery-fallback", "force-new-cluster"];
+        let unknown = ["discovery-fallback"];
         assert_eq!(warned, unknown.map(|k| format!("config file FILE: unknown key {k} ignored")), "{notes:?}");
         let argv = std::iter::once("meshkv").chain(args.iter().map(String::as_str));
         let serve = Cli::try_parse_from(argv).unwrap().serve;

@@ -356,10 +356,26 @@ pub async fn run(
         cfg.advertise_client_urls = client_urls.clone();
     }
     let engine = Engine::open(&cfg.data_dir)?;
-    let stored_cluster = engine.get_u64(CF_META, META_CLUSTER_ID)?.unwrap_or(0);
+    let mut stored_cluster = engine.get_u64(CF_META, META_CLUSTER_ID)?.unwrap_or(0);
+    let force_new_cluster = cfg.force_new_cluster && stored_cluster != 0;
+    if force_new_cluster {
+        // In use before the mesh starts: the old cluster's members, which may hold
+        // entries this member never had, are refused as another cluster's from the first
+        // handshake. It is stored with the forced changes to the log, in one write.
+        let new = rand::random::<u64>().max(1);
+        tracing::warn!(
+            old = format!("{stored_cluster:x}"),
+            new = format!("{new:x}"),
+            "--force-new-cluster: a new cluster id"
+        );
+        stored_cluster = new;
+    } else if cfg.force_new_cluster {
+        tracing::warn!("--force-new-cluster has no effect: this data dir holds no cluster yet");
+    }
     let cluster_id = Arc::new(AtomicU64::new(stored_cluster));
     let mesh = start_mesh(&cfg, &cfg.name, cluster_id.clone()).await?;
     let (cluster, member_id, bootstrap) = identity(&engine, &cfg, &mesh).await?;
+    let cluster = if force_new_cluster { stored_cluster } else { cluster };
     cluster_id.store(cluster, Ordering::Release);
     crate::raft::snapshot::recover(&engine)?;
     let tokens = crate::store::auth::Tokens::new(cfg.auth_token_ttl).with_jwt(jwt);
@@ -382,6 +398,7 @@ pub async fn run(
     rcfg.strict_reconfig_check = cfg.strict_reconfig_check;
     rcfg.pre_vote = cfg.pre_vote;
     rcfg.warning_apply_duration = cfg.warning_apply_duration;
+    rcfg.force_new_cluster = force_new_cluster;
     let snapshots = node::Snapshots {
         outgoing: Arc::new(crate::raft::snapshot::Outgoing::new(cfg.data_dir.join("snap-out"))),
         incoming: Arc::new(crate::raft::snapshot::Incoming::new(cfg.data_dir.join("snap-in"))),

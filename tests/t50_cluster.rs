@@ -1308,3 +1308,82 @@ async fn a_learner_behind_the_leader_is_not_promoted_until_it_catches_up() {
     .await;
     d.proc.kill9();
 }
+
+/// etcd's --force-new-cluster: two of three members are gone for good, so the third
+/// cannot write. Started again with the flag, it is the only member of a new cluster,
+/// with its data. A member of the old cluster that comes back with its old data is
+/// refused (it may hold writes the survivor never had); with an empty data dir it
+/// joins and is promoted, and holds what the survivor had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survivor_of_a_lost_quorum_forms_a_new_cluster_with_its_data() {
+    let root = tempdir();
+    let mut members = bootstrap_three(root.path(), &[&[], &[], &[]]);
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    let before = client(&members[0]).await.put("before", "v", None).await.unwrap();
+    let old_cluster = before.header().unwrap().cluster_id();
+    eventually("a to hold the write", Duration::from_secs(20), || async {
+        let g = client(&members[0]).await.get("before", Some(GetOptions::new().with_serializable())).await;
+        g.is_ok_and(|g| g.kvs().len() == 1)
+    })
+    .await;
+    members[1].proc.kill9();
+    members[2].proc.kill9();
+    let stuck = client(&members[0]).await.put("lost quorum", "v", None).await;
+    assert!(stuck.is_err(), "no quorum: {stuck:?}");
+
+    let a = &mut members[0];
+    a.proc.terminate();
+    a.args.push("--force-new-cluster".into());
+    restart(a);
+    a.proc.wait_ready(Duration::from_secs(60));
+    eventually("a to lead alone", Duration::from_secs(20), || async {
+        roles(&members[0]).await == Some((names(&["a"]), vec![]))
+    })
+    .await;
+    let mut c = client(&members[0]).await;
+    let after = c.put("after", "v", None).await.unwrap();
+    assert_ne!(after.header().unwrap().cluster_id(), old_cluster, "a new cluster");
+    let got = c.get("before", None).await.unwrap();
+    assert_eq!(got.kvs()[0].mod_revision(), before.header().unwrap().revision(), "its data kept");
+    assert!(members[0].proc.log().contains("--force-new-cluster: this member is made the only voter"));
+
+    // b with its old data: another cluster's member now.
+    let b_join = ["--join".to_string(), members[0].peer.clone()];
+    let b = &mut members[1];
+    b.args.retain(|a| a != "--bootstrap-expect" && a != "3" && a != "--join" && !a.starts_with("127.0.0.1:"));
+    b.args.extend(b_join);
+    restart(b);
+    let refused = |log: String| log.contains("refusing mesh peer") && log.contains("cannot move between clusters");
+    eventually("b to be refused", Duration::from_secs(20), || async {
+        refused(members[0].proc.log()) || refused(members[1].proc.log())
+    })
+    .await;
+    assert_eq!(roles(&members[0]).await, Some((names(&["a"]), vec![])), "b is not taken back with its old data");
+
+    // b with an empty data dir joins the new cluster and catches up.
+    members[1].proc.kill9();
+    std::fs::remove_dir_all(&members[1].dir).unwrap();
+    restart(&mut members[1]);
+    members[1].proc.wait_ready(Duration::from_secs(60));
+    eventually("b to join and be promoted", Duration::from_secs(30), || async {
+        roles(&members[0]).await == Some((names(&["a", "b"]), vec![]))
+    })
+    .await;
+    let on_b = client(&members[1]).await.get("", Some(GetOptions::new().with_all_keys())).await.unwrap();
+    let keys: Vec<&[u8]> = on_b.kvs().iter().map(|kv| kv.key()).collect();
+    assert_eq!(keys, [&b"after"[..], b"before"]);
+
+    // a started again without the flag keeps the new cluster as it is.
+    let a = &mut members[0];
+    a.proc.terminate();
+    a.args.retain(|f| f != "--force-new-cluster");
+    restart(a);
+    a.proc.wait_ready(Duration::from_secs(60));
+    eventually("a and b to serve writes", Duration::from_secs(30), || async {
+        client(&members[1]).await.put("again", "v", None).await.is_ok()
+    })
+    .await;
+    assert_eq!(roles(&members[0]).await, Some((names(&["a", "b"]), vec![])));
+    let logs: String = members.iter().map(|m| m.proc.log()).collect();
+    assert!(!logs.contains("panicked"), "{logs}");
+}

@@ -75,6 +75,9 @@ pub struct RaftConfig {
     /// Applying a batch of committed entries that takes longer is logged as a warning
     /// (etcd's --experimental-warning-apply-duration).
     pub warning_apply_duration: Duration,
+    /// etcd's --force-new-cluster: at start, a member with a log drops its uncommitted
+    /// entries and commits the removal of every other member ([`force_new_cluster`]).
+    pub force_new_cluster: bool,
 }
 
 impl RaftConfig {
@@ -94,6 +97,7 @@ impl RaftConfig {
             strict_reconfig_check: true,
             pre_vote: true,
             warning_apply_duration: Duration::from_millis(100),
+            force_new_cluster: false,
         }
     }
 }
@@ -200,6 +204,8 @@ pub trait Transport: Send + Sync + 'static {
     /// The incarnation the member `name` announces (0: it started with a configuration),
     /// None while it has announced nothing.
     fn incarnation(&self, name: &str) -> Option<u64>;
+    /// The cluster id the peers this member reached belong to (0: none seen).
+    fn cluster_seen(&self) -> u64;
 }
 
 /// How Raft starts on a fresh data dir.
@@ -563,22 +569,12 @@ pub fn start(
                 .iter()
                 .enumerate()
                 .map(|(i, (id, name))| {
-                    let mut cc = ConfChange::default();
-                    cc.set_change_type(ConfChangeType::AddNode);
-                    cc.node_id = *id;
-                    cc.context = MemberContext {
+                    let ctx = MemberContext {
                         name: name.clone(),
                         cluster_id: cluster_id.load(Ordering::Acquire),
                         ..Default::default()
-                    }
-                    .encode_to_vec()
-                    .into();
-                    let mut e = Entry::default();
-                    e.set_entry_type(EntryType::EntryConfChange);
-                    e.term = 1;
-                    e.index = i as u64 + 1;
-                    e.data = cc.write_to_bytes().unwrap_or_default().into();
-                    e
+                    };
+                    conf_entry(1, i as u64 + 1, ConfChangeType::AddNode, *id, &ctx)
                 })
                 .collect();
             log.append(&mut batch, &entries);
@@ -590,6 +586,15 @@ pub fn start(
         // The store applied entries whose commit index had not reached the disk yet;
         // applied entries were committed, so the commit index catches up.
         log.set_commit(&mut batch, applied);
+    }
+    if cfg.force_new_cluster && !log.is_fresh() {
+        let ctx = MemberContext {
+            name: cfg.name.clone(),
+            cluster_id: cluster_id.load(Ordering::Acquire),
+            ..Default::default()
+        };
+        force_new_cluster(&log, &mut batch, cfg.id, &ctx);
+        batch.put_cf(engine.cf(CF_META), b"cluster_id", ctx.cluster_id.to_be_bytes());
     }
     if !batch.is_empty() {
         engine.write(batch, true)?;
@@ -678,6 +683,72 @@ pub fn start(
         request_timeout,
     };
     Ok(Started { handle, thread, incarnation })
+}
+
+/// A configuration change of one member as a log entry of its own.
+fn conf_entry(term: u64, index: u64, change: ConfChangeType, node_id: u64, ctx: &MemberContext) -> Entry {
+    let mut cc = ConfChange::default();
+    cc.set_change_type(change);
+    cc.node_id = node_id;
+    cc.context = ctx.encode_to_vec().into();
+    let mut e = Entry::default();
+    e.set_entry_type(EntryType::EntryConfChange);
+    e.term = term;
+    e.index = index;
+    e.data = cc.write_to_bytes().unwrap_or_default().into();
+    e
+}
+
+/// etcd's --force-new-cluster, for a member whose cluster lost its quorum for good:
+/// the log's uncommitted tail is dropped, and the changes that leave this member the
+/// only voter are appended at the commit index, committed (etcd does the same). They
+/// are applied as the member starts, like any committed entries, and it then elects
+/// itself. The others are removed as the cluster removes dead members (`rejoin`): a
+/// member of the old cluster comes back only with an empty data dir, since the caller
+/// also gives this member a new cluster id, which the mesh holds the old ones to.
+/// Returns how many changes were appended.
+fn force_new_cluster(log: &LogStore, batch: &mut WriteBatch, me: u64, ctx: &MemberContext) -> usize {
+    let mut hs = log.hard_state();
+    let cs = log.conf_state();
+    let mut index = hs.commit;
+    let mut next = || {
+        index += 1;
+        index
+    };
+    let mut entries = Vec::new();
+    if !cs.voters_outgoing.is_empty() {
+        // A joint configuration is left first: the removals below are simple changes.
+        let mut e = Entry::default();
+        e.set_entry_type(EntryType::EntryConfChangeV2);
+        e.term = hs.term;
+        e.index = next();
+        e.data = ConfChangeV2::default().write_to_bytes().unwrap_or_default().into();
+        entries.push(e);
+    }
+    if !cs.voters.contains(&me) {
+        entries.push(conf_entry(hs.term, next(), ConfChangeType::AddNode, me, ctx));
+    }
+    let mut others: Vec<u64> =
+        cs.voters.iter().chain(&cs.voters_outgoing).chain(&cs.learners).chain(&cs.learners_next).copied().collect();
+    others.sort_unstable();
+    others.dedup();
+    let rejoin = MemberContext { rejoin: true, ..Default::default() };
+    for id in others.into_iter().filter(|id| *id != me) {
+        entries.push(conf_entry(hs.term, next(), ConfChangeType::RemoveNode, id, &rejoin));
+    }
+    let dropped = log.last_index_cached().saturating_sub(hs.commit);
+    tracing::warn!(
+        removed = entries.len(),
+        uncommitted_dropped = dropped,
+        "--force-new-cluster: this member is made the only voter of a new cluster; \
+         start it without the flag from now on, or each start does this again"
+    );
+    if let Some(last) = entries.last() {
+        hs.commit = last.index;
+        log.append(batch, &entries);
+        log.set_hard_state(batch, &hs);
+    }
+    entries.len()
 }
 
 /// Proposal ids are unique across members and restarts: the low 16 bits of the member
@@ -1496,10 +1567,14 @@ impl Driver {
                     }
                 }
                 if ctx.cluster_id != 0 && self.status.cluster_id() == 0 {
-                    // A joining member learns its cluster when it is added.
-                    batch.put_cf(self.engine.cf(CF_META), b"cluster_id", ctx.cluster_id.to_be_bytes());
-                    self.status.cluster_id.store(ctx.cluster_id, Ordering::Release);
-                    tracing::info!(cluster = format!("{:x}", ctx.cluster_id), "joined the cluster");
+                    // A joining member learns its cluster when it is added: from the peers
+                    // that add it, for the log's first changes may carry the id a cluster
+                    // had before --force-new-cluster gave it a new one.
+                    let seen = self.transport.as_ref().map_or(0, |t| t.cluster_seen());
+                    let cluster = if seen != 0 { seen } else { ctx.cluster_id };
+                    batch.put_cf(self.engine.cf(CF_META), b"cluster_id", cluster.to_be_bytes());
+                    self.status.cluster_id.store(cluster, Ordering::Release);
+                    tracing::info!(cluster = format!("{cluster:x}"), "joined the cluster");
                 }
                 self.engine.write(batch, true)?;
                 self.publish_membership();
@@ -1563,5 +1638,100 @@ impl Driver {
             }
             false
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use raft::eraftpb::{ConfState, HardState};
+    use raft::Storage as _;
+
+    use super::*;
+
+    /// A log of `last` normal entries at term 2, committed to `commit`, in `conf`; then
+    /// forced for member 1. What raft-rs makes of it: the configuration once the
+    /// committed entries are applied, and whether member 1 then elects itself.
+    fn forced(conf: ConfState, commit: u64, last: u64) -> (Vec<Entry>, ConfState, StateRole) {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path()).unwrap();
+        let log = LogStore::open(engine.clone()).unwrap();
+        let mut batch = WriteBatch::default();
+        let entries: Vec<Entry> =
+            (1..=last).map(|index| Entry { index, term: 2, data: vec![1].into(), ..Default::default() }).collect();
+        log.append(&mut batch, &entries);
+        log.set_conf_state(&mut batch, &conf);
+        log.set_hard_state(&mut batch, &HardState { term: 2, vote: 2, commit, ..Default::default() });
+        let ctx = MemberContext { name: "a".into(), cluster_id: 7, ..Default::default() };
+        force_new_cluster(&log, &mut batch, 1, &ctx);
+        engine.write(batch, true).unwrap();
+        let appended =
+            log.entries(commit + 1, log.last_index_cached() + 1, None, raft::GetEntriesContext::empty(false));
+        let appended = appended.unwrap();
+
+        let cfg = raft::Config { id: 1, applied: commit, ..Default::default() };
+        let mut node = RawNode::new(&cfg, log, &logger::logger()).unwrap();
+        let mut cs = conf;
+        while node.has_ready() {
+            let mut rd = node.ready();
+            for e in rd.take_committed_entries() {
+                if e.get_entry_type() == EntryType::EntryConfChange {
+                    let cc = ConfChange::parse_from_bytes(&e.data).unwrap();
+                    cs = node.apply_conf_change(&cc).unwrap();
+                } else if e.get_entry_type() == EntryType::EntryConfChangeV2 {
+                    cs = node.apply_conf_change(&ConfChangeV2::parse_from_bytes(&e.data).unwrap()).unwrap();
+                }
+            }
+            let mut light = node.advance(rd);
+            light.take_committed_entries();
+            node.advance_apply();
+        }
+        node.campaign().unwrap();
+        let _ = node.ready();
+        (appended, cs, node.raft.state)
+    }
+
+    fn changes(entries: &[Entry]) -> Vec<(u64, ConfChangeType, u64, bool)> {
+        entries
+            .iter()
+            .map(|e| match e.get_entry_type() {
+                EntryType::EntryConfChangeV2 => (e.index, ConfChangeType::AddNode, 0, false),
+                _ => {
+                    let cc = ConfChange::parse_from_bytes(&e.data).unwrap();
+                    let ctx = MemberContext::decode(cc.context.as_ref()).unwrap();
+                    (e.index, cc.get_change_type(), cc.node_id, ctx.rejoin)
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_forced_voter_drops_the_uncommitted_tail_and_removes_the_others() {
+        let conf = ConfState { voters: vec![1, 2, 3], learners: vec![4], ..Default::default() };
+        let (appended, cs, role) = forced(conf, 7, 10);
+        use ConfChangeType::RemoveNode;
+        assert_eq!(changes(&appended), [(8, RemoveNode, 2, true), (9, RemoveNode, 3, true), (10, RemoveNode, 4, true)]);
+        assert!(appended.iter().all(|e| e.term == 2), "the entries at 8..10 are the forced ones, at the log's term");
+        assert_eq!((cs.voters, cs.learners), (vec![1], vec![]));
+        assert_eq!(role, StateRole::Leader);
+    }
+
+    #[test]
+    fn a_forced_learner_in_a_joint_configuration_leaves_it_and_becomes_the_voter() {
+        let conf =
+            ConfState { voters: vec![2, 3], voters_outgoing: vec![2, 3, 5], learners: vec![1], ..Default::default() };
+        let (appended, cs, role) = forced(conf, 5, 5);
+        use ConfChangeType::{AddNode, RemoveNode};
+        assert_eq!(
+            changes(&appended),
+            [
+                (6, AddNode, 0, false),
+                (7, AddNode, 1, false),
+                (8, RemoveNode, 2, true),
+                (9, RemoveNode, 3, true),
+                (10, RemoveNode, 5, true)
+            ]
+        );
+        assert_eq!((cs.voters, cs.learners, cs.voters_outgoing), (vec![1], vec![], vec![]));
+        assert_eq!(role, StateRole::Leader);
     }
 }

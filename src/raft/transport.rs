@@ -454,6 +454,10 @@ impl Transport for MeshTransport {
         directory.flatten()
     }
 
+    fn cluster_seen(&self) -> u64 {
+        self.conn.mesh().cluster_seen()
+    }
+
     fn reachable(&self) -> Vec<(u64, String)> {
         self.conn.mesh().reachable_peers().into_iter().map(|p| (member_id(&p), p.to_string())).collect()
     }
