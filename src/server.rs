@@ -441,6 +441,7 @@ pub async fn run(
         max_txn_ops: cfg.max_txn_ops,
         quota: Arc::new(quota(cfg.quota_backend_bytes, &store)),
         unsafe_no_read_index: cfg.unsafe_no_read_index,
+        leader: api::leader::LeaderLink::new(transport.clone()),
     };
 
     let raft_status = ctx.raft.clone();
@@ -460,6 +461,10 @@ pub async fn run(
     let decode_limit = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let checkpoints = cfg.lease_checkpoint.then_some(cfg.lease_checkpoint_interval);
     let lessor = api::lease::Lessor::start(ctx.clone(), cfg.election_timeout, checkpoints);
+    // Held here while the member serves: the transport, which the Raft driver holds,
+    // keeps only a weak reference to it and its Raft handles.
+    let answerer = api::leader::Answerer::new(ctx.clone(), lessor.clone(), cfg.election_timeout);
+    transport.answer_leader_calls(Arc::downgrade(&(answerer.clone() as Arc<dyn crate::raft::transport::LeaderCalls>)));
     if let Some(mode) = cfg.auto_compaction {
         api::compactor::start(ctx.clone(), mode);
     }
@@ -554,6 +559,7 @@ pub async fn run(
             Err(e) => tracing::error!(error = %e, "client listener task failed"),
         }
     }
+    drop(answerer);
     tracing::info!("client listeners stopped; stopping raft");
     mesh.shutdown();
     // Joined off the runtime's threads: the tasks still holding Raft handles must be

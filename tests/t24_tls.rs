@@ -292,3 +292,73 @@ fn tls_without_its_files_is_refused_at_start() {
         run(&["--listen-client-urls", "https://127.0.0.1:0", "--cert-file", "/nonexistent.crt", "--key-file", "k"]);
     assert!(err.contains("--cert-file /nonexistent.crt"), "{err}");
 }
+
+/// Three members serving clients over TLS, with client certificates required: a client
+/// of a follower keeps its lease alive, reads its time to live and promotes a learner.
+/// Only the leader can answer those calls, and a follower sends them to it over the
+/// mesh, not to the leader's client URL (which would want a certificate of the member).
+#[test]
+fn a_followers_lease_and_promote_calls_reach_the_leader_in_a_tls_cluster() {
+    let dir = tempdir();
+    let pki = pki(dir.path());
+    let names = ["a", "b", "c", "d"];
+    let ports: Vec<u16> = names.iter().map(|_| free_port()).collect();
+    let start = |i: usize, join: usize, extra: &[&str]| {
+        let join = format!("127.0.0.1:{}", ports[join]);
+        let mut args = vec!["--name", names[i], "--join", join.as_str(), "--cert-file", s(&pki.server.0)];
+        args.extend(["--key-file", s(&pki.server.1), "--trusted-ca-file", s(&pki.ca), "--client-cert-auth"]);
+        args.extend_from_slice(extra);
+        let peer = format!("http://127.0.0.1:{}", ports[i]);
+        spawn_meshkv_on(&dir.path().join(names[i]), "https://127.0.0.1:0", &peer, &args)
+    };
+    let mut members: Vec<Proc> = (0..3).map(|i| start(i, (i + 1) % 3, &["--bootstrap-expect", "3"])).collect();
+    for p in &mut members {
+        p.wait_ready(Duration::from_secs(60));
+    }
+    let certified = ["--cacert", s(&pki.ca), "--cert", s(&pki.client.0), "--key", s(&pki.client.1)];
+    let ctl = |p: &Proc, args: &[&str]| {
+        let all: Vec<&str> = certified.iter().chain(args).copied().collect();
+        etcdctl(&format!("https://{}", p.client_addr), &all, None)
+    };
+    // (leader, this member) by id, as a member reports them.
+    let ids = |p: &Proc| {
+        let out = ctl(p, &["endpoint", "status", "-w", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+        let status = &v[0]["Status"];
+        (status["leader"].as_u64().unwrap_or(0), status["header"]["member_id"].as_u64().unwrap_or(0))
+    };
+    let mut follower = None;
+    wait_until("a leader and a follower", Duration::from_secs(30), || {
+        follower = members.iter().position(|p| {
+            let (leader, me) = ids(p);
+            leader != 0 && leader != me
+        });
+        follower.is_some()
+    });
+    let f = &members[follower.unwrap()];
+
+    let granted = ctl(f, &["lease", "grant", "60"]);
+    let id = granted.stdout.split_whitespace().nth(1).unwrap_or_else(|| panic!("{granted:?}")).to_string();
+    let kept = ctl(f, &["lease", "keep-alive", "--once", &id]);
+    assert_eq!(kept.stdout, format!("lease {id} keepalived with TTL(60)\n"), "{kept:?}");
+    let ttl = ctl(f, &["lease", "timetolive", &id]);
+    assert!(ttl.stdout.starts_with(&format!("lease {id} granted with TTL(60s), remaining(")), "{ttl:?}");
+
+    // A fourth member stays a learner (three voters are wanted); a follower's client
+    // promotes it once it has caught up.
+    let mut d = start(3, 0, &[]);
+    d.wait_ready(Duration::from_secs(60));
+    let d_id = ids(&d).1;
+    let mut promoted = None;
+    wait_until("d promoted through a follower", Duration::from_secs(30), || {
+        let out = ctl(f, &["member", "promote", &format!("{d_id:x}")]);
+        let done = out.status == 0;
+        promoted = Some(out);
+        done
+    });
+    let promoted = promoted.unwrap();
+    assert!(promoted.stdout.contains("promoted in cluster"), "{promoted:?}");
+    let list = ctl(f, &["member", "list"]);
+    assert!(list.stdout.lines().all(|l| l.contains(", started, ") && l.ends_with(", false")), "{list:?}");
+    assert_eq!(list.stdout.lines().count(), 4, "{list:?}");
+}

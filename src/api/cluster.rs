@@ -6,25 +6,41 @@ use std::collections::HashMap;
 
 use tonic::{Code, Request, Response, Status};
 
-use super::leader::{LeaderLink, FORWARDED};
 use super::Ctx;
-use crate::pb::etcdserverpb::cluster_client::ClusterClient;
 use crate::pb::etcdserverpb::cluster_server::Cluster;
 use crate::pb::etcdserverpb::{
     Member, MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse, MemberPromoteRequest,
     MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
 };
+use crate::pb::meshkvpb::LeaderMethod;
 use crate::raft::directory::{self, Directory};
 use crate::raft::RaftError;
 
+#[derive(Clone)]
 pub struct ClusterService {
     ctx: Ctx,
-    leader: LeaderLink,
 }
 
 impl ClusterService {
     pub fn new(ctx: Ctx) -> Self {
-        Self { ctx, leader: LeaderLink::default() }
+        Self { ctx }
+    }
+
+    /// Promotes learner `id`, here on the leader or by the leader: only the leader knows
+    /// how far the learner has come, and it decides, as etcd's does. `forwarded`: a
+    /// follower's call, not passed on again.
+    pub(super) async fn promote(&self, id: u64, forwarded: bool) -> Result<MemberPromoteResponse, Status> {
+        match self.ctx.raft.change_membership(crate::raft::membership::Change::Promote { id }).await {
+            Ok(()) => Ok(MemberPromoteResponse { header: self.ctx.header(None), members: self.members() }),
+            Err(RaftError::NotLeader) if !forwarded => {
+                let req = MemberPromoteRequest { id };
+                let resp: MemberPromoteResponse =
+                    self.ctx.leader.call(&self.ctx, LeaderMethod::MemberPromote, &req).await?;
+                Ok(MemberPromoteResponse { header: self.ctx.header(None), members: resp.members })
+            }
+            Err(RaftError::NotLeader) => Err(Status::new(Code::Unavailable, "etcdserver: leader changed")),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Every member, voters first, each in id order.
@@ -100,29 +116,6 @@ impl Cluster for ClusterService {
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
         self.ctx.require_admin(&request)?;
-        let forwarded = request.metadata().contains_key(FORWARDED);
-        let id = request.get_ref().id;
-        match self.ctx.raft.change_membership(crate::raft::membership::Change::Promote { id }).await {
-            Ok(()) => {
-                Ok(Response::new(MemberPromoteResponse { header: self.ctx.header(None), members: self.members() }))
-            }
-            // Only the leader knows how far the learner has come: it decides, as etcd's does.
-            Err(RaftError::NotLeader) if !forwarded => {
-                let mut fwd = Request::new(MemberPromoteRequest { id });
-                for key in ["token", "authorization"] {
-                    if let Some(v) = request.metadata().get(key) {
-                        fwd.metadata_mut().insert(key, v.clone());
-                    }
-                }
-                fwd.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-                let resp = ClusterClient::new(self.leader.channel(&self.ctx)?).member_promote(fwd).await?;
-                Ok(Response::new(MemberPromoteResponse {
-                    header: self.ctx.header(None),
-                    members: resp.into_inner().members,
-                }))
-            }
-            Err(RaftError::NotLeader) => Err(Status::new(Code::Unavailable, "etcdserver: leader changed")),
-            Err(e) => Err(e.into()),
-        }
+        Ok(Response::new(self.promote(request.get_ref().id, false).await?))
     }
 }

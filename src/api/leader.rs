@@ -1,53 +1,123 @@
-//! A channel to the leader's client URL, for the calls only the leader can answer (a
-//! lease's clock, a learner's progress). A request sent through it carries
-//! [`FORWARDED`], so a member that is no longer leader when it arrives does not send it
-//! on again.
+//! The calls only the leader can answer (a lease's clock, a learner's progress), sent to
+//! it over the mesh: encrypted and authenticated by the mesh, whatever the client URLs
+//! ask of a client (TLS, a certificate), and relayed where two members cannot reach each
+//! other directly. The leader answers them as its own services would, with what the
+//! follower had applied known to it first; a member that is no longer leader when a
+//! call arrives answers `not leader`, and does not pass it on.
 
-use std::sync::Mutex;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use futures::future::BoxFuture;
+use futures::FutureExt as _;
+use prost::Message;
 use tonic::{Code, Status};
 
+use super::cluster::ClusterService;
+use super::lease::{LeaseService, Lessor};
 use super::Ctx;
-use crate::raft::directory::{self, Directory};
+use crate::pb::etcdserverpb::{LeaseKeepAliveRequest, LeaseTimeToLiveRequest, MemberPromoteRequest};
+use crate::pb::meshkvpb::{LeaderAnswer, LeaderCall, LeaderMethod};
+use crate::raft::transport::{LeaderCalls, MeshTransport};
 
-/// Metadata on a request a follower forwarded to the leader: it is never forwarded again.
-pub const FORWARDED: &str = "meshkv-forwarded";
+/// How long a follower waits for the leader's answer.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The leader's channel, kept while the leader's URL stays the same.
-#[derive(Default)]
+/// The way to the leader.
 pub struct LeaderLink {
-    cached: Mutex<Option<(String, Channel)>>,
+    transport: Arc<MeshTransport>,
 }
 
 impl LeaderLink {
-    /// A channel to the current leader's first client URL.
-    pub fn channel(&self, ctx: &Ctx) -> Result<Channel, Status> {
+    pub fn new(transport: Arc<MeshTransport>) -> Arc<Self> {
+        Arc::new(Self { transport })
+    }
+
+    /// Calls `method` on the current leader with `request`: its response, or its error.
+    pub async fn call<Resp: Message + Default>(
+        &self,
+        ctx: &Ctx,
+        method: LeaderMethod,
+        request: &impl Message,
+    ) -> Result<Resp, Status> {
         let status = ctx.raft.status();
         let leader = status.leader();
         if leader == 0 {
             return Err(Status::new(Code::Unavailable, "etcdserver: no leader"));
         }
-        let name = status.membership().names.get(&leader).cloned().unwrap_or_default();
-        let url = ctx
-            .mesh
-            .with_channel::<Directory, _>(directory::CHANNEL, |d| d.client_urls(&name))
-            .unwrap_or_default()
-            .into_iter()
-            .next()
-            .ok_or_else(|| Status::new(Code::Unavailable, "etcdserver: leader changed"))?;
-        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((u, ch)) = &*cached {
-            if *u == url {
-                return Ok(ch.clone());
+        let Some(name) = status.membership().names.get(&leader).cloned() else {
+            return Err(Status::new(Code::Unavailable, "etcdserver: leader changed"));
+        };
+        let call = LeaderCall {
+            id: 0,
+            method: method.into(),
+            request: request.encode_to_vec().into(),
+            applied: ctx.store.applied_index(),
+        };
+        let Some(answer) = self.transport.call(&name, call, CALL_TIMEOUT).await else {
+            return Err(Status::new(Code::Unavailable, "etcdserver: request timed out"));
+        };
+        if answer.code != 0 {
+            return Err(Status::new(Code::from(answer.code), answer.message));
+        }
+        Resp::decode(answer.response).map_err(|e| Status::internal(format!("the leader's answer: {e}")))
+    }
+}
+
+/// The leader's side: each call answered by the service that answers its method.
+pub struct Answerer {
+    lease: LeaseService,
+    cluster: ClusterService,
+}
+
+impl Answerer {
+    pub fn new(ctx: Ctx, lessor: Arc<Lessor>, election_timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            lease: LeaseService::new(ctx.clone(), lessor, election_timeout),
+            cluster: ClusterService::new(ctx),
+        })
+    }
+}
+
+/// `call`'s request decoded, handed to `f`, and its outcome as an answer.
+async fn answered<Req, Resp, Fut>(call: &LeaderCall, f: impl FnOnce(Req) -> Fut) -> Result<Vec<u8>, Status>
+where
+    Req: Message + Default,
+    Resp: Message,
+    Fut: Future<Output = Result<Resp, Status>>,
+{
+    let req = Req::decode(call.request.as_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok(f(req).await?.encode_to_vec())
+}
+
+impl LeaderCalls for Answerer {
+    fn answer(&self, call: LeaderCall) -> BoxFuture<'static, LeaderAnswer> {
+        let (lease, cluster) = (self.lease.clone(), self.cluster.clone());
+        async move {
+            let applied = call.applied;
+            let outcome = match LeaderMethod::try_from(call.method) {
+                Ok(LeaderMethod::LeaseKeepAlive) => {
+                    answered(&call, |r: LeaseKeepAliveRequest| lease.keep_alive_once(r.id, Some(applied))).await
+                }
+                Ok(LeaderMethod::LeaseTimeToLive) => {
+                    answered(&call, |r: LeaseTimeToLiveRequest| lease.time_to_live(r, Some(applied))).await
+                }
+                Ok(LeaderMethod::MemberPromote) => {
+                    answered(&call, |r: MemberPromoteRequest| cluster.promote(r.id, true)).await
+                }
+                _ => Err(Status::unimplemented(format!("leader call {}", call.method))),
+            };
+            match outcome {
+                Ok(response) => LeaderAnswer { id: call.id, response: response.into(), ..Default::default() },
+                Err(s) => LeaderAnswer {
+                    id: call.id,
+                    code: s.code() as i32,
+                    message: s.message().into(),
+                    ..Default::default()
+                },
             }
         }
-        let ch = Endpoint::from_shared(url.clone())
-            .map_err(|e| Status::internal(e.to_string()))?
-            .connect_timeout(Duration::from_secs(1))
-            .connect_lazy();
-        *cached = Some((url, ch.clone()));
-        Ok(ch)
+        .boxed()
     }
 }

@@ -22,12 +22,9 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use super::leader::{LeaderLink, FORWARDED};
 use super::Ctx;
-use crate::pb::etcdserverpb::lease_client::LeaseClient;
 use crate::pb::etcdserverpb::lease_server::Lease;
 use crate::pb::etcdserverpb::{
     LeaseCheckpoint, LeaseCheckpointRequest, LeaseGrantRequest, LeaseGrantResponse, LeaseKeepAliveRequest,
@@ -35,6 +32,7 @@ use crate::pb::etcdserverpb::{
     LeaseStatus, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse,
 };
 use crate::pb::meshkvpb::internal_request::Request as Write;
+use crate::pb::meshkvpb::LeaderMethod;
 use crate::store::lease::MAX_LEASE_TTL;
 use crate::store::mvcc::WriteResponse;
 
@@ -265,26 +263,12 @@ pub struct LeaseService {
     lessor: Arc<Lessor>,
     /// etcd's minimum TTL: one and a half election timeouts, rounded up to a second.
     min_ttl: i64,
-    leader: Arc<LeaderLink>,
 }
 
 impl LeaseService {
     pub fn new(ctx: Ctx, lessor: Arc<Lessor>, election_timeout: Duration) -> Self {
         let min_ttl = (election_timeout.as_secs_f64() * 1.5).ceil().max(1.0) as i64;
-        Self { ctx, lessor, min_ttl, leader: Arc::default() }
-    }
-
-    /// A channel to the leader's client URL, for requests that need its clock.
-    fn leader(&self) -> Result<Channel, Status> {
-        self.leader.channel(&self.ctx)
-    }
-
-    /// A request for the leader, carrying what this member has applied: the leader
-    /// answers only once it has applied as much, so a lease granted here is known there.
-    fn forwarded<T>(&self, req: T) -> Request<T> {
-        let mut r = Request::new(req);
-        r.metadata_mut().insert(FORWARDED, tonic::metadata::MetadataValue::from(self.ctx.store.applied_index()));
-        r
+        Self { ctx, lessor, min_ttl }
     }
 
     /// On the leader, before answering a forwarded request: waits (a little) until this
@@ -296,8 +280,13 @@ impl LeaseService {
         }
     }
 
-    /// One KeepAlive, answered here on the leader or by the leader.
-    async fn keep_alive_once(&self, id: i64, forwarded: Option<u64>) -> Result<LeaseKeepAliveResponse, Status> {
+    /// One KeepAlive, answered here on the leader or by the leader; `forwarded`: a
+    /// follower's call, with what it had applied.
+    pub(super) async fn keep_alive_once(
+        &self,
+        id: i64,
+        forwarded: Option<u64>,
+    ) -> Result<LeaseKeepAliveResponse, Status> {
         if let Some(applied) = forwarded {
             self.catch_up(applied).await;
         }
@@ -312,13 +301,34 @@ impl LeaseService {
         if forwarded.is_some() {
             return Err(Status::new(Code::Unavailable, "etcdserver: not leader"));
         }
-        let mut client = LeaseClient::new(self.leader()?);
-        let req = LeaseKeepAliveRequest { id };
-        let mut stream = client.lease_keep_alive(self.forwarded(tokio_stream::once(req))).await?.into_inner();
-        match stream.message().await? {
-            Some(r) => Ok(r),
-            None => Err(Status::new(Code::Unavailable, "etcdserver: leader changed")),
+        self.ctx.leader.call(&self.ctx, LeaderMethod::LeaseKeepAlive, &LeaseKeepAliveRequest { id }).await
+    }
+
+    /// TimeToLive, answered here on the leader or by the leader, as KeepAlive.
+    pub(super) async fn time_to_live(
+        &self,
+        req: LeaseTimeToLiveRequest,
+        forwarded: Option<u64>,
+    ) -> Result<LeaseTimeToLiveResponse, Status> {
+        if let Some(applied) = forwarded {
+            self.catch_up(applied).await;
         }
+        if !self.lessor.is_leader() {
+            if forwarded.is_some() {
+                return Err(Status::new(Code::Unavailable, "etcdserver: not leader"));
+            }
+            let mut resp: LeaseTimeToLiveResponse =
+                self.ctx.leader.call(&self.ctx, LeaderMethod::LeaseTimeToLive, &req).await?;
+            resp.header = self.ctx.header(None);
+            return Ok(resp);
+        }
+        let header = self.ctx.header(None);
+        let entry = self.ctx.store.leases().get(req.id).cloned();
+        let (Some(entry), Some(ttl)) = (entry, self.lessor.remaining(req.id)) else {
+            return Ok(LeaseTimeToLiveResponse { header, id: req.id, ttl: -1, ..Default::default() });
+        };
+        let keys = if req.keys { entry.keys.into_iter().collect() } else { Vec::new() };
+        Ok(LeaseTimeToLiveResponse { header, id: req.id, ttl, granted_ttl: entry.ttl, keys })
     }
 }
 
@@ -326,13 +336,6 @@ impl LeaseService {
 /// ids are (clients print them with %016x, some with plain %x).
 pub fn new_lease_id() -> i64 {
     ((rand::random::<u64>() >> 4) | (1 << 60)) as i64
-}
-
-/// For a request a follower forwarded: the index that follower had applied (0 if it did
-/// not say).
-fn is_forwarded<T>(r: &Request<T>) -> Option<u64> {
-    let v = r.metadata().get(FORWARDED)?;
-    Some(v.to_str().ok().and_then(|s| s.parse().ok()).unwrap_or(0))
 }
 
 #[tonic::async_trait]
@@ -374,7 +377,6 @@ impl Lease for LeaseService {
         &self,
         request: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<tonic::codegen::BoxStream<LeaseKeepAliveResponse>>, Status> {
-        let forwarded = is_forwarded(&request);
         let mut incoming = request.into_inner();
         let (tx, rx) = mpsc::channel(16);
         let me = self.clone();
@@ -386,7 +388,7 @@ impl Lease for LeaseService {
                     r = incoming.message() => r,
                 };
                 let Ok(Some(req)) = req else { return };
-                let resp = me.keep_alive_once(req.id, forwarded).await;
+                let resp = me.keep_alive_once(req.id, None).await;
                 let failed = resp.is_err();
                 if tx.send(resp).await.is_err() || failed {
                     return;
@@ -400,27 +402,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        let forwarded = is_forwarded(&request);
-        let req = request.into_inner();
-        if let Some(applied) = forwarded {
-            self.catch_up(applied).await;
-        }
-        if !self.lessor.is_leader() {
-            if forwarded.is_some() {
-                return Err(Status::new(Code::Unavailable, "etcdserver: not leader"));
-            }
-            let mut client = LeaseClient::new(self.leader()?);
-            let mut resp = client.lease_time_to_live(self.forwarded(req)).await?.into_inner();
-            resp.header = self.ctx.header(None);
-            return Ok(Response::new(resp));
-        }
-        let header = self.ctx.header(None);
-        let entry = self.ctx.store.leases().get(req.id).cloned();
-        let (Some(entry), Some(ttl)) = (entry, self.lessor.remaining(req.id)) else {
-            return Ok(Response::new(LeaseTimeToLiveResponse { header, id: req.id, ttl: -1, ..Default::default() }));
-        };
-        let keys = if req.keys { entry.keys.into_iter().collect() } else { Vec::new() };
-        Ok(Response::new(LeaseTimeToLiveResponse { header, id: req.id, ttl, granted_ttl: entry.ttl, keys }))
+        Ok(Response::new(self.time_to_live(request.into_inner(), None).await?))
     }
 
     async fn lease_leases(&self, _: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {

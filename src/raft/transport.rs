@@ -2,11 +2,12 @@
 //! ([`member_id`]), so a message to id N goes to the mesh peer whose name hashes to N,
 //! and a restart is the same member. Votes and heartbeats travel as control datagrams;
 //! appends with entries and snapshots as bulk. Beside Raft, members ask each other for
-//! the hash of their store (the corruption check).
+//! the hash of their store (the corruption check), and followers send the leader the
+//! calls only it can answer (leader calls: a lease's clock, a learner's progress).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,12 +15,14 @@ use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::{Message, MessageType};
 use raft::SnapshotStatus;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::node::{RaftHandle, Transport};
 use super::snapshot::{Incoming, Outgoing, SstSink, CFS};
 use crate::mesh::{MeshConn, PeerName, Priority};
-use crate::pb::meshkvpb::{PeerHash, PeerHashRequest, SnapshotChunk, SnapshotChunkRequest, SnapshotDescriptor};
+use crate::pb::meshkvpb::{
+    LeaderAnswer, LeaderCall, PeerHash, PeerHashRequest, SnapshotChunk, SnapshotChunkRequest, SnapshotDescriptor,
+};
 use crate::store::mvcc::{MvccError, MvccStore};
 
 /// First byte of every datagram: what follows.
@@ -38,6 +41,11 @@ const TAG_RAFT_OF: u8 = 5;
 /// The hash of the store at a revision, asked ([`PeerHashRequest`]) and answered ([`PeerHash`]).
 const TAG_HASH_REQUEST: u8 = 6;
 const TAG_HASH: u8 = 7;
+/// A call a follower sends the leader, and its answer.
+const TAG_LEADER_CALL: u8 = 8;
+const TAG_LEADER_ANSWER: u8 = 9;
+/// Most leader calls answered at once; more are dropped (their callers time out).
+const MAX_LEADER_CALLS: usize = 1024;
 /// Hash requests a member holds at most: one hashing, the rest waiting.
 const MAX_HASH_REQUESTS: usize = 9;
 
@@ -66,6 +74,13 @@ pub enum Datagram {
     },
     HashRequest(PeerHashRequest),
     Hash(PeerHash),
+    LeaderCall(LeaderCall),
+    LeaderAnswer(LeaderAnswer),
+}
+
+/// Answers the calls followers send this member as their leader (the API's services).
+pub trait LeaderCalls: Send + Sync + 'static {
+    fn answer(&self, call: LeaderCall) -> futures::future::BoxFuture<'static, LeaderAnswer>;
 }
 
 /// Decodes a datagram; anything malformed is an error, never a panic.
@@ -90,6 +105,8 @@ pub fn decode_datagram(data: &[u8]) -> Result<Datagram, String> {
         },
         TAG_HASH_REQUEST => PeerHashRequest::decode(body).map(Datagram::HashRequest).map_err(|e| e.to_string()),
         TAG_HASH => PeerHash::decode(body).map(Datagram::Hash).map_err(|e| e.to_string()),
+        TAG_LEADER_CALL => LeaderCall::decode(body).map(Datagram::LeaderCall).map_err(|e| e.to_string()),
+        TAG_LEADER_ANSWER => LeaderAnswer::decode(body).map(Datagram::LeaderAnswer).map_err(|e| e.to_string()),
         t => Err(format!("unknown datagram tag {t}")),
     }
 }
@@ -113,6 +130,13 @@ pub struct MeshTransport {
     held: Arc<tokio::sync::Semaphore>,
     /// Hash requests under way: request id → where the answers go.
     asking: Mutex<HashMap<u64, mpsc::Sender<(PeerName, PeerHash)>>>,
+    /// What answers leader calls here, once the API has started; held by the server
+    /// (it holds Raft handles, which must not outlive the server through the driver's
+    /// own transport).
+    answerer: OnceLock<Weak<dyn LeaderCalls>>,
+    answering: Arc<tokio::sync::Semaphore>,
+    /// Leader calls under way: call id → where the answer goes.
+    calling: Mutex<HashMap<u64, oneshot::Sender<LeaderAnswer>>>,
 }
 
 fn tagged(tag: u8, body: &[u8]) -> Bytes {
@@ -136,7 +160,55 @@ impl MeshTransport {
             hashing: Arc::new(tokio::sync::Semaphore::new(1)),
             held: Arc::new(tokio::sync::Semaphore::new(MAX_HASH_REQUESTS)),
             asking: Mutex::new(HashMap::new()),
+            answerer: OnceLock::new(),
+            answering: Arc::new(tokio::sync::Semaphore::new(MAX_LEADER_CALLS)),
+            calling: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Where this member's answers to leader calls come from (set once).
+    pub fn answer_leader_calls(&self, answerer: Weak<dyn LeaderCalls>) {
+        let _ = self.answerer.set(answerer);
+    }
+
+    /// Sends `call` to the member `to` over the mesh and waits for its answer, at most
+    /// `timeout`; None when none comes (the member is not reachable, or gone).
+    pub async fn call(&self, to: &str, mut call: LeaderCall, timeout: Duration) -> Option<LeaderAnswer> {
+        let id = rand::random::<u64>();
+        call.id = id;
+        let (tx, rx) = oneshot::channel();
+        self.calling.lock().unwrap_or_else(|e| e.into_inner()).insert(id, tx);
+        let sent = self.conn.send_to(to, tagged(TAG_LEADER_CALL, &call.encode_to_vec()), Priority::Control).is_ok();
+        let answer = match sent {
+            true => tokio::time::timeout(timeout, rx).await.ok().and_then(Result::ok),
+            false => None,
+        };
+        self.calling.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        answer
+    }
+
+    /// Answers a follower's call on a task of its own; a call that finds no answerer, or
+    /// too many under way, is dropped.
+    fn on_leader_call(self: &Arc<Self>, src: PeerName, call: LeaderCall) {
+        let answerer = self.answerer.get().and_then(Weak::upgrade);
+        let (Some(answerer), Ok(held)) = (answerer, self.answering.clone().try_acquire_owned()) else {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _held = held;
+            let answer = answerer.answer(call).await;
+            if me.conn.send_to(&src, tagged(TAG_LEADER_ANSWER, &answer.encode_to_vec()), Priority::Control).is_err() {
+                me.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+
+    fn on_leader_answer(&self, answer: LeaderAnswer) {
+        if let Some(tx) = self.calling.lock().unwrap_or_else(|e| e.into_inner()).remove(&answer.id) {
+            let _ = tx.send(answer);
+        }
     }
 
     /// Asks each of `members` (id, name) for the hash of its store at `revision`, and
@@ -264,6 +336,8 @@ impl MeshTransport {
                 }
                 Ok(Datagram::HashRequest(r)) => self.on_hash_request(src, r),
                 Ok(Datagram::Hash(h)) => self.on_hash(src, h),
+                Ok(Datagram::LeaderCall(c)) => self.on_leader_call(src, c),
+                Ok(Datagram::LeaderAnswer(a)) => self.on_leader_answer(a),
                 Err(e) => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%src, error = %e, "undecodable datagram dropped");
