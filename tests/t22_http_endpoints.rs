@@ -279,6 +279,10 @@ fn cors_and_the_host_whitelist_answer_as_etcds_do() {
         }
         let refused = seen(&meshkv, "GET", "/health", None, None);
         assert_eq!(refused.0, if flags.is_empty() { 200 } else { 421 }, "{refused:?}");
+        // A page cannot pass for gRPC by its content type: gRPC is HTTP/2.
+        let posing = ["-X", "POST", "-H", "Content-Type: application/grpc", "-d", r#"{"key":"eA==","value":"eA=="}"#];
+        let posed = curl(&format!("http://{}/v3/kv/put", meshkv.client_addr), &posing);
+        assert_eq!(posed.status, if flags.is_empty() { 200 } else { 421 }, "{posed:?}");
         // gRPC names 127.0.0.1 too, and passes.
         for p in [&meshkv, &etcd] {
             let out = etcdctl(&p.client_addr, &["get", "foo", "--print-value-only"], None);

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode, Version};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use tower::ServiceExt as _;
@@ -115,9 +115,12 @@ async fn after_body(req: Request, answer: Response) -> Response {
     answer
 }
 
-/// A gRPC request, which etcd hands to its gRPC server before any of these checks.
+/// A gRPC request, which etcd hands to its gRPC server before any of these checks: HTTP/2
+/// with gRPC's content type. (A browser's page speaks HTTP/1.1 to a plain-HTTP URL; the
+/// content type alone lets it pass nothing.)
 fn is_grpc(req: &Request) -> bool {
-    req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+    req.version() == Version::HTTP_2
+        && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// The host and port the request names: HTTP/2's `:authority`, or HTTP/1.1's `Host`.
