@@ -21,6 +21,13 @@ pub struct Config {
     /// URLs to serve only `/metrics` and the health endpoints on, as etcd's
     /// --listen-metrics-urls (the client URLs serve them too).
     pub listen_metrics_urls: Vec<String>,
+    /// Where the plain-HTTP endpoints and the JSON gateway are served instead of on the
+    /// client URLs, which then serve gRPC only (etcd's --listen-client-http-urls).
+    pub listen_client_http_urls: Vec<String>,
+    /// Serve the JSON gateway (etcd's --enable-grpc-gateway, on by default).
+    pub enable_grpc_gateway: bool,
+    /// Most learners at once, as etcd's --experimental-max-learners; None: no limit.
+    pub max_learners: Option<usize>,
     /// URLs the member serves peers (the mesh) on.
     pub listen_peer_urls: Vec<String>,
     /// The peer URL other members dial (as etcd's --initial-advertise-peer-urls);
@@ -206,6 +213,9 @@ impl Default for Config {
             listen_client_urls: vec!["http://127.0.0.1:2379".into()],
             advertise_client_urls: vec![],
             listen_metrics_urls: vec![],
+            listen_client_http_urls: vec![],
+            enable_grpc_gateway: true,
+            max_learners: None,
             listen_peer_urls: vec!["http://127.0.0.1:2380".into()],
             advertise_peer_url: None,
             join: vec![],
@@ -250,6 +260,8 @@ impl Default for Config {
 /// A configuration that cannot run, and why.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    #[error("{0}")]
+    TlsVersion(String),
     #[error("--voters must be at least 1")]
     ZeroVoters,
     #[error("--bootstrap-expect {0} needs --join, so the members can find each other")]
@@ -331,8 +343,11 @@ impl Config {
                 return Err(ConfigError::TlsPeer(u.clone()));
             }
         }
-        let urls =
-            [("--listen-client-urls", &self.listen_client_urls), ("--listen-metrics-urls", &self.listen_metrics_urls)];
+        let urls = [
+            ("--listen-client-urls", &self.listen_client_urls),
+            ("--listen-metrics-urls", &self.listen_metrics_urls),
+            ("--listen-client-http-urls", &self.listen_client_http_urls),
+        ];
         for (flag, list) in urls {
             if let Some(url) = list.iter().find(|u| is_https(u)) {
                 if self.tls.cert_file.is_none() || self.tls.key_file.is_none() {
@@ -343,8 +358,12 @@ impl Config {
         if self.tls.client_cert_auth && self.tls.trusted_ca_file.is_none() {
             return Err(ConfigError::ClientAuthWithoutCa);
         }
+        self.tls.versions().map_err(|e| ConfigError::TlsVersion(e.to_string()))?;
         for u in &self.listen_metrics_urls {
             parse_listen_url("--listen-metrics-urls", u)?;
+        }
+        for u in &self.listen_client_http_urls {
+            parse_listen_url("--listen-client-http-urls", u)?;
         }
         if self.max_request_bytes == 0 {
             return Err(ConfigError::ZeroRequestBytes);

@@ -92,6 +92,94 @@ pub struct EtcdFlags {
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
           value_parser = parse_bool, default_value = "false")]
     pub auto_tls: bool,
+    /// The validity of self-made certificates: meshkv makes none.
+    #[arg(long)]
+    pub self_signed_cert_validity: Option<u64>,
+    /// A certificate for the member's own client connections: meshkv's members call each
+    /// other over the mesh, never through a client URL.
+    #[arg(long)]
+    pub client_cert_file: Option<String>,
+    /// The key of --client-cert-file.
+    #[arg(long)]
+    pub client_key_file: Option<String>,
+    /// SO_REUSEADDR on the listeners: meshkv's always have it.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = parse_bool, default_value = "false")]
+    pub socket_reuse_address: bool,
+    /// SO_REUSEPORT on the listeners: meshkv's do not share their ports.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = parse_bool, default_value = "false")]
+    pub socket_reuse_port: bool,
+    /// Skip fsync: meshkv always makes its log durable.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = parse_bool, default_value = "false")]
+    pub unsafe_no_fsync: bool,
+    /// etcd's rotation of its log file: rotate meshkv's with logrotate (copytruncate).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = parse_bool, default_value = "false")]
+    pub enable_log_rotation: bool,
+    /// etcd's rotation settings, with --enable-log-rotation.
+    #[arg(long)]
+    pub log_rotation_config_json: Option<String>,
+    /// etcd's log format, json or console: meshkv writes one format.
+    #[arg(long, value_parser = ["json", "console"])]
+    pub log_format: Option<String>,
+    /// etcd's warning for slow unary requests: meshkv's request durations are in
+    /// /metrics (grpc_server_handling_seconds).
+    #[arg(long, alias = "experimental-warning-unary-request-duration")]
+    pub warning_unary_request_duration: Option<String>,
+    /// The phase of etcd's v2 store deprecation: meshkv has no v2 store.
+    #[arg(long)]
+    pub v2_deprecation: Option<String>,
+    /// etcd's hash check of compacted revisions: meshkv's leader compares the members'
+    /// hashes with --experimental-corrupt-check-time.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = parse_bool, default_value = "false")]
+    pub experimental_compact_hash_check_enabled: bool,
+    /// How often etcd's compaction hash check runs.
+    #[arg(long)]
+    pub experimental_compact_hash_check_time: Option<String>,
+    /// Log entries etcd keeps for a slow follower after a snapshot: meshkv keeps
+    /// --snapshot-count.
+    #[arg(long, alias = "snapshot-catchup-entries")]
+    pub experimental_snapshot_catchup_entries: Option<u64>,
+    /// etcd's wait for the cluster before serving: a meshkv member serves at once.
+    #[arg(long)]
+    pub experimental_wait_cluster_ready_timeout: Option<String>,
+    /// bbolt's defragmentation at start: RocksDB compacts by itself.
+    #[arg(long, alias = "bootstrap-defrag-threshold-megabytes")]
+    pub experimental_bootstrap_defrag_threshold_megabytes: Option<u64>,
+    /// bbolt's pages locked in memory: meshkv's store is RocksDB.
+    #[arg(long, alias = "memory-mlock", num_args = 0..=1, require_equals = true, default_missing_value = "true",
+          action = ArgAction::Set, value_parser = parse_bool, default_value = "false")]
+    pub experimental_memory_mlock: bool,
+    /// etcd's shared read buffer for write transactions.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = parse_bool)]
+    pub experimental_txn_mode_write_with_shared_buffer: Option<bool>,
+    /// etcd stops serving gRPC health during a defragmentation: meshkv keeps serving.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = parse_bool, default_value = "false")]
+    pub experimental_stop_grpc_service_on_defrag: bool,
+    /// How often etcd checks a downgrade: meshkv has no downgrade to check.
+    #[arg(long, alias = "downgrade-check-time")]
+    pub experimental_downgrade_check_time: Option<String>,
+    /// OpenTelemetry traces: meshkv exports none.
+    #[arg(long, alias = "enable-distributed-tracing", num_args = 0..=1, require_equals = true,
+          default_missing_value = "true", action = ArgAction::Set, value_parser = parse_bool, default_value = "false")]
+    pub experimental_enable_distributed_tracing: bool,
+    /// Where traces would go, with --experimental-enable-distributed-tracing.
+    #[arg(long, alias = "distributed-tracing-address")]
+    pub experimental_distributed_tracing_address: Option<String>,
+    /// The traces' service name.
+    #[arg(long, alias = "distributed-tracing-service-name")]
+    pub experimental_distributed_tracing_service_name: Option<String>,
+    /// The traces' instance id.
+    #[arg(long, alias = "distributed-tracing-instance-id")]
+    pub experimental_distributed_tracing_instance_id: Option<String>,
+    /// The traces' sampling rate.
+    #[arg(long, alias = "distributed-tracing-sampling-rate")]
+    pub experimental_distributed_tracing_sampling_rate: Option<u64>,
 }
 
 impl EtcdFlags {
@@ -128,6 +216,65 @@ impl EtcdFlags {
                 "a meshkv member campaigns once an election timeout passes without a leader",
             ),
             ("enable-pprof", self.enable_pprof, "meshkv has no Go profiler; profile it with perf"),
+            (
+                "client-cert-file",
+                self.client_cert_file.is_some() || self.client_key_file.is_some(),
+                "meshkv's members call each other over the mesh, never through a client URL",
+            ),
+            ("socket-reuse-port", self.socket_reuse_port, "meshkv's listeners do not share their ports"),
+            ("unsafe-no-fsync", self.unsafe_no_fsync, "meshkv always makes its Raft log durable"),
+            (
+                "enable-log-rotation",
+                self.enable_log_rotation || self.log_rotation_config_json.is_some(),
+                "rotate meshkv's log file with logrotate's copytruncate",
+            ),
+            ("log-format", self.log_format.is_some(), "meshkv writes its log in one format"),
+            (
+                "experimental-warning-unary-request-duration",
+                self.warning_unary_request_duration.is_some(),
+                "request durations are in /metrics (grpc_server_handling_seconds)",
+            ),
+            (
+                "experimental-compact-hash-check-enabled",
+                self.experimental_compact_hash_check_enabled || self.experimental_compact_hash_check_time.is_some(),
+                "meshkv's leader compares the members' hashes every --experimental-corrupt-check-time",
+            ),
+            (
+                "experimental-snapshot-catchup-entries",
+                self.experimental_snapshot_catchup_entries.is_some(),
+                "meshkv keeps --snapshot-count entries of its log for followers that lag",
+            ),
+            (
+                "experimental-wait-cluster-ready-timeout",
+                self.experimental_wait_cluster_ready_timeout.is_some(),
+                "a meshkv member serves at once, answering what needs a leader once there is one",
+            ),
+            (
+                "experimental-bootstrap-defrag-threshold-megabytes",
+                self.experimental_bootstrap_defrag_threshold_megabytes.is_some(),
+                "meshkv's store (RocksDB) compacts by itself",
+            ),
+            ("experimental-memory-mlock", self.experimental_memory_mlock, "meshkv's store is RocksDB"),
+            (
+                "experimental-txn-mode-write-with-shared-buffer",
+                self.experimental_txn_mode_write_with_shared_buffer.is_some(),
+                "meshkv's store is RocksDB",
+            ),
+            (
+                "experimental-stop-grpc-service-on-defrag",
+                self.experimental_stop_grpc_service_on_defrag,
+                "meshkv keeps serving during a defragmentation",
+            ),
+            (
+                "experimental-downgrade-check-time",
+                self.experimental_downgrade_check_time.is_some(),
+                "meshkv has no cluster downgrade to check",
+            ),
+            (
+                "experimental-enable-distributed-tracing",
+                self.experimental_enable_distributed_tracing,
+                "meshkv exports no OpenTelemetry traces",
+            ),
             ("enable-v2", self.enable_v2, "meshkv serves etcd's v3 API only; v2 requests are answered 404"),
             (
                 "experimental-enable-v2v3",

@@ -215,6 +215,18 @@ struct ServeArgs {
     /// client URLs.
     #[arg(long, value_delimiter = ',')]
     listen_metrics_urls: Vec<String>,
+    /// Comma-separated URLs to serve the HTTP endpoints and the JSON gateway on instead
+    /// of the client URLs, which then serve gRPC only.
+    #[arg(long, value_delimiter = ',')]
+    listen_client_http_urls: Vec<String>,
+    /// Most learners at once: a member that joins waits while there are as many
+    /// [default: no limit].
+    #[arg(long, alias = "experimental-max-learners")]
+    max_learners: Option<usize>,
+    /// Serve the JSON gateway (/v3/…).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", action = ArgAction::Set,
+          value_parser = parse_bool, default_value = "true")]
+    enable_grpc_gateway: bool,
     /// Comma-separated URLs to serve mesh peers on.
     #[arg(long, default_value = "http://127.0.0.1:2380", value_delimiter = ',')]
     listen_peer_urls: Vec<String>,
@@ -304,6 +316,12 @@ struct ServeArgs {
     /// among its subject alternative names), with --client-cert-auth.
     #[arg(long)]
     client_cert_allowed_hostname: Option<String>,
+    /// The lowest TLS version served: TLS1.2 or TLS1.3.
+    #[arg(long, default_value = "TLS1.2")]
+    tls_min_version: String,
+    /// The highest TLS version served: TLS1.2 or TLS1.3 [default: TLS1.3].
+    #[arg(long, default_value = "")]
+    tls_max_version: String,
     /// Time between Raft heartbeats, in milliseconds.
     #[arg(long, default_value_t = 100)]
     heartbeat_interval: u64,
@@ -443,6 +461,9 @@ impl ServeArgs {
             listen_client_urls: self.listen_client_urls,
             advertise_client_urls: self.advertise_client_urls,
             listen_metrics_urls: self.listen_metrics_urls,
+            listen_client_http_urls: self.listen_client_http_urls.into_iter().filter(|u| !u.is_empty()).collect(),
+            enable_grpc_gateway: self.enable_grpc_gateway,
+            max_learners: self.max_learners,
             listen_peer_urls: self.listen_peer_urls,
             max_request_bytes: self.max_request_bytes,
             max_txn_ops: self.max_txn_ops,
@@ -458,6 +479,8 @@ impl ServeArgs {
                 client_crl_file: self.client_crl_file,
                 cipher_suites: self.cipher_suites.into_iter().filter(|c| !c.trim().is_empty()).collect(),
                 client_cert_allowed_hostname: self.client_cert_allowed_hostname.filter(|h| !h.is_empty()),
+                min_version: self.tls_min_version,
+                max_version: self.tls_max_version,
             },
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval),
             election_timeout: Duration::from_millis(self.election_timeout),
@@ -808,6 +831,8 @@ const ETCD_ONLY: &[(&str, &str)] = &[
     ("peer-cert-allowed-cn", PEERS_ON_THE_MESH),
     ("peer-cert-allowed-hostname", PEERS_ON_THE_MESH),
     ("experimental-peer-skip-client-san-verification", PEERS_ON_THE_MESH),
+    ("peer-client-cert-file", PEERS_ON_THE_MESH),
+    ("peer-client-key-file", PEERS_ON_THE_MESH),
     ("wal-dir", "meshkv keeps its Raft log in --data-dir"),
 ];
 const MESH_FORMS_THE_CLUSTER: &str = "meshkv members find each other through the mesh, with no static member \
@@ -1264,6 +1289,67 @@ force-new-cluster: false
         let said = serve.etcd.notes().unwrap();
         assert!(said.iter().any(|n| n.starts_with("--enable-v2 has no effect")), "{said:?}");
         assert!(said.iter().any(|n| n.starts_with("--max-wals has no effect")), "{said:?}");
+    }
+
+    /// etcd 3.5's server flags (and 3.6's names for some): each is taken, and those that
+    /// ask for something meshkv does not do are named in a warning.
+    #[test]
+    fn etcd_35s_server_flags_are_taken() {
+        let line = [
+            "meshkv",
+            "--tls-min-version=TLS1.2",
+            "--tls-max-version=TLS1.3",
+            "--listen-client-http-urls=http://127.0.0.1:0",
+            "--enable-grpc-gateway=true",
+            "--experimental-max-learners=1",
+            "--self-signed-cert-validity=1",
+            "--client-cert-file=c.pem",
+            "--client-key-file=c.key",
+            "--socket-reuse-address=true",
+            "--socket-reuse-port=true",
+            "--unsafe-no-fsync",
+            "--enable-log-rotation",
+            "--log-rotation-config-json={}",
+            "--experimental-warning-unary-request-duration=300ms",
+            "--v2-deprecation=not-yet",
+            "--experimental-compact-hash-check-enabled",
+            "--experimental-compact-hash-check-time=1m",
+            "--experimental-snapshot-catchup-entries=5000",
+            "--experimental-wait-cluster-ready-timeout=5s",
+            "--experimental-bootstrap-defrag-threshold-megabytes=0",
+            "--experimental-memory-mlock=false",
+            "--experimental-txn-mode-write-with-shared-buffer=true",
+            "--experimental-stop-grpc-service-on-defrag=false",
+            "--experimental-downgrade-check-time=5s",
+            "--experimental-enable-distributed-tracing=false",
+            "--experimental-distributed-tracing-address=localhost:4317",
+            "--experimental-distributed-tracing-service-name=etcd",
+            "--experimental-distributed-tracing-sampling-rate=0",
+        ];
+        let serve = Cli::try_parse_from(line).unwrap().serve;
+        assert_eq!(serve.max_learners, Some(1));
+        let notes = serve.etcd.notes().unwrap();
+        let warned: Vec<&str> = notes.iter().map(|n| n.split(" has no effect").next().unwrap()).collect();
+        assert_eq!(
+            warned,
+            [
+                "--client-cert-file",
+                "--socket-reuse-port",
+                "--unsafe-no-fsync",
+                "--enable-log-rotation",
+                "--experimental-warning-unary-request-duration",
+                "--experimental-compact-hash-check-enabled",
+                "--experimental-snapshot-catchup-entries",
+                "--experimental-wait-cluster-ready-timeout",
+                "--experimental-bootstrap-defrag-threshold-megabytes",
+                "--experimental-txn-mode-write-with-shared-buffer",
+                "--experimental-downgrade-check-time"
+            ]
+        );
+        assert_eq!(
+            etcd_only_flag(&["meshkv", "--peer-client-cert-file", "p.pem"]),
+            Some(format!("--peer-client-cert-file is etcd's: {PEERS_ON_THE_MESH}"))
+        );
     }
 
     #[test]

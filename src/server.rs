@@ -339,18 +339,25 @@ pub async fn run(
     if cfg.unsafe_no_read_index {
         tracing::error!("--unsafe-no-read-index: linearizable reads are NOT linearizable on this member");
     }
-    let needs_tls = cfg.listen_client_urls.iter().chain(&cfg.listen_metrics_urls).any(|u| is_https(u));
+    let needs_tls = cfg
+        .listen_client_urls
+        .iter()
+        .chain(&cfg.listen_metrics_urls)
+        .chain(&cfg.listen_client_http_urls)
+        .any(|u| is_https(u));
     let acceptor = match needs_tls {
         true => Some(tokio_rustls::TlsAcceptor::from(cfg.tls.server_config()?)),
         false => None,
     };
     let listeners = bind("--listen-client-urls", &cfg.listen_client_urls, &acceptor).await?;
     let metrics_listeners = bind("--listen-metrics-urls", &cfg.listen_metrics_urls, &acceptor).await?;
+    let http_listeners = bind("--listen-client-http-urls", &cfg.listen_client_http_urls, &acceptor).await?;
     let url_of =
         |l: &Listener| l.local_addr().map(|a| format!("{}://{a}", if l.tls.is_some() { "https" } else { "http" }));
     let bound: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr()).collect();
     let client_urls: Vec<String> = listeners.iter().filter_map(url_of).collect();
     let metrics_urls: Vec<String> = metrics_listeners.iter().filter_map(url_of).collect();
+    let http_urls: Vec<String> = http_listeners.iter().filter_map(url_of).collect();
     if cfg.advertise_client_urls.is_empty() {
         // Advertise where clients can really connect (a port of 0 was chosen at bind).
         cfg.advertise_client_urls = client_urls.clone();
@@ -390,6 +397,7 @@ pub async fn run(
     rcfg.election_ticks = (cfg.election_timeout.as_millis() / cfg.heartbeat_interval.as_millis()).max(2) as usize;
     rcfg.max_request_bytes = cfg.max_request_bytes;
     rcfg.membership.voters = cfg.voters;
+    rcfg.membership.max_learners = cfg.max_learners.unwrap_or(usize::MAX);
     rcfg.log_keep = cfg.snapshot_count;
     // A member whose store may differ from the others' must not lead (and send it in
     // snapshots) before the check has compared them.
@@ -516,15 +524,27 @@ pub async fn run(
         &metrics,
     );
     let access = api::access::Access::new(&cfg.cors, &cfg.host_whitelist, cfg.tls.client_cert_auth, ctx.store.clone());
-    let plain = access.guard(http.router().merge(api::access::v3beta(gateway)));
+    let plain = match cfg.enable_grpc_gateway {
+        true => http.router().merge(api::access::v3beta(gateway)),
+        false => http.router(),
+    };
+    let plain = access.guard(plain);
     let unknown = access.guard(axum::Router::new().fallback(api::http::not_found));
-    let client_routes = Routes::from(grpc.merge(plain).fallback_service(unknown));
+    // With --listen-client-http-urls, the client URLs serve gRPC alone and those URLs
+    // the rest, as etcd's do.
+    let (client_routes, http_routes) = match http_listeners.is_empty() {
+        true => (Routes::from(grpc.merge(plain).fallback_service(unknown)), None),
+        false => {
+            (Routes::from(grpc.fallback_service(unknown.clone())), Some(Routes::from(plain.fallback_service(unknown))))
+        }
+    };
     let metrics_routes = Routes::from(http.router().fallback(api::http::not_found));
     let mut servers = Vec::new();
     let listening = listeners
         .into_iter()
         .map(|l| (l, &client_routes))
-        .chain(metrics_listeners.into_iter().map(|l| (l, &metrics_routes)));
+        .chain(metrics_listeners.into_iter().map(|l| (l, &metrics_routes)))
+        .chain(http_listeners.into_iter().filter_map(|l| Some((l, http_routes.as_ref()?))));
     for (listener, routes) in listening {
         // HTTP/1.1 too, for the plain endpoints: probes and scrapers speak it.
         let keepalive = (!cfg.grpc_keepalive_interval.is_zero()).then_some(cfg.grpc_keepalive_interval);
@@ -546,8 +566,11 @@ pub async fn run(
     for u in &metrics_urls {
         tracing::info!("serving metrics and health on {u}");
     }
+    for u in &http_urls {
+        tracing::info!("serving client HTTP (health, metrics, the JSON gateway) on {u}");
+    }
     // Only the servers may keep Raft handles now: the driver stops once they are gone.
-    drop((client_routes, metrics_routes, http, ctx, lessor));
+    drop((client_routes, metrics_routes, http_routes, http, ctx, lessor));
     for u in &client_urls {
         tracing::info!("ready to serve client requests on {u}");
     }

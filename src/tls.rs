@@ -46,6 +46,10 @@ pub struct TlsFiles {
     /// A host name every client certificate must be valid for, as etcd's
     /// --client-cert-allowed-hostname.
     pub client_cert_allowed_hostname: Option<String>,
+    /// The lowest and highest TLS versions served, as etcd's --tls-min-version and
+    /// --tls-max-version: `TLS1.2` or `TLS1.3`; empty for the default (TLS 1.2 up to 1.3).
+    pub min_version: String,
+    pub max_version: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +68,18 @@ pub enum TlsError {
     AllowedHostname(String),
     #[error("--cipher-suites: unsupported cipher suite {0:?}; meshkv offers {1}")]
     CipherSuite(String, String),
+    #[error("{0}")]
+    Version(String),
+}
+
+/// A TLS version by etcd's name; None for "" (the default).
+fn tls_version(name: &str) -> Result<Option<u16>, TlsError> {
+    match name {
+        "" => Ok(None),
+        "TLS1.2" => Ok(Some(12)),
+        "TLS1.3" => Ok(Some(13)),
+        _ => Err(TlsError::Version(format!("unexpected TLS version {name:?} (must be one of: TLS1.2, TLS1.3)"))),
+    }
 }
 
 fn file_error(flag: &'static str, path: &Path, why: impl std::fmt::Display) -> TlsError {
@@ -82,13 +98,38 @@ fn certificates(flag: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
 }
 
 impl TlsFiles {
+    /// The TLS versions served, from --tls-min-version and --tls-max-version, checked as
+    /// etcd checks them.
+    pub fn versions(&self) -> Result<Vec<&'static rustls::SupportedProtocolVersion>, TlsError> {
+        let min = tls_version(&self.min_version)?.unwrap_or(12);
+        let max = tls_version(&self.max_version)?.unwrap_or(13);
+        if max < min {
+            return Err(TlsError::Version(format!(
+                "min version ({}) is greater than max version ({})",
+                self.min_version, self.max_version
+            )));
+        }
+        if min == 13 && !self.cipher_suites.is_empty() {
+            return Err(TlsError::Version("cipher suites cannot be configured when only TLS1.3 is enabled".into()));
+        }
+        let mut versions = Vec::new();
+        if min <= 12 {
+            versions.push(&rustls::version::TLS12);
+        }
+        if max >= 13 {
+            versions.push(&rustls::version::TLS13);
+        }
+        Ok(versions)
+    }
+
     /// The server's TLS configuration from the files.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
         let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) else { return Err(TlsError::NoCertificate) };
         let chain = certificates("--cert-file", cert)?;
         let key = PrivateKeyDer::from_pem_file(key).map_err(|e| file_error("--key-file", key, e))?;
         let provider = Arc::new(self.provider()?);
-        let builder = ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+        let builder =
+            ServerConfig::builder_with_provider(provider.clone()).with_protocol_versions(&self.versions()?)?;
         let builder = if self.client_cert_auth {
             let Some(ca) = &self.trusted_ca_file else { return Err(TlsError::NoTrustedCa) };
             let mut roots = RootCertStore::empty();

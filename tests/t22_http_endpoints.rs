@@ -291,6 +291,34 @@ fn cors_and_the_host_whitelist_answer_as_etcds_do() {
     }
 }
 
+/// etcd's --listen-client-http-urls: the HTTP endpoints and the JSON gateway move to
+/// those URLs, and the client URLs serve gRPC alone; --enable-grpc-gateway=false serves
+/// no gateway.
+#[test]
+fn http_can_have_urls_of_its_own_and_the_gateway_can_be_off() {
+    let dir = tempdir();
+    let p = start_meshkv(&dir.path().join("split"), &["--listen-client-http-urls", "http://127.0.0.1:0"]);
+    let log = p.log();
+    let marker = "serving client HTTP (health, metrics, the JSON gateway) on http://";
+    let at = log.find(marker).unwrap_or_else(|| panic!("no client HTTP URL in the log:\n{log}")) + marker.len();
+    let http = format!("http://{}", log[at..].split_whitespace().next().unwrap());
+    let grpc = format!("http://{}", p.client_addr);
+    let put = ["-X", "POST", "-d", r#"{"key":"Zm9v","value":"YmFy"}"#];
+    assert_eq!(curl(&format!("{http}/v3/kv/put"), &put).status, 200);
+    assert_eq!(curl(&format!("{http}/health"), &[]).body, r#"{"health":"true","reason":""}"#);
+    assert_eq!(curl(&format!("{grpc}/health"), &[]).status, 404, "the client URL serves gRPC alone");
+    assert_eq!(curl(&format!("{grpc}/v3/kv/put"), &put).status, 404);
+    let got = etcdctl(&p.client_addr, &["get", "foo", "--print-value-only"], None);
+    assert_eq!(got.stdout, "bar\n", "{got:?}");
+    let on_http = etcdctl(&http, &["--dial-timeout", "2s", "--command-timeout", "3s", "get", "foo"], None);
+    assert_ne!(on_http.status, 0, "no gRPC on the HTTP URL: {on_http:?}");
+
+    let p = start_meshkv(&dir.path().join("off"), &["--enable-grpc-gateway=false"]);
+    let base = format!("http://{}", p.client_addr);
+    assert_eq!(curl(&format!("{base}/v3/kv/put"), &put).status, 404);
+    assert_eq!(curl(&format!("{base}/health"), &[]).status, 200);
+}
+
 /// Every gRPC call counted on `p`'s client URL: each series of grpc_server_started_total
 /// and grpc_server_handled_total, and its count.
 fn grpc_calls(p: &Proc) -> BTreeMap<String, f64> {

@@ -362,3 +362,41 @@ fn a_followers_lease_and_promote_calls_reach_the_leader_in_a_tls_cluster() {
     assert!(list.stdout.lines().all(|l| l.contains(", started, ") && l.ends_with(", false")), "{list:?}");
     assert_eq!(list.stdout.lines().count(), 4, "{list:?}");
 }
+
+/// etcd's --tls-min-version and --tls-max-version: the versions a client may speak,
+/// and etcd's refusals of settings that cannot hold.
+#[test]
+fn tls_versions_are_narrowed_as_etcd_narrows_them() {
+    let dir = tempdir();
+    let pki = pki(dir.path());
+    let speaks = |p: &Proc, version: &str| {
+        let mut cmd = Command::new("openssl");
+        cmd.args(["s_client", "-connect", &p.client_addr, "-CAfile", s(&pki.ca), "-verify_return_error", version]);
+        cmd.stdin(std::process::Stdio::null()).output().unwrap().status.success()
+    };
+    let (mut p, _) = start_tls(&dir.path().join("default"), &pki, &[]);
+    assert!(speaks(&p, "-tls1_2") && speaks(&p, "-tls1_3"), "both by default");
+    p.kill9();
+    let (mut p, url) = start_tls(&dir.path().join("min13"), &pki, &["--tls-min-version", "TLS1.3"]);
+    assert!(!speaks(&p, "-tls1_2") && speaks(&p, "-tls1_3"));
+    assert_eq!(etcdctl(&url, &["--cacert", s(&pki.ca), "put", "k", "v"], None).stdout, "OK\n");
+    p.kill9();
+    let (mut p, _) = start_tls(&dir.path().join("max12"), &pki, &["--tls-max-version=TLS1.2"]);
+    assert!(speaks(&p, "-tls1_2") && !speaks(&p, "-tls1_3"));
+    p.kill9();
+
+    for (flags, said) in [
+        (
+            &["--tls-min-version", "TLS1.3", "--tls-max-version", "TLS1.2"][..],
+            "min version (TLS1.3) is greater than max version (TLS1.2)",
+        ),
+        (
+            &["--tls-min-version", "TLS1.3", "--cipher-suites", "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"],
+            "cipher suites cannot be configured when only TLS1.3 is enabled",
+        ),
+        (&["--tls-min-version", "TLS1.1"], "unexpected TLS version \"TLS1.1\" (must be one of: TLS1.2, TLS1.3)"),
+    ] {
+        let err = refused_at_start_in(dir.path(), flags);
+        assert!(err.contains(said), "{flags:?}: {err}");
+    }
+}

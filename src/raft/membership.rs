@@ -28,11 +28,14 @@ pub struct MembershipConfig {
     pub dead_member_timeout: Duration,
     /// A learner within this many entries of the leader's last index is caught up.
     pub caught_up_lag: u64,
+    /// Most learners at once (etcd's --experimental-max-learners): a newcomer waits
+    /// while there are as many.
+    pub max_learners: usize,
 }
 
 impl Default for MembershipConfig {
     fn default() -> Self {
-        Self { voters: 3, dead_member_timeout: Duration::from_secs(30), caught_up_lag: 64 }
+        Self { voters: 3, dead_member_timeout: Duration::from_secs(30), caught_up_lag: 64, max_learners: usize::MAX }
     }
 }
 
@@ -135,6 +138,9 @@ impl Controller {
             }
         }
         // Add newcomers as learners, one at a time, in name order.
+        if v.learners.len() >= self.cfg.max_learners {
+            return None;
+        }
         let mut newcomers: Vec<&(u64, String)> =
             v.reachable.iter().filter(|(id, _)| !members.contains(id) && !v.removed.contains(id)).collect();
         newcomers.sort_by(|a, b| a.1.cmp(&b.1));
@@ -227,6 +233,20 @@ mod tests {
         let mut pending = view(&[1], &[], &[2]);
         pending.pending_conf_change = true;
         assert_eq!(c.decide(now, &pending), None);
+    }
+
+    #[test]
+    fn newcomers_wait_while_there_are_max_learners() {
+        let mut c = Controller::new(MembershipConfig { max_learners: 1, ..Default::default() });
+        let now = Instant::now();
+        let full = view(&[1, 2, 3], &[4], &[2, 3, 4, 5]);
+        assert_eq!(c.decide(now, &full), None, "one learner already");
+        assert_eq!(
+            c.decide(now, &view(&[1, 2, 3], &[], &[2, 3, 5])),
+            Some(Change::AddLearner { id: 5, name: "n5".into() })
+        );
+        let mut unlimited = Controller::new(MembershipConfig::default());
+        assert_eq!(unlimited.decide(now, &full), Some(Change::AddLearner { id: 5, name: "n5".into() }));
     }
 
     #[test]
