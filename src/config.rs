@@ -111,6 +111,9 @@ pub struct Config {
     /// Applying a batch of entries that takes longer is logged as a warning, as etcd's
     /// --experimental-warning-apply-duration (100 ms).
     pub warning_apply_duration: Duration,
+    /// A unary gRPC call that takes longer to answer is logged as a warning, as etcd's
+    /// --experimental-warning-unary-request-duration (300 ms); zero: never.
+    pub warning_unary_request_duration: Duration,
     /// The origins whose scripts may call the plain-HTTP endpoints and the JSON gateway,
     /// as etcd's --cors; empty or `*`: any.
     pub cors: Vec<String>,
@@ -249,6 +252,7 @@ impl Default for Config {
             grpc_keepalive_timeout: Duration::from_secs(20),
             max_concurrent_streams: u32::MAX,
             warning_apply_duration: Duration::from_millis(100),
+            warning_unary_request_duration: Duration::from_millis(300),
             cors: Vec::new(),
             host_whitelist: Vec::new(),
             force_new_cluster: false,

@@ -124,10 +124,6 @@ pub struct EtcdFlags {
     /// etcd's log format, json or console: meshkv writes one format.
     #[arg(long, value_parser = ["json", "console"])]
     pub log_format: Option<String>,
-    /// etcd's warning for slow unary requests: meshkv's request durations are in
-    /// /metrics (grpc_server_handling_seconds).
-    #[arg(long, alias = "experimental-warning-unary-request-duration")]
-    pub warning_unary_request_duration: Option<String>,
     /// The phase of etcd's v2 store deprecation: meshkv has no v2 store.
     #[arg(long)]
     pub v2_deprecation: Option<String>,
@@ -229,11 +225,6 @@ impl EtcdFlags {
                 "rotate meshkv's log file with logrotate's copytruncate",
             ),
             ("log-format", self.log_format.is_some(), "meshkv writes its log in one format"),
-            (
-                "experimental-warning-unary-request-duration",
-                self.warning_unary_request_duration.is_some(),
-                "request durations are in /metrics (grpc_server_handling_seconds)",
-            ),
             (
                 "experimental-compact-hash-check-enabled",
                 self.experimental_compact_hash_check_enabled || self.experimental_compact_hash_check_time.is_some(),

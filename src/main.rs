@@ -390,6 +390,11 @@ struct ServeArgs {
     /// Applying committed entries that takes longer than this is logged as a warning.
     #[arg(long, alias = "experimental-warning-apply-duration", default_value = "100ms", value_parser = parse_duration)]
     warning_apply_duration: Duration,
+    /// A unary call that takes longer than this to answer is logged as a warning (0:
+    /// never).
+    #[arg(long, alias = "experimental-warning-unary-request-duration", default_value = "300ms",
+          value_parser = parse_duration_or_zero)]
+    warning_unary_request_duration: Duration,
     /// Origins whose scripts may call the HTTP endpoints and the JSON gateway
     /// (comma-separated; * for any): the answers carry CORS headers for them.
     #[arg(long, default_value = "*", value_delimiter = ',')]
@@ -496,6 +501,7 @@ impl ServeArgs {
             grpc_keepalive_timeout: self.grpc_keepalive_timeout,
             max_concurrent_streams: self.max_concurrent_streams,
             warning_apply_duration: self.warning_apply_duration,
+            warning_unary_request_duration: self.warning_unary_request_duration,
             cors: self.cors,
             host_whitelist: self.host_whitelist,
             force_new_cluster: self.force_new_cluster,
@@ -1337,7 +1343,6 @@ force-new-cluster: false
                 "--socket-reuse-port",
                 "--unsafe-no-fsync",
                 "--enable-log-rotation",
-                "--experimental-warning-unary-request-duration",
                 "--experimental-compact-hash-check-enabled",
                 "--experimental-snapshot-catchup-entries",
                 "--experimental-wait-cluster-ready-timeout",

@@ -514,7 +514,7 @@ pub async fn run(
     // The gateway's calls are counted as gRPC calls, as etcd's gateway, a gRPC client of
     // its own member, is: the streaming ones go through the counted gRPC routes, the unary
     // ones count themselves.
-    let grpc = grpc.routes().into_axum_router().layer(metrics.grpc_layer());
+    let grpc = grpc.routes().into_axum_router().layer(metrics.grpc_layer(cfg.warning_unary_request_duration));
     let gateway = api::gateway::router(
         ctx.clone(),
         lessor.clone(),

@@ -319,6 +319,26 @@ fn http_can_have_urls_of_its_own_and_the_gateway_can_be_off() {
     assert_eq!(curl(&format!("{base}/health"), &[]).status, 200);
 }
 
+/// etcd's --experimental-warning-unary-request-duration: a unary call slower than it is
+/// logged with its method; streams are not.
+#[test]
+fn a_unary_call_slower_than_the_warning_duration_is_logged() {
+    let dir = tempdir();
+    let p = start_meshkv(dir.path(), &["--experimental-warning-unary-request-duration=1ns"]);
+    let out = etcdctl(&p.client_addr, &["put", "k", "v"], None);
+    assert_eq!(out.stdout, "OK\n", "{out:?}");
+    wait_until("the put's warning", Duration::from_secs(10), || {
+        p.log().lines().any(|l| l.contains("a unary request took too long") && l.contains("/etcdserverpb.KV/Put"))
+    });
+    let file = dir.path().join("backup.db");
+    let saved = etcdctl(&p.client_addr, &["snapshot", "save", file.to_str().unwrap()], None);
+    assert_eq!(saved.status, 0, "{saved:?}");
+    assert!(!p.log().contains("/etcdserverpb.Maintenance/Snapshot"), "a stream is not a unary call");
+    let quiet = start_meshkv(&dir.path().join("default"), &[]);
+    assert_eq!(etcdctl(&quiet.client_addr, &["put", "k", "v"], None).stdout, "OK\n");
+    assert!(!quiet.log().contains("a unary request took too long"), "300 ms by default: {}", quiet.log());
+}
+
 /// Every gRPC call counted on `p`'s client URL: each series of grpc_server_started_total
 /// and grpc_server_handled_total, and its count.
 fn grpc_calls(p: &Proc) -> BTreeMap<String, f64> {

@@ -9,6 +9,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::Request;
@@ -125,9 +126,11 @@ impl Metrics {
         Ok((prometheus::TEXT_FORMAT, buf))
     }
 
-    /// A layer for the gRPC routes that counts each call as it starts and as it ends.
-    pub fn grpc_layer(&self) -> GrpcLayer {
-        GrpcLayer(self.grpc.clone())
+    /// A layer for the gRPC routes that counts each call as it starts and as it ends,
+    /// and logs a unary call that takes longer than `warn_unary` to answer (zero: none),
+    /// as etcd's --warning-unary-request-duration.
+    pub fn grpc_layer(&self, warn_unary: Duration) -> GrpcLayer {
+        GrpcLayer(self.grpc.clone(), warn_unary)
     }
 
     /// The counters of the gRPC method grpc-go names `method` ("Put"), for calls that reach
@@ -161,6 +164,8 @@ include!(concat!(env!("OUT_DIR"), "/grpc_methods.rs"));
 struct MethodCounters {
     started: IntCounter,
     handled: [IntCounter; CODES.len()],
+    /// The method's path, when it is unary (its answer is one message).
+    unary: Option<&'static str>,
 }
 
 struct GrpcCounters {
@@ -188,6 +193,7 @@ impl GrpcCounters {
                 let counters = MethodCounters {
                     started: started.with_label_values(&[kind, service, method]),
                     handled: CODES.map(|code| handled.with_label_values(&[kind, service, method, code])),
+                    unary: (kind == "unary").then_some(path),
                 };
                 (path, Arc::new(counters))
             })
@@ -241,6 +247,11 @@ impl Call {
     /// The call of a request to `path`, counted as started, if it is a known method.
     fn start(counters: &GrpcCounters, path: &str) -> Option<Call> {
         counters.methods.get(path).map(|m| MethodCalls(m.clone()).start())
+    }
+
+    /// The method's path, if it is unary.
+    fn unary(&self) -> Option<&'static str> {
+        self.0.as_ref()?.unary
     }
 
     /// Counts the call handled with `code` (an index into [`CODES`]), if it is not yet.
@@ -323,15 +334,15 @@ impl http_body::Body for Counted {
     }
 }
 
-/// Counts every gRPC call of the routes it wraps.
+/// Counts every gRPC call of the routes it wraps, and logs slow unary ones.
 #[derive(Clone)]
-pub struct GrpcLayer(Arc<GrpcCounters>);
+pub struct GrpcLayer(Arc<GrpcCounters>, Duration);
 
 impl<S> tower::Layer<S> for GrpcLayer {
     type Service = CountGrpc<S>;
 
     fn layer(&self, inner: S) -> CountGrpc<S> {
-        CountGrpc { inner, counters: self.0.clone() }
+        CountGrpc { inner, counters: self.0.clone(), warn_unary: self.1 }
     }
 }
 
@@ -339,6 +350,7 @@ impl<S> tower::Layer<S> for GrpcLayer {
 pub struct CountGrpc<S> {
     inner: S,
     counters: Arc<GrpcCounters>,
+    warn_unary: Duration,
 }
 
 impl<S> tower::Service<Request> for CountGrpc<S>
@@ -358,9 +370,17 @@ where
         // A handler dropped before it answers (its client reset the call, or went) is
         // counted as Canceled by the call's drop, as grpc-go's handler would return it.
         let call = Call::start(&self.counters, req.uri().path());
+        let warn = self.warn_unary;
+        let timed = call.as_ref().and_then(Call::unary).filter(|_| !warn.is_zero()).map(|m| (m, Instant::now()));
         let answer = self.inner.call(req);
         Box::pin(async move {
             let resp = answer.await?;
+            if let Some((method, at)) = timed {
+                let took = at.elapsed();
+                if took > warn {
+                    tracing::warn!(method, ?took, expected_duration = ?warn, "request stats: a unary request took too long");
+                }
+            }
             Ok(match call {
                 Some(call) => call.finish(resp),
                 None => resp,
