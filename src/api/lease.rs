@@ -271,12 +271,21 @@ impl LeaseService {
         Self { ctx, lessor, min_ttl }
     }
 
-    /// On the leader, before answering a forwarded request: waits (a little) until this
-    /// member has applied what the forwarding member had.
-    async fn catch_up(&self, applied: u64) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        while self.ctx.store.applied_index() < applied && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+    /// Whether this member answers a call that needs the leader's clock itself (it
+    /// leads) or sends it to the leader. `forwarded`: a follower's call, with what that
+    /// follower had applied, which the leader waits (a little) to have applied too; such
+    /// a call is refused by a member that no longer leads, never sent on again.
+    async fn answers_here(&self, forwarded: Option<u64>) -> Result<bool, Status> {
+        if let Some(applied) = forwarded {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            while self.ctx.store.applied_index() < applied && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        match (self.lessor.is_leader(), forwarded) {
+            (true, _) => Ok(true),
+            (false, Some(_)) => Err(Status::new(Code::Unavailable, "etcdserver: not leader")),
+            (false, None) => Ok(false),
         }
     }
 
@@ -287,21 +296,15 @@ impl LeaseService {
         id: i64,
         forwarded: Option<u64>,
     ) -> Result<LeaseKeepAliveResponse, Status> {
-        if let Some(applied) = forwarded {
-            self.catch_up(applied).await;
+        if !self.answers_here(forwarded).await? {
+            return self.ctx.leader.call(&self.ctx, LeaderMethod::LeaseKeepAlive, &LeaseKeepAliveRequest { id }).await;
         }
         // The header is taken before the renewal, as etcd does: a lease revoked at some
         // revision is never seen renewed at a later one.
         let header = self.ctx.header(None);
-        if self.lessor.is_leader() {
-            self.lessor.clear_checkpoint(id).await?;
-            let ttl = self.lessor.renew(id).unwrap_or(0);
-            return Ok(LeaseKeepAliveResponse { header, id, ttl });
-        }
-        if forwarded.is_some() {
-            return Err(Status::new(Code::Unavailable, "etcdserver: not leader"));
-        }
-        self.ctx.leader.call(&self.ctx, LeaderMethod::LeaseKeepAlive, &LeaseKeepAliveRequest { id }).await
+        self.lessor.clear_checkpoint(id).await?;
+        let ttl = self.lessor.renew(id).unwrap_or(0);
+        Ok(LeaseKeepAliveResponse { header, id, ttl })
     }
 
     /// TimeToLive, answered here on the leader or by the leader, as KeepAlive.
@@ -310,13 +313,7 @@ impl LeaseService {
         req: LeaseTimeToLiveRequest,
         forwarded: Option<u64>,
     ) -> Result<LeaseTimeToLiveResponse, Status> {
-        if let Some(applied) = forwarded {
-            self.catch_up(applied).await;
-        }
-        if !self.lessor.is_leader() {
-            if forwarded.is_some() {
-                return Err(Status::new(Code::Unavailable, "etcdserver: not leader"));
-            }
+        if !self.answers_here(forwarded).await? {
             let mut resp: LeaseTimeToLiveResponse =
                 self.ctx.leader.call(&self.ctx, LeaderMethod::LeaseTimeToLive, &req).await?;
             resp.header = self.ctx.header(None);
