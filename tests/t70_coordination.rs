@@ -351,3 +351,58 @@ async fn a_write_through_a_follower_is_answered_without_waiting_for_a_heartbeat(
     let median = took[took.len() / 2];
     assert!(median < Duration::from_millis(30), "median write through a follower took {median:?}: {took:?}");
 }
+
+/// Whether a client's bytes wait, unread, in an established connection to `port` on
+/// loopback (the kernel's receive queue of the server's side, from /proc/net/tcp).
+fn bytes_wait_at(port: u16) -> bool {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).any(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let local_port = f[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+        let rx_queue = f[4].split(':').nth(1).and_then(|q| u64::from_str_radix(q, 16).ok());
+        local_port == Some(port) && f[3] == "01" && rx_queue.is_some_and(|q| q > 0)
+    })
+}
+
+/// A leader paused past the election of the next one still takes itself for the leader
+/// when it wakes. A keep-alive that waited for it meanwhile must not be answered from
+/// its stale clock: the new leader, which started the lease over at its election, would
+/// end it before the TTL promised. The call goes to the new leader instead, and the
+/// lease lives its whole TTL from the keep-alive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_an_election_promises_no_lease_time_the_new_leader_does_not_give() {
+    let dir = tempdir();
+    let members = three_members(dir.path());
+    let l = leader(&members).await;
+    let f = (l + 1) % 3;
+    let mut c = connect(&[members[f].endpoint()]).await;
+    let lease = c.lease_grant(10, None).await.unwrap().id();
+    c.put("held", "1", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    members[l].pause();
+    // The new leader started the lease over at its election, with 10 s and an election
+    // timeout (1 s). Once its clock shows 8 s left, the election is 2 s past: a renewal
+    // now promises more than the new leader gives, unless the new leader makes it.
+    eventually("a new leader whose clock shows 8 s left of the lease", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { c.lease_time_to_live(lease, None).await.is_ok_and(|t| (1..=8).contains(&t.ttl())) }
+    })
+    .await;
+    let paused = members[l].endpoint();
+    let port: u16 = members[l].client_addr.rsplit(':').next().unwrap().parse().unwrap();
+    let sent = Instant::now();
+    let id = format!("{lease:x}");
+    let keep_alive = tokio::task::spawn_blocking(move || etcdctl(&paused, &["lease", "keep-alive", "--once", &id], None));
+    wait_until("the keep-alive waits in the paused leader's socket", Duration::from_secs(10), || bytes_wait_at(port));
+    members[l].resume();
+    let out = keep_alive.await.unwrap();
+    assert_eq!(out.status, 0, "the keep-alive is answered, by the leader: {}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("TTL(10)"), "{}", out.stdout);
+    eventually("the lease to run out once nobody renews it", Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { c.get("held", None).await.is_ok_and(|g| g.count() == 0) }
+    })
+    .await;
+    let lived = sent.elapsed();
+    assert!(lived >= Duration::from_secs(10), "the lease ended {lived:?} after a keep-alive that gave it 10 s");
+    assert!(lived < Duration::from_secs(13), "and it ran out once its TTL had run: {lived:?}");
+}

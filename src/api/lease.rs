@@ -282,11 +282,41 @@ impl LeaseService {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
-        match (self.lessor.is_leader(), forwarded) {
-            (true, _) => Ok(true),
-            (false, Some(_)) => Err(Status::new(Code::Unavailable, "etcdserver: not leader")),
-            (false, None) => Ok(false),
+        let not_leader = || Status::new(Code::Unavailable, "etcdserver: not leader");
+        if !self.lessor.is_leader() {
+            return match forwarded {
+                Some(_) => Err(not_leader()),
+                None => Ok(false),
+            };
         }
+        if self.leads_confirmed().await? {
+            return Ok(true);
+        }
+        // Deposed while it could not hear of it: the leader it now knows answers.
+        match forwarded.is_none() && !self.lessor.is_leader() && self.ctx.raft.status().leader() != 0 {
+            true => Ok(false),
+            false => Err(not_leader()),
+        }
+    }
+
+    /// Whether a quorum confirmed this member as leader within the last election
+    /// timeout, asking it now if not. A renewal promises the client the lease's TTL from
+    /// now; a leader deposed without knowing it (paused, stalled, cut off) would promise
+    /// time the new leader does not give. A leader elected after a confirmation started
+    /// every lease over with its TTL plus one election timeout when it was elected, so a
+    /// renewal within an election timeout of a confirmation promises no more than that.
+    /// Linearizable reads confirm the leader as they go; without them a renewal asks at
+    /// most about once an election timeout.
+    async fn leads_confirmed(&self) -> Result<bool, Status> {
+        let fresh = || {
+            let at = self.ctx.raft.status().leadership_confirmed_at();
+            at.is_some_and(|at| at.elapsed() < self.lessor.extend)
+        };
+        if fresh() {
+            return Ok(true);
+        }
+        self.ctx.raft.read_index().await.map_err(Status::from)?;
+        Ok(fresh())
     }
 
     /// One KeepAlive, answered here on the leader or by the leader; `forwarded`: a

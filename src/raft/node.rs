@@ -130,6 +130,9 @@ pub struct RaftStatus {
     /// Set once this member applied its own removal.
     pub removed: AtomicBool,
     pub metrics: super::RaftMetrics,
+    /// The term and the time of the newest ReadIndex round this member asked as leader
+    /// that a quorum answered.
+    confirmed: Mutex<Option<(u64, Instant)>>,
 }
 
 impl RaftStatus {
@@ -154,6 +157,34 @@ impl RaftStatus {
     pub fn last_index(&self) -> u64 {
         self.last_index.load(Ordering::Acquire)
     }
+
+    fn confirm_leadership(&self, term: u64, asked: Instant) {
+        let mut c = self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
+        if c.is_none_or(|(t, at)| (t, at) < (term, asked)) {
+            *c = Some((term, asked));
+        }
+    }
+
+    /// While this member leads: when a quorum last confirmed it (the newest ReadIndex
+    /// round it asked in its current term that a quorum answered). A member that leads
+    /// by its own account but has no recent confirmation may have been deposed without
+    /// hearing of it yet: paused, stalled or cut off.
+    pub fn leadership_confirmed_at(&self) -> Option<Instant> {
+        if self.leader() != self.id {
+            return None;
+        }
+        let term = self.term();
+        let c = *self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
+        c.and_then(|(t, at)| (t == term).then_some(at))
+    }
+}
+
+/// One ReadIndex round in flight.
+struct Round {
+    waiters: Vec<Waiter<()>>,
+    asked: Instant,
+    /// The term, if this member asked it as leader.
+    led: Option<u64>,
 }
 
 type WriteReply = oneshot::Sender<Result<WriteResponse, RaftError>>;
@@ -501,8 +532,8 @@ struct Driver {
     stalled: Vec<Proposal>,
     /// Reads waiting for the next ReadIndex round.
     reads_new: Vec<Waiter<()>>,
-    /// Reads whose ReadIndex round is in flight, by round, with when it was asked.
-    reads_asked: HashMap<u64, (Vec<Waiter<()>>, Instant)>,
+    /// Reads whose ReadIndex round is in flight, by round.
+    reads_asked: HashMap<u64, Round>,
     /// Membership changes asked by clients: (member id, change type) → waiter.
     conf_waiters: Vec<(u64, ConfChangeType, Waiter<()>)>,
     /// Reads that know their index and wait for the store to apply it.
@@ -1315,7 +1346,8 @@ impl Driver {
         let ctx = self.next_read_ctx;
         self.next_read_ctx += 1;
         let batch = std::mem::take(&mut self.reads_new);
-        self.reads_asked.insert(ctx, (batch, Instant::now()));
+        let led = (r.state == StateRole::Leader).then_some(r.term);
+        self.reads_asked.insert(ctx, Round { waiters: batch, asked: Instant::now(), led });
         // The leader keeps one pending round per context: it must be unique across the
         // members, or a follower's round that meets another member's with the same number
         // is dropped and only asked again half an election timeout later.
@@ -1352,10 +1384,10 @@ impl Driver {
         // A round can be lost (a leader change drops it silently): ask again.
         let retry = self.cfg.tick * self.cfg.election_ticks as u32 / 2;
         let lost: Vec<u64> =
-            self.reads_asked.iter().filter(|(_, (_, at))| now - *at > retry).map(|(k, _)| *k).collect();
+            self.reads_asked.iter().filter(|(_, round)| now - round.asked > retry).map(|(k, _)| *k).collect();
         for ctx in lost {
-            if let Some((ws, _)) = self.reads_asked.remove(&ctx) {
-                self.reads_new.extend(ws);
+            if let Some(round) = self.reads_asked.remove(&ctx) {
+                self.reads_new.extend(round.waiters);
             }
         }
         self.reads_new.retain(|w| w.deadline > now);
@@ -1418,8 +1450,14 @@ impl Driver {
                 Some((id, n)) if id == self.cfg.id.to_be_bytes() => n.try_into().map(u64::from_be_bytes).unwrap_or(0),
                 _ => 0,
             };
-            if let Some((waiters, _)) = self.reads_asked.remove(&ctx) {
-                self.reads_ready.push((rs.index, waiters));
+            if let Some(round) = self.reads_asked.remove(&ctx) {
+                let r = &self.node.raft;
+                // The leader's own round: a quorum heard from it as leader after it was
+                // asked, so no other leader can have been elected before then.
+                if round.led == Some(r.term) && r.state == StateRole::Leader {
+                    self.status.confirm_leadership(r.term, round.asked);
+                }
+                self.reads_ready.push((rs.index, round.waiters));
             }
         }
         self.send(rd.take_persisted_messages());
