@@ -91,6 +91,10 @@ struct TortureArgs {
     /// Keys the clients share (few, so that operations conflict).
     #[arg(long, default_value_t = 4)]
     keys: usize,
+    /// Lease holders: each keeps a lease with two keys alive at random intervals, and
+    /// checks that no lease ends before its TTL has run from its last renewal.
+    #[arg(long, default_value_t = 3)]
+    leases: usize,
     /// Seconds of load and faults.
     #[arg(long, default_value_t = 60.0)]
     duration: f64,
@@ -262,6 +266,10 @@ struct ServeArgs {
     /// ReadIndex. Exists only to show that the torture checks catch it.
     #[arg(long, hide = true)]
     unsafe_no_read_index: bool,
+    /// Deliberately broken: as leader, end leases at half their TTL. Exists only to show
+    /// that the torture's lease check catches it.
+    #[arg(long, hide = true)]
+    unsafe_lease_half_ttl: bool,
     /// Failure drills: a file naming peers, one per line, whose mesh traffic is dropped both
     /// ways (`peer`) or only on arrival here (`<peer`, a one-way loss); re-read every 200 ms,
     /// so partitions can come and go while the member runs.
@@ -463,6 +471,7 @@ impl ServeArgs {
             mesh_block_peers: self.mesh_block_peers,
             mesh_block_file: self.mesh_block_file,
             unsafe_no_read_index: self.unsafe_no_read_index,
+            unsafe_lease_half_ttl: self.unsafe_lease_half_ttl,
             listen_client_urls: self.listen_client_urls,
             advertise_client_urls: self.advertise_client_urls,
             listen_metrics_urls: self.listen_metrics_urls,
@@ -754,6 +763,7 @@ fn torture(args: TortureArgs) -> anyhow::Result<()> {
         members: args.members,
         clients: args.clients,
         keys: args.keys,
+        leases: args.leases,
         duration: Duration::from_secs_f64(args.duration),
         seed: args.seed,
         faults,
@@ -778,6 +788,17 @@ fn torture(args: TortureArgs) -> anyhow::Result<()> {
         println!("violation on {key}: {}", path.display());
     }
     println!("watch: {} events, {} problems", report.watch_events, report.watch_problems.len());
+    let l = &report.leases;
+    println!(
+        "leases: {} granted, {} renewals, {} ran out, {} problems",
+        l.granted,
+        l.renewed,
+        l.expired,
+        l.problems.len()
+    );
+    for p in l.problems.iter().take(20) {
+        println!("lease problem: {p}");
+    }
     for name in &report.unreplaced {
         println!("liveness: the dead voter {name} was not replaced in time");
     }

@@ -339,6 +339,9 @@ pub async fn run(
     if cfg.unsafe_no_read_index {
         tracing::error!("--unsafe-no-read-index: linearizable reads are NOT linearizable on this member");
     }
+    if cfg.unsafe_lease_half_ttl {
+        tracing::error!("--unsafe-lease-half-ttl: this member, as leader, ends leases at half their TTL");
+    }
     let needs_tls = cfg
         .listen_client_urls
         .iter()
@@ -468,7 +471,7 @@ pub async fn run(
     });
     let decode_limit = cfg.max_request_bytes + GRPC_OVERHEAD_BYTES;
     let checkpoints = cfg.lease_checkpoint.then_some(cfg.lease_checkpoint_interval);
-    let lessor = api::lease::Lessor::start(ctx.clone(), cfg.election_timeout, checkpoints);
+    let lessor = api::lease::Lessor::start(ctx.clone(), cfg.election_timeout, checkpoints, cfg.unsafe_lease_half_ttl);
     // Held here while the member serves: the transport, which the Raft driver holds,
     // keeps only a weak reference to it and its Raft handles.
     let answerer = api::leader::Answerer::new(ctx.clone(), lessor.clone(), cfg.election_timeout);

@@ -48,6 +48,9 @@ fn seeded_short_run_under_every_mesh_fault_is_linearizable() {
     for kind in ["\"kill\"", "\"pause\"", "\"partition\"", "\"one-way\"", "\"replace\"", "\"snapshot-leader-kill"] {
         assert!(summary.contains(kind), "the run injected {kind}: {summary}");
     }
+    let leases = text.lines().find(|l| l.starts_with("leases:")).unwrap_or_default();
+    println!("{leases}");
+    assert!(leases.ends_with(" 0 problems") && !leases.contains(" 0 renewals"), "{text}");
 }
 
 #[test]
@@ -94,6 +97,31 @@ fn a_build_that_skips_read_index_is_caught() {
         .find(|e| e.file_name().to_string_lossy().starts_with("violation-"));
     let body = std::fs::read_to_string(report.expect("a violation report").path()).unwrap();
     assert!(body.starts_with("seed 2\n") && body.contains("shortest failing history"), "{body}");
+}
+
+/// Members whose leases end at half their TTL fail the lease check: a keep-alive or a
+/// read finds a lease gone while its TTL, counted from the call that last renewed it,
+/// has not run out.
+#[test]
+fn a_build_that_ends_leases_early_is_caught() {
+    let dir = common::tempdir();
+    let d = dir.path().join("run").display().to_string();
+    let (ok, text) = torture(&[
+        "--duration",
+        "20",
+        "--seed",
+        "4",
+        "--faults",
+        "",
+        "--member-args",
+        "--unsafe-lease-half-ttl",
+        "--dir",
+        &d,
+    ]);
+    assert!(!ok, "the broken build passed: {text}");
+    assert!(text.contains("lease problem: lease ") && text.contains(" s early: found gone "), "{text}");
+    let summary = summary_of(&text, "4");
+    assert!(summary.contains("0 keys not linearizable") && summary.contains("hashes agree"), "{summary}");
 }
 
 /// A run whose members never serve checks nothing, and says so instead of passing.

@@ -391,7 +391,8 @@ async fn a_leader_paused_past_an_election_promises_no_lease_time_the_new_leader_
     let port: u16 = members[l].client_addr.rsplit(':').next().unwrap().parse().unwrap();
     let sent = Instant::now();
     let id = format!("{lease:x}");
-    let keep_alive = tokio::task::spawn_blocking(move || etcdctl(&paused, &["lease", "keep-alive", "--once", &id], None));
+    let keep_alive =
+        tokio::task::spawn_blocking(move || etcdctl(&paused, &["lease", "keep-alive", "--once", &id], None));
     wait_until("the keep-alive waits in the paused leader's socket", Duration::from_secs(10), || bytes_wait_at(port));
     members[l].resume();
     let out = keep_alive.await.unwrap();

@@ -65,13 +65,15 @@ pub struct Lessor {
     extend: Duration,
     /// How often the leader checkpoints the time left of leases; None: never.
     checkpoint: Option<Duration>,
+    /// Deliberately broken (`--unsafe-lease-half-ttl`): leases end at half their TTL.
+    half_ttl: bool,
     clock: Arc<Mutex<Clock>>,
 }
 
 impl Lessor {
     /// Starts the lessor's clock; it runs until the runtime stops.
-    pub fn start(ctx: Ctx, election_timeout: Duration, checkpoint: Option<Duration>) -> Arc<Self> {
-        let me = Arc::new(Self { ctx, extend: election_timeout, checkpoint, clock: Arc::default() });
+    pub fn start(ctx: Ctx, election_timeout: Duration, checkpoint: Option<Duration>, half_ttl: bool) -> Arc<Self> {
+        let me = Arc::new(Self { ctx, extend: election_timeout, checkpoint, half_ttl, clock: Arc::default() });
         let weak = Arc::downgrade(&me);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(TICK);
@@ -83,6 +85,16 @@ impl Lessor {
             }
         });
         me
+    }
+
+    /// How long `secs` of a lease's TTL last on this clock.
+    fn span(&self, secs: i64) -> Duration {
+        let span = Duration::from_secs(secs.max(0) as u64);
+        if self.half_ttl {
+            span / 2
+        } else {
+            span
+        }
     }
 
     fn is_leader(&self) -> bool {
@@ -114,13 +126,13 @@ impl Lessor {
                         true => remaining.min(ttl),
                         false => ttl,
                     };
-                    (id, now + extend + Duration::from_secs(left as u64))
+                    (id, now + extend + self.span(left))
                 })
                 .collect();
             return;
         }
         for &(id, ttl, _) in &leases {
-            clock.expiry.entry(id).or_insert_with(|| now + Duration::from_secs(ttl as u64));
+            clock.expiry.entry(id).or_insert_with(|| now + self.span(ttl));
         }
         if clock.expiry.len() != leases.len() {
             let live: std::collections::HashSet<i64> = leases.iter().map(|(id, _, _)| *id).collect();
@@ -234,7 +246,7 @@ impl Lessor {
         if *at <= now {
             return None;
         }
-        *at = now + Duration::from_secs(ttl as u64);
+        *at = now + self.span(ttl);
         Some(ttl)
     }
 
@@ -253,7 +265,7 @@ impl Lessor {
         if clock.primary_term != Some(self.ctx.raft.status().term()) {
             self.sync(clock, now);
         }
-        clock.expiry.entry(id).or_insert_with(|| now + Duration::from_secs(ttl as u64))
+        clock.expiry.entry(id).or_insert_with(|| now + self.span(ttl))
     }
 }
 

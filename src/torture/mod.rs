@@ -2,6 +2,7 @@
 //! linearizability. See docs/reliability.md.
 
 pub mod check;
+pub mod lease;
 pub mod netns;
 pub mod ports;
 pub mod run;

@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng};
 use tonic::transport::{Channel, Endpoint};
 
 use super::check::{self, Input, Op, Output};
+use super::lease::{self, LeaseLog};
 use super::netns::Netns;
 use super::ports::free_port;
 use crate::pb::etcdserverpb::cluster_client::ClusterClient;
@@ -90,6 +91,8 @@ pub struct TortureConfig {
     pub members: usize,
     pub clients: usize,
     pub keys: usize,
+    /// Lease holders (see `lease`).
+    pub leases: usize,
     pub duration: Duration,
     pub seed: u64,
     pub faults: Vec<Fault>,
@@ -115,6 +118,8 @@ pub struct Report {
     /// Voters killed for good that the cluster did not replace in time: the membership
     /// controller's promise, broken.
     pub unreplaced: Vec<String>,
+    /// What the lease holders did, and leases that ended too soon or lost half their keys.
+    pub leases: LeaseLog,
 }
 
 impl Report {
@@ -126,6 +131,7 @@ impl Report {
             && self.hash_mismatch.is_none()
             && self.watch_problems.is_empty()
             && self.unreplaced.is_empty()
+            && self.leases.problems.is_empty()
     }
 
     /// Some operation's outcome is known.
@@ -175,7 +181,7 @@ impl Member {
     }
 }
 
-async fn channel(ep: &str) -> Option<Channel> {
+pub(super) async fn channel(ep: &str) -> Option<Channel> {
     Endpoint::from_shared(ep.to_string())
         .ok()?
         .connect_timeout(Duration::from_millis(500))
@@ -643,6 +649,12 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
         let seed = cfg.seed.wrapping_mul(31).wrapping_add(c as u64);
         tasks.push(tokio::spawn(async move { client_loop(c, seed, endpoints, keys, deadline, history, now_us).await }));
     }
+    let lease_log: Arc<Mutex<LeaseLog>> = Arc::default();
+    for h in 0..cfg.leases {
+        let (endpoints, log) = (cluster.endpoints.clone(), lease_log.clone());
+        let seed = cfg.seed.wrapping_mul(37).wrapping_add(h as u64);
+        tasks.push(tokio::spawn(lease::holder(h, seed, endpoints, deadline, log)));
+    }
 
     // The fault schedule.
     let mut rng = StdRng::seed_from_u64(cfg.seed);
@@ -698,8 +710,9 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
             }
         }
     }
+    let leases = std::mem::take(&mut *lease_log.lock().unwrap_or_else(|e| e.into_inner()));
     let mut report =
-        Report { faults, by_kind, unreplaced: std::mem::take(&mut cluster.unreplaced), ..Default::default() };
+        Report { faults, by_kind, unreplaced: std::mem::take(&mut cluster.unreplaced), leases, ..Default::default() };
     let history = history.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for (key, ops) in &history {
         report.ops += ops.len();
@@ -839,7 +852,7 @@ async fn final_revision(endpoints: &[String]) -> i64 {
 }
 
 /// The keys the clients write (the rest is ballast).
-fn is_client_key(key: &str) -> bool {
+pub(super) fn is_client_key(key: &str) -> bool {
     key.starts_with('k')
 }
 
