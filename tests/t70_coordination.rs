@@ -407,3 +407,56 @@ async fn a_leader_paused_past_an_election_promises_no_lease_time_the_new_leader_
     assert!(lived >= Duration::from_secs(10), "the lease ended {lived:?} after a keep-alive that gave it 10 s");
     assert!(lived < Duration::from_secs(13), "and it ran out once its TTL had run: {lived:?}");
 }
+
+/// One keep-alive on a stream of its own: the TTL answered, None if it failed or took
+/// more than a second.
+async fn keep_alive_once(c: &Client, lease: i64) -> Option<i64> {
+    let mut c = c.clone();
+    let call = async move {
+        let (mut keeper, mut answers) = c.lease_keep_alive(lease).await.ok()?;
+        keeper.keep_alive().await.ok()?;
+        answers.message().await.ok().flatten().map(|a| a.ttl())
+    };
+    tokio::time::timeout(Duration::from_secs(1), call).await.ok().flatten()
+}
+
+/// Keeps `lease` alive through `c` every 300 ms until `until`; the TTL of the last
+/// keep-alive answered, if any was.
+async fn keep_alive_until(c: &Client, lease: i64, until: Instant) -> Option<i64> {
+    let mut last = None;
+    while Instant::now() < until {
+        if let Some(ttl) = keep_alive_once(c, lease).await {
+            last = Some(ttl);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    last
+}
+
+/// A leader paused past the next one's election and past the TTL of a lease, by its own
+/// clock, finds the lease run out when it wakes. The next leader kept it alive all the
+/// while, and only a leader of the term in force may end a lease: the woken member's
+/// revoke, though it reaches the new leader (forwarded, or proposed again as a write
+/// its term lost), must change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_paused_past_an_election_revokes_no_lease_the_next_leader_kept() {
+    let dir = tempdir();
+    let members = three_members(dir.path());
+    let l = leader(&members).await;
+    let c = connect(&[members[(l + 1) % 3].endpoint(), members[(l + 2) % 3].endpoint()]).await;
+    let lease = c.clone().lease_grant(5, None).await.unwrap().id();
+    c.clone().put("kept", "1", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    assert_eq!(keep_alive_once(&c, lease).await, Some(5));
+    members[l].pause();
+    // Held 6 s: by the paused leader's clock the lease runs out; through the followers
+    // the next leader, elected meanwhile, renews it.
+    let paused = Instant::now();
+    let during = keep_alive_until(&c, lease, paused + Duration::from_secs(6)).await;
+    assert_eq!(during, Some(5), "the next leader kept the lease alive");
+    members[l].resume();
+    let after = keep_alive_until(&c, lease, Instant::now() + Duration::from_secs(3)).await;
+    assert_eq!(after, Some(5), "the lease was still kept alive after the old leader woke");
+    let ttl = c.clone().lease_time_to_live(lease, None).await.unwrap().ttl();
+    assert!(ttl > 0, "the lease lives: {ttl}");
+    assert_eq!(c.clone().get("kept", None).await.unwrap().count(), 1, "and so does its key");
+}

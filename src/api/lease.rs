@@ -97,8 +97,13 @@ impl Lessor {
         }
     }
 
+    /// The term in which this member leads, while it does.
+    fn leading_term(&self) -> Option<u64> {
+        self.ctx.raft.status().leading_term()
+    }
+
     fn is_leader(&self) -> bool {
-        self.ctx.raft.status().leader() == self.ctx.id.member_id
+        self.leading_term().is_some()
     }
 
     fn clock(&self) -> std::sync::MutexGuard<'_, Clock> {
@@ -107,8 +112,7 @@ impl Lessor {
 
     /// Brings the clock in line with the leases that exist: new ones start their TTL now,
     /// revoked ones are forgotten; on becoming leader, all start over.
-    fn sync(&self, clock: &mut Clock, now: Instant) {
-        let term = self.ctx.raft.status().term();
+    fn sync(&self, clock: &mut Clock, term: u64, now: Instant) {
         let leases = self.ctx.store.leases().all();
         if clock.primary_term != Some(term) {
             clock.primary_term = Some(term);
@@ -142,7 +146,7 @@ impl Lessor {
     }
 
     fn tick(&self) {
-        if !self.is_leader() {
+        let Some(term) = self.leading_term() else {
             let leases = self.ctx.store.leases().all();
             let mut clock = self.clock();
             if clock.primary_term.is_some() {
@@ -150,11 +154,11 @@ impl Lessor {
             }
             clock.inherited = leases.into_iter().map(|(id, _, _)| id).collect();
             return;
-        }
+        };
         let now = Instant::now();
         let expired: Vec<i64> = {
             let mut clock = self.clock();
-            self.sync(&mut clock, now);
+            self.sync(&mut clock, term, now);
             let Clock { expiry, revoking, .. } = &mut *clock;
             let due: Vec<i64> = expiry
                 .iter()
@@ -171,17 +175,20 @@ impl Lessor {
         for id in expired {
             let raft = self.ctx.raft.clone();
             tokio::spawn(async move {
-                if let Err(e) = raft.propose(Write::LeaseRevoke(LeaseRevokeRequest { id })).await {
+                // Only as this term's leader: a leader deposed unawares finds leases run
+                // out that the next leader renewed.
+                let revoke = Write::LeaseRevoke(LeaseRevokeRequest { id });
+                if let Err(e) = raft.propose_as_leader(revoke, term).await {
                     tracing::debug!(lease = format!("{id:x}"), error = %e, "revoking an expired lease failed; will retry");
                 }
             });
         }
-        self.checkpoint_due();
+        self.checkpoint_due(term);
     }
 
     /// On the leader, once an interval: proposes the time left of every lease longer than
     /// the interval that has run some of its TTL, in batches.
-    fn checkpoint_due(&self) {
+    fn checkpoint_due(&self, term: u64) {
         let Some(every) = self.checkpoint else { return };
         let now = Instant::now();
         let batch: Vec<LeaseCheckpoint> = {
@@ -210,7 +217,7 @@ impl Lessor {
             let ids: Vec<i64> = chunk.iter().map(|c| c.id).collect();
             let req = LeaseCheckpointRequest { checkpoints: chunk.to_vec() };
             tokio::spawn(async move {
-                if let Err(e) = raft.propose(Write::LeaseCheckpoint(req)).await {
+                if let Err(e) = raft.propose_as_leader(Write::LeaseCheckpoint(req), term).await {
                     tracing::debug!(error = %e, "lease checkpoints not recorded; the next interval tries again");
                 }
                 let mut clock = clock.lock().unwrap_or_else(|e| e.into_inner());
@@ -262,8 +269,10 @@ impl Lessor {
     /// One existing lease's expiry, without visiting every lease unless this member has
     /// just become leader.
     fn expiry_of<'c>(&self, clock: &'c mut Clock, id: i64, ttl: i64, now: Instant) -> &'c mut Instant {
-        if clock.primary_term != Some(self.ctx.raft.status().term()) {
-            self.sync(clock, now);
+        // Called on the leader; a member deposed since gets a clock the next tick drops.
+        let term = self.leading_term().unwrap_or(0);
+        if clock.primary_term != Some(term) {
+            self.sync(clock, term, now);
         }
         clock.expiry.entry(id).or_insert_with(|| now + self.span(ttl))
     }

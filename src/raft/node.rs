@@ -117,6 +117,9 @@ pub struct RaftStatus {
     pub id: u64,
     term: AtomicU64,
     leader: AtomicU64,
+    /// The term while this member is its leader; 0 while it is not. One value, so that a
+    /// reader never pairs a term with a leader of another term.
+    leading: AtomicU64,
     commit: AtomicU64,
     last_index: AtomicU64,
     is_learner: AtomicBool,
@@ -151,6 +154,10 @@ impl RaftStatus {
     pub fn leader(&self) -> u64 {
         self.leader.load(Ordering::Acquire)
     }
+    /// The term in which this member leads, while it does (by its own account).
+    pub fn leading_term(&self) -> Option<u64> {
+        Some(self.leading.load(Ordering::Acquire)).filter(|&t| t != 0)
+    }
     pub fn commit_index(&self) -> u64 {
         self.commit.load(Ordering::Acquire)
     }
@@ -170,10 +177,7 @@ impl RaftStatus {
     /// by its own account but has no recent confirmation may have been deposed without
     /// hearing of it yet: paused, stalled or cut off.
     pub fn leadership_confirmed_at(&self) -> Option<Instant> {
-        if self.leader() != self.id {
-            return None;
-        }
-        let term = self.term();
+        let term = self.leading_term()?;
         let c = *self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
         c.and_then(|(t, at)| (t == term).then_some(at))
     }
@@ -331,12 +335,29 @@ impl RaftHandle {
         request: internal_request::Request,
         user: Option<&str>,
     ) -> Result<WriteResponse, RaftError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (user, by_member) = match user {
             Some(u) => (u.to_string(), false),
             None => (String::new(), true),
         };
-        let data = Bytes::from(InternalRequest { id, request: Some(request), user, by_member }.encode_to_vec());
+        self.propose_request(InternalRequest { request: Some(request), user, by_member, ..Default::default() }).await
+    }
+
+    /// Proposes a decision this member took as the leader of `term` (a lease's expiry or
+    /// checkpoint): applied only if it is committed in `term`, or else it fails with
+    /// [`RaftError::NotLeader`] and changes nothing.
+    pub async fn propose_as_leader(
+        &self,
+        request: internal_request::Request,
+        term: u64,
+    ) -> Result<WriteResponse, RaftError> {
+        let req = InternalRequest { request: Some(request), by_member: true, leader_term: term, ..Default::default() };
+        self.propose_request(req).await
+    }
+
+    async fn propose_request(&self, mut req: InternalRequest) -> Result<WriteResponse, RaftError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        req.id = id;
+        let data = Bytes::from(req.encode_to_vec());
         if data.len() > self.max_request_bytes {
             return Err(RaftError::TooLarge);
         }
@@ -1480,6 +1501,8 @@ impl Driver {
     fn publish(&self) {
         let r = &self.node.raft;
         self.status.term.store(r.term, Ordering::Release);
+        let leading = if r.state == StateRole::Leader { r.term } else { 0 };
+        self.status.leading.store(leading, Ordering::Release);
         let was = self.status.leader.swap(r.leader_id, Ordering::AcqRel);
         if r.leader_id != 0 && r.leader_id != was {
             self.status.metrics.leader_changes.inc();
@@ -1496,10 +1519,22 @@ impl Driver {
             return Ok(());
         }
         let mut reqs = Vec::with_capacity(entries.len());
+        // A deposed leader's decisions that reached a later term: applied as no-ops.
+        let mut fenced = Vec::new();
         for e in &entries {
             let req = match e.get_entry_type() {
                 EntryType::EntryNormal if e.data.is_empty() => None,
                 EntryType::EntryNormal => match InternalRequest::decode(e.data.as_ref()) {
+                    Ok(r) if r.leader_term != 0 && r.leader_term != e.term => {
+                        tracing::info!(
+                            index = e.index,
+                            decided = r.leader_term,
+                            term = e.term,
+                            "dropped a decision of an earlier term's leader"
+                        );
+                        fenced.push(r.id);
+                        None
+                    }
                     Ok(r) => Some(r),
                     Err(err) => {
                         tracing::error!(index = e.index, error = %err, "undecodable entry skipped");
@@ -1530,6 +1565,11 @@ impl Driver {
             let Some(req) = req else { continue };
             if let Some(w) = self.writes.remove(&req.id) {
                 let _ = w.waiter.reply.send(res.map_err(RaftError::Apply));
+            }
+        }
+        for id in fenced {
+            if let Some(w) = self.writes.remove(&id) {
+                let _ = w.waiter.reply.send(Err(RaftError::NotLeader));
             }
         }
         self.propose_lost_again(entries.last().map_or(0, |e| e.term));
@@ -1771,5 +1811,42 @@ mod tests {
         );
         assert_eq!((cs.voters, cs.learners, cs.voters_outgoing), (vec![1], vec![], vec![]));
         assert_eq!(role, StateRole::Leader);
+    }
+
+    /// A decision proposed as the leader of a term is applied only in an entry of that
+    /// term: proposed for another, it fails and the store does not change.
+    #[tokio::test]
+    async fn a_leaders_decision_is_applied_only_in_its_own_term() {
+        use crate::pb::etcdserverpb::{LeaseGrantRequest, LeaseRevokeRequest};
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::open(dir.path()).unwrap();
+        let store = Arc::new(MvccStore::open(engine.clone()).unwrap());
+        let mut cfg = RaftConfig::new(1, "m".to_string());
+        cfg.tick = Duration::from_millis(10);
+        let snapshots = Snapshots {
+            outgoing: Arc::new(super::super::snapshot::Outgoing::new(dir.path().join("snap-out"))),
+            incoming: Arc::new(super::super::snapshot::Incoming::new(dir.path().join("snap-in"))),
+        };
+        let cluster_id = Arc::new(AtomicU64::new(7));
+        let started = start(cfg, engine, store.clone(), None, Bootstrap::Single, cluster_id, snapshots).unwrap();
+        let raft = started.handle;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let term = loop {
+            if let Some(t) = raft.status().leading_term() {
+                break t;
+            }
+            assert!(Instant::now() < deadline, "the lone member never led");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let grant = internal_request::Request::LeaseGrant(LeaseGrantRequest { ttl: 60, id: 5 });
+        raft.propose(grant).await.unwrap();
+        let revoke = || internal_request::Request::LeaseRevoke(LeaseRevokeRequest { id: 5 });
+        let applied = store.applied_index();
+        let stale = raft.propose_as_leader(revoke(), term - 1).await;
+        assert!(matches!(stale, Err(RaftError::NotLeader)), "{stale:?}");
+        assert!(store.leases().get(5).is_some(), "an earlier term's decision changed nothing");
+        assert!(store.applied_index() > applied, "its entry was applied, as a no-op");
+        raft.propose_as_leader(revoke(), term).await.unwrap();
+        assert!(store.leases().get(5).is_none(), "this term's decision is applied");
     }
 }
