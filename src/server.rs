@@ -541,7 +541,7 @@ pub async fn run(
             (Routes::from(grpc.fallback_service(unknown.clone())), Some(Routes::from(plain.fallback_service(unknown))))
         }
     };
-    let metrics_routes = Routes::from(http.router().fallback(api::http::not_found));
+    let metrics_routes = Routes::from(api::access::whole_bodies(http.router().fallback(api::http::not_found)));
     let mut servers = Vec::new();
     let listening = listeners
         .into_iter()

@@ -67,8 +67,41 @@ impl Access {
 
     /// `router` with these rules in front of each of its routes and its fallback.
     pub fn guard(&self, router: axum::Router) -> axum::Router {
-        router.layer(middleware::from_fn_with_state(Arc::new(self.clone()), check))
+        whole_bodies(router.layer(middleware::from_fn_with_state(Arc::new(self.clone()), check)))
     }
+}
+
+/// Most a plain HTTP/2 request's body is read up to before its answer; the gateway takes
+/// less (axum's 2 MiB) and answers beyond that itself.
+const WHOLE_BODY_LIMIT: usize = 4 << 20;
+
+/// `router` with each plain HTTP/2 request's body read whole before it is answered. An
+/// endpoint that needs no body (`/health`, a 404) drops it unread, and HTTP/2 then
+/// resets the stream the client is still sending on, often before the answer leaves:
+/// curl, for one, reports a stream error rather than the answer. HTTP/1.1 has no such
+/// stream, and gRPC's calls read their own.
+pub fn whole_bodies(router: axum::Router) -> axum::Router {
+    router.layer(middleware::from_fn(read_whole))
+}
+
+async fn read_whole(req: Request, next: Next) -> Response {
+    use http_body_util::BodyExt as _;
+    if req.version() != Version::HTTP_2 || is_grpc(&req) {
+        return next.run(req).await;
+    }
+    let (parts, mut body) = req.into_parts();
+    let mut whole = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { return text(StatusCode::BAD_REQUEST, "the request's body broke off\n".into()) };
+        if let Ok(data) = frame.into_data() {
+            whole.extend_from_slice(&data);
+        }
+        if whole.len() > WHOLE_BODY_LIMIT {
+            let why = "Failed to buffer the request body: length limit exceeded\n";
+            return text(StatusCode::PAYLOAD_TOO_LARGE, why.into());
+        }
+    }
+    next.run(Request::from_parts(parts, Body::from(whole.freeze()))).await
 }
 
 async fn check(State(access): State<Arc<Access>>, req: Request, next: Next) -> Response {
@@ -81,8 +114,7 @@ async fn check(State(access): State<Arc<Access>>, req: Request, next: Next) -> R
         let host = hostname(authority(&req));
         if !access.hosts.admits(host) {
             tracing::warn!(host, "refused a plain-HTTP request naming a host not in --host-whitelist");
-            let answer = text(StatusCode::MISDIRECTED_REQUEST, misdirected(host));
-            return after_body(req, answer).await;
+            return text(StatusCode::MISDIRECTED_REQUEST, misdirected(host));
         }
     } else if access.client_cert_auth
         && ["/v3/", "/v3beta/"].iter().any(|p| req.uri().path().starts_with(p))
@@ -90,7 +122,7 @@ async fn check(State(access): State<Arc<Access>>, req: Request, next: Next) -> R
         && access.store.auth_enabled()
     {
         let why = "CommonName of client sending a request against gateway will be ignored and not used as expected\n";
-        return after_body(req, text(StatusCode::BAD_REQUEST, why.into())).await;
+        return text(StatusCode::BAD_REQUEST, why.into());
     }
     let origin = if access.origins.any() {
         Some(HeaderValue::from_static("*"))
@@ -105,14 +137,6 @@ async fn check(State(access): State<Arc<Access>>, req: Request, next: Next) -> R
         h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("accept, content-type, authorization"));
     }
     resp
-}
-
-/// `answer`, once the request's body is read (up to a limit): HTTP/2 clients take an
-/// answer that comes while they still send as a broken stream.
-async fn after_body(req: Request, answer: Response) -> Response {
-    const READ_AT_MOST: usize = 4 << 20;
-    let _ = axum::body::to_bytes(req.into_body(), READ_AT_MOST).await;
-    answer
 }
 
 /// A gRPC request, which etcd hands to its gRPC server before any of these checks: HTTP/2
