@@ -8,6 +8,11 @@
 //! every lease starts over with its full TTL plus an election timeout — etcd's rule —
 //! so a lease kept alive through a leader change never expires for it.
 //!
+//! A leader deposed without knowing it yet (paused, stalled, cut off) keeps a clock
+//! that no longer counts. It renews only within an election timeout of a quorum
+//! confirming it, and its revokes and checkpoints are proposed as decisions of its term
+//! (`RaftHandle::propose_as_leader`), which no member applies in a later one.
+//!
 //! With checkpoints (etcd's `--experimental-enable-lease-checkpoint`, on by default
 //! here), the leader records through Raft, every interval (five minutes), the time left
 //! of each lease longer than the interval, and a new leader starts such a lease over
@@ -293,9 +298,10 @@ impl LeaseService {
     }
 
     /// Whether this member answers a call that needs the leader's clock itself (it
-    /// leads) or sends it to the leader. `forwarded`: a follower's call, with what that
-    /// follower had applied, which the leader waits (a little) to have applied too; such
-    /// a call is refused by a member that no longer leads, never sent on again.
+    /// leads, and a quorum confirmed so lately: [`Self::leads_confirmed`]) or sends it to
+    /// the leader. `forwarded`: a follower's call, with what that follower had applied,
+    /// which the leader waits (a little) to have applied too; such a call is refused by a
+    /// member that no longer leads, never sent on again.
     async fn answers_here(&self, forwarded: Option<u64>) -> Result<bool, Status> {
         if let Some(applied) = forwarded {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
