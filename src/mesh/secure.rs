@@ -20,7 +20,9 @@ use super::wire::{encode_frame, Framer, WireError};
 use crate::pb::meshkvpb::Hello;
 
 /// 2: AES-256-GCM (hardware AES on every x86-64 and ARMv8 server) instead of ChaCha20.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: Raft entries may be bound to a leader's term (`InternalRequest.leader_term`); a
+/// member of version 2 would apply what the others drop, and their stores would differ.
+pub const PROTOCOL_VERSION: u32 = 3;
 const PATTERN: &str = "Noise_NNpsk0_25519_AESGCM_BLAKE2s";
 const TAG_LEN: usize = 16;
 const MAX_NOISE_MSG: usize = 65535;
@@ -244,5 +246,14 @@ mod tests {
         let (ha, hb) = (hello("a", "c"), hello("b", "d"));
         let (ra, _) = tokio::join!(handshake(&mut a, true, &k, &ha), handshake(&mut b, false, &k, &hb));
         assert!(matches!(ra, Err(SecureError::Cluster { .. })));
+    }
+
+    #[tokio::test]
+    async fn peers_of_another_protocol_version_are_refused() {
+        let k = derive_psk(None, "c");
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        let (ha, older) = (hello("a", "c"), Hello { protocol_version: PROTOCOL_VERSION - 1, ..hello("b", "c") });
+        let (ra, _) = tokio::join!(handshake(&mut a, true, &k, &ha), handshake(&mut b, false, &k, &older));
+        assert!(matches!(ra, Err(SecureError::Version { theirs }) if theirs == PROTOCOL_VERSION - 1));
     }
 }
