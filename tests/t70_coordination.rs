@@ -396,7 +396,13 @@ async fn a_leader_paused_past_an_election_promises_no_lease_time_the_new_leader_
     wait_until("the keep-alive waits in the paused leader's socket", Duration::from_secs(10), || bytes_wait_at(port));
     members[l].resume();
     let out = keep_alive.await.unwrap();
-    assert_eq!(out.status, 0, "the keep-alive is answered, by the leader: {}{}", out.stdout, out.stderr);
+    if out.status != 0 {
+        // Refused (the woken member could not confirm, nor reach the new leader in
+        // time): the client was promised nothing, which is as safe as an answer.
+        assert!(out.stderr.contains("etcdserver: "), "refused in etcd's words: {}", out.stderr);
+        println!("the keep-alive was refused: {}", out.stderr.trim());
+        return;
+    }
     assert!(out.stdout.contains("TTL(10)"), "{}", out.stdout);
     eventually("the lease to run out once nobody renews it", Duration::from_secs(30), || {
         let mut c = c.clone();
