@@ -85,23 +85,18 @@ pub fn whole_bodies(router: axum::Router) -> axum::Router {
 }
 
 async fn read_whole(req: Request, next: Next) -> Response {
-    use http_body_util::BodyExt as _;
     if req.version() != Version::HTTP_2 || is_grpc(&req) {
         return next.run(req).await;
     }
-    let (parts, mut body) = req.into_parts();
-    let mut whole = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let Ok(frame) = frame else { return text(StatusCode::BAD_REQUEST, "the request's body broke off\n".into()) };
-        if let Ok(data) = frame.into_data() {
-            whole.extend_from_slice(&data);
-        }
-        if whole.len() > WHOLE_BODY_LIMIT {
+    let (parts, body) = req.into_parts();
+    match axum::body::to_bytes(body, WHOLE_BODY_LIMIT).await {
+        Ok(whole) => next.run(Request::from_parts(parts, Body::from(whole))).await,
+        Err(e) if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) => {
             let why = "Failed to buffer the request body: length limit exceeded\n";
-            return text(StatusCode::PAYLOAD_TOO_LARGE, why.into());
+            text(StatusCode::PAYLOAD_TOO_LARGE, why.into())
         }
+        Err(_) => text(StatusCode::BAD_REQUEST, "the request's body broke off\n".into()),
     }
-    next.run(Request::from_parts(parts, Body::from(whole.freeze()))).await
 }
 
 async fn check(State(access): State<Arc<Access>>, req: Request, next: Next) -> Response {
