@@ -4,9 +4,11 @@
 //! grants and revokes go through Raft. Time is not: only the leader tracks when each
 //! lease runs out, and it revokes an expired lease through Raft like any other write, so
 //! every member deletes its keys at the same revision. KeepAlive and TimeToLive need
-//! that clock, so a follower forwards them to the leader. When a member becomes leader,
-//! every lease starts over with its full TTL plus an election timeout — etcd's rule —
-//! so a lease kept alive through a leader change never expires for it.
+//! that clock, so a follower forwards them to the leader. When a member becomes leader
+//! and has applied what its predecessors committed, every lease starts over with its
+//! full TTL plus an election timeout — etcd's rule — so a lease kept alive through a
+//! leader change never expires for it; only leases granted in its own term get no more
+//! than their TTL.
 //!
 //! A leader deposed without knowing it yet (paused, stalled, cut off) keeps a clock
 //! that no longer counts. It renews only within an election timeout of a quorum
@@ -51,9 +53,6 @@ struct Clock {
     expiry: HashMap<i64, Instant>,
     /// Revokes proposed and not yet applied, with when they were proposed.
     revoking: HashMap<i64, Instant>,
-    /// The leases that existed at the last tick as a follower: the ones a new leader
-    /// inherits (and extends); those granted since start with their plain TTL.
-    inherited: std::collections::HashSet<i64>,
     /// When the leader next records checkpoints.
     next_checkpoint: Option<Instant>,
     /// Leases whose checkpoint is proposed and not yet known applied.
@@ -111,59 +110,70 @@ impl Lessor {
         self.leading_term().is_some()
     }
 
+    /// While this member leads and has applied every entry its predecessors committed
+    /// (their grants, renewals' cleared checkpoints, checkpoints): its term, and the Raft
+    /// index its own entries start at. Before then its store may lack the last
+    /// checkpoints, and a clock started from it would give leases time back.
+    fn caught_up(&self) -> Option<(u64, u64)> {
+        let (term, from) = self.ctx.raft.status().leading_from()?;
+        (self.ctx.store.applied_index() + 1 >= from).then_some((term, from))
+    }
+
     fn clock(&self) -> std::sync::MutexGuard<'_, Clock> {
         self.clock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Brings the clock in line with the leases that exist: new ones start their TTL now,
-    /// revoked ones are forgotten; on becoming leader, all start over.
-    fn sync(&self, clock: &mut Clock, term: u64, now: Instant) {
-        let leases = self.ctx.store.leases().all();
+    /// revoked ones are forgotten. On becoming leader (of `term`, its entries from index
+    /// `from`), all start over: those an earlier leader granted, which it may have renewed
+    /// up to the moment it was deposed, with an election timeout more.
+    fn sync(&self, clock: &mut Clock, (term, from): (u64, u64), now: Instant) {
+        let leases = self.ctx.store.leases();
         if clock.primary_term != Some(term) {
             clock.primary_term = Some(term);
             clock.revoking.clear();
             clock.checkpointing.clear();
             clock.next_checkpoint = self.checkpoint.map(|every| now + every);
-            let inherited = std::mem::take(&mut clock.inherited);
             clock.expiry = leases
                 .iter()
-                .map(|&(id, ttl, remaining)| {
-                    let extend = if inherited.contains(&id) { self.extend } else { Duration::ZERO };
+                .map(|(id, l)| {
+                    let extend = if l.granted_at < from { self.extend } else { Duration::ZERO };
                     // A checkpoint stands only where checkpoints are on: one left from a
                     // start with them would otherwise never be cleared by renewals.
-                    let left = match remaining > 0 && self.checkpoint.is_some() {
-                        true => remaining.min(ttl),
-                        false => ttl,
+                    let left = match l.remaining > 0 && self.checkpoint.is_some() {
+                        true => l.remaining.min(l.ttl),
+                        false => l.ttl,
                     };
                     (id, now + extend + self.span(left))
                 })
                 .collect();
             return;
         }
-        for &(id, ttl, _) in &leases {
-            clock.expiry.entry(id).or_insert_with(|| now + self.span(ttl));
+        for (id, l) in leases.iter() {
+            clock.expiry.entry(id).or_insert_with(|| now + self.span(l.ttl));
         }
         if clock.expiry.len() != leases.len() {
-            let live: std::collections::HashSet<i64> = leases.iter().map(|(id, _, _)| *id).collect();
-            clock.expiry.retain(|id, _| live.contains(id));
-            clock.revoking.retain(|id, _| live.contains(id));
+            clock.expiry.retain(|id, _| leases.contains(*id));
+            clock.revoking.retain(|id, _| leases.contains(*id));
         }
     }
 
     fn tick(&self) {
-        let Some(term) = self.leading_term() else {
-            let leases = self.ctx.store.leases().all();
-            let mut clock = self.clock();
-            if clock.primary_term.is_some() {
-                *clock = Clock::default();
+        // A new leader keeps no time until it has applied its predecessors' entries.
+        let Some(lead) = self.caught_up() else {
+            if !self.is_leader() {
+                let mut clock = self.clock();
+                if clock.primary_term.is_some() {
+                    *clock = Clock::default();
+                }
             }
-            clock.inherited = leases.into_iter().map(|(id, _, _)| id).collect();
             return;
         };
+        let term = lead.0;
         let now = Instant::now();
         let expired: Vec<i64> = {
             let mut clock = self.clock();
-            self.sync(&mut clock, term, now);
+            self.sync(&mut clock, lead, now);
             let Clock { expiry, revoking, .. } = &mut *clock;
             let due: Vec<i64> = expiry
                 .iter()
@@ -248,38 +258,38 @@ impl Lessor {
         Ok(())
     }
 
-    /// KeepAlive on the leader: the lease's TTL starts over. None if it does not exist
-    /// or already ran out.
-    fn renew(&self, id: i64) -> Option<i64> {
-        let ttl = self.ctx.store.leases().get(id)?.ttl;
+    /// KeepAlive on the leader: the lease's TTL starts over. 0 if it does not exist or
+    /// already ran out.
+    fn renew(&self, id: i64) -> Result<i64, Status> {
+        let Some(ttl) = self.ctx.store.leases().get(id).map(|l| l.ttl) else { return Ok(0) };
         let now = Instant::now();
         let mut clock = self.clock();
-        let at = self.expiry_of(&mut clock, id, ttl, now);
+        let at = self.expiry_of(&mut clock, id, ttl, now)?;
         if *at <= now {
-            return None;
+            return Ok(0);
         }
         *at = now + self.span(ttl);
-        Some(ttl)
+        Ok(ttl)
     }
 
-    /// Whole seconds left, on the leader.
-    fn remaining(&self, id: i64) -> Option<i64> {
-        let ttl = self.ctx.store.leases().get(id)?.ttl;
+    /// Whole seconds left, on the leader; None if there is no such lease.
+    fn remaining(&self, id: i64) -> Result<Option<i64>, Status> {
+        let Some(ttl) = self.ctx.store.leases().get(id).map(|l| l.ttl) else { return Ok(None) };
         let now = Instant::now();
         let mut clock = self.clock();
-        let at = self.expiry_of(&mut clock, id, ttl, now);
-        Some(at.saturating_duration_since(now).as_secs() as i64)
+        let at = self.expiry_of(&mut clock, id, ttl, now)?;
+        Ok(Some(at.saturating_duration_since(now).as_secs() as i64))
     }
 
     /// One existing lease's expiry, without visiting every lease unless this member has
-    /// just become leader.
-    fn expiry_of<'c>(&self, clock: &'c mut Clock, id: i64, ttl: i64, now: Instant) -> &'c mut Instant {
-        // Called on the leader; a member deposed since gets a clock the next tick drops.
-        let term = self.leading_term().unwrap_or(0);
-        if clock.primary_term != Some(term) {
-            self.sync(clock, term, now);
+    /// just become leader. Called once [`LeaseService::answers_here`] found this member a
+    /// leader caught up; an error if it no longer is.
+    fn expiry_of<'c>(&self, clock: &'c mut Clock, id: i64, ttl: i64, now: Instant) -> Result<&'c mut Instant, Status> {
+        let lead = self.caught_up().ok_or_else(|| Status::new(Code::Unavailable, "etcdserver: leader changed"))?;
+        if clock.primary_term != Some(lead.0) {
+            self.sync(clock, lead, now);
         }
-        clock.expiry.entry(id).or_insert_with(|| now + self.span(ttl))
+        Ok(clock.expiry.entry(id).or_insert_with(|| now + self.span(ttl)))
     }
 }
 
@@ -335,9 +345,11 @@ impl LeaseService {
     /// Linearizable reads confirm the leader as they go; without them a renewal asks at
     /// most about once an election timeout.
     async fn leads_confirmed(&self) -> Result<bool, Status> {
+        // A new leader answers once it has applied what its predecessors committed: the
+        // ReadIndex round waits for that.
         let fresh = || {
             let at = self.ctx.raft.status().leadership_confirmed_at();
-            at.is_some_and(|at| at.elapsed() < self.lessor.extend)
+            at.is_some_and(|at| at.elapsed() < self.lessor.extend) && self.lessor.caught_up().is_some()
         };
         if fresh() {
             return Ok(true);
@@ -360,7 +372,7 @@ impl LeaseService {
         // revision is never seen renewed at a later one.
         let header = self.ctx.header(None);
         self.lessor.clear_checkpoint(id).await?;
-        let ttl = self.lessor.renew(id).unwrap_or(0);
+        let ttl = self.lessor.renew(id)?;
         Ok(LeaseKeepAliveResponse { header, id, ttl })
     }
 
@@ -378,7 +390,7 @@ impl LeaseService {
         }
         let header = self.ctx.header(None);
         let entry = self.ctx.store.leases().get(req.id).cloned();
-        let (Some(entry), Some(ttl)) = (entry, self.lessor.remaining(req.id)) else {
+        let (Some(entry), Some(ttl)) = (entry, self.lessor.remaining(req.id)?) else {
             return Ok(LeaseTimeToLiveResponse { header, id: req.id, ttl: -1, ..Default::default() });
         };
         let keys = if req.keys { entry.keys.into_iter().collect() } else { Vec::new() };

@@ -136,6 +136,9 @@ pub struct RaftStatus {
     /// The term and the time of the newest ReadIndex round this member asked as leader
     /// that a quorum answered.
     confirmed: Mutex<Option<(u64, Instant)>>,
+    /// The term this member last became leader in, and the index of its first entry in
+    /// it: once that is applied, so is everything earlier leaders committed.
+    led_from: Mutex<(u64, u64)>,
 }
 
 impl RaftStatus {
@@ -163,6 +166,15 @@ impl RaftStatus {
     }
     pub fn last_index(&self) -> u64 {
         self.last_index.load(Ordering::Acquire)
+    }
+
+    /// While this member leads: its term, and the index of its first entry in it (the
+    /// empty entry a new leader appends). Every entry an earlier leader committed comes
+    /// before it.
+    pub fn leading_from(&self) -> Option<(u64, u64)> {
+        let term = self.leading_term()?;
+        let (t, index) = *self.led_from.lock().unwrap_or_else(|e| e.into_inner());
+        (t == term).then_some((term, index))
     }
 
     fn confirm_leadership(&self, term: u64, asked: Instant) {
@@ -1502,6 +1514,18 @@ impl Driver {
         let r = &self.node.raft;
         self.status.term.store(r.term, Ordering::Release);
         let leading = if r.state == StateRole::Leader { r.term } else { 0 };
+        if leading != 0 {
+            let mut from = self.status.led_from.lock().unwrap_or_else(|e| e.into_inner());
+            if from.0 != leading {
+                // Becoming leader appended an empty entry of the new term, perhaps with
+                // proposals after it: the first entry of the term is that one.
+                let mut first = r.raft_log.last_index();
+                while r.raft_log.term(first - 1).is_ok_and(|t| t == leading) {
+                    first -= 1;
+                }
+                *from = (leading, first);
+            }
+        }
         self.status.leading.store(leading, Ordering::Release);
         let was = self.status.leader.swap(r.leader_id, Ordering::AcqRel);
         if r.leader_id != 0 && r.leader_id != was {
@@ -1813,31 +1837,37 @@ mod tests {
         assert_eq!(role, StateRole::Leader);
     }
 
+    /// A lone member on the data in `dir`, and its term once it leads.
+    async fn lone_leader(dir: &std::path::Path) -> (Started, Arc<MvccStore>, u64) {
+        let engine = Engine::open(dir).unwrap();
+        let store = Arc::new(MvccStore::open(engine.clone()).unwrap());
+        let mut cfg = RaftConfig::new(1, "m".to_string());
+        cfg.tick = Duration::from_millis(10);
+        let snapshots = Snapshots {
+            outgoing: Arc::new(super::super::snapshot::Outgoing::new(dir.join("snap-out"))),
+            incoming: Arc::new(super::super::snapshot::Incoming::new(dir.join("snap-in"))),
+        };
+        let cluster_id = Arc::new(AtomicU64::new(7));
+        let started = start(cfg, engine, store.clone(), None, Bootstrap::Single, cluster_id, snapshots).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let term = loop {
+            if let Some(t) = started.handle.status().leading_term() {
+                break t;
+            }
+            assert!(Instant::now() < deadline, "the lone member never led");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        (started, store, term)
+    }
+
     /// A decision proposed as the leader of a term is applied only in an entry of that
     /// term: proposed for another, it fails and the store does not change.
     #[tokio::test]
     async fn a_leaders_decision_is_applied_only_in_its_own_term() {
         use crate::pb::etcdserverpb::{LeaseGrantRequest, LeaseRevokeRequest};
         let dir = tempfile::tempdir().unwrap();
-        let engine = Engine::open(dir.path()).unwrap();
-        let store = Arc::new(MvccStore::open(engine.clone()).unwrap());
-        let mut cfg = RaftConfig::new(1, "m".to_string());
-        cfg.tick = Duration::from_millis(10);
-        let snapshots = Snapshots {
-            outgoing: Arc::new(super::super::snapshot::Outgoing::new(dir.path().join("snap-out"))),
-            incoming: Arc::new(super::super::snapshot::Incoming::new(dir.path().join("snap-in"))),
-        };
-        let cluster_id = Arc::new(AtomicU64::new(7));
-        let started = start(cfg, engine, store.clone(), None, Bootstrap::Single, cluster_id, snapshots).unwrap();
+        let (started, store, term) = lone_leader(dir.path()).await;
         let raft = started.handle;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let term = loop {
-            if let Some(t) = raft.status().leading_term() {
-                break t;
-            }
-            assert!(Instant::now() < deadline, "the lone member never led");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
         let grant = internal_request::Request::LeaseGrant(LeaseGrantRequest { ttl: 60, id: 5 });
         raft.propose(grant).await.unwrap();
         let revoke = || internal_request::Request::LeaseRevoke(LeaseRevokeRequest { id: 5 });
@@ -1848,5 +1878,33 @@ mod tests {
         assert!(store.applied_index() > applied, "its entry was applied, as a no-op");
         raft.propose_as_leader(revoke(), term).await.unwrap();
         assert!(store.leases().get(5).is_none(), "this term's decision is applied");
+    }
+
+    /// A leader knows where its own entries start: everything an earlier leader wrote
+    /// comes before, and what it grants comes after. The lessor waits for the first to
+    /// be applied, and tells inherited leases by the second.
+    #[tokio::test]
+    async fn a_new_leader_knows_where_its_own_entries_start() {
+        use crate::pb::etcdserverpb::LeaseGrantRequest;
+        let grant = |id| internal_request::Request::LeaseGrant(LeaseGrantRequest { ttl: 60, id });
+        let dir = tempfile::tempdir().unwrap();
+        let (started, store, first_term) = lone_leader(dir.path()).await;
+        started.handle.propose(grant(5)).await.unwrap();
+        let before = store.applied_index();
+        let (_, from) = started.handle.status().leading_from().unwrap();
+        assert!(from <= store.leases().get(5).unwrap().granted_at, "the grant is the leader's own entry");
+        drop(started.handle);
+        started.thread.join().unwrap();
+        drop(store);
+
+        let (started, store, term) = lone_leader(dir.path()).await;
+        assert!(term > first_term);
+        let (led, from) = started.handle.status().leading_from().unwrap();
+        assert_eq!(led, term);
+        assert!(from > before, "its own entries start at {from}, after the earlier term's last at {before}");
+        assert_eq!(store.leases().get(5).unwrap().granted_at, 0, "read from disk: an earlier term's");
+        started.handle.propose(grant(6)).await.unwrap();
+        assert!(store.leases().get(6).unwrap().granted_at >= from, "granted in its own term");
+        assert!(store.applied_index() >= from);
     }
 }

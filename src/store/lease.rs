@@ -15,6 +15,9 @@ pub struct LeaseEntry {
     pub ttl: i64,
     /// Seconds left at the last checkpoint; 0: none stands.
     pub remaining: i64,
+    /// The Raft index of the grant, if this member applied it since it started (0 if it
+    /// was read from disk): a new leader tells the leases it inherits by it.
+    pub granted_at: u64,
     pub keys: BTreeSet<Bytes>,
 }
 
@@ -32,7 +35,7 @@ impl LeaseTable {
     pub fn rebuild(records: impl IntoIterator<Item = (i64, i64, i64)>, key_lease: HashMap<Bytes, i64>) -> Self {
         let mut leases: HashMap<i64, LeaseEntry> = records
             .into_iter()
-            .map(|(id, ttl, remaining)| (id, LeaseEntry { ttl, remaining, keys: BTreeSet::new() }))
+            .map(|(id, ttl, remaining)| (id, LeaseEntry { ttl, remaining, ..Default::default() }))
             .collect();
         let mut kept = HashMap::with_capacity(key_lease.len());
         for (key, id) in key_lease {
@@ -59,6 +62,11 @@ impl LeaseTable {
         v
     }
 
+    /// Every lease, in no order.
+    pub fn iter(&self) -> impl Iterator<Item = (i64, &LeaseEntry)> {
+        self.leases.iter().map(|(id, l)| (*id, l))
+    }
+
     pub fn len(&self) -> usize {
         self.leases.len()
     }
@@ -67,8 +75,9 @@ impl LeaseTable {
         self.leases.is_empty()
     }
 
-    pub fn grant(&mut self, id: i64, ttl: i64) {
-        self.leases.insert(id, LeaseEntry { ttl, remaining: 0, keys: BTreeSet::new() });
+    /// Records a lease granted by the entry at Raft index `at`.
+    pub fn grant(&mut self, id: i64, ttl: i64, at: u64) {
+        self.leases.insert(id, LeaseEntry { ttl, granted_at: at, ..Default::default() });
     }
 
     /// Records the time left at a checkpoint (0 clears it); the lease's TTL, None if there
@@ -123,8 +132,8 @@ mod tests {
     #[test]
     fn keys_move_between_leases_and_leave_with_their_deletion() {
         let mut t = LeaseTable::default();
-        t.grant(1, 10);
-        t.grant(2, 20);
+        t.grant(1, 10, 1);
+        t.grant(2, 20, 2);
         let k = Bytes::from_static(b"k");
         t.attach(&k, 1);
         assert!(t.get(1).unwrap().keys.contains(&k));
@@ -147,7 +156,7 @@ mod tests {
     #[test]
     fn an_attached_key_does_not_keep_the_buffer_it_was_decoded_from() {
         let mut t = LeaseTable::default();
-        t.grant(1, 10);
+        t.grant(1, 10, 1);
         let entry = Bytes::from(vec![b'k'; 4096]);
         t.attach(&entry.slice(0..2), 1);
         assert!(entry.is_unique(), "the table holds a copy of the key, not a slice of the entry");

@@ -627,7 +627,7 @@ impl MvccStore {
                     }
                     internal_request::Request::Txn(t) => self.txn(&mut a, t).map(WriteResponse::Txn),
                     internal_request::Request::LeaseGrant(g) => {
-                        self.lease_grant(&mut a, g, rev).map(WriteResponse::LeaseGrant)
+                        self.lease_grant(&mut a, g, rev, *index).map(WriteResponse::LeaseGrant)
                     }
                     internal_request::Request::LeaseRevoke(r) => {
                         self.lease_revoke(&mut a, r).map(WriteResponse::LeaseRevoke)
@@ -757,11 +757,17 @@ impl MvccStore {
         AlarmResponse { header: None, alarms: if changed { vec![member] } else { Vec::new() } }
     }
 
-    fn lease_grant(&self, a: &mut Apply, g: &LeaseGrantRequest, rev: i64) -> Result<LeaseGrantResponse, MvccError> {
+    fn lease_grant(
+        &self,
+        a: &mut Apply,
+        g: &LeaseGrantRequest,
+        rev: i64,
+        index: u64,
+    ) -> Result<LeaseGrantResponse, MvccError> {
         if a.leases.contains(g.id) {
             return Err(MvccError::LeaseExists);
         }
-        a.leases.grant(g.id, g.ttl);
+        a.leases.grant(g.id, g.ttl, index);
         let record = LeaseRecord { id: g.id, ttl: g.ttl, remaining_ttl: 0 };
         a.batch.put_cf(self.engine.cf(CF_LEASE), g.id.to_be_bytes(), record.encode_to_vec());
         Ok(LeaseGrantResponse {
