@@ -95,6 +95,10 @@ struct TortureArgs {
     /// checks that no lease ends before its TTL has run from its last renewal.
     #[arg(long, default_value_t = 3)]
     leases: usize,
+    /// Lockers: each takes one lock in turns through the Lock service, under a lease, and
+    /// checks that a counter it guards with the lock changes only by its own write.
+    #[arg(long, default_value_t = 3)]
+    lockers: usize,
     /// Seconds of load and faults.
     #[arg(long, default_value_t = 60.0)]
     duration: f64,
@@ -270,6 +274,10 @@ struct ServeArgs {
     /// that the torture's lease check catches it.
     #[arg(long, hide = true)]
     unsafe_lease_half_ttl: bool,
+    /// Deliberately broken: Lock returns without waiting for the holders before it.
+    /// Exists only to show that the torture's lock check catches it.
+    #[arg(long, hide = true)]
+    unsafe_lock_no_wait: bool,
     /// Failure drills: a file naming peers, one per line, whose mesh traffic is dropped both
     /// ways (`peer`) or only on arrival here (`<peer`, a one-way loss); re-read every 200 ms,
     /// so partitions can come and go while the member runs.
@@ -472,6 +480,7 @@ impl ServeArgs {
             mesh_block_file: self.mesh_block_file,
             unsafe_no_read_index: self.unsafe_no_read_index,
             unsafe_lease_half_ttl: self.unsafe_lease_half_ttl,
+            unsafe_lock_no_wait: self.unsafe_lock_no_wait,
             listen_client_urls: self.listen_client_urls,
             advertise_client_urls: self.advertise_client_urls,
             listen_metrics_urls: self.listen_metrics_urls,
@@ -764,6 +773,7 @@ fn torture(args: TortureArgs) -> anyhow::Result<()> {
         clients: args.clients,
         keys: args.keys,
         leases: args.leases,
+        lockers: args.lockers,
         duration: Duration::from_secs_f64(args.duration),
         seed: args.seed,
         faults,
@@ -798,6 +808,17 @@ fn torture(args: TortureArgs) -> anyhow::Result<()> {
     );
     for p in l.problems.iter().take(20) {
         println!("lease problem: {p}");
+    }
+    let l = &report.locks;
+    println!(
+        "locks: {} acquired, {} guarded writes, {} refused (lock lost), {} problems",
+        l.acquired,
+        l.fenced_writes,
+        l.refused,
+        l.problems.len()
+    );
+    for p in l.problems.iter().take(20) {
+        println!("lock problem: {p}");
     }
     for name in &report.unreplaced {
         println!("liveness: the dead voter {name} was not replaced in time");

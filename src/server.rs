@@ -342,6 +342,9 @@ pub async fn run(
     if cfg.unsafe_lease_half_ttl {
         tracing::error!("--unsafe-lease-half-ttl: this member, as leader, ends leases at half their TTL");
     }
+    if cfg.unsafe_lock_no_wait {
+        tracing::error!("--unsafe-lock-no-wait: this member's Lock gives a lock that others may hold");
+    }
     let needs_tls = cfg
         .listen_client_urls
         .iter()
@@ -452,6 +455,7 @@ pub async fn run(
         max_txn_ops: cfg.max_txn_ops,
         quota: Arc::new(quota(cfg.quota_backend_bytes, &store)),
         unsafe_no_read_index: cfg.unsafe_no_read_index,
+        unsafe_lock_no_wait: cfg.unsafe_lock_no_wait,
         leader: api::leader::LeaderLink::new(transport.clone()),
     };
 

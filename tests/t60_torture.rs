@@ -2,8 +2,8 @@
 //! SIGSTOP/SIGCONT, mesh partitions and one-way loss, leader kills during snapshot
 //! transfers, members joining and being replaced, and (as root) real network partitions
 //! between namespaces; every client history is checked for linearizability and every
-//! member's HashKV compared. And proof that the checks bite: a deliberately broken build
-//! (linearizable reads served locally) fails them.
+//! member's HashKV compared. And proof that the checks bite: deliberately broken builds
+//! (linearizable reads served locally, leases ended early, a lock given to two) fail them.
 
 mod common;
 
@@ -51,6 +51,9 @@ fn seeded_short_run_under_every_mesh_fault_is_linearizable() {
     let leases = text.lines().find(|l| l.starts_with("leases:")).unwrap_or_default();
     println!("{leases}");
     assert!(leases.ends_with(" 0 problems") && !leases.contains(" 0 renewals"), "{text}");
+    let locks = text.lines().find(|l| l.starts_with("locks:")).unwrap_or_default();
+    println!("{locks}");
+    assert!(locks.ends_with(" 0 problems") && !locks.contains(" 0 guarded writes"), "{text}");
 }
 
 #[test]
@@ -121,6 +124,30 @@ fn a_build_that_ends_leases_early_is_caught() {
     assert!(!ok, "the broken build passed: {text}");
     assert!(text.contains("lease problem: lease ") && text.contains(" s early: found gone "), "{text}");
     let summary = summary_of(&text, "4");
+    assert!(summary.contains("0 keys not linearizable") && summary.contains("hashes agree"), "{summary}");
+}
+
+/// Members whose Lock does not wait for the holders before fail the lock check: a
+/// locker's guarded write finds the counter changed since it read it under the lock.
+#[test]
+fn a_build_that_gives_a_lock_to_two_is_caught() {
+    let dir = common::tempdir();
+    let d = dir.path().join("run").display().to_string();
+    let (ok, text) = torture(&[
+        "--duration",
+        "15",
+        "--seed",
+        "5",
+        "--faults",
+        "",
+        "--member-args",
+        "--unsafe-lock-no-wait",
+        "--dir",
+        &d,
+    ]);
+    assert!(!ok, "the broken build passed: {text}");
+    assert!(text.contains("lock problem: under the lock ") && text.contains(" found it at "), "{text}");
+    let summary = summary_of(&text, "5");
     assert!(summary.contains("0 keys not linearizable") && summary.contains("hashes agree"), "{summary}");
 }
 

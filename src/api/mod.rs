@@ -58,6 +58,8 @@ pub struct Ctx {
     pub quota: Arc<quota::Quota>,
     /// Deliberately broken: linearizable reads skip ReadIndex (test-only).
     pub unsafe_no_read_index: bool,
+    /// Deliberately broken: Lock returns without waiting its turn (test-only).
+    pub unsafe_lock_no_wait: bool,
     /// The way to the leader, for the calls only it can answer.
     pub leader: Arc<leader::LeaderLink>,
     /// Set when the member stops: long-lived streams and waits end.

@@ -57,20 +57,30 @@ fn prefix_end(prefix: &str) -> Bytes {
 
 /// Channels to the members, made once each and remade after a failure.
 #[derive(Default)]
-struct Channels(HashMap<String, Channel>);
+pub(super) struct Channels {
+    open: HashMap<String, Channel>,
+    /// Their calls may wait (the caller bounds each); otherwise each fails after
+    /// `CALL`.
+    patient: bool,
+}
 
 impl Channels {
-    async fn get(&mut self, ep: &str) -> Option<Channel> {
-        if let Some(c) = self.0.get(ep) {
+    /// Channels whose calls may wait as long as their caller lets them.
+    pub(super) fn patient() -> Self {
+        Self { patient: true, ..Default::default() }
+    }
+
+    pub(super) async fn get(&mut self, ep: &str) -> Option<Channel> {
+        if let Some(c) = self.open.get(ep) {
             return Some(c.clone());
         }
-        let c = super::run::channel(ep).await?;
-        self.0.insert(ep.to_string(), c.clone());
+        let c = super::run::connect(ep, (!self.patient).then_some(CALL)).await?;
+        self.open.insert(ep.to_string(), c.clone());
         Some(c)
     }
 
-    fn forget(&mut self, ep: &str) {
-        self.0.remove(ep);
+    pub(super) fn forget(&mut self, ep: &str) {
+        self.open.remove(ep);
     }
 }
 
@@ -206,7 +216,7 @@ async fn grant_with_keys(channels: &mut Channels, ep: &str, holder: usize, n: u6
 
 /// One keep-alive on a stream of its own: the TTL answered (0: the lease is gone), or
 /// None if the call failed.
-async fn keep_alive(ch: Channel, id: i64) -> Option<i64> {
+pub(super) async fn keep_alive(ch: Channel, id: i64) -> Option<i64> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     tx.send(LeaseKeepAliveRequest { id }).await.ok()?;
     let call = async {

@@ -3,6 +3,7 @@
 
 pub mod check;
 pub mod lease;
+pub mod lock;
 pub mod netns;
 pub mod ports;
 pub mod run;

@@ -16,6 +16,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use super::check::{self, Input, Op, Output};
 use super::lease::{self, LeaseLog};
+use super::lock::{self, LockLog};
 use super::netns::Netns;
 use super::ports::free_port;
 use crate::pb::etcdserverpb::cluster_client::ClusterClient;
@@ -93,6 +94,8 @@ pub struct TortureConfig {
     pub keys: usize,
     /// Lease holders (see `lease`).
     pub leases: usize,
+    /// Clients that take one lock in turns (see `lock`).
+    pub lockers: usize,
     pub duration: Duration,
     pub seed: u64,
     pub faults: Vec<Fault>,
@@ -120,6 +123,8 @@ pub struct Report {
     pub unreplaced: Vec<String>,
     /// What the lease holders did, and leases that ended too soon or lost half their keys.
     pub leases: LeaseLog,
+    /// What the lockers did, and counters that changed under a held lock.
+    pub locks: LockLog,
 }
 
 impl Report {
@@ -132,6 +137,7 @@ impl Report {
             && self.watch_problems.is_empty()
             && self.unreplaced.is_empty()
             && self.leases.problems.is_empty()
+            && self.locks.problems.is_empty()
     }
 
     /// Some operation's outcome is known.
@@ -182,13 +188,19 @@ impl Member {
 }
 
 pub(super) async fn channel(ep: &str) -> Option<Channel> {
-    Endpoint::from_shared(ep.to_string())
-        .ok()?
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_secs(1))
-        .connect()
-        .await
-        .ok()
+    connect(ep, Some(Duration::from_secs(1))).await
+}
+
+/// A channel to `ep` whose calls each fail after `timeout` (None: calls that may wait).
+pub(super) async fn connect(ep: &str, timeout: Option<Duration>) -> Option<Channel> {
+    let endpoint = Endpoint::from_shared(ep.to_string()).ok()?.connect_timeout(Duration::from_millis(500));
+    match timeout {
+        Some(t) => endpoint.timeout(t),
+        None => endpoint,
+    }
+    .connect()
+    .await
+    .ok()
 }
 
 async fn status(ep: &str) -> Option<StatusResponse> {
@@ -655,6 +667,12 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
         let seed = cfg.seed.wrapping_mul(37).wrapping_add(h as u64);
         tasks.push(tokio::spawn(lease::holder(h, seed, endpoints, deadline, log)));
     }
+    let lock_log: Arc<Mutex<LockLog>> = Arc::default();
+    for l in 0..cfg.lockers {
+        let (endpoints, log) = (cluster.endpoints.clone(), lock_log.clone());
+        let seed = cfg.seed.wrapping_mul(41).wrapping_add(l as u64);
+        tasks.push(tokio::spawn(lock::locker(seed, endpoints, deadline, log)));
+    }
 
     // The fault schedule.
     let mut rng = StdRng::seed_from_u64(cfg.seed);
@@ -711,8 +729,9 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
         }
     }
     let leases = std::mem::take(&mut *lease_log.lock().unwrap_or_else(|e| e.into_inner()));
-    let mut report =
-        Report { faults, by_kind, unreplaced: std::mem::take(&mut cluster.unreplaced), leases, ..Default::default() };
+    let locks = std::mem::take(&mut *lock_log.lock().unwrap_or_else(|e| e.into_inner()));
+    let unreplaced = std::mem::take(&mut cluster.unreplaced);
+    let mut report = Report { faults, by_kind, unreplaced, leases, locks, ..Default::default() };
     let history = history.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for (key, ops) in &history {
         report.ops += ops.len();
