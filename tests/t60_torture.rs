@@ -76,25 +76,22 @@ fn members_that_lose_their_disks_lose_no_acknowledged_write() {
     assert!(watch.ends_with(" 0 problems"), "{text}");
 }
 
-#[test]
-fn a_build_that_skips_read_index_is_caught() {
+/// A run of `seconds` under `faults` with `seed` on members started with the
+/// deliberately broken `flag`, which must fail; its output and the run's directory.
+fn broken_run(seconds: &str, seed: &str, faults: &str, flag: &str) -> (String, tempfile::TempDir) {
     let dir = common::tempdir();
     let d = dir.path().join("run").display().to_string();
-    let (ok, text) = torture(&[
-        "--duration",
-        "15",
-        "--seed",
-        "2",
-        "--faults",
-        "partition",
-        "--member-args",
-        "--unsafe-no-read-index",
-        "--dir",
-        &d,
-    ]);
+    let args = ["--duration", seconds, "--seed", seed, "--faults", faults, "--member-args", flag, "--dir", &d];
+    let (ok, text) = torture(&args);
     assert!(!ok, "the broken build passed: {text}");
+    (text, dir)
+}
+
+#[test]
+fn a_build_that_skips_read_index_is_caught() {
+    let (text, dir) = broken_run("15", "2", "partition", "--unsafe-no-read-index");
     assert!(text.contains("violation on k"), "{text}");
-    let report = std::fs::read_dir(&d)
+    let report = std::fs::read_dir(dir.path().join("run"))
         .unwrap()
         .filter_map(|e| e.ok())
         .find(|e| e.file_name().to_string_lossy().starts_with("violation-"));
@@ -107,21 +104,7 @@ fn a_build_that_skips_read_index_is_caught() {
 /// has not run out.
 #[test]
 fn a_build_that_ends_leases_early_is_caught() {
-    let dir = common::tempdir();
-    let d = dir.path().join("run").display().to_string();
-    let (ok, text) = torture(&[
-        "--duration",
-        "20",
-        "--seed",
-        "4",
-        "--faults",
-        "",
-        "--member-args",
-        "--unsafe-lease-half-ttl",
-        "--dir",
-        &d,
-    ]);
-    assert!(!ok, "the broken build passed: {text}");
+    let (text, _dir) = broken_run("20", "4", "", "--unsafe-lease-half-ttl");
     assert!(text.contains("lease problem: lease ") && text.contains(" s early: found gone "), "{text}");
     let summary = summary_of(&text, "4");
     assert!(summary.contains("0 keys not linearizable") && summary.contains("hashes agree"), "{summary}");
@@ -131,21 +114,7 @@ fn a_build_that_ends_leases_early_is_caught() {
 /// locker's guarded write finds the counter changed since it read it under the lock.
 #[test]
 fn a_build_that_gives_a_lock_to_two_is_caught() {
-    let dir = common::tempdir();
-    let d = dir.path().join("run").display().to_string();
-    let (ok, text) = torture(&[
-        "--duration",
-        "15",
-        "--seed",
-        "5",
-        "--faults",
-        "",
-        "--member-args",
-        "--unsafe-lock-no-wait",
-        "--dir",
-        &d,
-    ]);
-    assert!(!ok, "the broken build passed: {text}");
+    let (text, _dir) = broken_run("15", "5", "", "--unsafe-lock-no-wait");
     assert!(text.contains("lock problem: under the lock ") && text.contains(" found it at "), "{text}");
     let summary = summary_of(&text, "5");
     assert!(summary.contains("0 keys not linearizable") && summary.contains("hashes agree"), "{summary}");
