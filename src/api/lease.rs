@@ -308,8 +308,8 @@ impl LeaseService {
     }
 
     /// Whether this member answers a call that needs the leader's clock itself (it
-    /// leads, and a quorum confirmed so lately: [`Self::leads_confirmed`]) or sends it to
-    /// the leader. `forwarded`: a follower's call, with what that follower had applied,
+    /// leads, has applied what its predecessors committed, and a quorum confirmed it
+    /// lately: [`Self::leads_confirmed`]) or sends it to the leader. `forwarded`: a follower's call, with what that follower had applied,
     /// which the leader waits (a little) to have applied too; such a call is refused by a
     /// member that no longer leads, never sent on again.
     async fn answers_here(&self, forwarded: Option<u64>) -> Result<bool, Status> {
