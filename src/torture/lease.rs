@@ -28,7 +28,7 @@ use crate::pb::etcdserverpb::{
 /// timeouts) where that is more, and the holders go by the TTL they are granted.
 const TTL: i64 = 3;
 /// Longest any one call may take before its outcome counts as unknown.
-const CALL: Duration = Duration::from_secs(1);
+pub(super) const CALL: Duration = Duration::from_secs(1);
 
 /// What the holders did and found.
 #[derive(Debug, Default)]
@@ -84,6 +84,12 @@ impl Channels {
     }
 }
 
+/// The client URL of a member chosen at random.
+pub(super) fn pick(endpoints: &RwLock<Vec<String>>, rng: &mut StdRng) -> String {
+    let eps = endpoints.read().unwrap_or_else(|e| e.into_inner());
+    eps[rng.random_range(0..eps.len().max(1))].clone()
+}
+
 /// One lease as its holder knows it.
 struct Held {
     id: i64,
@@ -113,10 +119,7 @@ pub async fn holder(
     let mut rng = StdRng::seed_from_u64(seed);
     let mut channels = Channels::default();
     let mut n = 0u64;
-    let pick = |rng: &mut StdRng| {
-        let eps = endpoints.read().unwrap_or_else(|e| e.into_inner());
-        eps[rng.random_range(0..eps.len().max(1))].clone()
-    };
+    let pick = |rng: &mut StdRng| pick(&endpoints, rng);
     let record = |f: &dyn Fn(&mut LeaseLog)| f(&mut log.lock().unwrap_or_else(|e| e.into_inner()));
     while Instant::now() < deadline {
         n += 1;

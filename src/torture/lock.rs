@@ -17,7 +17,7 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::lease::{keep_alive, Channels};
+use super::lease::{keep_alive, pick, Channels, CALL};
 use crate::pb::etcdserverpb::kv_client::KvClient;
 use crate::pb::etcdserverpb::lease_client::LeaseClient;
 use crate::pb::etcdserverpb::{
@@ -35,8 +35,6 @@ const COUNTER: &str = "lock-counter";
 const TTL: i64 = 3;
 /// Longest a Lock call may wait for the lock.
 const WAIT: Duration = Duration::from_secs(10);
-/// Longest any other call may take before its outcome counts as unknown.
-const CALL: Duration = Duration::from_secs(1);
 
 /// What the lockers did and found.
 #[derive(Debug, Default)]
@@ -53,10 +51,7 @@ pub struct LockLog {
 pub async fn locker(seed: u64, endpoints: Arc<RwLock<Vec<String>>>, deadline: Instant, log: Arc<Mutex<LockLog>>) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut channels = Channels::patient();
-    let pick = |rng: &mut StdRng| {
-        let eps = endpoints.read().unwrap_or_else(|e| e.into_inner());
-        eps[rng.random_range(0..eps.len().max(1))].clone()
-    };
+    let pick = |rng: &mut StdRng| pick(&endpoints, rng);
     let record = |f: &dyn Fn(&mut LockLog)| f(&mut log.lock().unwrap_or_else(|e| e.into_inner()));
     while Instant::now() < deadline {
         let ep = pick(&mut rng);
@@ -119,10 +114,7 @@ async fn keep(lease: i64, ttl: Duration, endpoints: Arc<RwLock<Vec<String>>>, se
     let mut channels = Channels::default();
     loop {
         tokio::time::sleep(ttl / 3).await;
-        let ep = {
-            let eps = endpoints.read().unwrap_or_else(|e| e.into_inner());
-            eps[rng.random_range(0..eps.len().max(1))].clone()
-        };
+        let ep = pick(&endpoints, &mut rng);
         let Some(ch) = channels.get(&ep).await else { continue };
         match keep_alive(ch, lease).await {
             Some(0) => return,
