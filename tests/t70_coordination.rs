@@ -1,7 +1,8 @@
 //! Leases, watches and locks as coordination: a lease runs out on time and its keys'
 //! deletions reach watchers; a lease kept alive survives the leader's death; and a lock
 //! taken a thousand times by twenty clients through three members is never held twice.
-//! Reads and writes through followers never wait for a retry or a heartbeat.
+//! An observer is told every value a leader proclaims, as etcd tells it. Reads and writes
+//! through followers never wait for a retry or a heartbeat.
 
 mod common;
 
@@ -10,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use etcd_client::{Client, EventType, GetOptions, LockOptions, PutOptions, WatchOptions};
+use etcd_client::{
+    Client, EventType, GetOptions, LockOptions, ProclaimOptions, PutOptions, ResignOptions, WatchOptions,
+};
 
 /// Three members on loopback that form one cluster; returns them with their data dirs.
 fn three_members(root: &std::path::Path) -> Vec<Proc> {
@@ -235,6 +238,62 @@ async fn a_lock_is_never_held_twice_and_every_client_gets_its_turns() {
     assert!(turns.iter().all(|t| *t == ROUNDS), "every client got all its turns: {turns:?}");
     let mut c = connect(&endpoints).await;
     assert_eq!(c.get("the-lock/", Some(GetOptions::new().with_prefix())).await.unwrap().count(), 0);
+}
+
+/// Observe tells an observer every value the leader proclaims, in order, then the next
+/// leader, even one that reads nothing until they are all made: a proclaimed value is an
+/// announcement, not only the latest state. Real etcd does the same steps first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_that_reads_late_still_gets_every_proclaimed_value_in_order() {
+    const PROCLAIMS: usize = 200;
+    let dir = tempdir();
+    let etcd = start_etcd(&dir.path().join("etcd"));
+    let meshkv = start_meshkv(&dir.path().join("meshkv"), &[]);
+    let mut expected: Vec<String> = (0..=PROCLAIMS).map(|i| format!("v{i}")).collect();
+    expected.push("next".into());
+    for (server, p) in [("etcd", &etcd), ("meshkv", &meshkv)] {
+        let seen = observed_late(&p.endpoint(), PROCLAIMS).await;
+        assert_eq!(seen, expected, "{server}: what the observer was told");
+    }
+}
+
+/// What an observer is told while a leader proclaims `n` values it does not read until
+/// the last, and then resigns to a second candidate; each value cut to its name.
+async fn observed_late(endpoint: &str, n: usize) -> Vec<String> {
+    let mut c = connect(&[endpoint.to_string()]).await;
+    let lease = c.lease_grant(60, None).await.unwrap().id();
+    let mut el = c.election_client();
+    let leader = el.campaign("late", "v0", lease).await.unwrap().take_leader().unwrap();
+    let mut observer = el.observe("late").await.unwrap();
+    let first = observer.message().await.unwrap().and_then(|mut r| r.take_kv()).unwrap();
+    assert_eq!(first.value(), b"v0");
+    // Far more than the client's stream window (2 MiB), all made before the observer
+    // reads again.
+    let pad = "-".repeat(20_000);
+    for i in 1..=n {
+        let leading = ProclaimOptions::new().with_leader(leader.clone());
+        el.proclaim(format!("v{i}{pad}"), Some(leading)).await.unwrap();
+    }
+    // Then more changes elsewhere than a member keeps for an observer that is behind
+    // (4,096 batches): what it missed of the leader comes from the history.
+    for i in 0..5_000 {
+        c.put(format!("elsewhere/{i}"), "", None).await.unwrap();
+    }
+    let mut other = connect(&[endpoint.to_string()]).await;
+    let next = tokio::spawn(async move {
+        let lease = other.lease_grant(60, None).await.unwrap().id();
+        other.election_client().campaign("late", "next", lease).await.unwrap()
+    });
+    el.resign(Some(ResignOptions::new().with_leader(leader))).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), next).await.expect("the second candidate leads").unwrap();
+    let mut seen = vec![String::from_utf8_lossy(first.value()).into_owned()];
+    while seen.last().is_none_or(|v| v != "next") {
+        let read = tokio::time::timeout(Duration::from_secs(10), observer.message()).await;
+        let Ok(Ok(Some(mut r))) = read else { break };
+        let value = r.take_kv().map(|kv| String::from_utf8_lossy(kv.value()).into_owned()).unwrap_or_default();
+        seen.push(value.trim_end_matches('-').to_string());
+    }
+    seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,8 +2,10 @@
 //! Candidates queue by the creation of their keys; the oldest key is the leader, and
 //! its value is what the leader proclaims.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
@@ -11,11 +13,13 @@ use super::auth::Caller;
 use super::coord::{self, Withdraw};
 use super::Ctx;
 use crate::pb::etcdserverpb::{request_op, DeleteRangeRequest, RequestOp, ResponseHeader, TxnRequest};
+use crate::pb::mvccpb::{event::EventType, Event, KeyValue};
 use crate::pb::v3electionpb::election_server::Election;
 use crate::pb::v3electionpb::{
     CampaignRequest, CampaignResponse, LeaderKey, LeaderRequest, LeaderResponse, ProclaimRequest, ProclaimResponse,
     ResignRequest, ResignResponse,
 };
+use crate::store::watch::{EventBatch, KeyRange};
 
 pub struct ElectionService {
     ctx: Ctx,
@@ -105,36 +109,13 @@ impl Election for ElectionService {
         let caller = self.ctx.caller(&request)?;
         let name = request.into_inner().name;
         coord::require_read_contenders(&self.ctx, &caller, &name)?;
-        let ctx = self.ctx.clone();
+        // Listen before the first read, so no change after it is missed; and read
+        // linearizably, as etcd's Get is: an observer that reconnects through another
+        // member never sees an older leader than it saw before.
+        let hub = self.ctx.store.subscribe();
+        self.ctx.raft.read_index().await?;
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(async move {
-            let mut hub = ctx.store.subscribe();
-            let mut last: Option<(Bytes, i64)> = None;
-            loop {
-                let now = match coord::first_or_last(&ctx, &name, None) {
-                    Ok(kv) => kv,
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                };
-                if let Some(kv) = now {
-                    let seen = (kv.key.clone(), kv.mod_revision);
-                    if last.as_ref() != Some(&seen) {
-                        last = Some(seen);
-                        let resp = LeaderResponse { header: ctx.header(None), kv: Some(kv) };
-                        if tx.send(Ok(resp)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                tokio::select! {
-                    _ = ctx.stopped() => return,
-                    _ = tx.closed() => return,
-                    b = hub.recv() => if let Err(tokio::sync::broadcast::error::RecvError::Closed) = b { return },
-                }
-            }
-        });
+        tokio::spawn(follow(self.ctx.clone(), name, hub, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -159,4 +140,137 @@ impl Election for ElectionService {
         .await?;
         Ok(Response::new(ResignResponse { header: self.ctx.header(r.header) }))
     }
+}
+
+type Observed = mpsc::Sender<Result<LeaderResponse, Status>>;
+
+/// Most events one read of the history passes on while an observer catches up.
+const CATCH_UP_EVENTS: usize = 4096;
+
+/// Tells an observer of election `name` who leads, as etcd's Observe does: the leader's
+/// key as it is now, then every value that leader proclaims, in order, until its key is
+/// deleted; then the next leader. Ends when the observer goes or the member stops.
+async fn follow(ctx: Ctx, name: Bytes, mut hub: broadcast::Receiver<Arc<EventBatch>>, tx: Observed) {
+    let mut prefix = name.to_vec();
+    prefix.push(b'/');
+    // The leader's key as last sent.
+    let mut sent: Option<KeyValue> = None;
+    loop {
+        let leader = match coord::first_or_last(&ctx, &name, None) {
+            Ok(kv) => kv,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        let following = leader.is_some();
+        if let Some(kv) = leader {
+            if sent.as_ref().is_none_or(|s| newer(&kv, s)) {
+                if !deliver(&ctx, &tx, &kv).await {
+                    return;
+                }
+                sent = Some(kv);
+            }
+        }
+        // Until the leader's key goes (or, with no leader, a candidate comes): each
+        // value the leader proclaims.
+        let mut next = Next::Wait;
+        while let Next::Wait = next {
+            let batch = tokio::select! {
+                _ = ctx.stopped() => return,
+                _ = tx.closed() => return,
+                b = hub.recv() => b,
+            };
+            next = match batch {
+                Ok(b) => match &b.events {
+                    Some(events) => pass_on(&ctx, &tx, &prefix, following, events, &mut sent).await,
+                    // The store jumped ahead without its events (a snapshot came in).
+                    None => Next::Reread,
+                },
+                Err(broadcast::error::RecvError::Lagged(_)) if following => {
+                    catch_up(&ctx, &tx, &prefix, &mut sent).await
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => Next::Reread,
+                Err(broadcast::error::RecvError::Closed) => Next::End,
+            };
+        }
+        if let Next::End = next {
+            return;
+        }
+    }
+}
+
+/// What an observer does after a batch of changes.
+enum Next {
+    /// Waits for more: the leader is still the one it follows.
+    Wait,
+    /// Reads who leads afresh.
+    Reread,
+    /// Stops: the observer went.
+    End,
+}
+
+/// Whether `kv` is a later leader, or a later value of the leader, than `sent`.
+fn newer(kv: &KeyValue, sent: &KeyValue) -> bool {
+    (kv.create_revision, kv.mod_revision) > (sent.create_revision, sent.mod_revision)
+}
+
+async fn deliver(ctx: &Ctx, tx: &Observed, kv: &KeyValue) -> bool {
+    let header = ctx.header(Some(ResponseHeader { revision: kv.mod_revision, ..Default::default() }));
+    tx.send(Ok(LeaderResponse { header, kv: Some(kv.clone()) })).await.is_ok()
+}
+
+/// Passes on the values `events` give the leader last sent, if `following` it; says
+/// whether the observer waits for more or must read who leads afresh.
+async fn pass_on(
+    ctx: &Ctx,
+    tx: &Observed,
+    prefix: &[u8],
+    following: bool,
+    events: &[Event],
+    sent: &mut Option<KeyValue>,
+) -> Next {
+    for e in events {
+        let Some(kv) = &e.kv else { continue };
+        let Some(leader) = sent.as_ref().filter(|_| following) else {
+            // No leader: the first candidate to come is read afresh.
+            if kv.key.starts_with(prefix) {
+                return Next::Reread;
+            }
+            continue;
+        };
+        if kv.key != leader.key {
+            continue;
+        }
+        if e.r#type == EventType::Delete as i32 {
+            if kv.mod_revision > leader.mod_revision {
+                return Next::Reread;
+            }
+        } else if kv.create_revision == leader.create_revision && newer(kv, leader) {
+            if !deliver(ctx, tx, kv).await {
+                return Next::End;
+            }
+            *sent = Some(kv.clone());
+        }
+    }
+    Next::Wait
+}
+
+/// An observer that fell behind the changes passes on the leader's values from the
+/// history instead, up to now.
+async fn catch_up(ctx: &Ctx, tx: &Observed, prefix: &[u8], sent: &mut Option<KeyValue>) -> Next {
+    let Some(leader) = sent.as_ref() else { return Next::Reread };
+    let range = KeyRange::new(leader.key.clone(), &[]);
+    let (mut from, to) = (leader.mod_revision + 1, ctx.store.revision());
+    while from <= to {
+        let (store, range) = (ctx.store.clone(), range.clone());
+        let read = tokio::task::spawn_blocking(move || store.events(Some(&range), from, to, CATCH_UP_EVENTS)).await;
+        // Compacted, or a snapshot coming in: the leader as it is now will do.
+        let Ok(Ok((events, covered))) = read else { return Next::Reread };
+        match pass_on(ctx, tx, prefix, true, &events, sent).await {
+            Next::Wait => from = covered + 1,
+            next => return next,
+        }
+    }
+    Next::Wait
 }
