@@ -60,9 +60,10 @@ pub struct Config {
     /// Deliberately broken lease clock (leases end at half their TTL), for showing that
     /// the fault harness catches leases that end too soon. Never for real use.
     pub unsafe_lease_half_ttl: bool,
-    /// Deliberately broken Lock (it returns without waiting for the holders before), for
-    /// showing that the fault harness catches a lock held twice. Never for real use.
-    pub unsafe_lock_no_wait: bool,
+    /// Deliberately broken Lock and Campaign (they return without waiting for the holders
+    /// and candidates before), for showing that the fault harness catches a lock held
+    /// twice and two leaders at once. Never for real use.
+    pub unsafe_no_wait_turn: bool,
     /// Largest request accepted, in bytes, as etcd's --max-request-bytes.
     pub max_request_bytes: usize,
     /// Most operations in one Txn, as etcd's --max-txn-ops.
@@ -238,7 +239,7 @@ impl Default for Config {
             mesh_block_file: None,
             unsafe_no_read_index: false,
             unsafe_lease_half_ttl: false,
-            unsafe_lock_no_wait: false,
+            unsafe_no_wait_turn: false,
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
             quota_backend_bytes: 0,

@@ -99,6 +99,11 @@ struct TortureArgs {
     /// checks that a counter it guards with the lock changes only by its own write.
     #[arg(long, default_value_t = 3)]
     lockers: usize,
+    /// Candidates: each campaigns in one election under a lease, proclaims a few values
+    /// once elected and resigns; two observers follow it through Observe. Checks one
+    /// leader at a time, leaders told in order, and no proclaimed value missed.
+    #[arg(long, default_value_t = 3)]
+    candidates: usize,
     /// Seconds of load and faults.
     #[arg(long, default_value_t = 60.0)]
     duration: f64,
@@ -274,10 +279,11 @@ struct ServeArgs {
     /// that the torture's lease check catches it.
     #[arg(long, hide = true)]
     unsafe_lease_half_ttl: bool,
-    /// Deliberately broken: Lock returns without waiting for the holders before it.
-    /// Exists only to show that the torture's lock check catches it.
+    /// Deliberately broken: Lock and Campaign return without waiting for the holders and
+    /// candidates before them. Exists only to show that the torture's lock and election
+    /// checks catch it.
     #[arg(long, hide = true)]
-    unsafe_lock_no_wait: bool,
+    unsafe_no_wait_turn: bool,
     /// Failure drills: a file naming peers, one per line, whose mesh traffic is dropped both
     /// ways (`peer`) or only on arrival here (`<peer`, a one-way loss); re-read every 200 ms,
     /// so partitions can come and go while the member runs.
@@ -480,7 +486,7 @@ impl ServeArgs {
             mesh_block_file: self.mesh_block_file,
             unsafe_no_read_index: self.unsafe_no_read_index,
             unsafe_lease_half_ttl: self.unsafe_lease_half_ttl,
-            unsafe_lock_no_wait: self.unsafe_lock_no_wait,
+            unsafe_no_wait_turn: self.unsafe_no_wait_turn,
             listen_client_urls: self.listen_client_urls,
             advertise_client_urls: self.advertise_client_urls,
             listen_metrics_urls: self.listen_metrics_urls,
@@ -774,6 +780,7 @@ fn torture(args: TortureArgs) -> anyhow::Result<()> {
         keys: args.keys,
         leases: args.leases,
         lockers: args.lockers,
+        candidates: args.candidates,
         duration: Duration::from_secs_f64(args.duration),
         seed: args.seed,
         faults,
@@ -819,6 +826,18 @@ fn torture(args: TortureArgs) -> anyhow::Result<()> {
     );
     for p in l.problems.iter().take(20) {
         println!("lock problem: {p}");
+    }
+    let e = &report.elections;
+    println!(
+        "elections: {} won, {} proclaimed, {} refused (leadership lost), {} told to observers, {} problems",
+        e.won,
+        e.proclaimed,
+        e.refused,
+        e.told,
+        e.problems.len()
+    );
+    for p in e.problems.iter().take(20) {
+        println!("election problem: {p}");
     }
     for name in &report.unreplaced {
         println!("liveness: the dead voter {name} was not replaced in time");

@@ -342,8 +342,8 @@ pub async fn run(
     if cfg.unsafe_lease_half_ttl {
         tracing::error!("--unsafe-lease-half-ttl: this member, as leader, ends leases at half their TTL");
     }
-    if cfg.unsafe_lock_no_wait {
-        tracing::error!("--unsafe-lock-no-wait: this member's Lock gives a lock that others may hold");
+    if cfg.unsafe_no_wait_turn {
+        tracing::error!("--unsafe-no-wait-turn: this member gives locks and leadership that others may hold");
     }
     let needs_tls = cfg
         .listen_client_urls
@@ -455,7 +455,7 @@ pub async fn run(
         max_txn_ops: cfg.max_txn_ops,
         quota: Arc::new(quota(cfg.quota_backend_bytes, &store)),
         unsafe_no_read_index: cfg.unsafe_no_read_index,
-        unsafe_lock_no_wait: cfg.unsafe_lock_no_wait,
+        unsafe_no_wait_turn: cfg.unsafe_no_wait_turn,
         leader: api::leader::LeaderLink::new(transport.clone()),
     };
 

@@ -3,7 +3,8 @@
 //! transfers, members joining and being replaced, and (as root) real network partitions
 //! between namespaces; every client history is checked for linearizability and every
 //! member's HashKV compared. And proof that the checks bite: deliberately broken builds
-//! (linearizable reads served locally, leases ended early, a lock given to two) fail them.
+//! (linearizable reads served locally, leases ended early, a lock or a leadership given to
+//! two) fail them.
 
 mod common;
 
@@ -54,6 +55,10 @@ fn seeded_short_run_under_every_mesh_fault_is_linearizable() {
     let locks = text.lines().find(|l| l.starts_with("locks:")).unwrap_or_default();
     println!("{locks}");
     assert!(locks.ends_with(" 0 problems") && !locks.contains(" 0 guarded writes"), "{text}");
+    let elections = text.lines().find(|l| l.starts_with("elections:")).unwrap_or_default();
+    println!("{elections}");
+    let busy = !elections.contains(" 0 proclaimed") && !elections.contains(" 0 told");
+    assert!(elections.ends_with(" 0 problems") && busy, "{text}");
 }
 
 #[test]
@@ -110,12 +115,14 @@ fn a_build_that_ends_leases_early_is_caught() {
     assert!(summary.contains("0 keys not linearizable") && summary.contains("hashes agree"), "{summary}");
 }
 
-/// Members whose Lock does not wait for the holders before fail the lock check: a
-/// locker's guarded write finds the counter changed since it read it under the lock.
+/// Members whose Lock and Campaign do not wait for the holders and candidates before fail
+/// the lock check (a locker's guarded write finds the counter changed since it read it
+/// under the lock) and the election check (a leader proclaims after a later one won).
 #[test]
-fn a_build_that_gives_a_lock_to_two_is_caught() {
-    let (text, _dir) = broken_run("15", "5", "", "--unsafe-lock-no-wait");
+fn a_build_that_gives_a_lock_or_a_leadership_to_two_is_caught() {
+    let (text, _dir) = broken_run("15", "5", "", "--unsafe-no-wait-turn");
     assert!(text.contains("lock problem: under the lock ") && text.contains(" found it at "), "{text}");
+    assert!(text.contains("election problem: two leaders: "), "{text}");
     let summary = summary_of(&text, "5");
     assert!(summary.contains("0 keys not linearizable") && summary.contains("hashes agree"), "{summary}");
 }

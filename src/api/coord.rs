@@ -155,6 +155,9 @@ pub fn still_there(ctx: &Ctx, key: &Bytes, create_revision: i64) -> Result<bool,
 
 /// Waits until every key under `prefix` created before `my_rev` is deleted.
 pub async fn wait_turn(ctx: &Ctx, prefix: &[u8], my_rev: i64) -> Result<(), Status> {
+    if ctx.unsafe_no_wait_turn {
+        return Ok(());
+    }
     // Subscribe first: a deletion between the check and the wait is not missed.
     let mut hub = ctx.store.subscribe();
     loop {

@@ -184,8 +184,10 @@ async fn follow(ctx: Ctx, name: Bytes, mut hub: broadcast::Receiver<Arc<EventBat
             next = match batch {
                 Ok(b) => match &b.events {
                     Some(events) => pass_on(&ctx, &tx, &prefix, following, events, &mut sent).await,
-                    // The store jumped ahead without its events (a snapshot came in).
-                    None => Next::Reread,
+                    // The store jumped ahead without its events (a snapshot came in):
+                    // the stream ends, as etcd's does when its watch breaks, rather than
+                    // skip values.
+                    None => Next::End,
                 },
                 Err(broadcast::error::RecvError::Lagged(_)) if following => {
                     catch_up(&ctx, &tx, &prefix, &mut sent).await
@@ -206,7 +208,7 @@ enum Next {
     Wait,
     /// Reads who leads afresh.
     Reread,
-    /// Stops: the observer went.
+    /// Stops: the observer went, or what it missed is no longer known.
     End,
 }
 
@@ -265,8 +267,8 @@ async fn catch_up(ctx: &Ctx, tx: &Observed, prefix: &[u8], sent: &mut Option<Key
     while from <= to {
         let (store, range) = (ctx.store.clone(), range.clone());
         let read = tokio::task::spawn_blocking(move || store.events(Some(&range), from, to, CATCH_UP_EVENTS)).await;
-        // Compacted, or a snapshot coming in: the leader as it is now will do.
-        let Ok(Ok((events, covered))) = read else { return Next::Reread };
+        // Compacted, or a snapshot coming in: the stream ends rather than skip values.
+        let Ok(Ok((events, covered))) = read else { return Next::End };
         match pass_on(ctx, tx, prefix, true, &events, sent).await {
             Next::Wait => from = covered + 1,
             next => return next,

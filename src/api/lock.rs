@@ -33,9 +33,7 @@ impl Lock for LockService {
         let (kv, _) = coord::enter(ctx, &caller, &req.name, lease, bytes::Bytes::new()).await?;
         // If the caller gives up while waiting, its key goes, as etcd's mutex does.
         let withdraw = Withdraw::new(ctx, kv.key.clone());
-        if !ctx.unsafe_lock_no_wait {
-            coord::wait_turn(ctx, &req.name, kv.create_revision).await?;
-        }
+        coord::wait_turn(ctx, &req.name, kv.create_revision).await?;
         if !coord::still_there(ctx, &kv.key, kv.create_revision)? {
             return Err(Status::new(Code::Unknown, "session expired"));
         }

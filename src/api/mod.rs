@@ -58,8 +58,9 @@ pub struct Ctx {
     pub quota: Arc<quota::Quota>,
     /// Deliberately broken: linearizable reads skip ReadIndex (test-only).
     pub unsafe_no_read_index: bool,
-    /// Deliberately broken: Lock returns without waiting its turn (test-only).
-    pub unsafe_lock_no_wait: bool,
+    /// Deliberately broken: Lock and Campaign return without waiting their turn
+    /// (test-only).
+    pub unsafe_no_wait_turn: bool,
     /// The way to the leader, for the calls only it can answer.
     pub leader: Arc<leader::LeaderLink>,
     /// Set when the member stops: long-lived streams and waits end.

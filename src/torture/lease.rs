@@ -90,6 +90,30 @@ pub(super) fn pick(endpoints: &RwLock<Vec<String>>, rng: &mut StdRng) -> String 
     eps[rng.random_range(0..eps.len().max(1))].clone()
 }
 
+/// Runs one call with a deadline: its answer, or None if it failed or took too long.
+pub(super) async fn call<T>(
+    limit: Duration,
+    f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Option<T> {
+    tokio::time::timeout(limit, f).await.ok()?.ok().map(tonic::Response::into_inner)
+}
+
+/// Keeps a lease alive through random members, three times a TTL, until aborted.
+pub(super) async fn keep(lease: i64, ttl: Duration, endpoints: Arc<RwLock<Vec<String>>>, seed: u64) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut channels = Channels::default();
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        let ep = pick(&endpoints, &mut rng);
+        let Some(ch) = channels.get(&ep).await else { continue };
+        match keep_alive(ch, lease).await {
+            Some(0) => return,
+            Some(_) => {}
+            None => channels.forget(&ep),
+        }
+    }
+}
+
 /// One lease as its holder knows it.
 struct Held {
     id: i64,

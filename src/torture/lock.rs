@@ -17,7 +17,7 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::lease::{keep_alive, pick, Channels, CALL};
+use super::lease::{call, keep, pick, Channels, CALL};
 use crate::pb::etcdserverpb::kv_client::KvClient;
 use crate::pb::etcdserverpb::lease_client::LeaseClient;
 use crate::pb::etcdserverpb::{
@@ -96,30 +96,6 @@ pub async fn locker(seed: u64, endpoints: Arc<RwLock<Vec<String>>>, deadline: In
         // The lock key goes with the lease; one that outlives a failed revoke runs out.
         if let Some(ch) = channels.get(&pick(&mut rng)).await {
             let _ = call(CALL, LeaseClient::new(ch).lease_revoke(LeaseRevokeRequest { id: lease })).await;
-        }
-    }
-}
-
-/// Runs one call with a deadline: its answer, or None if it failed or took too long.
-async fn call<T>(
-    limit: Duration,
-    f: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-) -> Option<T> {
-    tokio::time::timeout(limit, f).await.ok()?.ok().map(tonic::Response::into_inner)
-}
-
-/// Keeps a lease alive through random members, three times a TTL, until aborted.
-async fn keep(lease: i64, ttl: Duration, endpoints: Arc<RwLock<Vec<String>>>, seed: u64) {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut channels = Channels::default();
-    loop {
-        tokio::time::sleep(ttl / 3).await;
-        let ep = pick(&endpoints, &mut rng);
-        let Some(ch) = channels.get(&ep).await else { continue };
-        match keep_alive(ch, lease).await {
-            Some(0) => return,
-            Some(_) => {}
-            None => channels.forget(&ep),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! linearizability. See docs/reliability.md.
 
 pub mod check;
+pub mod election;
 pub mod lease;
 pub mod lock;
 pub mod netns;

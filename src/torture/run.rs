@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng};
 use tonic::transport::{Channel, Endpoint};
 
 use super::check::{self, Input, Op, Output};
+use super::election::{self, ElectionLog};
 use super::lease::{self, LeaseLog};
 use super::lock::{self, LockLog};
 use super::netns::Netns;
@@ -96,6 +97,8 @@ pub struct TortureConfig {
     pub leases: usize,
     /// Clients that take one lock in turns (see `lock`).
     pub lockers: usize,
+    /// Candidates in one election, followed by observers (see `election`).
+    pub candidates: usize,
     pub duration: Duration,
     pub seed: u64,
     pub faults: Vec<Fault>,
@@ -125,6 +128,9 @@ pub struct Report {
     pub leases: LeaseLog,
     /// What the lockers did, and counters that changed under a held lock.
     pub locks: LockLog,
+    /// What the candidates and observers did, and two leaders at once, leaders told out
+    /// of order, values an observer missed.
+    pub elections: ElectionLog,
 }
 
 impl Report {
@@ -138,6 +144,7 @@ impl Report {
             && self.unreplaced.is_empty()
             && self.leases.problems.is_empty()
             && self.locks.problems.is_empty()
+            && self.elections.problems.is_empty()
     }
 
     /// Some operation's outcome is known.
@@ -673,6 +680,17 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
         let seed = cfg.seed.wrapping_mul(41).wrapping_add(l as u64);
         tasks.push(tokio::spawn(lock::locker(seed, endpoints, deadline, log)));
     }
+    let election_log: Arc<Mutex<ElectionLog>> = Arc::default();
+    for c in 0..cfg.candidates {
+        let (endpoints, log) = (cluster.endpoints.clone(), election_log.clone());
+        let seed = cfg.seed.wrapping_mul(43).wrapping_add(c as u64);
+        tasks.push(tokio::spawn(election::candidate(c, seed, endpoints, deadline, log)));
+    }
+    for o in 0..if cfg.candidates > 0 { election::OBSERVERS } else { 0 } {
+        let (endpoints, log) = (cluster.endpoints.clone(), election_log.clone());
+        let seed = cfg.seed.wrapping_mul(47).wrapping_add(o as u64);
+        tasks.push(tokio::spawn(election::observer(o, seed, endpoints, deadline, log)));
+    }
 
     // The fault schedule.
     let mut rng = StdRng::seed_from_u64(cfg.seed);
@@ -730,8 +748,10 @@ pub async fn run(cfg: TortureConfig) -> std::io::Result<Report> {
     }
     let leases = std::mem::take(&mut *lease_log.lock().unwrap_or_else(|e| e.into_inner()));
     let locks = std::mem::take(&mut *lock_log.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut elections = std::mem::take(&mut *election_log.lock().unwrap_or_else(|e| e.into_inner()));
+    elections.check();
     let unreplaced = std::mem::take(&mut cluster.unreplaced);
-    let mut report = Report { faults, by_kind, unreplaced, leases, locks, ..Default::default() };
+    let mut report = Report { faults, by_kind, unreplaced, leases, locks, elections, ..Default::default() };
     let history = history.lock().unwrap_or_else(|e| e.into_inner()).clone();
     for (key, ops) in &history {
         report.ops += ops.len();
