@@ -64,6 +64,9 @@ pub struct Config {
     /// and candidates before), for showing that the fault harness catches a lock held
     /// twice and two leaders at once. Never for real use.
     pub unsafe_no_wait_turn: bool,
+    /// The newest mesh protocol this member announces: its build's, or another in an
+    /// upgrade drill that plays a newer build beside older ones.
+    pub mesh_protocol: u32,
     /// Largest request accepted, in bytes, as etcd's --max-request-bytes.
     pub max_request_bytes: usize,
     /// Most operations in one Txn, as etcd's --max-txn-ops.
@@ -240,6 +243,7 @@ impl Default for Config {
             unsafe_no_read_index: false,
             unsafe_lease_half_ttl: false,
             unsafe_no_wait_turn: false,
+            mesh_protocol: crate::mesh::secure::PROTOCOL_VERSION,
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
             quota_backend_bytes: 0,

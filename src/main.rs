@@ -284,6 +284,10 @@ struct ServeArgs {
     /// checks catch it.
     #[arg(long, hide = true)]
     unsafe_no_wait_turn: bool,
+    /// Upgrade drills: announce mesh protocols up to N, as a newer build would, so that
+    /// a cluster can be upgraded (and refused a downgrade) between two protocols.
+    #[arg(long, hide = true, value_name = "N")]
+    drill_mesh_protocol: Option<u32>,
     /// Failure drills: a file naming peers, one per line, whose mesh traffic is dropped both
     /// ways (`peer`) or only on arrival here (`<peer`, a one-way loss); re-read every 200 ms,
     /// so partitions can come and go while the member runs.
@@ -487,6 +491,7 @@ impl ServeArgs {
             unsafe_no_read_index: self.unsafe_no_read_index,
             unsafe_lease_half_ttl: self.unsafe_lease_half_ttl,
             unsafe_no_wait_turn: self.unsafe_no_wait_turn,
+            mesh_protocol: self.drill_mesh_protocol.unwrap_or(meshkv::mesh::secure::PROTOCOL_VERSION),
             listen_client_urls: self.listen_client_urls,
             advertise_client_urls: self.advertise_client_urls,
             listen_metrics_urls: self.listen_metrics_urls,

@@ -27,6 +27,7 @@ use crate::pb::v3lockpb::lock_server::LockServer;
 use crate::raft::directory::{self, Directory};
 use crate::raft::{member_id, node, Bootstrap, MeshTransport, RaftConfig, Transport};
 use crate::store::engine::{Engine, EngineError, CF_META};
+use crate::store::mvcc::META_CLUSTER_VERSION;
 use crate::store::{MvccError, MvccStore};
 
 /// gRPC framing and field overhead allowed on top of --max-request-bytes, as etcd does.
@@ -110,6 +111,7 @@ async fn start_mesh(cfg: &Config, name: &str, cluster_id: Arc<AtomicU64>) -> Res
     let mut mc = crate::mesh::MeshConfig::new(name);
     mc.nickname = name.to_string();
     mc.cluster = cfg.cluster_name.clone();
+    mc.protocol = cfg.mesh_protocol;
     mc.secret = secret;
     mc.listen = listen;
     mc.join = cfg.join.iter().map(|j| j.strip_prefix("http://").unwrap_or(j).to_string()).collect();
@@ -342,6 +344,12 @@ pub async fn run(
     if cfg.unsafe_lease_half_ttl {
         tracing::error!("--unsafe-lease-half-ttl: this member, as leader, ends leases at half their TTL");
     }
+    if cfg.mesh_protocol != crate::mesh::secure::PROTOCOL_VERSION {
+        tracing::warn!(
+            protocol = cfg.mesh_protocol,
+            "upgrade drill: this member announces another mesh protocol than its build's"
+        );
+    }
     if cfg.unsafe_no_wait_turn {
         tracing::error!("--unsafe-no-wait-turn: this member gives locks and leadership that others may hold");
     }
@@ -369,6 +377,11 @@ pub async fn run(
         cfg.advertise_client_urls = client_urls.clone();
     }
     let engine = Engine::open(&cfg.data_dir)?;
+    // Never downgraded: entries of a newer protocol may already be in the log.
+    let cluster_version = engine.get_u64(CF_META, META_CLUSTER_VERSION)?.unwrap_or(0) as u32;
+    if cluster_version > cfg.mesh_protocol {
+        return Err(node::too_old(cluster_version, cfg.mesh_protocol).into());
+    }
     let mut stored_cluster = engine.get_u64(CF_META, META_CLUSTER_ID)?.unwrap_or(0);
     let force_new_cluster = cfg.force_new_cluster && stored_cluster != 0;
     if force_new_cluster {
@@ -413,6 +426,7 @@ pub async fn run(
     rcfg.pre_vote = cfg.pre_vote;
     rcfg.warning_apply_duration = cfg.warning_apply_duration;
     rcfg.force_new_cluster = force_new_cluster;
+    rcfg.protocol = cfg.mesh_protocol;
     let snapshots = node::Snapshots {
         outgoing: Arc::new(crate::raft::snapshot::Outgoing::new(cfg.data_dir.join("snap-out"))),
         incoming: Arc::new(crate::raft::snapshot::Incoming::new(cfg.data_dir.join("snap-in"))),
@@ -435,7 +449,7 @@ pub async fn run(
     transport.set_incarnation(started.incarnation);
     tokio::spawn(transport.clone().receive(started.handle.clone()));
     // Where this member serves, and which start of its data this is.
-    let entry = |d: &mut Directory| d.publish(&cfg.name, cfg.client_urls(), started.incarnation);
+    let entry = |d: &mut Directory| d.publish(&cfg.name, cfg.client_urls(), started.incarnation, cfg.mesh_protocol);
     if let Some(d) = mesh.with_channel::<Directory, _>(directory::CHANNEL, entry) {
         mesh.broadcast(directory::CHANNEL, d);
     }

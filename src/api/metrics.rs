@@ -33,6 +33,7 @@ pub struct Metrics {
     revision: IntGauge,
     compact_revision: IntGauge,
     leases: IntGauge,
+    cluster_version: IntGauge,
     pub health_success: IntCounter,
     pub health_failures: IntCounter,
     /// Watch streams open now (gRPC and the gateway's).
@@ -110,6 +111,10 @@ impl Metrics {
                 "The revision of the last compaction in store.",
             ),
             leases: gauge("etcd_debugging_lease_total", "The number of leases granted and not yet revoked or expired."),
+            cluster_version: gauge(
+                "meshkv_cluster_version",
+                "The mesh protocol every member speaks, which entries may use (0: none raised yet).",
+            ),
             health_success: counter("etcd_server_health_success", "The total number of successful health checks"),
             health_failures: counter("etcd_server_health_failures", "The total number of failed health checks"),
             watch_streams: gauge("etcd_debugging_mvcc_watch_stream_total", "Total number of watch streams."),
@@ -154,6 +159,7 @@ impl Metrics {
         self.revision.set(ctx.store.revision());
         self.compact_revision.set(ctx.store.compact_revision());
         self.leases.set(ctx.store.leases().len() as i64);
+        self.cluster_version.set(i64::from(ctx.store.cluster_version()));
     }
 }
 

@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, watch};
 use super::gossip::GossipData;
 use super::node::{Msg, Node, NodeConfig};
 use super::peer::{PeerInfo, PeerName};
-use super::secure::{self, Established, Opener, Sealer, PROTOCOL_VERSION};
+use super::secure::{self, Established, Opener, Sealer, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 use super::wire::{self, Incoming};
 use crate::pb::meshkvpb::{Founder, Hello};
 
@@ -40,6 +40,9 @@ pub struct MeshConfig {
     pub nickname: String,
     /// Peers of other clusters are refused at the handshake.
     pub cluster: String,
+    /// The newest mesh protocol this peer speaks: [`PROTOCOL_VERSION`], or more in an
+    /// upgrade drill that plays a newer build.
+    pub protocol: u32,
     /// The id of the data cluster this peer serves, 0 while it has none. Peers whose
     /// non-zero id differs are refused: they hold another cluster's data.
     pub cluster_id: Arc<AtomicU64>,
@@ -76,6 +79,7 @@ impl MeshConfig {
             name: name.into(),
             nickname: String::new(),
             cluster: "meshkv".into(),
+            protocol: PROTOCOL_VERSION,
             cluster_id: Arc::new(AtomicU64::new(0)),
             secret: None,
             listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
@@ -681,7 +685,8 @@ impl Mesh {
     ) {
         let _ = s.set_nodelay(true);
         let hello = Hello {
-            protocol_version: PROTOCOL_VERSION,
+            protocol_version: self.inner.cfg.protocol,
+            min_protocol_version: MIN_PROTOCOL_VERSION,
             cluster: self.inner.cfg.cluster.clone(),
             name: self.inner.me.to_string(),
             uid: self.inner.uid,
@@ -701,7 +706,12 @@ impl Mesh {
             Ok(Ok(e)) => e,
             Ok(Err(e)) => {
                 self.inner.counters.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%addr, error = %e, "mesh handshake failed");
+                if let secure::SecureError::Version { .. } = e {
+                    // An operator's mistake to be told of, unlike a stranger's knock.
+                    tracing::warn!(%addr, error = %e, "refusing mesh peer");
+                } else {
+                    tracing::debug!(%addr, error = %e, "mesh handshake failed");
+                }
                 if let Some(up) = up {
                     let _ = up.send(false);
                 }
@@ -716,7 +726,7 @@ impl Mesh {
                 return;
             }
         };
-        let Established { sealer, opener, remote } = est;
+        let Established { sealer, opener, remote, version } = est;
         let peer = PeerName::from(remote.name.as_str());
         // Inbound connections are known by the address the peer advertises.
         let addr = if outbound || remote.addr.is_empty() { addr } else { remote.addr.clone() };
@@ -767,7 +777,7 @@ impl Mesh {
         if let Some(up) = up {
             let _ = up.send(true);
         }
-        tracing::info!(%peer, %addr, outbound, "mesh connection up");
+        tracing::info!(%peer, %addr, outbound, protocol = version, "mesh connection up");
         let (r, w) = s.into_split();
         let writer =
             tokio::spawn(self.clone().write_loop(w, sealer, peer.clone(), control_rx, bulk_rx, close_rx.clone()));

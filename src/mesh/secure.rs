@@ -22,7 +22,15 @@ use crate::pb::meshkvpb::Hello;
 /// 2: AES-256-GCM (hardware AES on every x86-64 and ARMv8 server) instead of ChaCha20.
 /// 3: Raft entries may be bound to a leader's term (`InternalRequest.leader_term`); a
 /// member of version 2 would apply what the others drop, and their stores would differ.
+///
+/// A version that changes what Raft entries carry uses the change only once the cluster
+/// version (`InternalRequest.cluster_version`, raised by the leader once every member
+/// speaks it) has reached it.
 pub const PROTOCOL_VERSION: u32 = 3;
+/// The oldest protocol this build still meshes with. A build that moves
+/// [`PROTOCOL_VERSION`] on keeps this where it was, so that a cluster can be upgraded one
+/// member at a time: the new members speak the old protocol with the old ones.
+pub const MIN_PROTOCOL_VERSION: u32 = 3;
 const PATTERN: &str = "Noise_NNpsk0_25519_AESGCM_BLAKE2s";
 const TAG_LEN: usize = 16;
 const MAX_NOISE_MSG: usize = 65535;
@@ -44,8 +52,11 @@ pub enum SecureError {
     Wire(#[from] WireError),
     #[error("undecodable hello: {0}")]
     Hello(String),
-    #[error("peer speaks mesh protocol {theirs}, we speak {PROTOCOL_VERSION}")]
-    Version { theirs: u32 },
+    #[error(
+        "peer speaks mesh protocols {min} to {max}, this member {my_min} to {my_max}: one of the two is \
+         too old for the other"
+    )]
+    Version { min: u32, max: u32, my_min: u32, my_max: u32 },
     #[error("peer belongs to cluster {theirs:?}, not {ours:?}")]
     Cluster { theirs: String, ours: String },
     #[error("connection is closed")]
@@ -150,6 +161,24 @@ pub struct Established {
     pub sealer: Sealer,
     pub opener: Opener,
     pub remote: Hello,
+    /// The protocol the two speak: the newest both know.
+    pub version: u32,
+}
+
+/// The protocol the peers that sent `mine` and `theirs` speak: the newest both know, if
+/// they know one in common.
+pub fn agree(mine: &Hello, theirs: &Hello) -> Result<u32, SecureError> {
+    let range = |h: &Hello| {
+        // A peer from before ranges names only the one it speaks.
+        let min = if h.min_protocol_version == 0 { h.protocol_version } else { h.min_protocol_version };
+        (min, h.protocol_version)
+    };
+    let ((my_min, my_max), (min, max)) = (range(mine), range(theirs));
+    let version = max.min(my_max);
+    if version < min.max(my_min) {
+        return Err(SecureError::Version { min, max, my_min, my_max });
+    }
+    Ok(version)
 }
 
 /// Runs the Noise handshake and the Hello exchange on `s`. The caller bounds it in time.
@@ -184,13 +213,11 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s.write_all(&out).await?;
     let body = opener.read_frame(s).await?;
     let remote = Hello::decode(body.as_ref()).map_err(|e| SecureError::Hello(e.to_string()))?;
-    if remote.protocol_version != PROTOCOL_VERSION {
-        return Err(SecureError::Version { theirs: remote.protocol_version });
-    }
+    let version = agree(mine, &remote)?;
     if remote.cluster != mine.cluster {
         return Err(SecureError::Cluster { theirs: remote.cluster, ours: mine.cluster.clone() });
     }
-    Ok(Established { sealer, opener, remote })
+    Ok(Established { sealer, opener, remote, version })
 }
 
 #[cfg(test)]
@@ -200,6 +227,7 @@ mod tests {
     fn hello(name: &str, cluster: &str) -> Hello {
         Hello {
             protocol_version: PROTOCOL_VERSION,
+            min_protocol_version: MIN_PROTOCOL_VERSION,
             cluster: cluster.into(),
             name: name.into(),
             uid: 1,
@@ -248,12 +276,40 @@ mod tests {
         assert!(matches!(ra, Err(SecureError::Cluster { .. })));
     }
 
-    #[tokio::test]
-    async fn peers_of_another_protocol_version_are_refused() {
+    /// Both ends of a handshake between `a` and `b`: the protocol each agreed on.
+    async fn versions(a: Hello, b: Hello) -> (Result<u32, SecureError>, Result<u32, SecureError>) {
         let k = derive_psk(None, "c");
-        let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        let (ha, older) = (hello("a", "c"), Hello { protocol_version: PROTOCOL_VERSION - 1, ..hello("b", "c") });
-        let (ra, _) = tokio::join!(handshake(&mut a, true, &k, &ha), handshake(&mut b, false, &k, &older));
-        assert!(matches!(ra, Err(SecureError::Version { theirs }) if theirs == PROTOCOL_VERSION - 1));
+        let (mut x, mut y) = tokio::io::duplex(1 << 16);
+        let (ra, rb) = tokio::join!(handshake(&mut x, true, &k, &a), handshake(&mut y, false, &k, &b));
+        (ra.map(|e| e.version), rb.map(|e| e.version))
+    }
+
+    #[tokio::test]
+    async fn a_newer_peer_that_still_speaks_our_protocol_meshes_in_it() {
+        let newer = Hello { protocol_version: PROTOCOL_VERSION + 1, ..hello("b", "c") };
+        let (ra, _) = versions(hello("a", "c"), newer).await;
+        assert_eq!(ra.unwrap(), PROTOCOL_VERSION);
+        // Its side of the same handshake.
+        let newer = Hello { protocol_version: PROTOCOL_VERSION + 1, ..hello("b", "c") };
+        assert_eq!(agree(&newer, &hello("a", "c")).unwrap(), PROTOCOL_VERSION);
+    }
+
+    #[tokio::test]
+    async fn peers_without_a_protocol_in_common_are_refused() {
+        let too_new = Hello {
+            protocol_version: PROTOCOL_VERSION + 2,
+            min_protocol_version: PROTOCOL_VERSION + 1,
+            ..hello("b", "c")
+        };
+        let (ra, _) = versions(hello("a", "c"), too_new).await;
+        assert!(matches!(ra, Err(SecureError::Version { min, .. }) if min == PROTOCOL_VERSION + 1));
+        // A peer from before ranges names one protocol: older than ours is refused.
+        let older = Hello { protocol_version: MIN_PROTOCOL_VERSION - 1, min_protocol_version: 0, ..hello("b", "c") };
+        let (ra, _) = versions(hello("a", "c"), older).await;
+        let message = ra.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            message.starts_with(&format!("peer speaks mesh protocols {0} to {0},", MIN_PROTOCOL_VERSION - 1)),
+            "{message}"
+        );
     }
 }

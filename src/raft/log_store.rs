@@ -157,7 +157,8 @@ impl LogStore {
         let Some(src) = &self.source else { return Err(corrupt("no snapshot source".into())) };
         let id: u64 = rand::random();
         src.outgoing.create(&self.engine, id, to)?;
-        let read = |db: &rocksdb::DB| -> Result<(u64, i64, i64, ConfState, crate::pb::meshkvpb::Members), EngineError> {
+        type Read = (u64, i64, i64, u32, ConfState, crate::pb::meshkvpb::Members);
+        let read = |db: &rocksdb::DB| -> Result<Read, EngineError> {
             let get = |cf: &str, k: &[u8]| -> Result<Option<Vec<u8>>, EngineError> {
                 let h = db.cf_handle(cf).ok_or_else(|| corrupt(format!("checkpoint lacks {cf}")))?;
                 Ok(db.get_cf(h, k)?)
@@ -166,6 +167,8 @@ impl LogStore {
             let applied = u(get(crate::store::engine::CF_META, b"applied_index")?);
             let revision = u(get(crate::store::engine::CF_META, b"revision")?) as i64;
             let compacted = u(get(crate::store::engine::CF_META, b"compact_revision")?) as i64;
+            let cluster_version =
+                u(get(crate::store::engine::CF_META, crate::store::mvcc::META_CLUSTER_VERSION)?) as u32;
             let cs = match get(CF_RAFT_STATE, KEY_CONF_STATE)? {
                 Some(v) => <ConfState as ProtobufMessage>::parse_from_bytes(&v).map_err(|e| corrupt(e.to_string()))?,
                 None => ConfState::default(),
@@ -174,9 +177,9 @@ impl LogStore {
                 Some(v) => crate::pb::meshkvpb::Members::decode(v.as_slice()).map_err(|e| corrupt(e.to_string()))?,
                 None => Default::default(),
             };
-            Ok((applied, revision, compacted, cs, members))
+            Ok((applied, revision, compacted, cluster_version, cs, members))
         };
-        let (applied, revision, compacted, cs, members) =
+        let (applied, revision, compacted, cluster_version, cs, members) =
             src.outgoing.with(id, read).ok_or_else(|| corrupt("checkpoint vanished".into()))??;
         let term = raft::Storage::term(self, applied).map_err(|e| corrupt(e.to_string()))?;
         src.outgoing.set_index(id, applied);
@@ -187,6 +190,7 @@ impl LogStore {
             compact_revision: compacted,
             cluster_id: src.cluster_id.load(std::sync::atomic::Ordering::Acquire),
             members: Some(members),
+            cluster_version,
         };
         let mut snap = Snapshot { data: desc.encode_to_vec().into(), ..Default::default() };
         let m = snap.mut_metadata();

@@ -40,7 +40,7 @@ use super::wal::LogWal;
 use super::{logger, RaftError};
 use crate::pb::meshkvpb::{internal_request, InternalRequest, MemberContext, SnapshotDescriptor};
 use crate::store::engine::{Engine, EngineError, CF_META};
-use crate::store::mvcc::{MvccStore, WriteResponse};
+use crate::store::mvcc::{MvccStore, WriteResponse, META_CLUSTER_VERSION};
 
 /// Tuning of the Raft driver.
 #[derive(Clone, Debug)]
@@ -78,6 +78,10 @@ pub struct RaftConfig {
     /// etcd's --force-new-cluster: at start, a member with a log drops its uncommitted
     /// entries and commits the removal of every other member ([`force_new_cluster`]).
     pub force_new_cluster: bool,
+    /// The newest mesh protocol this member speaks: as leader it raises the cluster
+    /// version to what every member speaks, and it stops rather than apply a cluster
+    /// version newer than this.
+    pub protocol: u32,
 }
 
 impl RaftConfig {
@@ -98,6 +102,7 @@ impl RaftConfig {
             pre_vote: true,
             warning_apply_duration: Duration::from_millis(100),
             force_new_cluster: false,
+            protocol: crate::mesh::secure::PROTOCOL_VERSION,
         }
     }
 }
@@ -251,6 +256,9 @@ pub trait Transport: Send + Sync + 'static {
     /// The incarnation the member `name` announces (0: it started with a configuration),
     /// None while it has announced nothing.
     fn incarnation(&self, name: &str) -> Option<u64>;
+    /// The newest mesh protocol the member `name` announces it speaks, None while it has
+    /// announced nothing.
+    fn protocol(&self, name: &str) -> Option<u32>;
     /// The cluster id the peers this member reached belong to (0: none seen).
     fn cluster_seen(&self) -> u64;
 }
@@ -308,7 +316,7 @@ impl Shared {
         match d.turn() {
             Ok(open) => open,
             Err(e) => {
-                tracing::error!(error = %e, "storage failed; this member stops serving");
+                tracing::error!(error = %e, "this member stops serving");
                 self.stopped.store(true, Ordering::Release);
                 d.fail();
                 self.wake();
@@ -587,6 +595,8 @@ struct Driver {
     lost_told: Option<Instant>,
     /// This start's incarnation (`Started::incarnation`).
     incarnation: u64,
+    /// On the leader: the cluster version it last proposed, and when.
+    version_asked: Option<(u32, Instant)>,
     ticks: u64,
     campaign_soon: bool,
     no_leader_since: Option<Instant>,
@@ -715,6 +725,7 @@ pub fn start(
         controller: Controller::new(cfg_membership),
         lost_reports: HashMap::new(),
         reported_incarnations: HashMap::new(),
+        version_asked: None,
         lost_told: None,
         incarnation,
         ticks: 0,
@@ -817,6 +828,23 @@ fn force_new_cluster(log: &LogStore, batch: &mut WriteBatch, me: u64, ctx: &Memb
 
 /// Proposal ids are unique across members and restarts: the low 16 bits of the member
 /// id, then the start time in milliseconds, then a counter (as etcd's idutil).
+/// How long a leader waits for the cluster version it proposed before proposing it again.
+const VERSION_RETRY: Duration = Duration::from_secs(5);
+
+/// The newest protocol every member speaks: the oldest of the newest each speaks; None
+/// while one has announced nothing.
+pub fn common_protocol(protocols: impl IntoIterator<Item = Option<u32>>) -> Option<u32> {
+    protocols.into_iter().try_fold(u32::MAX, |common, p| Some(common.min(p?)))
+}
+
+/// What stops a member whose cluster moved to a protocol newer than it speaks.
+pub fn too_old(cluster: u32, speaks: u32) -> EngineError {
+    EngineError::Unsupported(format!(
+        "the cluster runs mesh protocol {cluster} and this member's build speaks up to {speaks}: \
+         run a build that speaks {cluster} (a cluster is never downgraded)"
+    ))
+}
+
 fn proposal_id_base(member: u64) -> u64 {
     let millis =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
@@ -907,6 +935,7 @@ impl Driver {
             self.expire(self.last_tick);
             if self.ticks % 5 == 0 {
                 self.control_membership(self.last_tick);
+                self.raise_cluster_version(self.last_tick);
             }
         }
         let mut proposals = std::mem::take(&mut self.proposals);
@@ -1196,6 +1225,41 @@ impl Driver {
         }
     }
 
+    /// On the leader: raises the cluster version once every member announces a newer
+    /// protocol than it, so that entries may use that protocol's formats; a member that
+    /// has announced nothing holds it where it is. Proposed again if not applied soon.
+    fn raise_cluster_version(&mut self, now: Instant) {
+        let Some(transport) = self.transport.clone() else { return };
+        if self.node.raft.state != StateRole::Leader {
+            return;
+        }
+        let names = self.node.raft.raft_log.store().members();
+        let cs = self.node.raft.prs().conf().to_conf_state();
+        let protocols = cs.voters.iter().chain(&cs.learners).map(|id| match *id == self.cfg.id {
+            true => Some(self.cfg.protocol),
+            false => names.get(id).and_then(|name| transport.protocol(name)),
+        });
+        let Some(v) = common_protocol(protocols) else { return };
+        let current = self.store.cluster_version();
+        if v <= current || self.version_asked.is_some_and(|(asked, at)| asked == v && now - at < VERSION_RETRY) {
+            return;
+        }
+        self.version_asked = Some((v, now));
+        tracing::info!(
+            from = current,
+            to = v,
+            "every member speaks a newer mesh protocol; raising the cluster version"
+        );
+        let req = InternalRequest {
+            request: Some(internal_request::Request::ClusterVersion(v)),
+            by_member: true,
+            ..Default::default()
+        };
+        if let Err(e) = self.node.propose(vec![], req.encode_to_vec()) {
+            tracing::debug!(error = %e, "cluster version not proposed");
+        }
+    }
+
     /// Installs a snapshot whose data the transport fetched: the store's column families
     /// are replaced, the log restarts at the snapshot, and the store reloads.
     fn install_snapshot(&mut self, snap: &raft::eraftpb::Snapshot) -> Result<(), EngineError> {
@@ -1209,11 +1273,15 @@ impl Driver {
         // The log's records so far describe the log the snapshot replaces: they go to
         // RocksDB now and are never replayed over it.
         self.wal.next_lap()?;
+        if desc.cluster_version > self.cfg.protocol {
+            return Err(too_old(desc.cluster_version, self.cfg.protocol));
+        }
         let meta = snap.get_metadata();
         let mut keys: Vec<(&[u8], Vec<u8>)> = vec![
             (b"applied_index", meta.index.to_be_bytes().to_vec()),
             (b"revision", (desc.revision as u64).to_be_bytes().to_vec()),
             (b"compact_revision", (desc.compact_revision as u64).to_be_bytes().to_vec()),
+            (META_CLUSTER_VERSION, u64::from(desc.cluster_version).to_be_bytes().to_vec()),
         ];
         if desc.cluster_id != 0 && self.status.cluster_id() == 0 {
             keys.push((b"cluster_id", desc.cluster_id.to_be_bytes().to_vec()));
@@ -1559,7 +1627,14 @@ impl Driver {
                         fenced.push(r.id);
                         None
                     }
-                    Ok(r) => Some(r),
+                    Ok(r) => {
+                        if let Some(internal_request::Request::ClusterVersion(v)) = r.request {
+                            if v > self.cfg.protocol {
+                                return Err(too_old(v, self.cfg.protocol));
+                            }
+                        }
+                        Some(r)
+                    }
                     Err(err) => {
                         tracing::error!(index = e.index, error = %err, "undecodable entry skipped");
                         None
@@ -1878,6 +1953,13 @@ mod tests {
         assert!(store.applied_index() > applied, "its entry was applied, as a no-op");
         raft.propose_as_leader(revoke(), term).await.unwrap();
         assert!(store.leases().get(5).is_none(), "this term's decision is applied");
+    }
+
+    #[test]
+    fn the_cluster_version_is_what_every_member_speaks() {
+        assert_eq!(common_protocol([Some(3), Some(4), Some(4)]), Some(3));
+        assert_eq!(common_protocol([Some(4), Some(4)]), Some(4));
+        assert_eq!(common_protocol([Some(4), None]), None, "one that announced nothing holds it");
     }
 
     /// A leader knows where its own entries start: everything an earlier leader wrote

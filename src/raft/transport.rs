@@ -528,6 +528,14 @@ impl Transport for MeshTransport {
         directory.flatten()
     }
 
+    fn protocol(&self, name: &str) -> Option<u32> {
+        let directory = self
+            .conn
+            .mesh()
+            .with_channel::<super::directory::Directory, _>(super::directory::CHANNEL, |d| d.protocol(name));
+        directory.flatten()
+    }
+
     fn cluster_seen(&self) -> u64 {
         self.conn.mesh().cluster_seen()
     }

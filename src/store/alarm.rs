@@ -102,10 +102,14 @@ impl Refusals {
     /// that takes space (a put, a Txn that could put, a lease grant). Alarms themselves
     /// always are, or nothing could disarm them, and so are auth changes, or no user
     /// could sign in to disarm them, and lease checkpoints, which keep-alives need (etcd
-    /// does not refuse them either).
+    /// does not refuse them either), and the cluster version, which takes no space.
     pub fn check(&self, req: &Request) -> Result<(), Refusal> {
         let r = self.0.load(Ordering::Acquire);
-        if r == 0 || matches!(req, Request::Alarm(_) | Request::Auth(_) | Request::LeaseCheckpoint(_)) {
+        let always = matches!(
+            req,
+            Request::Alarm(_) | Request::Auth(_) | Request::LeaseCheckpoint(_) | Request::ClusterVersion(_)
+        );
+        if r == 0 || always {
             return Ok(());
         }
         if r & CORRUPT != 0 {

@@ -50,6 +50,9 @@ pub enum EngineError {
     Rocks(#[from] rocksdb::Error),
     #[error("corrupt record in {cf}: {what}")]
     Corrupt { cf: &'static str, what: String },
+    /// The data needs a newer build than this one.
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// A shared handle on the member's RocksDB database.

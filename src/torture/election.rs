@@ -23,9 +23,7 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::lease::{call, keep, pick, Channels, CALL};
-use crate::pb::etcdserverpb::lease_client::LeaseClient;
-use crate::pb::etcdserverpb::{LeaseGrantRequest, LeaseRevokeRequest};
+use super::lease::{call, pick, Channels, Session, CALL};
 use crate::pb::v3electionpb::election_client::ElectionClient;
 use crate::pb::v3electionpb::{CampaignRequest, LeaderKey, LeaderRequest, ProclaimRequest, ResignRequest};
 
@@ -228,22 +226,11 @@ pub async fn candidate(
     let mut n = 0u64;
     while Instant::now() < deadline {
         n += 1;
-        let ep = pick(&mut rng);
-        let Some(ch) = channels.get(&ep).await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let grant = LeaseGrantRequest { ttl: TTL, id: 0 };
-        let Some(lease) = call(CALL, LeaseClient::new(ch.clone()).lease_grant(grant)).await else {
-            channels.forget(&ep);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let (lease, ttl) = (lease.id, Duration::from_secs(lease.ttl.max(1) as u64));
-        let keeper = tokio::spawn(keep(lease, ttl, endpoints.clone(), rng.random()));
+        let Some(session) = Session::start(&mut channels, &endpoints, &mut rng, TTL).await else { continue };
         let value = |k: usize| Bytes::from(format!("c{c}-{n}-{k}"));
-        let campaign = CampaignRequest { name: Bytes::from_static(NAME.as_bytes()), lease, value: value(0) };
-        match call(WAIT, ElectionClient::new(ch).campaign(campaign)).await.and_then(|r| r.leader) {
+        let name = Bytes::from_static(NAME.as_bytes());
+        let campaign = CampaignRequest { name, lease: session.lease, value: value(0) };
+        match call(WAIT, ElectionClient::new(session.ch.clone()).campaign(campaign)).await.and_then(|r| r.leader) {
             Some(leader) => {
                 let mut term =
                     Term { key: leader.key.clone(), rev: leader.rev, won: Instant::now(), proclaims: vec![] };
@@ -274,13 +261,9 @@ pub async fn candidate(
                     l.terms.push(term);
                 });
             }
-            None => channels.forget(&ep),
+            None => channels.forget(&session.ep),
         }
-        keeper.abort();
-        // The key goes with the lease; one that outlives a failed revoke runs out.
-        if let Some(ch) = channels.get(&pick(&mut rng)).await {
-            let _ = call(CALL, LeaseClient::new(ch).lease_revoke(LeaseRevokeRequest { id: lease })).await;
-        }
+        session.end(&mut channels, &endpoints, &mut rng).await;
     }
 }
 

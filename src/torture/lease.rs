@@ -21,7 +21,8 @@ use tonic::transport::Channel;
 use crate::pb::etcdserverpb::kv_client::KvClient;
 use crate::pb::etcdserverpb::lease_client::LeaseClient;
 use crate::pb::etcdserverpb::{
-    request_op, LeaseGrantRequest, LeaseKeepAliveRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    request_op, LeaseGrantRequest, LeaseKeepAliveRequest, LeaseRevokeRequest, PutRequest, RangeRequest, RequestOp,
+    TxnRequest,
 };
 
 /// The TTL holders ask for; members raise it to their minimum (one and a half election
@@ -99,7 +100,7 @@ pub(super) async fn call<T>(
 }
 
 /// Keeps a lease alive through random members, three times a TTL, until aborted.
-pub(super) async fn keep(lease: i64, ttl: Duration, endpoints: Arc<RwLock<Vec<String>>>, seed: u64) {
+async fn keep(lease: i64, ttl: Duration, endpoints: Arc<RwLock<Vec<String>>>, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut channels = Channels::default();
     loop {
@@ -110,6 +111,52 @@ pub(super) async fn keep(lease: i64, ttl: Duration, endpoints: Arc<RwLock<Vec<St
             Some(0) => return,
             Some(_) => {}
             None => channels.forget(&ep),
+        }
+    }
+}
+
+/// A lease a contender (a locker, a candidate) holds for one turn, granted through a
+/// member picked at random and kept alive through random members by a helper.
+pub(super) struct Session {
+    /// The member that granted it, and a channel to it.
+    pub ep: String,
+    pub ch: Channel,
+    pub lease: i64,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Session {
+    /// A lease of `ttl` seconds (or the members' minimum), or None after a pause if the
+    /// member picked did not grant one.
+    pub async fn start(
+        channels: &mut Channels,
+        endpoints: &Arc<RwLock<Vec<String>>>,
+        rng: &mut StdRng,
+        ttl: i64,
+    ) -> Option<Session> {
+        let ep = pick(endpoints, rng);
+        let granted = match channels.get(&ep).await {
+            Some(ch) => call(CALL, LeaseClient::new(ch.clone()).lease_grant(LeaseGrantRequest { ttl, id: 0 }))
+                .await
+                .map(|g| (ch, g)),
+            None => None,
+        };
+        let Some((ch, granted)) = granted else {
+            channels.forget(&ep);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return None;
+        };
+        let every = Duration::from_secs(granted.ttl.max(1) as u64);
+        let keeper = tokio::spawn(keep(granted.id, every, endpoints.clone(), rng.random()));
+        Some(Session { ep, ch, lease: granted.id, keeper })
+    }
+
+    /// Stops keeping the lease alive and revokes it through a member picked at random.
+    /// What it holds goes with it; a lease that outlives a failed revoke runs out.
+    pub async fn end(self, channels: &mut Channels, endpoints: &RwLock<Vec<String>>, rng: &mut StdRng) {
+        self.keeper.abort();
+        if let Some(ch) = channels.get(&pick(endpoints, rng)).await {
+            let _ = call(CALL, LeaseClient::new(ch).lease_revoke(LeaseRevokeRequest { id: self.lease })).await;
         }
     }
 }

@@ -17,12 +17,10 @@ use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use super::lease::{call, keep, pick, Channels, CALL};
+use super::lease::{call, pick, Channels, Session, CALL};
 use crate::pb::etcdserverpb::kv_client::KvClient;
-use crate::pb::etcdserverpb::lease_client::LeaseClient;
 use crate::pb::etcdserverpb::{
-    compare, request_op, response_op, Compare, LeaseGrantRequest, LeaseRevokeRequest, PutRequest, RangeRequest,
-    RequestOp, TxnRequest,
+    compare, request_op, response_op, Compare, PutRequest, RangeRequest, RequestOp, TxnRequest,
 };
 use crate::pb::v3lockpb::lock_client::LockClient;
 use crate::pb::v3lockpb::{LockRequest, UnlockRequest};
@@ -54,21 +52,9 @@ pub async fn locker(seed: u64, endpoints: Arc<RwLock<Vec<String>>>, deadline: In
     let pick = |rng: &mut StdRng| pick(&endpoints, rng);
     let record = |f: &dyn Fn(&mut LockLog)| f(&mut log.lock().unwrap_or_else(|e| e.into_inner()));
     while Instant::now() < deadline {
-        let ep = pick(&mut rng);
-        let Some(ch) = channels.get(&ep).await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let grant = LeaseGrantRequest { ttl: TTL, id: 0 };
-        let Some(lease) = call(CALL, LeaseClient::new(ch.clone()).lease_grant(grant)).await else {
-            channels.forget(&ep);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let (lease, ttl) = (lease.id, Duration::from_secs(lease.ttl.max(1) as u64));
-        let keeper = tokio::spawn(keep(lease, ttl, endpoints.clone(), rng.random()));
-        let lock = LockRequest { name: Bytes::from_static(NAME.as_bytes()), lease };
-        if let Some(held) = call(WAIT, LockClient::new(ch).lock(lock)).await {
+        let Some(session) = Session::start(&mut channels, &endpoints, &mut rng, TTL).await else { continue };
+        let lock = LockRequest { name: Bytes::from_static(NAME.as_bytes()), lease: session.lease };
+        if let Some(held) = call(WAIT, LockClient::new(session.ch.clone()).lock(lock)).await {
             record(&|l| l.acquired += 1);
             let pause = Duration::from_millis(rng.random_range(0..50));
             let (read_at, write_at) = (pick(&mut rng), pick(&mut rng));
@@ -90,13 +76,9 @@ pub async fn locker(seed: u64, endpoints: Arc<RwLock<Vec<String>>>, deadline: In
                 let _ = call(CALL, LockClient::new(ch).unlock(UnlockRequest { key: held.key })).await;
             }
         } else {
-            channels.forget(&ep);
+            channels.forget(&session.ep);
         }
-        keeper.abort();
-        // The lock key goes with the lease; one that outlives a failed revoke runs out.
-        if let Some(ch) = channels.get(&pick(&mut rng)).await {
-            let _ = call(CALL, LeaseClient::new(ch).lease_revoke(LeaseRevokeRequest { id: lease })).await;
-        }
+        session.end(&mut channels, &endpoints, &mut rng).await;
     }
 }
 

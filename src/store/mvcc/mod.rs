@@ -16,7 +16,7 @@ pub mod revision;
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use bytes::Bytes;
@@ -43,6 +43,8 @@ pub use revision::Revision;
 pub(crate) const META_APPLIED: &[u8] = b"applied_index";
 pub(crate) const META_REVISION: &[u8] = b"revision";
 pub(crate) const META_COMPACTED: &[u8] = b"compact_revision";
+/// The cluster version: the mesh protocol every member speaks, which entries may use.
+pub const META_CLUSTER_VERSION: &[u8] = b"cluster_version";
 /// Meta key set while a Raft snapshot replaces the store: its staging directory. The
 /// store's column families are then neither the old state nor the new one.
 pub const META_INSTALLING: &[u8] = b"snapshot_installing";
@@ -114,6 +116,8 @@ pub struct MvccStore {
     current: AtomicI64,
     compacted: AtomicI64,
     applied: AtomicU64,
+    /// The cluster version applied (0: none yet).
+    cluster_version: AtomicU32,
     /// Lock order: `index` before `leases`.
     leases: RwLock<LeaseTable>,
     alarms: RwLock<AlarmSet>,
@@ -174,6 +178,7 @@ struct Loaded {
     current: i64,
     compacted: i64,
     applied: u64,
+    cluster_version: u32,
     leases: LeaseTable,
     alarms: AlarmSet,
     auth: AuthState,
@@ -202,6 +207,7 @@ impl MvccStore {
             current: AtomicI64::new(l.current),
             compacted: AtomicI64::new(l.compacted),
             applied: AtomicU64::new(l.applied),
+            cluster_version: AtomicU32::new(l.cluster_version),
             leases: RwLock::new(l.leases),
             alarms: RwLock::new(l.alarms),
             refusals,
@@ -253,6 +259,7 @@ impl MvccStore {
         self.current.store(l.current, Ordering::Release);
         self.compacted.store(l.compacted, Ordering::Release);
         self.applied.store(l.applied, Ordering::Release);
+        self.cluster_version.store(l.cluster_version, Ordering::Release);
         drop(ix);
         if l.current > before {
             // The events in between came with the snapshot, not one by one.
@@ -265,6 +272,7 @@ impl MvccStore {
         let applied = engine.get_u64(CF_META, META_APPLIED)?.unwrap_or(0);
         let mut current = engine.get_u64(CF_META, META_REVISION)?.unwrap_or(1) as i64;
         let compacted = engine.get_u64(CF_META, META_COMPACTED)?.unwrap_or(0) as i64;
+        let cluster_version = engine.get_u64(CF_META, META_CLUSTER_VERSION)?.unwrap_or(0) as u32;
         let mut index = KeyIndex::default();
         let mut key_lease = HashMap::new();
         let db = engine.db();
@@ -301,7 +309,7 @@ impl MvccStore {
         let records = db.iterator_cf(engine.cf(CF_AUTH), IteratorMode::Start);
         let records = records.collect::<Result<Vec<_>, _>>().map_err(EngineError::from)?;
         let auth = AuthState::load(records).map_err(|what| EngineError::Corrupt { cf: CF_AUTH, what })?;
-        Ok(Loaded { index, current, compacted, applied, leases, alarms, auth })
+        Ok(Loaded { index, current, compacted, applied, cluster_version, leases, alarms, auth })
     }
 
     /// Listens to every change applied from now on.
@@ -638,6 +646,10 @@ impl MvccStore {
                         Ok(WriteResponse::Empty)
                     }
                     internal_request::Request::Auth(r) => self.change_auth(&mut a, r, user),
+                    internal_request::Request::ClusterVersion(v) => {
+                        self.raise_cluster_version(&mut a, *v);
+                        Ok(WriteResponse::Empty)
+                    }
                     internal_request::Request::Compaction(_) => unreachable!("handled above"),
                 })
             };
@@ -697,9 +709,27 @@ impl MvccStore {
                     auth.check(user, crate::store::auth::Access::Write, key, &[])?;
                 }
             }
-            R::Compaction(_) | R::LeaseGrant(_) | R::LeaseCheckpoint(_) | R::Alarm(_) | R::Auth(_) => {}
+            R::Compaction(_)
+            | R::LeaseGrant(_)
+            | R::LeaseCheckpoint(_)
+            | R::Alarm(_)
+            | R::Auth(_)
+            | R::ClusterVersion(_) => {}
         }
         Ok(())
+    }
+
+    /// Raises the cluster version to `v`; a lower or equal one changes nothing.
+    fn raise_cluster_version(&self, a: &mut Apply, v: u32) {
+        if v > self.cluster_version() {
+            a.batch.put_cf(self.engine.cf(CF_META), META_CLUSTER_VERSION, u64::from(v).to_be_bytes());
+            self.cluster_version.store(v, Ordering::Release);
+        }
+    }
+
+    /// The cluster version: the mesh protocol every member speaks (0: none raised yet).
+    pub fn cluster_version(&self) -> u32 {
+        self.cluster_version.load(Ordering::Acquire)
     }
 
     fn change_auth(
