@@ -734,6 +734,7 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         }
     }
     let mesh = AdminClient::new(ch).mesh_status(MeshStatusRequest {}).await?.into_inner();
+    println!("cluster version {} (the mesh protocol every member speaks)", mesh.cluster_version);
     println!();
     println!("mesh peer {} ({:x}) at {}", mesh.name, mesh.uid, mesh.addr);
     println!("{:<16} {:<22} {:<16}  LINKS", "PEER", "ADDRESS", "NEXT HOP");
@@ -741,7 +742,9 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
         let hop = if p.next_hop.is_empty() { "unreachable".to_string() } else { p.next_hop.clone() };
         println!("{:<16} {:<22} {:<16}  {}", p.name, p.addr, hop, p.connections.join(","));
     }
-    println!("connections: {}", mesh.connections.iter().map(|c| c.peer.as_str()).collect::<Vec<_>>().join(", "));
+    let connections: Vec<String> =
+        mesh.connections.iter().map(|c| format!("{} (protocol {})", c.peer, c.protocol)).collect();
+    println!("connections: {}", connections.join(", "));
     let drops: Vec<String> =
         mesh.drops.iter().filter(|d| d.messages > 0).map(|d| format!("{}={}", d.name, d.messages)).collect();
     println!("relayed: {}  drops: {}", mesh.relayed, if drops.is_empty() { "none".into() } else { drops.join(" ") });

@@ -1407,6 +1407,14 @@ async fn lead_to(members: &[Member], to: usize) {
     .await;
 }
 
+/// What `meshkv status` prints through `m`.
+fn status_of(m: &Member) -> String {
+    let out =
+        std::process::Command::new(meshkv_bin()).args(["status", "--endpoint", &m.proc.client_addr]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// The cluster version on `m`, from its metrics.
 fn cluster_version(m: &Member) -> Option<f64> {
     metric(&curl(&format!("http://{}/metrics", m.proc.client_addr), &[]).body, "meshkv_cluster_version")
@@ -1436,8 +1444,8 @@ async fn a_cluster_upgraded_one_member_at_a_time_raises_its_version_and_refuses_
             catches_up_and_agrees(&members, m, &key, put.header().unwrap().revision()).await;
         }
         if i < 2 {
-            let log = members[i].proc.log();
-            assert!(log.contains("mesh connection up") && log.contains("protocol=3"), "{log}");
+            let status = status_of(&members[i]);
+            assert!(status.contains("cluster version 3 ") && status.contains(" (protocol 3)"), "{status}");
             // Even with the lead, an upgraded member keeps the version while one is older:
             // through 2 s of writes (the leader weighs it twice a second).
             lead_to(&members, i).await;
@@ -1455,6 +1463,8 @@ async fn a_cluster_upgraded_one_member_at_a_time_raises_its_version_and_refuses_
         members.iter().all(|m| cluster_version(m) == Some(4.0))
     })
     .await;
+    let status = status_of(&members[1]);
+    assert!(status.contains("cluster version 4 ") && !status.contains(" (protocol 3)"), "{status}");
 
     // Back on the build's own protocol, a member is refused at start.
     members[0].proc.terminate();

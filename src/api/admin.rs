@@ -48,12 +48,14 @@ impl Admin for AdminService {
                     addr: c.addr.clone(),
                     outbound: c.outbound,
                     up_seconds: c.up_for.as_secs_f64(),
+                    protocol: c.protocol,
                 })
                 .collect(),
             sent: counters(&s.sent),
             received: counters(&s.received),
             drops: s.drops.iter().map(|(k, v)| Counter { name: k.to_string(), messages: *v, bytes: 0 }).collect(),
             relayed: s.relayed,
+            cluster_version: self.ctx.store.cluster_version(),
         }))
     }
 }

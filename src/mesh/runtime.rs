@@ -142,6 +142,8 @@ struct ConnHandle {
     uid: u64,
     outbound: bool,
     addr: String,
+    /// The protocol the two ends agreed on.
+    protocol: u32,
     since: Instant,
     control: mpsc::Sender<Bytes>,
     bulk: mpsc::Sender<Bytes>,
@@ -206,6 +208,8 @@ pub struct ConnStatus {
     pub peer: String,
     pub addr: String,
     pub outbound: bool,
+    /// The mesh protocol the two ends speak.
+    pub protocol: u32,
     pub up_for: Duration,
 }
 
@@ -491,6 +495,7 @@ impl Mesh {
                     peer: p.to_string(),
                     addr: c.addr.clone(),
                     outbound: c.outbound,
+                    protocol: c.protocol,
                     up_for: c.since.elapsed(),
                 })
                 .collect();
@@ -767,7 +772,9 @@ impl Mesh {
             }
             return;
         }
-        let Some((id, control_rx, bulk_rx, close_rx)) = self.register(&peer, remote.uid, outbound, addr.clone()) else {
+        let Some((id, control_rx, bulk_rx, close_rx)) =
+            self.register(&peer, remote.uid, outbound, addr.clone(), version)
+        else {
             if let Some(up) = up {
                 // A duplicate of a connection we keep: the peer is reachable all the same.
                 let _ = up.send(true);
@@ -797,6 +804,7 @@ impl Mesh {
         uid: u64,
         outbound: bool,
         addr: String,
+        protocol: u32,
     ) -> Option<(u64, mpsc::Receiver<Bytes>, mpsc::Receiver<Bytes>, watch::Receiver<bool>)> {
         let mut conns = self.inner.conns.write().unwrap_or_else(|e| e.into_inner());
         let mut replaced = false;
@@ -820,7 +828,8 @@ impl Mesh {
         let (control, control_rx) = mpsc::channel(self.inner.cfg.control_queue);
         let (bulk, bulk_rx) = mpsc::channel(self.inner.cfg.bulk_queue);
         let (close, close_rx) = watch::channel(false);
-        conns.insert(peer.clone(), ConnHandle { id, uid, outbound, addr, since: Instant::now(), control, bulk, close });
+        let since = Instant::now();
+        conns.insert(peer.clone(), ConnHandle { id, uid, outbound, addr, protocol, since, control, bulk, close });
         drop(conns);
         self.drive(|n| {
             if replaced {
