@@ -826,8 +826,6 @@ fn force_new_cluster(log: &LogStore, batch: &mut WriteBatch, me: u64, ctx: &Memb
     entries.len()
 }
 
-/// Proposal ids are unique across members and restarts: the low 16 bits of the member
-/// id, then the start time in milliseconds, then a counter (as etcd's idutil).
 /// How long a leader waits for the cluster version it proposed before proposing it again.
 const VERSION_RETRY: Duration = Duration::from_secs(5);
 
@@ -845,6 +843,8 @@ pub fn too_old(cluster: u32, speaks: u32) -> EngineError {
     ))
 }
 
+/// Proposal ids are unique across members and restarts: the low 16 bits of the member
+/// id, then the start time in milliseconds, then a counter (as etcd's idutil).
 fn proposal_id_base(member: u64) -> u64 {
     let millis =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
