@@ -65,6 +65,9 @@ pub enum ServerError {
     /// The initial corruption check found this member's data unlike the others'.
     #[error("{0}")]
     Inconsistent(String),
+    /// The Raft driver failed while serving.
+    #[error("stopped: {0}")]
+    Stopped(String),
 }
 
 /// The member's name: given, or kept in the data dir from an earlier start, or
@@ -474,6 +477,7 @@ pub async fn run(
     };
 
     let raft_status = ctx.raft.clone();
+    let status = ctx.raft.shared_status();
     tokio::spawn(async move {
         let removed = async {
             while !raft_status.status().removed.load(Ordering::Acquire) {
@@ -481,9 +485,16 @@ pub async fn run(
             }
             tracing::error!("this member was removed from the cluster; stopping");
         };
+        // A driver that failed serves nothing more: the process ends, and says why.
+        let failed = async {
+            while raft_status.status().failure().is_none() {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        };
         tokio::select! {
             _ = shutdown => {}
             _ = removed => {}
+            _ = failed => {}
         }
         let _ = stop_tx.send(true);
     });
@@ -612,5 +623,8 @@ pub async fn run(
     if !matches!(tokio::task::spawn_blocking(move || thread.join()).await, Ok(Ok(()))) {
         tracing::error!("raft driver panicked");
     }
-    Ok(())
+    match status.failure() {
+        Some(why) => Err(ServerError::Stopped(why)),
+        None => Ok(()),
+    }
 }

@@ -1484,3 +1484,51 @@ async fn a_cluster_upgraded_one_member_at_a_time_raises_its_version_and_refuses_
     let got = client(&members[0]).await.get("upgraded/", Some(GetOptions::new().with_prefix())).await.unwrap();
     assert_eq!(got.kvs().len(), 3, "every write of the upgrade is there");
 }
+
+/// A member that meets a cluster version newer than its build speaks in the log (it was
+/// cut off when the others raised it, then started again on an older build) stops, and
+/// its process ends saying which protocol to run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_meets_a_newer_cluster_version_in_the_log_stops_and_says_why() {
+    let root = tempdir();
+    let drill = |v: &str| ["--drill-mesh-protocol".to_string(), v.to_string()];
+    let four: [&str; 2] = ["--drill-mesh-protocol", "4"];
+    let mut members = bootstrap_three(root.path(), &[&four, &four, &four]);
+    eventually("cluster version 4", Duration::from_secs(20), || async {
+        members.iter().all(|m| cluster_version(m) == Some(4.0))
+    })
+    .await;
+    // a and b move on to 5; c too, but hearing nothing from them, it applies nothing.
+    let block = root.path().join("block-c");
+    std::fs::write(&block, "<a\n<b\n").unwrap();
+    for (i, m) in members.iter_mut().enumerate() {
+        m.proc.terminate();
+        m.args.truncate(m.args.len() - 2);
+        m.args.extend(drill("5"));
+        if i == 2 {
+            m.args.extend(["--mesh-block-file".to_string(), block.display().to_string()]);
+        }
+        restart(m);
+        m.proc.wait_ready(Duration::from_secs(60));
+    }
+    eventually("cluster version 5 on a and b", Duration::from_secs(20), || async {
+        members[..2].iter().all(|m| cluster_version(m) == Some(5.0))
+    })
+    .await;
+    assert_eq!(cluster_version(&members[2]), Some(4.0), "c applied nothing: {}", members[2].proc.log());
+
+    // c, on a build of protocol 4, starts (its data says 4) and meets 5 in the log.
+    members[2].proc.kill9();
+    std::fs::write(&block, "").unwrap();
+    let port: u16 = members[2].peer.rsplit(':').next().unwrap().parse().unwrap();
+    let mut args: Vec<String> = members[2].args.clone();
+    args.truncate(args.len() - 4);
+    args.extend(drill("4"));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut older = spawn_meshkv(&members[2].dir, &peer_url(port), &args);
+    wait_until("c to stop", Duration::from_secs(30), || older.child.try_wait().unwrap().is_some());
+    let status = older.child.wait().unwrap();
+    let log = older.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("stopped: the cluster runs mesh protocol 5 and this member's build speaks up to 4"), "{log}");
+}

@@ -137,6 +137,8 @@ pub struct RaftStatus {
     pub cluster_id: Arc<AtomicU64>,
     /// Set once this member applied its own removal.
     pub removed: AtomicBool,
+    /// Why the driver stopped, once it failed (its storage, or a log it cannot follow).
+    failure: Mutex<Option<String>>,
     pub metrics: super::RaftMetrics,
     /// The term and the time of the newest ReadIndex round this member asked as leader
     /// that a quorum answered.
@@ -147,6 +149,11 @@ pub struct RaftStatus {
 }
 
 impl RaftStatus {
+    /// Why the driver stopped, once it failed: this member serves nothing more.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn membership(&self) -> Membership {
         self.membership.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -317,6 +324,7 @@ impl Shared {
             Ok(open) => open,
             Err(e) => {
                 tracing::error!(error = %e, "this member stops serving");
+                *self.status.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(e.to_string());
                 self.stopped.store(true, Ordering::Release);
                 d.fail();
                 self.wake();
@@ -340,6 +348,11 @@ pub struct RaftHandle {
 impl RaftHandle {
     pub fn status(&self) -> &RaftStatus {
         &self.status
+    }
+
+    /// The status, to be read after every handle is gone.
+    pub fn shared_status(&self) -> Arc<RaftStatus> {
+        self.status.clone()
     }
 
     /// Proposes the member's own write (no user's permissions apply) and waits until
