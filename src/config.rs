@@ -281,6 +281,8 @@ pub enum ConfigError {
     TlsVersion(String),
     #[error("--voters must be at least 1")]
     ZeroVoters,
+    #[error("--drill-mesh-protocol {0} is older than the oldest protocol this build speaks ({1})")]
+    DrillProtocol(u32, u32),
     #[error("--bootstrap-expect {0} needs --join, so the members can find each other")]
     BootstrapWithoutJoin(usize),
     #[error("--cluster-name must not be empty")]
@@ -403,6 +405,10 @@ impl Config {
         if !matches!(self.log_level.as_str(), "debug" | "info" | "warn" | "error" | "trace") {
             return Err(ConfigError::LogLevel(self.log_level.clone()));
         }
+        let oldest = crate::mesh::secure::MIN_PROTOCOL_VERSION;
+        if self.mesh_protocol < oldest {
+            return Err(ConfigError::DrillProtocol(self.mesh_protocol, oldest));
+        }
         Ok(())
     }
 
@@ -431,6 +437,9 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::TlsPeer(_))));
         let c = Config { election_timeout: Duration::from_millis(200), ..Default::default() };
         assert!(matches!(c.validate(), Err(ConfigError::Timeouts { .. })));
+        let c = Config { mesh_protocol: 2, ..Default::default() };
+        let says = "--drill-mesh-protocol 2 is older than the oldest protocol this build speaks (3)";
+        assert_eq!(c.validate().unwrap_err().to_string(), says);
         assert_eq!(parse_listen_url("x", "http://127.0.0.1:0").unwrap().len(), 1);
     }
 }
