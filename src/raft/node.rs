@@ -294,7 +294,8 @@ struct Shared {
     status: Arc<RaftStatus>,
     /// The thread is parked (or about to park) with nothing queued that it knows of.
     idle: AtomicBool,
-    /// Storage failed: the driver serves nothing more.
+    /// The driver failed (its storage, or a log it cannot follow) and serves nothing
+    /// more: `status.failure()` says why; this flag is what every turn and send reads.
     stopped: AtomicBool,
     thread: OnceLock<std::thread::Thread>,
 }
