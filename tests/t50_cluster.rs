@@ -1532,3 +1532,34 @@ async fn a_member_that_meets_a_newer_cluster_version_in_the_log_stops_and_says_w
     assert!(!status.success(), "{log}");
     assert!(log.contains("stopped: the cluster runs mesh protocol 5 and this member's build speaks up to 4"), "{log}");
 }
+
+/// A member whose build is older than the cluster version is not added when it joins: the
+/// leader tells it the version, and its process ends saying which protocol to run, as
+/// etcd refuses a member incompatible with the running cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_older_than_the_cluster_version_is_not_added_and_says_why() {
+    let root = tempdir();
+    let four: [&str; 2] = ["--drill-mesh-protocol", "4"];
+    let members = bootstrap_three(root.path(), &[&four, &four, &four]);
+    eventually("cluster version 4", Duration::from_secs(20), || async {
+        members.iter().all(|m| cluster_version(m) == Some(4.0))
+    })
+    .await;
+    let mut d = spawn(root.path(), "d", free_port(), &["--join", &members[0].peer]);
+    wait_until("d to stop", Duration::from_secs(30), || d.proc.child.try_wait().unwrap().is_some());
+    let status = d.proc.child.wait().unwrap();
+    let log = d.proc.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("stopped: the cluster runs mesh protocol 4 and this member's build speaks up to 3"), "{log}");
+    let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(roles(&members[1]).await, Some((names(&["a", "b", "c"]), vec![])), "d was never added");
+
+    // The same member on a build that speaks 4 joins.
+    d.args.extend(four.iter().map(|a| a.to_string()));
+    restart(&mut d);
+    d.proc.wait_ready(Duration::from_secs(60));
+    eventually("d to join", Duration::from_secs(20), || async {
+        roles(&members[1]).await == Some((names(&["a", "b", "c"]), names(&["d"])))
+    })
+    .await;
+}

@@ -16,6 +16,7 @@
 //!   above, added again as a learner when the mesh reaches it. Until then it cannot
 //!   follow the leader, and the acknowledgements and votes it gave before are void.
 //!   Only members removed by a client stay out.
+//! - A peer whose build is older than the cluster version is never added.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -56,6 +57,9 @@ pub struct View {
     /// Members whose log ends before what the leader counts as replicated on them: they
     /// lost their data.
     pub lost: Vec<u64>,
+    /// Peers whose build speaks an older mesh protocol than the cluster version: never
+    /// added (they could not apply the log).
+    pub too_old: Vec<u64>,
 }
 
 /// One configuration change to propose.
@@ -141,8 +145,11 @@ impl Controller {
         if v.learners.len() >= self.cfg.max_learners {
             return None;
         }
-        let mut newcomers: Vec<&(u64, String)> =
-            v.reachable.iter().filter(|(id, _)| !members.contains(id) && !v.removed.contains(id)).collect();
+        let mut newcomers: Vec<&(u64, String)> = v
+            .reachable
+            .iter()
+            .filter(|(id, _)| !members.contains(id) && !v.removed.contains(id) && !v.too_old.contains(id))
+            .collect();
         newcomers.sort_by(|a, b| a.1.cmp(&b.1));
         newcomers.first().map(|(id, name)| Change::AddLearner { id: *id, name: name.clone() })
     }
@@ -213,6 +220,7 @@ mod tests {
             pending_conf_change: false,
             removed: vec![],
             lost: vec![],
+            too_old: vec![],
         }
     }
 
@@ -233,6 +241,17 @@ mod tests {
         let mut pending = view(&[1], &[], &[2]);
         pending.pending_conf_change = true;
         assert_eq!(c.decide(now, &pending), None);
+    }
+
+    #[test]
+    fn a_newcomer_older_than_the_cluster_version_is_passed_over() {
+        let mut c = Controller::new(MembershipConfig::default());
+        let now = Instant::now();
+        let mut old = view(&[1, 2, 3], &[], &[2, 3, 4, 5]);
+        old.too_old = vec![4];
+        assert_eq!(c.decide(now, &old), Some(Change::AddLearner { id: 5, name: "n5".into() }), "the next one is added");
+        old.reachable.retain(|(id, _)| *id != 5);
+        assert_eq!(c.decide(now, &old), None);
     }
 
     #[test]

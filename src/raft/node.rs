@@ -19,7 +19,7 @@
 //! A turn never waits on a client: replies go through oneshot channels whose
 //! receivers may be gone, and every queue it owns is bounded by deadlines.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -247,6 +247,11 @@ enum Command {
         last_index: u64,
         incarnation: u64,
     },
+    /// A member says the cluster runs mesh protocol `version`.
+    ClusterVersion {
+        from: u64,
+        version: u32,
+    },
 }
 
 /// Carries Raft messages to other members.
@@ -256,6 +261,9 @@ pub trait Transport: Send + Sync + 'static {
     fn reachable(&self) -> Vec<(u64, String)>;
     /// Tells a member the cluster removed that it is out.
     fn tell_removed(&self, id: u64);
+    /// Tells a member the leader will not add that the cluster runs mesh protocol
+    /// `version`, newer than its build speaks.
+    fn tell_cluster_version(&self, to: u64, version: u32);
     /// Tells the leader `to` that this member's log ends at `last_index`, before entries
     /// the leader counts as replicated here: this member lost its data, and started
     /// again as `incarnation`.
@@ -454,6 +462,13 @@ impl RaftHandle {
         self.send(Command::LostLog { from, last_index, incarnation })
     }
 
+    /// Member `from` says the cluster runs mesh protocol `version`: a leader that will not
+    /// add this member, whose build is older. Believed from a voter, or from any peer by a
+    /// member that is in no configuration yet; the driver then stops, saying why.
+    pub fn cluster_version_told(&self, from: u64, version: u32) -> Result<(), RaftError> {
+        self.send(Command::ClusterVersion { from, version })
+    }
+
     /// Asks the leader to hand leadership to `to`.
     pub fn transfer_leader(&self, to: u64) -> Result<(), RaftError> {
         self.send(Command::TransferLeader(to))
@@ -611,6 +626,11 @@ struct Driver {
     incarnation: u64,
     /// On the leader: the cluster version it last proposed, and when.
     version_asked: Option<(u32, Instant)>,
+    /// On the leader: members not added because their build is older than the cluster
+    /// version, already warned of.
+    too_old_warned: HashSet<u64>,
+    /// Why this member stops, told by a leader that will not add it: ends the next turn.
+    refused: Option<EngineError>,
     ticks: u64,
     campaign_soon: bool,
     no_leader_since: Option<Instant>,
@@ -740,6 +760,8 @@ pub fn start(
         lost_reports: HashMap::new(),
         reported_incarnations: HashMap::new(),
         version_asked: None,
+        too_old_warned: HashSet::new(),
+        refused: None,
         lost_told: None,
         incarnation,
         ticks: 0,
@@ -939,6 +961,9 @@ impl Driver {
                 }
             }
         }
+        if let Some(why) = self.refused.take() {
+            return Err(why);
+        }
         if self.last_tick.elapsed() >= self.cfg.tick {
             self.last_tick = Instant::now();
             // A follower's ticks count towards its next campaign; held, it has none.
@@ -1046,6 +1071,12 @@ impl Driver {
                 if self.node.raft.state == StateRole::Leader {
                     self.lost_reports.insert(from, (last_index, Instant::now()));
                     self.reported_incarnations.insert(from, incarnation);
+                }
+            }
+            Command::ClusterVersion { from, version } => {
+                let voters = &self.node.raft.prs().conf().to_conf_state().voters;
+                if version > self.cfg.protocol && (voters.is_empty() || voters.contains(&from)) {
+                    self.refused = Some(too_old(version, self.cfg.protocol));
                 }
             }
         }
@@ -1202,6 +1233,7 @@ impl Driver {
             pending_conf_change: r.pending_conf_index > r.raft_log.applied,
             removed: self.node.raft.raft_log.store().removed(),
             lost: Vec::new(),
+            too_old: Vec::new(),
         };
         self.lost_reports.retain(|_, (_, at)| now.duration_since(*at) < Duration::from_secs(5));
         view.lost = self
@@ -1225,6 +1257,27 @@ impl Driver {
                 transport.tell_removed(*id);
             }
         }
+        // A newcomer whose build is older than the cluster version could not apply the
+        // log: it is not added, and hears why (every half second while it stays).
+        let version = self.store.cluster_version();
+        let members: Vec<u64> = view.voters.iter().chain(&view.learners).copied().collect();
+        for (id, name) in &view.reachable {
+            let Some(speaks) = transport.protocol(name).filter(|p| *p < version) else { continue };
+            if members.contains(id) {
+                continue;
+            }
+            view.too_old.push(*id);
+            transport.tell_cluster_version(*id, version);
+            if self.too_old_warned.insert(*id) {
+                tracing::warn!(
+                    member = %name,
+                    speaks,
+                    cluster_version = version,
+                    "a member whose build is older than the cluster version is not added"
+                );
+            }
+        }
+        self.too_old_warned.retain(|id| view.too_old.contains(id));
         match self.controller.decide(now, &view) {
             // A newcomer is added once it has announced its incarnation.
             Some(Change::AddLearner { name, .. }) if transport.incarnation(&name).is_none() => {}

@@ -44,6 +44,9 @@ const TAG_HASH: u8 = 7;
 /// A call a follower sends the leader, and its answer.
 const TAG_LEADER_CALL: u8 = 8;
 const TAG_LEADER_ANSWER: u8 = 9;
+/// From the leader to a member it will not add because the cluster runs a newer mesh
+/// protocol than that member's build speaks: the cluster version (u32, big-endian).
+const TAG_CLUSTER_VERSION: u8 = 10;
 /// Most leader calls answered at once; more are dropped (their callers time out).
 const MAX_LEADER_CALLS: usize = 1024;
 /// Hash requests a member holds at most: one hashing, the rest waiting.
@@ -76,6 +79,7 @@ pub enum Datagram {
     Hash(PeerHash),
     LeaderCall(LeaderCall),
     LeaderAnswer(LeaderAnswer),
+    ClusterVersion(u32),
 }
 
 /// Answers the calls followers send this member as their leader (the API's services).
@@ -107,6 +111,10 @@ pub fn decode_datagram(data: &[u8]) -> Result<Datagram, String> {
         TAG_HASH => PeerHash::decode(body).map(Datagram::Hash).map_err(|e| e.to_string()),
         TAG_LEADER_CALL => LeaderCall::decode(body).map(Datagram::LeaderCall).map_err(|e| e.to_string()),
         TAG_LEADER_ANSWER => LeaderAnswer::decode(body).map(Datagram::LeaderAnswer).map_err(|e| e.to_string()),
+        TAG_CLUSTER_VERSION => match <[u8; 4]>::try_from(body) {
+            Ok(b) => Ok(Datagram::ClusterVersion(u32::from_be_bytes(b))),
+            Err(_) => Err(format!("a cluster-version datagram of {} bytes", body.len())),
+        },
         t => Err(format!("unknown datagram tag {t}")),
     }
 }
@@ -338,6 +346,9 @@ impl MeshTransport {
                 Ok(Datagram::Hash(h)) => self.on_hash(src, h),
                 Ok(Datagram::LeaderCall(c)) => self.on_leader_call(src, c),
                 Ok(Datagram::LeaderAnswer(a)) => self.on_leader_answer(a),
+                Ok(Datagram::ClusterVersion(v)) => {
+                    let _ = raft.cluster_version_told(member_id(&src), v);
+                }
                 Err(e) => {
                     self.dropped.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!(%src, error = %e, "undecodable datagram dropped");
@@ -512,6 +523,12 @@ impl Transport for MeshTransport {
         }
     }
 
+    fn tell_cluster_version(&self, to: u64, version: u32) {
+        if let Some(name) = self.name_of(to) {
+            let _ = self.conn.send_to(&name, tagged(TAG_CLUSTER_VERSION, &version.to_be_bytes()), Priority::Control);
+        }
+    }
+
     fn tell_lost_log(&self, to: u64, last_index: u64, incarnation: u64) {
         if let Some(name) = self.name_of(to) {
             let mut body = last_index.to_be_bytes().to_vec();
@@ -578,6 +595,13 @@ mod tests {
         assert!(decode_datagram(&tagged(TAG_LOST_LOG, &[0; 17])).is_err());
     }
 
+    #[test]
+    fn a_cluster_version_is_exactly_four_bytes() {
+        assert_eq!(decode_datagram(&tagged(TAG_CLUSTER_VERSION, &4u32.to_be_bytes())), Ok(Datagram::ClusterVersion(4)));
+        assert!(decode_datagram(&[TAG_CLUSTER_VERSION, 0, 4]).is_err());
+        assert!(decode_datagram(&tagged(TAG_CLUSTER_VERSION, &[0; 5])).is_err());
+    }
+
     proptest! {
         #[test]
         fn arbitrary_datagrams_never_panic(data in proptest::collection::vec(any::<u8>(), 0..256)) {
@@ -585,7 +609,7 @@ mod tests {
         }
 
         #[test]
-        fn arbitrary_bodies_behind_every_tag_never_panic(tag in 0u8..6, body in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fn arbitrary_bodies_behind_every_tag_never_panic(tag in 0u8..=TAG_CLUSTER_VERSION + 1, body in proptest::collection::vec(any::<u8>(), 0..256)) {
             let mut d = vec![tag];
             d.extend(body);
             let _ = decode_datagram(&d);
