@@ -264,8 +264,12 @@ async fn observed_late(endpoint: &str, n: usize) -> Vec<String> {
     let lease = c.lease_grant(60, None).await.unwrap().id();
     let mut el = c.election_client();
     let leader = el.campaign("late", "v0", lease).await.unwrap().take_leader().unwrap();
+    let now = c.put("elsewhere/first", "", None).await.unwrap().header().unwrap().revision();
     let mut observer = el.observe("late").await.unwrap();
-    let first = observer.message().await.unwrap().and_then(|mut r| r.take_kv()).unwrap();
+    let mut told = observer.message().await.unwrap().unwrap();
+    // Its header speaks of the store when it was read, as a Get's does.
+    assert_eq!(told.header().unwrap().revision(), now, "{endpoint}: the first answer's header revision");
+    let first = told.take_kv().unwrap();
     assert_eq!(first.value(), b"v0");
     // Far more than the client's stream window (2 MiB), all made before the observer
     // reads again.

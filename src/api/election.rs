@@ -217,9 +217,10 @@ fn newer(kv: &KeyValue, sent: &KeyValue) -> bool {
     (kv.create_revision, kv.mod_revision) > (sent.create_revision, sent.mod_revision)
 }
 
+/// Sends `kv` with the store's revision in the header, as etcd's Observe answers with its
+/// Get's header or its watch's.
 async fn deliver(ctx: &Ctx, tx: &Observed, kv: &KeyValue) -> bool {
-    let header = ctx.header(Some(ResponseHeader { revision: kv.mod_revision, ..Default::default() }));
-    tx.send(Ok(LeaderResponse { header, kv: Some(kv.clone()) })).await.is_ok()
+    tx.send(Ok(LeaderResponse { header: ctx.header(None), kv: Some(kv.clone()) })).await.is_ok()
 }
 
 /// Passes on the values `events` give the leader last sent, if `following` it; says
