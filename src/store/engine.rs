@@ -36,6 +36,11 @@ pub const CF_ALARM: &str = "alarm";
 
 /// The memory all memtables may use together.
 const DB_WRITE_BUFFER_BYTES: usize = 64 << 20;
+/// RocksDB's own WAL carries only rare writes (membership, snapshot marks): the log and
+/// the store skip it. Its size bounds the disk space RocksDB reserves for each new WAL
+/// file, which would otherwise be the whole memtable budget, reserved again after every
+/// flush.
+const MAX_TOTAL_WAL_BYTES: u64 = 4 << 20;
 
 pub const ALL_CFS: [&str; 7] = [CF_RAFT_LOG, CF_RAFT_STATE, CF_KV, CF_META, CF_LEASE, CF_AUTH, CF_ALARM];
 
@@ -72,6 +77,7 @@ impl Engine {
         // All memtables together stay under this: the largest is flushed when they reach
         // it, so memory does not grow with the number of column families.
         opts.set_db_write_buffer_size(DB_WRITE_BUFFER_BYTES);
+        opts.set_max_total_wal_size(MAX_TOTAL_WAL_BYTES);
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         // Writes that skip the WAL are only as durable as the flush that takes them to an
         // SST file; flushing every column family in one step keeps what a crash leaves
