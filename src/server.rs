@@ -338,7 +338,7 @@ pub async fn run(
     // Keys are read before anything is created, so that a wrong path leaves nothing behind.
     let jwt = cfg.jwt.as_ref().map(crate::store::jwt::Jwt::load).transpose()?;
     std::fs::create_dir_all(&cfg.data_dir)
-        .map_err(|e| EngineError::Corrupt { cf: "data dir", what: format!("{}: {e}", cfg.data_dir.display()) })?;
+        .map_err(|source| EngineError::Io { what: format!("making {}", cfg.data_dir.display()), source })?;
     let mut cfg = cfg;
     cfg.name = resolve_name(&cfg)?;
     if cfg.unsafe_no_read_index {

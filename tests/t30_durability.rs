@@ -3,10 +3,12 @@
 //! Once with the defaults (nothing flushed, the whole log applied again), once with a
 //! short log (`--snapshot-count 20`): the store is flushed and the log trimmed many times
 //! during the run, so the restart applies again only what the last flush did not cover.
+//! A member whose disk fills stops, saying why, and keeps every write it acknowledged.
 
 mod common;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use common::*;
 use etcd_client::{Client, GetOptions};
@@ -79,4 +81,58 @@ async fn puts_survive_sigkill(flags: &[&str]) {
     let mut c = Client::connect([server.endpoint()], None).await.unwrap();
     let g = c.get("after-restart", None).await.unwrap();
     assert_eq!(g.kvs()[0].mod_revision(), last + 1);
+}
+
+/// A member whose disk fills stops and says why, as etcd exits when it cannot write: the
+/// writes it acknowledged are all kept. While the disk is still full it does not start,
+/// and once there is room it serves them all and takes new writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_the_member_and_loses_no_acknowledged_write() {
+    const VALUE: usize = 256 << 10;
+    let dir = tempdir();
+    let data = dir.path().join("disk");
+    // Room for a fresh member (its Raft log file takes 64 MiB) and a few flushes.
+    let disk = match SmallDisk::mount(&data, 96) {
+        Ok(d) => d,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let mut server = start_meshkv(&data, &[]);
+    let mut c = Client::connect([server.endpoint()], None).await.unwrap();
+    let mut acked = Vec::new();
+    let mut refused = None;
+    for i in 0..1000u64 {
+        match c.put(format!("full/{i:04}"), noise(i, VALUE), None).await {
+            Ok(_) => acked.push(i),
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("the disk filled");
+    wait_until("the member to stop", Duration::from_secs(30), || server.child.try_wait().unwrap().is_some());
+    let log = server.log();
+    assert!(!server.child.wait().unwrap().success(), "{log}");
+    assert!(log.contains("stopped: ") && log.contains("No space left on device"), "{refused}\n{log}");
+
+    let mut args = vec!["--data-dir".to_string(), data.display().to_string()];
+    args.extend(
+        ["--listen-client-urls", "http://127.0.0.1:0", "--listen-peer-urls", "http://127.0.0.1:0"].map(String::from),
+    );
+    let said = refused_at_start(&args, &[]);
+    assert!(said.contains("No space left on device"), "{said}");
+
+    disk.resize(512);
+    let server = start_meshkv(&data, &[]);
+    let mut c = Client::connect([server.endpoint()], None).await.unwrap();
+    let all = c.get("full/", Some(GetOptions::new().with_prefix().with_keys_only())).await.unwrap();
+    assert!(all.count() as usize >= acked.len(), "{} keys, {} acknowledged", all.count(), acked.len());
+    for i in &acked {
+        let got = c.get(format!("full/{i:04}"), None).await.unwrap();
+        assert!(got.kvs().first().is_some_and(|kv| kv.value() == noise(*i, VALUE)), "full/{i:04} kept its value");
+    }
+    c.put("after", "room", None).await.unwrap();
 }

@@ -1563,3 +1563,44 @@ async fn a_joiner_older_than_the_cluster_version_is_not_added_and_says_why() {
     })
     .await;
 }
+
+/// A member whose disk fills stops, saying why, and the other two go on taking writes;
+/// once its disk has room again it starts, catches up and holds what they hold. It leads
+/// when its disk fills: the writes in flight go to the next leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_disk_fills_stops_while_the_others_go_on_then_catches_up() {
+    const VALUE: usize = 256 << 10;
+    let root = tempdir();
+    // c's data dir on a disk with room for a fresh member and a few flushes.
+    let disk = match SmallDisk::mount(&root.path().join("c"), 96) {
+        Ok(d) => d,
+        Err(why) => {
+            println!("skipped: {why}");
+            return;
+        }
+    };
+    let mut members = bootstrap_three(root.path(), &[&[], &[], &[]]);
+    lead_to(&members, 2).await;
+    let mut c = client(&members[0]).await;
+    let mut i = 0u64;
+    while members[2].proc.child.try_wait().unwrap().is_none() {
+        assert!(i < 1000, "c's disk never filled: {}", members[2].proc.log());
+        let put = c.put(format!("full/{i:04}"), noise(i, VALUE), None).await;
+        put.unwrap_or_else(|e| panic!("a write while c's disk fills failed: {e}\n{}", members[2].proc.log()));
+        i += 1;
+    }
+    let log = members[2].proc.log();
+    assert!(log.contains("stopped: ") && log.contains("No space left on device"), "{log}");
+    // The other two take writes without c.
+    let mut rev = 0;
+    for _ in 0..20 {
+        let put = c.put(format!("full/{i:04}"), noise(i, VALUE), None).await.unwrap();
+        rev = put.header().unwrap().revision();
+        i += 1;
+    }
+
+    disk.resize(512);
+    restart(&mut members[2]);
+    members[2].proc.wait_ready(Duration::from_secs(60));
+    catches_up_and_agrees(&members, &members[2], &format!("full/{:04}", i - 1), rev).await;
+}

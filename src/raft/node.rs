@@ -40,7 +40,7 @@ use super::wal::LogWal;
 use super::{logger, RaftError};
 use crate::pb::meshkvpb::{internal_request, InternalRequest, MemberContext, SnapshotDescriptor};
 use crate::store::engine::{Engine, EngineError, CF_META};
-use crate::store::mvcc::{MvccStore, WriteResponse, META_CLUSTER_VERSION};
+use crate::store::mvcc::{MvccError, MvccStore, WriteResponse, META_CLUSTER_VERSION};
 
 /// Tuning of the Raft driver.
 #[derive(Clone, Debug)]
@@ -783,7 +783,7 @@ pub fn start(
     let thread = std::thread::Builder::new()
         .name("raft".into())
         .spawn(move || run(on_thread))
-        .map_err(|e| EngineError::Corrupt { cf: "raft_state", what: format!("cannot start raft thread: {e}") })?;
+        .map_err(|source| EngineError::Io { what: "starting the raft thread".into(), source })?;
     let _ = shared.thread.set(thread.thread().clone());
     let handle = RaftHandle {
         tx,
@@ -1715,8 +1715,10 @@ impl Driver {
             reqs.push((e.index, req));
         }
         let started = Instant::now();
-        let (results, held) =
-            self.store.apply_held(&reqs).map_err(|e| EngineError::Corrupt { cf: "kv", what: e.to_string() })?;
+        let (results, held) = self.store.apply_held(&reqs).map_err(|e| match e {
+            MvccError::Engine(e) => e,
+            e => EngineError::Corrupt { cf: "kv", what: e.to_string() },
+        })?;
         let took = started.elapsed();
         self.status.metrics.backend_commit.observe(took.as_secs_f64());
         if took > self.cfg.warning_apply_duration {

@@ -34,8 +34,8 @@ pub const CFS: [&str; 4] = [CF_KV, CF_LEASE, CF_AUTH, CF_ALARM];
 const CHUNK_BYTES: usize = 1 << 20;
 const SST_BYTES: usize = 64 << 20;
 
-fn err(what: impl std::fmt::Display) -> EngineError {
-    EngineError::Corrupt { cf: "snapshot", what: what.to_string() }
+fn making(dir: &std::path::Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
+    move |source| EngineError::Io { what: format!("making {}", dir.display()), source }
 }
 
 struct Served {
@@ -64,7 +64,7 @@ impl Outgoing {
     /// Checkpoints the engine for member `to`; the caller reads the applied index it
     /// covers from the checkpoint.
     pub fn create(&self, engine: &Engine, id: u64, to: u64) -> Result<(), EngineError> {
-        std::fs::create_dir_all(&self.dir).map_err(err)?;
+        std::fs::create_dir_all(&self.dir).map_err(making(&self.dir))?;
         let path = self.dir.join(format!("{id:016x}"));
         let _ = std::fs::remove_dir_all(&path);
         rocksdb::checkpoint::Checkpoint::new(engine.db())?.create_checkpoint(&path)?;
@@ -209,7 +209,8 @@ pub struct SstSink {
 
 impl SstSink {
     pub fn new(dir: &Path, cf: u32) -> Result<Self, EngineError> {
-        std::fs::create_dir_all(dir.join(cf.to_string())).map_err(err)?;
+        let cf_dir = dir.join(cf.to_string());
+        std::fs::create_dir_all(&cf_dir).map_err(making(&cf_dir))?;
         Ok(Self {
             dir: dir.to_path_buf(),
             cf,

@@ -52,8 +52,8 @@ fn err(what: String) -> EngineError {
     EngineError::Corrupt { cf: CF_RAFT_LOG, what }
 }
 
-fn io(what: &str, e: std::io::Error) -> EngineError {
-    err(format!("{what}: {e}"))
+fn io(what: &str, source: std::io::Error) -> EngineError {
+    EngineError::Io { what: what.to_string(), source }
 }
 
 pub struct LogWal {

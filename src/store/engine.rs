@@ -55,6 +55,10 @@ pub enum EngineError {
     Rocks(#[from] rocksdb::Error),
     #[error("corrupt record in {cf}: {what}")]
     Corrupt { cf: &'static str, what: String },
+    /// A file beside RocksDB (the Raft log's, a snapshot's, the data dir) could not be
+    /// made, read or written: a full disk, say. Nothing in it is known to be damaged.
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
     /// The data needs a newer build than this one.
     #[error("{0}")]
     Unsupported(String),

@@ -374,3 +374,37 @@ pub fn enable_auth(endpoint: &str, user: &str, prefix: &str) {
         assert_eq!(out.status, 0, "{args:?}: {out:?}");
     }
 }
+
+/// A file system of its own and of a set size (a tmpfs, mounted as root), for a data dir
+/// whose disk must fill. Unmounted when dropped; processes still using it keep it until
+/// they end.
+pub struct SmallDisk {
+    path: PathBuf,
+}
+
+impl SmallDisk {
+    /// Mounts `mib` MiB at `path` (made if missing); why not, where this cannot mount.
+    pub fn mount(path: &Path, mib: u64) -> Result<Self, String> {
+        std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+        let size = format!("size={mib}m");
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &size, "tmpfs"]).arg(path).output();
+        match out {
+            Ok(o) if o.status.success() => Ok(Self { path: path.to_path_buf() }),
+            Ok(o) => Err(format!("mount -t tmpfs: {}", String::from_utf8_lossy(&o.stderr).trim())),
+            Err(e) => Err(format!("mount: {e}")),
+        }
+    }
+
+    /// Grows (or shrinks) the file system to `mib` MiB, keeping its files.
+    pub fn resize(&self, mib: u64) {
+        let opts = format!("remount,size={mib}m");
+        let st = Command::new("mount").args(["-o", &opts]).arg(&self.path).status().unwrap();
+        assert!(st.success(), "mount -o {opts} {}", self.path.display());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
