@@ -30,7 +30,7 @@ struct Model {
 
 impl Model {
     fn new() -> Self {
-        Self { states: vec![BTreeMap::new(), BTreeMap::new()], compacted: 0 }
+        Self { states: vec![BTreeMap::new(), BTreeMap::new()], compacted: meshkv::store::mvcc::NEVER_COMPACTED }
     }
     fn rev(&self) -> i64 {
         self.states.len() as i64 - 1

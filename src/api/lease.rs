@@ -313,6 +313,9 @@ impl LeaseService {
     /// which the leader waits (a little) to have applied too; such a call is refused by a
     /// member that no longer leads, never sent on again.
     async fn answers_here(&self, forwarded: Option<u64>) -> Result<bool, Status> {
+        if forwarded.is_none() {
+            self.wait_leader().await?;
+        }
         if let Some(applied) = forwarded {
             let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
             while self.ctx.store.applied_index() < applied && tokio::time::Instant::now() < deadline {
@@ -334,6 +337,20 @@ impl LeaseService {
             true => Ok(false),
             false => Err(not_leader()),
         }
+    }
+
+    /// Waits for a leader, as etcd's waitLeader does: a call made while one is elected (at
+    /// start, or after the leader's loss) is answered once there is one, and refused
+    /// only after two election timeouts without, as a write is.
+    async fn wait_leader(&self) -> Result<(), Status> {
+        let deadline = tokio::time::Instant::now() + 2 * self.lessor.extend;
+        while self.ctx.raft.status().leader() == 0 {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Status::new(Code::Unavailable, "etcdserver: no leader"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(())
     }
 
     /// Whether a quorum confirmed this member as leader within the last election

@@ -157,7 +157,7 @@ impl Metrics {
         self.db_size.set(ctx.store.engine().size_bytes() as i64);
         self.keys.set(ctx.store.key_count() as i64);
         self.revision.set(ctx.store.revision());
-        self.compact_revision.set(ctx.store.compact_revision());
+        self.compact_revision.set(ctx.store.compact_revision().max(0));
         self.leases.set(ctx.store.leases().len() as i64);
         self.cluster_version.set(i64::from(ctx.store.cluster_version()));
     }

@@ -65,17 +65,19 @@ fn request_op(op: &RequestOp, max_ops: usize) -> Result<(), RequestError> {
     }
 }
 
-/// A deleted interval `[start, end)`; `end` None is the single key, empty is unbounded.
+/// A deleted interval `[start, end)`; `end` None is the single key.
 struct Deleted {
     start: Bytes,
     end: Option<Bytes>,
 }
 
 impl Deleted {
+    /// As etcd's check sees it: the range end is compared as the bytes it is, so a
+    /// delete "from the key on" (an end of "\0") covers no put, and the Txn deletes, then
+    /// puts, in its order, as etcd's does.
     fn covers(&self, k: &[u8]) -> bool {
         match &self.end {
             None => k == self.start.as_ref(),
-            Some(e) if e.as_ref() == [0] || e.is_empty() => k >= self.start.as_ref(),
             Some(e) => k >= self.start.as_ref() && k < e.as_ref(),
         }
     }
@@ -164,7 +166,11 @@ mod tests {
         assert_eq!(check(vec![del_op("a", ""), del_op("a", "")]), Ok(()));
         assert_eq!(check(vec![txn_op(vec![put_op("a")], vec![put_op("a")])]), Ok(()));
         assert_eq!(check(vec![put_op("a"), txn_op(vec![put_op("a")], vec![])]), Err(RequestError::DuplicateKey));
-        assert_eq!(check(vec![del_op("a", "\0"), txn_op(vec![], vec![put_op("z")])]), Err(RequestError::DuplicateKey));
+        assert_eq!(check(vec![del_op("a", "c"), txn_op(vec![], vec![put_op("b")])]), Err(RequestError::DuplicateKey));
+        // etcd compares a range end of "\0" as a byte string, below every key: a delete
+        // from a key on clashes with no put.
+        assert_eq!(check(vec![del_op("a", "\0"), txn_op(vec![], vec![put_op("z")])]), Ok(()));
+        assert_eq!(check(vec![put_op("b"), del_op("a", "\0")]), Ok(()));
     }
 
     #[test]

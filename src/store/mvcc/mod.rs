@@ -43,6 +43,9 @@ pub use revision::Revision;
 pub(crate) const META_APPLIED: &[u8] = b"applied_index";
 pub(crate) const META_REVISION: &[u8] = b"revision";
 pub(crate) const META_COMPACTED: &[u8] = b"compact_revision";
+/// The compact revision of a store never compacted, as etcd's: a compaction at 0 is
+/// taken once, and HashKV says -1.
+pub const NEVER_COMPACTED: i64 = -1;
 /// The cluster version: the mesh protocol every member speaks, which entries may use.
 pub const META_CLUSTER_VERSION: &[u8] = b"cluster_version";
 /// Meta key set while a Raft snapshot replaces the store: its staging directory. The
@@ -271,7 +274,7 @@ impl MvccStore {
     fn load_all(engine: &Engine) -> Result<Loaded, MvccError> {
         let applied = engine.get_u64(CF_META, META_APPLIED)?.unwrap_or(0);
         let mut current = engine.get_u64(CF_META, META_REVISION)?.unwrap_or(1) as i64;
-        let compacted = engine.get_u64(CF_META, META_COMPACTED)?.unwrap_or(0) as i64;
+        let compacted = engine.get_u64(CF_META, META_COMPACTED)?.map_or(NEVER_COMPACTED, |c| c as i64);
         let cluster_version = engine.get_u64(CF_META, META_CLUSTER_VERSION)?.unwrap_or(0) as u32;
         let mut index = KeyIndex::default();
         let mut key_lease = HashMap::new();
@@ -406,6 +409,7 @@ impl MvccStore {
         self.current.load(Ordering::Acquire)
     }
 
+    /// The revision of the last compaction, [`NEVER_COMPACTED`] before any.
     pub fn compact_revision(&self) -> i64 {
         self.compacted.load(Ordering::Acquire)
     }
@@ -627,9 +631,11 @@ impl MvccStore {
                     _ => Ok(()),
                 };
                 allowed.and_then(|()| match req {
-                    internal_request::Request::Put(p) => {
-                        self.check_put(&a, p, rev).and_then(|()| self.put(&mut a, p)).map(WriteResponse::Put)
-                    }
+                    internal_request::Request::Put(p) => self
+                        .check_lease(&a, p)
+                        .and_then(|()| self.check_put(&a, p, rev))
+                        .and_then(|()| self.put(&mut a, p))
+                        .map(WriteResponse::Put),
                     internal_request::Request::DeleteRange(d) => {
                         self.delete_range(&mut a, d).map(WriteResponse::DeleteRange)
                     }
@@ -844,11 +850,16 @@ impl MvccStore {
     }
 
     /// Checks a Put against the state at `rev` before anything is written: etcd fails
-    /// the whole request (and a whole Txn) on these.
+    /// the whole request (and a whole Txn) on these, in this order in a Txn. A Put alone
+    /// checks its lease first ([`check_lease`](Self::check_lease)), as etcd's does.
     fn check_put(&self, a: &Apply, p: &PutRequest, rev: i64) -> Result<(), MvccError> {
         if (p.ignore_value || p.ignore_lease) && a.ix.get(&p.key, rev).is_none() {
             return Err(MvccError::KeyNotFound);
         }
+        self.check_lease(a, p)
+    }
+
+    fn check_lease(&self, a: &Apply, p: &PutRequest) -> Result<(), MvccError> {
         if p.lease != 0 && !a.leases.contains(p.lease) {
             return Err(MvccError::LeaseNotFound);
         }
@@ -929,7 +940,7 @@ impl MvccStore {
     }
 
     /// Decides every branch of a Txn (nested ones included) against the state before it,
-    /// as etcd does, and checks the chosen ops before any of them runs.
+    /// as etcd does: whether each Txn on the chosen path succeeds, in the order they run.
     fn txn_path(&self, a: &Apply, t: &TxnRequest, rev: i64, path: &mut Vec<bool>) -> Result<(), MvccError> {
         let mut ok = true;
         for c in &t.compare {
@@ -939,14 +950,38 @@ impl MvccStore {
             }
         }
         path.push(ok);
-        let ops = if ok { &t.success } else { &t.failure };
-        for op in ops {
+        for op in if ok { &t.success } else { &t.failure } {
+            if let Some(request_op::Request::RequestTxn(inner)) = &op.request {
+                self.txn_path(a, inner, rev, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the puts (`puts`) or the ranges on a Txn's chosen path before any op runs.
+    /// etcd checks every put first, then every range, so a bad lease is told before a
+    /// compacted revision.
+    fn check_path(
+        &self,
+        a: &Apply,
+        t: &TxnRequest,
+        rev: i64,
+        path: &mut impl Iterator<Item = bool>,
+        puts: bool,
+    ) -> Result<(), MvccError> {
+        let ok = path.next().unwrap_or(false);
+        for op in if ok { &t.success } else { &t.failure } {
             match &op.request {
-                Some(request_op::Request::RequestPut(p)) => self.check_put(a, p, rev)?,
-                Some(request_op::Request::RequestRange(r)) => {
+                Some(request_op::Request::RequestPut(p)) if puts => self.check_put(a, p, rev)?,
+                Some(request_op::Request::RequestRange(r)) if !puts => {
+                    // etcd's check takes a negative revision for one below the oldest it
+                    // keeps, once anything is compacted (a Range alone reads the newest).
+                    if r.revision < 0 && r.revision < self.compact_revision() {
+                        return Err(MvccError::Compacted);
+                    }
                     self.check_read_rev(r.revision, rev)?;
                 }
-                Some(request_op::Request::RequestTxn(inner)) => self.txn_path(a, inner, rev, path)?,
+                Some(request_op::Request::RequestTxn(inner)) => self.check_path(a, inner, rev, path, puts)?,
                 _ => {}
             }
         }
@@ -955,7 +990,11 @@ impl MvccStore {
 
     fn txn(&self, a: &mut Apply, t: &TxnRequest) -> Result<TxnResponse, MvccError> {
         let mut path = Vec::new();
-        self.txn_path(a, t, a.w.main - 1, &mut path)?;
+        let rev = a.w.main - 1;
+        self.txn_path(a, t, rev, &mut path)?;
+        for puts in [true, false] {
+            self.check_path(a, t, rev, &mut path.iter().copied(), puts)?;
+        }
         let mut path = path.into_iter();
         let mut resp = self.run_txn(a, t, &mut path)?;
         resp.header = Some(ResponseHeader { revision: a.w.read_rev(), ..Default::default() });
@@ -989,8 +1028,9 @@ impl MvccStore {
                     Some(response_op::Response::ResponseDeleteRange(self.delete_range(a, d)?))
                 }
                 Some(request_op::Request::RequestTxn(inner)) => {
+                    // etcd gives a nested Txn's answer an empty header.
                     let mut r = self.run_txn(a, inner, path)?;
-                    r.header = Some(ResponseHeader { revision: a.w.read_rev(), ..Default::default() });
+                    r.header = Some(ResponseHeader::default());
                     Some(response_op::Response::ResponseTxn(r))
                 }
                 None => None,
@@ -1031,7 +1071,7 @@ impl MvccStore {
         if view.get_cf(self.engine.cf(CF_META), META_INSTALLING).map_err(EngineError::from)?.is_some() {
             return Err(MvccError::Installing);
         }
-        Ok((meta(META_REVISION)?.unwrap_or(1), meta(META_COMPACTED)?.unwrap_or(0)))
+        Ok((meta(META_REVISION)?.unwrap_or(1), meta(META_COMPACTED)?.unwrap_or(NEVER_COMPACTED)))
     }
 
     /// A CRC-32 over every stored revision up to `rev` (0: the newest), for comparing
@@ -1076,9 +1116,9 @@ fn select(ix: &KeyIndex, req: &RangeRequest, rev: i64) -> (Vec<(Bytes, KeyAt)>, 
     let mut found = Vec::new();
     let mut count = 0usize;
     // Without sorting or filtering, one more than the limit tells `more`; the count
-    // still covers the whole range.
+    // still covers the whole range. As etcd does, only an order asks for the whole range
+    // to sort: a target without one sorts the first keys up to one more than the limit.
     let unsorted = req.sort_order == 0
-        && req.sort_target == 0
         && req.min_mod_revision == 0
         && req.max_mod_revision == 0
         && req.min_create_revision == 0
