@@ -206,6 +206,9 @@ impl Auth for AuthService {
         &self,
         request: Request<AuthenticateRequest>,
     ) -> Result<Response<AuthenticateResponse>, Status> {
+        // As etcd: a token sent along must be valid too, though it is told only once the
+        // password is right.
+        let sent_token = self.ctx.caller(&request).map(drop);
         let req = request.into_inner();
         if self.ctx.store.tokens().jwt().is_some() {
             // No Raft entry hands a JWT out: the store is brought up to date first, so
@@ -235,6 +238,7 @@ impl Auth for AuthService {
         if !ok {
             return Err(AuthError::Failed.into());
         }
+        sent_token?;
         if let Some(jwt) = self.ctx.store.tokens().jwt() {
             let token = jwt.sign(&req.name, revision).ok_or_else(|| {
                 Status::new(Code::Unavailable, "etcdserver: this member has no priv-key to sign auth tokens with")

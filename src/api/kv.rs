@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::auth::Caller;
+use super::auth::{Caller, Credentials};
 use super::{validate, Ctx};
 use crate::pb::etcdserverpb::kv_server::Kv;
 use crate::pb::etcdserverpb::{
@@ -30,12 +30,15 @@ fn unexpected(what: &str) -> Status {
     Status::internal(format!("etcdserver: unexpected apply result for {what}"))
 }
 
+/// As etcd's, each call checks the request's form before the caller's token: a request
+/// both malformed and sent with a token no longer valid is told what is wrong with it.
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, request: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
-        let caller = self.ctx.caller(&request)?;
+        let who = Credentials::of(&request);
         let req = request.into_inner();
         validate::range(&req)?;
+        let caller = self.ctx.caller_of(&who)?;
         self.ctx.require_read(&caller, &req.key, &req.range_end)?;
         if !req.serializable && !self.ctx.unsafe_no_read_index {
             self.ctx.raft.read_index().await?;
@@ -46,9 +49,10 @@ impl Kv for KvService {
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let caller = self.ctx.caller(&request)?;
+        let who = Credentials::of(&request);
         let req = request.into_inner();
         validate::put(&req)?;
+        let caller = self.ctx.caller_of(&who)?;
         match self.write(&caller, Write::Put(req)).await? {
             WriteResponse::Put(mut resp) => {
                 resp.header = self.ctx.header(resp.header);
@@ -62,9 +66,10 @@ impl Kv for KvService {
         &self,
         request: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        let caller = self.ctx.caller(&request)?;
+        let who = Credentials::of(&request);
         let req = request.into_inner();
         validate::delete_range(&req)?;
+        let caller = self.ctx.caller_of(&who)?;
         match self.write(&caller, Write::DeleteRange(req)).await? {
             WriteResponse::DeleteRange(mut resp) => {
                 resp.header = self.ctx.header(resp.header);
@@ -75,9 +80,10 @@ impl Kv for KvService {
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let caller = self.ctx.caller(&request)?;
+        let who = Credentials::of(&request);
         let req = request.into_inner();
         validate::txn(&req, self.ctx.max_txn_ops)?;
+        let caller = self.ctx.caller_of(&who)?;
         match self.write(&caller, Write::Txn(req)).await? {
             WriteResponse::Txn(mut resp) => {
                 resp.header = self.ctx.header(resp.header);

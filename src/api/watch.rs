@@ -27,6 +27,7 @@ use super::Ctx;
 use crate::pb::etcdserverpb::watch_create_request::FilterType;
 use crate::pb::etcdserverpb::{watch_request, ResponseHeader, WatchCreateRequest, WatchRequest, WatchResponse};
 use crate::pb::mvccpb::{event::EventType, Event};
+use crate::store::mvcc::NEVER_COMPACTED;
 use crate::store::watch::{EventBatch, KeyRange};
 use crate::store::MvccError;
 
@@ -264,14 +265,12 @@ impl WatchStream {
         };
         // An empty key is the smallest key, "\0".
         let key = if c.key.is_empty() { Bytes::from_static(&[0]) } else { c.key.clone() };
-        if c.start_revision < 0 {
-            return self.send(refuse("etcdserver: mvcc: required revision has been compacted")).await;
-        }
         let permitted =
             self.ctx.caller_of(&self.credentials).and_then(|who| self.ctx.require_read(&who, &key, &c.range_end));
-        if permitted.is_err() {
-            // etcd's words: the gRPC error as text.
-            return self.send(refuse("rpc error: code = PermissionDenied desc = etcdserver: permission denied")).await;
+        if let Err(e) = permitted {
+            // etcd's words: the gRPC error as Go prints it (a missing user, a token no
+            // longer valid, or a range not permitted).
+            return self.send(refuse(&format!("rpc error: code = {:?} desc = {}", e.code(), e.message()))).await;
         }
         let bounded = c.range_end.len() > 1 || (c.range_end.len() == 1 && c.range_end[0] != 0);
         if bounded && key.as_ref() >= c.range_end.as_ref() {
@@ -288,7 +287,13 @@ impl WatchStream {
         } else {
             c.watch_id
         };
-        let next = if c.start_revision == 0 { current + 1 } else { c.start_revision };
+        let next = match c.start_revision {
+            0 => current + 1,
+            // As etcd: from before the first revision is compacted once anything is, and
+            // from the next revision until then.
+            r if r < 0 && self.ctx.store.compact_revision() == NEVER_COMPACTED => current + 1,
+            r => r,
+        };
         let w = Watcher {
             single_key: c.range_end.is_empty(),
             range: KeyRange::new(key.clone(), &c.range_end),
@@ -515,9 +520,10 @@ impl WatchStream {
     }
 
     /// WatchProgressRequest: once every watcher is synced, the current revision, for all.
+    /// As etcd's, a watcher from a revision still to come is synced.
     async fn progress_all(&mut self) -> Result<(), Gone> {
         let current = self.ctx.store.revision();
-        if self.watchers.is_empty() || self.watchers.values().any(|w| !w.synced || w.next > current + 1) {
+        if self.watchers.is_empty() || self.watchers.values().any(|w| !w.synced) {
             return Ok(());
         }
         self.send(WatchResponse { header: self.header(current), watch_id: -1, ..Default::default() }).await

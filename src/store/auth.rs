@@ -269,6 +269,11 @@ impl AuthState {
         for role in &u.roles {
             root |= role == ROOT;
             for p in self.roles.get(role).map(|r| r.key_permission.as_slice()).unwrap_or_default() {
+                // etcd reads an empty key as past every key (its clients send "\0" for
+                // "from the first key"): such a permission holds no key.
+                if p.key.is_empty() {
+                    continue;
+                }
                 let span = Span::of(&p.key, &p.range_end);
                 match permission::Type::try_from(p.perm_type) {
                     Ok(permission::Type::Read) => read.push(span),
@@ -301,6 +306,8 @@ impl AuthState {
             Access::Read => &p.read,
             Access::Write => &p.write,
         };
+        // An empty key asked for is, as in a permission, past every key: as no permission
+        // holds it, no user but root is let through with it.
         if set.covers(&Span::of(key, range_end)) {
             Ok(())
         } else {
@@ -811,6 +818,40 @@ mod tests {
         assert_eq!(s.check("alice", Access::Read, b"/p/x", b""), Err(AuthError::PermissionDenied));
         let revoke = Change::UserRevokeRole(AuthUserRevokeRoleRequest { name: "alice".into(), role: "reader".into() });
         assert_eq!(apply(&d, &mut s, revoke, Some(ROOT), &t), Err(AuthError::RoleNotGranted));
+    }
+
+    #[test]
+    fn an_empty_key_is_past_every_key_in_a_permission_and_in_a_check() {
+        let (d, t) = (db(), Tokens::default());
+        let mut s = AuthState::default();
+        let grant = |key: &str, range_end: &str| {
+            Change::RoleGrantPermission(AuthRoleGrantPermissionRequest {
+                name: "r".into(),
+                perm: Some(Permission {
+                    perm_type: 2,
+                    key: key.to_string().into(),
+                    range_end: range_end.to_string().into(),
+                }),
+            })
+        };
+        for c in [
+            Change::UserAdd(AuthUserAddRequest { name: ROOT.into(), ..Default::default() }),
+            Change::UserGrantRole(AuthUserGrantRoleRequest { user: ROOT.into(), role: ROOT.into() }),
+            Change::UserAdd(AuthUserAddRequest { name: "alice".into(), ..Default::default() }),
+            Change::RoleAdd(AuthRoleAddRequest { name: "r".into() }),
+            grant("", "m"),
+            Change::UserGrantRole(AuthUserGrantRoleRequest { user: "alice".into(), role: "r".into() }),
+            Change::Enable(AuthEnableRequest {}),
+        ] {
+            apply(&d, &mut s, c, None, &t).unwrap();
+        }
+        // From "" to "m" holds nothing; from "\0" to "m" holds "a".
+        assert_eq!(s.check("alice", Access::Read, b"a", b""), Err(AuthError::PermissionDenied));
+        apply(&d, &mut s, grant("\0", "m"), Some(ROOT), &t).unwrap();
+        assert!(s.check("alice", Access::Read, b"a", b"").is_ok());
+        // Asked with an empty key, only root is let through.
+        assert_eq!(s.check("alice", Access::Read, b"", b"b"), Err(AuthError::PermissionDenied));
+        assert!(s.check(ROOT, Access::Read, b"", b"b").is_ok());
     }
 
     #[test]

@@ -545,7 +545,9 @@ impl MvccStore {
                         T::Key | T::Value => ka.cmp(kb),
                         T::Version => a.version.cmp(&b.version),
                         T::Create => a.created.cmp(&b.created),
-                        T::Mod => a.modified.cmp(&b.modified),
+                        // The revision alone, as etcd's mod_revision: keys written by
+                        // one Txn tie, and stay in key order, as etcd's sort leaves them.
+                        T::Mod => a.modified.main.cmp(&b.modified.main),
                     };
                     directed(c, order)
                 });
@@ -705,16 +707,20 @@ impl MvccStore {
     fn authorize(&self, a: &Apply, req: &internal_request::Request, user: &str) -> Result<(), MvccError> {
         use internal_request::Request as R;
         let auth = self.auth.read().unwrap_or_else(|_| lock_poisoned());
+        let writes_all_keys_of = |lease: i64| {
+            let mut keys = a.leases.get(lease).map(|l| &l.keys).into_iter().flatten();
+            keys.try_for_each(|key| auth.check(user, crate::store::auth::Access::Write, key, &[]))
+        };
         match req {
-            R::Put(p) => auth.check_put(user, p)?,
+            R::Put(p) => {
+                auth.check_put(user, p)?;
+                // As etcd: a lease is given to a key only by a user who could revoke it.
+                writes_all_keys_of(p.lease)?;
+            }
             R::DeleteRange(d) => auth.check_delete(user, d)?,
             R::Txn(t) => auth.check_txn(user, t)?,
-            R::LeaseRevoke(r) => {
-                // Revoking deletes the lease's keys: each must be writable.
-                for key in a.leases.get(r.id).map(|l| &l.keys).into_iter().flatten() {
-                    auth.check(user, crate::store::auth::Access::Write, key, &[])?;
-                }
-            }
+            // Revoking deletes the lease's keys: each must be writable.
+            R::LeaseRevoke(r) => writes_all_keys_of(r.id)?,
             R::Compaction(_)
             | R::LeaseGrant(_)
             | R::LeaseCheckpoint(_)
