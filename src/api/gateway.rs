@@ -389,13 +389,14 @@ fn failed(status: &Status) -> Response {
     super::http::json(http_status(status.code()), serde_json::to_vec(&body).unwrap_or_default())
 }
 
-/// grpc-gateway's HTTP status for a gRPC code.
+/// grpc-gateway's HTTP status for a gRPC code, as etcd's gateway (grpc-gateway v1) maps them.
 fn http_status(code: Code) -> StatusCode {
     match code {
         Code::Ok => StatusCode::OK,
         Code::Cancelled => StatusCode::REQUEST_TIMEOUT,
         Code::Unknown | Code::Internal | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
-        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::InvalidArgument | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::FailedPrecondition => StatusCode::PRECONDITION_FAILED,
         Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         Code::NotFound => StatusCode::NOT_FOUND,
         Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
