@@ -21,8 +21,8 @@ use meshkv::pb::authpb::Permission;
 use meshkv::pb::etcdserverpb::{
     auth_client::AuthClient, compare, kv_client::KvClient, lease_client::LeaseClient, request_op,
     watch_client::WatchClient, watch_request, CompactionRequest, Compare, DeleteRangeRequest, LeaseGrantRequest,
-    LeaseRevokeRequest, LeaseTimeToLiveRequest, PutRequest, RangeRequest, RequestOp, ResponseHeader, TxnRequest,
-    WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
+    LeaseKeepAliveRequest, LeaseLeasesRequest, LeaseRevokeRequest, LeaseTimeToLiveRequest, PutRequest, RangeRequest,
+    RequestOp, ResponseHeader, TxnRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest, WatchResponse,
 };
 use meshkv::pb::etcdserverpb::{
     AuthEnableRequest, AuthRoleAddRequest, AuthRoleDeleteRequest, AuthRoleGetRequest, AuthRoleGrantPermissionRequest,
@@ -54,6 +54,9 @@ enum Call {
     Revoke(LeaseRevokeRequest),
     TimeToLive(LeaseTimeToLiveRequest),
     Watch(WatchCreateRequest),
+    Leases,
+    /// One keep-alive, on a stream of its own.
+    KeepAlive(LeaseKeepAliveRequest),
     Enable,
     Authenticate(String),
     UserAdd(AuthUserAddRequest),
@@ -234,6 +237,30 @@ impl Server {
                 r.ttl = r.ttl.signum();
                 r.keys.sort();
             }),
+            // etcd lists leases in no order (a Go map's).
+            Call::Leases => shown(self.lease.lease_leases(self.req(user, LeaseLeasesRequest {})).await, |r| {
+                h(&mut r.header);
+                r.leases.sort_by_key(|l| l.id);
+            }),
+            Call::KeepAlive(r) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                tx.send(r).await.unwrap();
+                match self.lease.lease_keep_alive(self.req(user, ReceiverStream::new(rx))).await {
+                    Ok(answers) => {
+                        let mut answers = answers.into_inner();
+                        let first = tokio::time::timeout(std::time::Duration::from_secs(10), answers.message());
+                        match first.await.expect("a keep-alive answered") {
+                            Ok(Some(mut r)) => {
+                                h(&mut r.header);
+                                format!("{r:?}")
+                            }
+                            Ok(None) => "the stream ended".to_string(),
+                            Err(s) => format!("error {:?}: {}", s.code(), s.message()),
+                        }
+                    }
+                    Err(s) => format!("error {:?}: {}", s.code(), s.message()),
+                }
+            }
             Call::Watch(r) => match self.open_watch(user, r).await {
                 Ok(mut r) => {
                     h(&mut r.header);
@@ -298,6 +325,7 @@ fn through_gateway(call: &Call) -> Option<(&'static str, String)> {
         Call::Grant(r) => ("/v3/lease/grant", json(r)),
         Call::Revoke(r) => ("/v3/kv/lease/revoke", json(r)),
         Call::TimeToLive(r) => ("/v3/lease/timetolive", json(r)),
+        Call::Leases => ("/v3/lease/leases", json(&LeaseLeasesRequest {})),
         _ => return None,
     };
     Some((sent.0, sent.1.unwrap()))
@@ -333,6 +361,9 @@ fn gateway_answer(base: &str, path: &str, body: &str) -> String {
     blank(&mut v);
     if let Some(serde_json::Value::Array(keys)) = v.get_mut("keys") {
         keys.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
+    }
+    if let Some(serde_json::Value::Array(leases)) = v.get_mut("leases") {
+        leases.sort_by_key(|l| l["ID"].as_str().and_then(|id| id.parse::<i64>().ok()));
     }
     if let Some(ttl) = v.get_mut("TTL") {
         let left = ttl.as_str().and_then(|t| t.parse::<i64>().ok()).unwrap_or(0);
@@ -591,7 +622,11 @@ impl Gen {
             }),
             93..=95 => Call::Revoke(LeaseRevokeRequest { id: LEASES[self.rng.random_range(0..LEASES.len())] }),
             96 | 97 => Call::Watch(self.watch()),
-            _ => Call::TimeToLive(LeaseTimeToLiveRequest { id: self.lease(), keys: self.rng.random_bool(0.5) }),
+            _ => match self.rng.random_range(0..4) {
+                0 | 1 => Call::TimeToLive(LeaseTimeToLiveRequest { id: self.lease(), keys: self.rng.random_bool(0.5) }),
+                2 => Call::Leases,
+                _ => Call::KeepAlive(LeaseKeepAliveRequest { id: self.lease() }),
+            },
         }
     }
 }
