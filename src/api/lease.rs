@@ -402,7 +402,8 @@ impl LeaseService {
         if !self.answers_here(forwarded).await? {
             let mut resp: LeaseTimeToLiveResponse =
                 self.ctx.leader.call(&self.ctx, LeaderMethod::LeaseTimeToLive, &req).await?;
-            resp.header = self.ctx.header(None);
+            // As etcd: the revision the leader answered at, in this member's header.
+            resp.header = self.ctx.header(resp.header);
             return Ok(resp);
         }
         let header = self.ctx.header(None);

@@ -224,6 +224,41 @@ pub struct Output {
     pub stderr: String,
 }
 
+/// Debian's etcd, `n` members on loopback started together, each serving once the
+/// cluster has a leader.
+pub fn start_etcd_cluster(root: &Path, n: usize) -> Vec<Proc> {
+    let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+    let url = |port: u16| format!("http://127.0.0.1:{port}");
+    let initial: Vec<String> = ports.iter().enumerate().map(|(i, (_, peer))| format!("e{i}={}", url(*peer))).collect();
+    let members: Vec<Proc> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, (client, peer))| {
+            let child = Command::new("etcd")
+                .args(["--name", &format!("e{i}")])
+                .arg("--data-dir")
+                .arg(root.join(format!("e{i}")))
+                .args(["--listen-client-urls", &url(*client), "--advertise-client-urls", &url(*client)])
+                .args(["--listen-peer-urls", &url(*peer), "--initial-advertise-peer-urls", &url(*peer)])
+                .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start etcd (apt-get install etcd-server)");
+            Proc { child, client_addr: format!("127.0.0.1:{client}"), log: Arc::default(), ready: None }
+        })
+        .collect();
+    for p in &members {
+        wait_until("etcd's cluster to serve", Duration::from_secs(60), || {
+            let out = etcdctl(&p.client_addr, &["endpoint", "status", "-w", "json"], None);
+            let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+            out.status == 0 && status[0]["Status"]["leader"].as_u64().unwrap_or(0) != 0
+        });
+    }
+    members
+}
+
 /// Runs etcdctl (v3 API) against `endpoint` with `args`, feeding `stdin`.
 pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
     let mut child = Command::new("etcdctl")
