@@ -8,7 +8,10 @@
 //! again when their Raft entry is applied, so a permission revoked before a write
 //! commits refuses it on every member alike.
 
+use std::future::Future;
+
 use rand::Rng as _;
+
 use tonic::{Code, Request, Response, Status};
 
 use super::Ctx;
@@ -92,20 +95,27 @@ impl Credentials {
 
 impl Ctx {
     /// Who `request` comes from. Fails only for a token this member does not know (or
-    /// no longer: tokens expire, and a member forgets them when it restarts).
-    pub fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        if !self.store.auth_enabled() {
-            return Ok(Caller::default());
-        }
-        self.named(token_of(request), cert_of(request))
+    /// no longer: tokens expire, and a member forgets them when it restarts). The
+    /// request's credentials are taken at once: the future holds none of it.
+    pub fn caller<T>(&self, request: &Request<T>) -> impl Future<Output = Result<Caller, Status>> + Send + '_ {
+        let who = Credentials::of(request);
+        async move { self.caller_of(&who).await }
     }
 
-    /// Who `c` names, as [`caller`](Self::caller).
-    pub fn caller_of(&self, c: &Credentials) -> Result<Caller, Status> {
+    /// Who `c` names, as [`caller`](Self::caller). A simple token is handed out by a
+    /// Raft entry, and a client may bring it here before this member has applied that
+    /// entry: as etcd waits for a token's index, a token not known is looked for again
+    /// once this member has applied what the leader had committed.
+    pub async fn caller_of(&self, c: &Credentials) -> Result<Caller, Status> {
         if !self.store.auth_enabled() {
             return Ok(Caller::default());
         }
-        self.named(c.token.as_deref(), c.cert.as_deref())
+        let first = self.named(c.token.as_deref(), c.cert.as_deref());
+        let simple = c.token.is_some() && self.store.tokens().jwt().is_none();
+        if first.is_err() && simple && self.raft.read_index().await.is_ok() {
+            return self.named(c.token.as_deref(), c.cert.as_deref());
+        }
+        first
     }
 
     fn named(&self, token: Option<&str>, cert: Option<&str>) -> Result<Caller, Status> {
@@ -128,10 +138,13 @@ impl Ctx {
     }
 
     /// Requires the caller to hold the root role, when authentication is on.
-    pub fn require_admin<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
-        let caller = self.caller(request)?;
-        self.store.auth().check_admin(caller.name())?;
-        Ok(caller)
+    pub fn require_admin<T>(&self, request: &Request<T>) -> impl Future<Output = Result<Caller, Status>> + Send + '_ {
+        let who = Credentials::of(request);
+        async move {
+            let caller = self.caller_of(&who).await?;
+            self.store.auth().check_admin(caller.name())?;
+            Ok(caller)
+        }
     }
 
     /// Requires the caller to be allowed to read `key`..`range_end`.
@@ -180,7 +193,7 @@ impl AuthService {
 #[tonic::async_trait]
 impl Auth for AuthService {
     async fn auth_enable(&self, request: Request<AuthEnableRequest>) -> Result<Response<AuthEnableResponse>, Status> {
-        let caller = self.ctx.caller(&request)?;
+        let caller = self.ctx.caller(&request).await?;
         let header = self.change(&caller, Change::Enable(AuthEnableRequest {})).await?;
         Ok(Response::new(AuthEnableResponse { header }))
     }
@@ -189,7 +202,7 @@ impl Auth for AuthService {
         &self,
         request: Request<AuthDisableRequest>,
     ) -> Result<Response<AuthDisableResponse>, Status> {
-        let caller = self.ctx.require_admin(&request)?;
+        let caller = self.ctx.require_admin(&request).await?;
         let header = self.change(&caller, Change::Disable(AuthDisableRequest {})).await?;
         Ok(Response::new(AuthDisableResponse { header }))
     }
@@ -208,7 +221,7 @@ impl Auth for AuthService {
     ) -> Result<Response<AuthenticateResponse>, Status> {
         // As etcd: a token sent along must be valid too, though it is told only once the
         // password is right.
-        let sent_token = self.ctx.caller(&request).map(drop);
+        let sent_token = self.ctx.caller(&request).await.map(drop);
         let req = request.into_inner();
         if self.ctx.store.tokens().jwt().is_some() {
             // No Raft entry hands a JWT out: the store is brought up to date first, so
@@ -257,7 +270,7 @@ impl Auth for AuthService {
     }
 
     async fn user_add(&self, request: Request<AuthUserAddRequest>) -> Result<Response<AuthUserAddResponse>, Status> {
-        let caller = self.ctx.require_admin(&request)?;
+        let caller = self.ctx.require_admin(&request).await?;
         let mut req = request.into_inner();
         if req.name.is_empty() {
             return Err(AuthError::UserEmpty.into());
@@ -274,7 +287,7 @@ impl Auth for AuthService {
     }
 
     async fn user_get(&self, request: Request<AuthUserGetRequest>) -> Result<Response<AuthUserGetResponse>, Status> {
-        let caller = self.ctx.caller(&request)?;
+        let caller = self.ctx.caller(&request).await?;
         let req = request.into_inner();
         if caller.name() != req.name {
             self.ctx.store.auth().check_admin(caller.name())?;
@@ -285,7 +298,7 @@ impl Auth for AuthService {
     }
 
     async fn user_list(&self, request: Request<AuthUserListRequest>) -> Result<Response<AuthUserListResponse>, Status> {
-        self.ctx.require_admin(&request)?;
+        self.ctx.require_admin(&request).await?;
         self.linearized().await?;
         let users = self.ctx.store.auth().user_names();
         Ok(Response::new(AuthUserListResponse { header: self.ctx.header(None), users }))
@@ -295,7 +308,7 @@ impl Auth for AuthService {
         &self,
         request: Request<AuthUserDeleteRequest>,
     ) -> Result<Response<AuthUserDeleteResponse>, Status> {
-        let caller = self.ctx.require_admin(&request)?;
+        let caller = self.ctx.require_admin(&request).await?;
         let header = self.change(&caller, Change::UserDelete(request.into_inner())).await?;
         Ok(Response::new(AuthUserDeleteResponse { header }))
     }
@@ -304,7 +317,7 @@ impl Auth for AuthService {
         &self,
         request: Request<AuthUserChangePasswordRequest>,
     ) -> Result<Response<AuthUserChangePasswordResponse>, Status> {
-        let caller = self.ctx.require_admin(&request)?;
+        let caller = self.ctx.require_admin(&request).await?;
         let mut req = request.into_inner();
         if req.hashed_password.is_empty() {
             req.hashed_password = self.hash(std::mem::take(&mut req.password)).await?;
@@ -318,7 +331,7 @@ impl Auth for AuthService {
         &self,
         request: Request<AuthUserGrantRoleRequest>,
     ) -> Result<Response<AuthUserGrantRoleResponse>, Status> {
-        let caller = self.ctx.require_admin(&request)?;
+        let caller = self.ctx.require_admin(&request).await?;
         let header = self.change(&caller, Change::UserGrantRole(request.into_inner())).await?;
         Ok(Response::new(AuthUserGrantRoleResponse { header }))
     }
@@ -327,19 +340,19 @@ impl Auth for AuthService {
         &self,
         request: Request<AuthUserRevokeRoleRequest>,
     ) -> Result<Response<AuthUserRevokeRoleResponse>, Status> {
-        let caller = self.ctx.require_admin(&request)?;
+        let caller = self.ctx.require_admin(&request).await?;
         let header = self.change(&caller, Change::UserRevokeRole(request.into_inner())).await?;
         Ok(Response::new(AuthUserRevokeRoleResponse { header }))
     }
 
     async fn role_add(&self, request: Request<AuthRoleAddRequest>) -> Result<Response<AuthRoleAddResponse>, Status> {
-        let caller = self.ctx.require_admin(&request)?;
+        let caller = self.ctx.require_admin(&request).await?;
         let header = self.change(&caller, Change::RoleAdd(request.into_inner())).await?;
         Ok(Response::new(AuthRoleAddResponse { header }))
     }
 
     async fn role_get(&self, request: Request<AuthRoleGetRequest>) -> Result<Response<AuthRoleGetResponse>, Status> {
-        let caller = self.ctx.caller(&request)?;
+        let caller = self.ctx.caller(&request).await?;
         let req = request.into_inner();
         {
             let auth = self.ctx.store.auth();
@@ -355,7 +368,7 @@ impl Auth for AuthService {
     }
 
     async fn role_list(&self, request: Request<AuthRoleListRequest>) -> Result<Response<AuthRoleListResponse>, Status> {
-        self.ctx.require_admin(&request)?;
+        self.ctx.require_admin(&request).await?;
         self.linearized().await?;
         let roles = self.ctx.store.auth().role_names();
         Ok(Response::new(AuthRoleListResponse { header: self.ctx.header(None), roles }))
@@ -365,7 +378,7 @@ impl Auth for AuthService {
         &self,
         request: Request<AuthRoleDeleteRequest>,
     ) -> Result<Response<AuthRoleDeleteResponse>, Status> {
-        let caller = self.ctx.require_admin(&request)?;
+        let caller = self.ctx.require_admin(&request).await?;
         let header = self.change(&caller, Change::RoleDelete(request.into_inner())).await?;
         Ok(Response::new(AuthRoleDeleteResponse { header }))
     }
@@ -374,7 +387,7 @@ impl Auth for AuthService {
         &self,
         request: Request<AuthRoleGrantPermissionRequest>,
     ) -> Result<Response<AuthRoleGrantPermissionResponse>, Status> {
-        let caller = self.ctx.require_admin(&request)?;
+        let caller = self.ctx.require_admin(&request).await?;
         let header = self.change(&caller, Change::RoleGrantPermission(request.into_inner())).await?;
         Ok(Response::new(AuthRoleGrantPermissionResponse { header }))
     }
@@ -383,7 +396,7 @@ impl Auth for AuthService {
         &self,
         request: Request<AuthRoleRevokePermissionRequest>,
     ) -> Result<Response<AuthRoleRevokePermissionResponse>, Status> {
-        let caller = self.ctx.require_admin(&request)?;
+        let caller = self.ctx.require_admin(&request).await?;
         let header = self.change(&caller, Change::RoleRevokePermission(request.into_inner())).await?;
         Ok(Response::new(AuthRoleRevokePermissionResponse { header }))
     }

@@ -86,7 +86,7 @@ impl Cluster for ClusterService {
     }
 
     async fn member_add(&self, request: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
-        self.ctx.require_admin(&request)?;
+        self.ctx.require_admin(&request).await?;
         Err(joined_through_the_mesh())
     }
 
@@ -94,7 +94,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberUpdateRequest>,
     ) -> Result<Response<MemberUpdateResponse>, Status> {
-        self.ctx.require_admin(&request)?;
+        self.ctx.require_admin(&request).await?;
         Err(Status::new(
             Code::FailedPrecondition,
             "etcdserver: meshkv members announce their own peer addresses through the mesh; restart the member with new --listen-peer-urls",
@@ -105,7 +105,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberRemoveRequest>,
     ) -> Result<Response<MemberRemoveResponse>, Status> {
-        self.ctx.require_admin(&request)?;
+        self.ctx.require_admin(&request).await?;
         let id = request.into_inner().id;
         self.ctx.raft.change_membership(crate::raft::membership::Change::Remove { id, rejoin: false }).await?;
         Ok(Response::new(MemberRemoveResponse { header: self.ctx.header(None), members: self.members() }))
@@ -115,7 +115,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        self.ctx.require_admin(&request)?;
+        self.ctx.require_admin(&request).await?;
         Ok(Response::new(self.promote(request.get_ref().id, false).await?))
     }
 }

@@ -61,7 +61,7 @@ async fn proclaim(ctx: &Ctx, caller: &Caller, l: &LeaderKey, value: Bytes) -> Re
 impl Election for ElectionService {
     async fn campaign(&self, request: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
         let ctx = &self.ctx;
-        let caller = ctx.caller(&request)?;
+        let caller = ctx.caller(&request).await?;
         let req = request.into_inner();
         coord::require_read_contenders(ctx, &caller, &req.name)?;
         let lease = coord::session_lease(ctx, &caller, req.lease).await?;
@@ -83,7 +83,7 @@ impl Election for ElectionService {
     }
 
     async fn proclaim(&self, request: Request<ProclaimRequest>) -> Result<Response<ProclaimResponse>, Status> {
-        let caller = self.ctx.caller(&request)?;
+        let caller = self.ctx.caller(&request).await?;
         let req = request.into_inner();
         let l = leader_key(req.leader)?;
         let revision = proclaim(&self.ctx, &caller, &l, req.value).await?;
@@ -93,7 +93,7 @@ impl Election for ElectionService {
     }
 
     async fn leader(&self, request: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
-        let caller = self.ctx.caller(&request)?;
+        let caller = self.ctx.caller(&request).await?;
         let name = request.into_inner().name;
         coord::require_read_contenders(&self.ctx, &caller, &name)?;
         self.ctx.raft.read_index().await?;
@@ -106,7 +106,7 @@ impl Election for ElectionService {
         &self,
         request: Request<LeaderRequest>,
     ) -> Result<Response<tonic::codegen::BoxStream<LeaderResponse>>, Status> {
-        let caller = self.ctx.caller(&request)?;
+        let caller = self.ctx.caller(&request).await?;
         let name = request.into_inner().name;
         coord::require_read_contenders(&self.ctx, &caller, &name)?;
         // Listen before the first read, so no change after it is missed; and read
@@ -120,7 +120,7 @@ impl Election for ElectionService {
     }
 
     async fn resign(&self, request: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
-        let caller = self.ctx.caller(&request)?;
+        let caller = self.ctx.caller(&request).await?;
         let l = leader_key(request.into_inner().leader)?;
         let delete = RequestOp {
             request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {

@@ -38,7 +38,7 @@ impl Kv for KvService {
         let who = Credentials::of(&request);
         let req = request.into_inner();
         validate::range(&req)?;
-        let caller = self.ctx.caller_of(&who)?;
+        let caller = self.ctx.caller_of(&who).await?;
         self.ctx.require_read(&caller, &req.key, &req.range_end)?;
         if !req.serializable && !self.ctx.unsafe_no_read_index {
             self.ctx.raft.read_index().await?;
@@ -52,7 +52,7 @@ impl Kv for KvService {
         let who = Credentials::of(&request);
         let req = request.into_inner();
         validate::put(&req)?;
-        let caller = self.ctx.caller_of(&who)?;
+        let caller = self.ctx.caller_of(&who).await?;
         match self.write(&caller, Write::Put(req)).await? {
             WriteResponse::Put(mut resp) => {
                 resp.header = self.ctx.header(resp.header);
@@ -69,7 +69,7 @@ impl Kv for KvService {
         let who = Credentials::of(&request);
         let req = request.into_inner();
         validate::delete_range(&req)?;
-        let caller = self.ctx.caller_of(&who)?;
+        let caller = self.ctx.caller_of(&who).await?;
         match self.write(&caller, Write::DeleteRange(req)).await? {
             WriteResponse::DeleteRange(mut resp) => {
                 resp.header = self.ctx.header(resp.header);
@@ -83,7 +83,7 @@ impl Kv for KvService {
         let who = Credentials::of(&request);
         let req = request.into_inner();
         validate::txn(&req, self.ctx.max_txn_ops)?;
-        let caller = self.ctx.caller_of(&who)?;
+        let caller = self.ctx.caller_of(&who).await?;
         match self.write(&caller, Write::Txn(req)).await? {
             WriteResponse::Txn(mut resp) => {
                 resp.header = self.ctx.header(resp.header);
@@ -96,7 +96,7 @@ impl Kv for KvService {
     async fn compact(&self, request: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
         // Compaction runs inside the apply, so it is physical by the time it answers,
         // whatever the request's `physical` flag asks.
-        let caller = self.ctx.caller(&request)?;
+        let caller = self.ctx.caller(&request).await?;
         let req = request.into_inner();
         match self.write(&caller, Write::Compaction(req)).await? {
             WriteResponse::Compaction(mut resp) => {

@@ -425,7 +425,7 @@ pub fn new_lease_id() -> i64 {
 #[tonic::async_trait]
 impl Lease for LeaseService {
     async fn lease_grant(&self, request: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
-        let caller = self.ctx.caller(&request)?;
+        let caller = self.ctx.caller(&request).await?;
         let mut req = request.into_inner();
         if req.ttl > MAX_LEASE_TTL {
             return Err(Status::new(Code::OutOfRange, "etcdserver: too large lease TTL"));
@@ -447,7 +447,7 @@ impl Lease for LeaseService {
         &self,
         request: Request<LeaseRevokeRequest>,
     ) -> Result<Response<LeaseRevokeResponse>, Status> {
-        let caller = self.ctx.caller(&request)?;
+        let caller = self.ctx.caller(&request).await?;
         match self.ctx.propose(&caller, Write::LeaseRevoke(request.into_inner())).await? {
             WriteResponse::LeaseRevoke(mut r) => {
                 r.header = self.ctx.header(r.header);

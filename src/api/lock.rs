@@ -26,7 +26,7 @@ impl LockService {
 impl Lock for LockService {
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
         let ctx = &self.ctx;
-        let caller = ctx.caller(&request)?;
+        let caller = ctx.caller(&request).await?;
         let req = request.into_inner();
         coord::require_read_contenders(ctx, &caller, &req.name)?;
         let lease = coord::session_lease(ctx, &caller, req.lease).await?;
@@ -43,7 +43,7 @@ impl Lock for LockService {
     }
 
     async fn unlock(&self, request: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
-        let caller = self.ctx.caller(&request)?;
+        let caller = self.ctx.caller(&request).await?;
         let key = request.into_inner().key;
         let delete = Write::DeleteRange(DeleteRangeRequest { key, ..Default::default() });
         match self.ctx.propose(&caller, delete).await? {

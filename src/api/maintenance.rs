@@ -3,6 +3,7 @@
 
 use tonic::{Code, Request, Response, Status};
 
+use super::auth::Credentials;
 use super::Ctx;
 use crate::pb::etcdserverpb::maintenance_server::Maintenance;
 use crate::pb::etcdserverpb::{
@@ -25,11 +26,11 @@ impl MaintenanceService {
 
     /// Defragment, Snapshot, Hash, HashKV and MoveLeader are for the root role once
     /// authentication is on, refused in etcd's auth package's words.
-    fn require_admin<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    async fn require_admin(&self, who: Credentials) -> Result<(), Status> {
         if !self.ctx.store.auth_enabled() {
             return Ok(());
         }
-        let caller = self.ctx.caller(request)?;
+        let caller = self.ctx.caller_of(&who).await?;
         self.ctx.store.auth().check_admin(caller.name()).map_err(super::auth::maintenance_refused)
     }
 }
@@ -61,7 +62,7 @@ impl Maintenance for MaintenanceService {
     /// Lists alarms (a linearizable read of the alarms applied), or raises or clears one
     /// through Raft: the answer then holds the alarm changed, none if nothing changed.
     async fn alarm(&self, request: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
-        let caller = self.ctx.caller(&request)?;
+        let caller = self.ctx.caller(&request).await?;
         let req = request.into_inner();
         let alarms = if req.action == alarm_request::AlarmAction::Get as i32 {
             self.ctx.raft.read_index().await?;
@@ -76,7 +77,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn defragment(&self, request: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
-        self.require_admin(&request)?;
+        self.require_admin(Credentials::of(&request)).await?;
         let engine = self.ctx.store.engine().clone();
         tokio::task::spawn_blocking(move || engine.compact_all()).await.map_err(|e| Status::internal(e.to_string()))?;
         Ok(Response::new(DefragmentResponse { header: self.ctx.header(None) }))
@@ -88,7 +89,7 @@ impl Maintenance for MaintenanceService {
         &self,
         request: Request<SnapshotRequest>,
     ) -> Result<Response<tonic::codegen::BoxStream<SnapshotResponse>>, Status> {
-        self.require_admin(&request)?;
+        self.require_admin(Credentials::of(&request)).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let engine = self.ctx.store.engine().clone();
         let mut out = Chunks { tx, header: self.ctx.header(None), buf: Vec::new(), sent: 0, total: 0 };
@@ -106,7 +107,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash(&self, request: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        self.require_admin(&request)?;
+        self.require_admin(Credentials::of(&request)).await?;
         let store = self.ctx.store.clone();
         let (hash, _, _) = tokio::task::spawn_blocking(move || store.hash_kv(0))
             .await
@@ -115,7 +116,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash_kv(&self, request: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        self.require_admin(&request)?;
+        self.require_admin(Credentials::of(&request)).await?;
         let rev = request.into_inner().revision;
         let store = self.ctx.store.clone();
         let (hash, _, compact_revision) = tokio::task::spawn_blocking(move || store.hash_kv(rev))
@@ -125,7 +126,7 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn move_leader(&self, request: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
-        self.require_admin(&request)?;
+        self.require_admin(Credentials::of(&request)).await?;
         let target = request.into_inner().target_id;
         let raft = self.ctx.raft.status();
         let m = raft.membership();

@@ -266,7 +266,7 @@ impl WatchStream {
         // An empty key is the smallest key, "\0".
         let key = if c.key.is_empty() { Bytes::from_static(&[0]) } else { c.key.clone() };
         let permitted =
-            self.ctx.caller_of(&self.credentials).and_then(|who| self.ctx.require_read(&who, &key, &c.range_end));
+            self.ctx.caller_of(&self.credentials).await.and_then(|who| self.ctx.require_read(&who, &key, &c.range_end));
         if let Err(e) = permitted {
             // etcd's words: the gRPC error as Go prints it (a missing user, a token no
             // longer valid, or a range not permitted).
