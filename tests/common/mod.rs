@@ -206,14 +206,16 @@ pub fn start_etcd_with(data_dir: &Path, extra: &[&str]) -> Proc {
         log: Arc::new(Mutex::new(String::new())),
         ready: None,
     };
-    // Ready once it has a leader; asked through Status, which needs no user when
-    // authentication is on (the health check's proposal does).
-    wait_until("etcd to serve", Duration::from_secs(30), || {
-        let out = etcdctl(&p.client_addr, &["endpoint", "status", "-w", "json"], None);
-        let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
-        out.status == 0 && status[0]["Status"]["leader"].as_u64().unwrap_or(0) != 0
-    });
+    wait_until("etcd to serve", Duration::from_secs(30), || has_leader(&p));
     p
+}
+
+/// Whether etcd member `p` knows a leader: asked through Status, which needs no user
+/// when authentication is on (the health check's proposal does).
+fn has_leader(p: &Proc) -> bool {
+    let out = etcdctl(&p.client_addr, &["endpoint", "status", "-w", "json"], None);
+    let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
+    out.status == 0 && status[0]["Status"]["leader"].as_u64().unwrap_or(0) != 0
 }
 
 /// What one etcdctl run printed.
@@ -250,11 +252,7 @@ pub fn start_etcd_cluster(root: &Path, n: usize) -> Vec<Proc> {
         })
         .collect();
     for p in &members {
-        wait_until("etcd's cluster to serve", Duration::from_secs(60), || {
-            let out = etcdctl(&p.client_addr, &["endpoint", "status", "-w", "json"], None);
-            let status: serde_json::Value = serde_json::from_str(&out.stdout).unwrap_or_default();
-            out.status == 0 && status[0]["Status"]["leader"].as_u64().unwrap_or(0) != 0
-        });
+        wait_until("etcd's cluster to serve", Duration::from_secs(60), || has_leader(p));
     }
     members
 }
