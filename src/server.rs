@@ -603,10 +603,23 @@ pub async fn run(
     }
     // Only the servers may keep Raft handles now: the driver stops once they are gone.
     drop((client_routes, metrics_routes, http_routes, http, ctx, lessor));
-    for u in &client_urls {
-        tracing::info!("ready to serve client requests on {u}");
+    // Ready once this member is in its own configuration, as etcd is once it published
+    // itself: before, it would list no members and could serve nothing.
+    let mut stopped = stop_rx.clone();
+    let member = async {
+        while !status.is_member() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! {
+        _ = member => {
+            for u in &client_urls {
+                tracing::info!("ready to serve client requests on {u}");
+            }
+            on_ready(&bound);
+        }
+        _ = stopped.wait_for(|s| *s) => {}
     }
-    on_ready(&bound);
 
     for s in servers {
         match s.await {

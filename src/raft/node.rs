@@ -160,6 +160,12 @@ impl RaftStatus {
     pub fn is_learner(&self) -> bool {
         self.is_learner.load(Ordering::Acquire)
     }
+    /// This member is in the configuration it applied, as a voter or a learner: a fresh
+    /// member once it applied its founding entries, a joiner once it was added.
+    pub fn is_member(&self) -> bool {
+        let m = self.membership.read().unwrap_or_else(|e| e.into_inner());
+        m.voters.contains(&self.id) || m.learners.contains(&self.id)
+    }
     pub fn cluster_id(&self) -> u64 {
         self.cluster_id.load(Ordering::Acquire)
     }
