@@ -1,6 +1,8 @@
-//! Differential test against real etcd: seeded random sequences of KV and lease calls
-//! (ranges with every option, puts, deletes, transactions with nested ones, compactions,
-//! lease grants and revokes, valid or not), each sent to a fresh etcd and a fresh meshkv:
+//! Differential test against real etcd: seeded random sequences of KV, lease, lock and
+//! election calls (ranges with every option, puts, deletes, transactions with nested
+//! ones, compactions, lease grants and revokes, locks taken and released, campaigns,
+//! proclamations and resignations, valid or not), each sent to a fresh etcd and a fresh
+//! meshkv:
 //! through gRPC, as users whose roles and permissions root changes along the way, in
 //! JSON through the gateway, or to any member of three.
 //! Every answer must be the same: the header's revision and the whole body, or the
@@ -29,6 +31,10 @@ use meshkv::pb::etcdserverpb::{
     AuthRoleListRequest, AuthRoleRevokePermissionRequest, AuthUserAddRequest, AuthUserDeleteRequest,
     AuthUserGetRequest, AuthUserGrantRoleRequest, AuthUserListRequest, AuthUserRevokeRoleRequest, AuthenticateRequest,
 };
+use meshkv::pb::v3electionpb::{
+    election_client::ElectionClient, CampaignRequest, LeaderKey, LeaderRequest, ProclaimRequest, ResignRequest,
+};
+use meshkv::pb::v3lockpb::{lock_client::LockClient, LockRequest, UnlockRequest};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_stream::wrappers::ReceiverStream;
@@ -71,7 +77,16 @@ enum Call {
     RoleList,
     RoleGrant(AuthRoleGrantPermissionRequest),
     RoleRevoke(AuthRoleRevokePermissionRequest),
+    Lock(LockRequest),
+    Unlock(UnlockRequest),
+    Campaign(CampaignRequest),
+    Proclaim(ProclaimRequest),
+    Leader(LeaderRequest),
+    Resign(ResignRequest),
 }
+
+/// How long a lock or a campaign that need not wait is waited for.
+const WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What one watch has told so far, in order.
 type Told = Arc<Mutex<Vec<WatchResponse>>>;
@@ -91,6 +106,8 @@ struct Server {
     lease: LeaseClient<Channel>,
     watch: WatchClient<Channel>,
     auth: AuthClient<Channel>,
+    lock: LockClient<Channel>,
+    election: ElectionClient<Channel>,
     /// Each user's token, from its last authentication; none is sent for a user without.
     tokens: HashMap<String, String>,
     /// Every watch made, each on a stream of its own, the first one of everything with
@@ -110,10 +127,19 @@ fn shown<T: Debug>(r: Result<tonic::Response<T>, tonic::Status>, strip: impl FnO
         Ok(r) => {
             let mut r = r.into_inner();
             strip(&mut r);
-            format!("{r:?}")
+            granted_leases_alike(&format!("{r:?}"))
         }
         Err(s) => format!("error {:?}: {}", s.code(), s.message()),
     }
+}
+
+/// `text` with the id of every lease a server chose itself (a lock, a campaign or a
+/// proclamation without a lease gets a new one) as `N`: each server's is its own. The
+/// test's own leases, revisions and counts are all shorter.
+fn granted_leases_alike(text: &str) -> String {
+    static LONG: std::sync::LazyLock<regex::Regex> =
+        std::sync::LazyLock::new(|| regex::Regex::new(r"\d{10,}").unwrap());
+    LONG.replace_all(text, "N").into_owned()
 }
 
 impl Server {
@@ -132,7 +158,9 @@ impl Server {
             kv: KvClient::new(ch.clone()),
             lease: LeaseClient::new(ch.clone()),
             watch: WatchClient::new(ch.clone()),
-            auth: AuthClient::new(ch),
+            auth: AuthClient::new(ch.clone()),
+            lock: LockClient::new(ch.clone()),
+            election: ElectionClient::new(ch),
             tokens: HashMap::new(),
             watches: Vec::new(),
         }
@@ -142,7 +170,43 @@ impl Server {
     fn point_at(&mut self, i: usize) {
         let ch = self.channels[i].clone();
         (self.at, self.kv, self.lease) = (i, KvClient::new(ch.clone()), LeaseClient::new(ch.clone()));
-        (self.watch, self.auth) = (WatchClient::new(ch.clone()), AuthClient::new(ch));
+        (self.watch, self.auth) = (WatchClient::new(ch.clone()), AuthClient::new(ch.clone()));
+        (self.lock, self.election) = (LockClient::new(ch.clone()), ElectionClient::new(ch));
+    }
+
+    /// Whether a lock (`value` none) or a campaign (for `value`) on `name` with `lease`
+    /// would wait: the oldest key under the name is another's (another holder or
+    /// candidate), and the call's own key is there or can be written. It is there
+    /// already, or written under the lease, which must then be alive; a campaign whose
+    /// key is there with another value writes it under the lease too.
+    async fn would_wait(&mut self, name: &[u8], lease: i64, value: Option<&[u8]>) -> bool {
+        let ttl = LeaseTimeToLiveRequest { id: lease, keys: false };
+        let alive = self.lease.lease_time_to_live(ttl).await.is_ok_and(|r| r.get_ref().ttl > 0);
+        let prefix = [name, b"/"].concat();
+        let mut end = prefix.clone();
+        *end.last_mut().unwrap() += 1;
+        let oldest = RangeRequest {
+            key: prefix.clone().into(),
+            range_end: end.into(),
+            limit: 1,
+            sort_target: 2,
+            sort_order: 1,
+            ..Default::default()
+        };
+        let oldest = self.kv.range(oldest).await.unwrap().into_inner().kvs.into_iter().next();
+        let mine = format!("{}{lease:x}", String::from_utf8_lossy(&prefix));
+        let there = self.kv.range(RangeRequest { key: mine.clone().into(), ..Default::default() }).await;
+        let written = match there.unwrap().into_inner().kvs.first() {
+            None => alive,
+            Some(kv) => value.is_none_or(|v| v == kv.value) || alive,
+        };
+        written && oldest.is_some_and(|kv| kv.key != mine)
+    }
+
+    /// The create revision of `key`, 0 if there is none (or it is empty).
+    async fn created(&mut self, key: &[u8]) -> i64 {
+        let r = self.kv.range(RangeRequest { key: key.to_vec().into(), ..Default::default() }).await;
+        r.ok().and_then(|r| r.into_inner().kvs.first().map(|kv| kv.create_revision)).unwrap_or(0)
     }
 
     /// Makes the watch of everything, from the next revision with previous values, as
@@ -215,7 +279,7 @@ impl Server {
         let one = |told: &Told| {
             let mut items = Vec::new();
             for r in told.lock().unwrap().iter() {
-                items.extend(r.events.iter().map(|e| format!("{e:?}")));
+                items.extend(r.events.iter().map(|e| granted_leases_alike(&format!("{e:?}"))));
                 // A cancel, or a compaction: etcd 3.4 tells one at revision 0 (after a
                 // compaction at 0, of a watch from before it) as not cancelled, though
                 // the watch is gone. Progress answers (to requests) carry no watch.
@@ -320,6 +384,20 @@ impl Server {
             Call::RoleRevoke(r) => {
                 shown(self.auth.role_revoke_permission(self.req(user, r)).await, |r| h(&mut r.header))
             }
+            // A lock or a campaign that would wait is not sent (`settled`): one that
+            // does is a difference.
+            Call::Lock(r) => match tokio::time::timeout(WAIT, self.lock.lock(self.req(user, r))).await {
+                Ok(answer) => shown(answer, |r| h(&mut r.header)),
+                Err(_) => format!("{} waited", self.name),
+            },
+            Call::Unlock(r) => shown(self.lock.unlock(self.req(user, r)).await, |r| h(&mut r.header)),
+            Call::Campaign(r) => match tokio::time::timeout(WAIT, self.election.campaign(self.req(user, r))).await {
+                Ok(answer) => shown(answer, |r| h(&mut r.header)),
+                Err(_) => format!("{} waited", self.name),
+            },
+            Call::Proclaim(r) => shown(self.election.proclaim(self.req(user, r)).await, |r| h(&mut r.header)),
+            Call::Leader(r) => shown(self.election.leader(self.req(user, r)).await, |r| h(&mut r.header)),
+            Call::Resign(r) => shown(self.election.resign(self.req(user, r)).await, |r| h(&mut r.header)),
         }
     }
 }
@@ -344,6 +422,12 @@ fn through_gateway(call: &Call) -> Option<(&'static str, String)> {
         Call::Revoke(r) => ("/v3/kv/lease/revoke", json(r)),
         Call::TimeToLive(r) => ("/v3/lease/timetolive", json(r)),
         Call::Leases => ("/v3/lease/leases", json(&LeaseLeasesRequest {})),
+        Call::Lock(r) => ("/v3/lock/lock", json(r)),
+        Call::Unlock(r) => ("/v3/lock/unlock", json(r)),
+        Call::Campaign(r) => ("/v3/election/campaign", json(r)),
+        Call::Proclaim(r) => ("/v3/election/proclaim", json(r)),
+        Call::Leader(r) => ("/v3/election/leader", json(r)),
+        Call::Resign(r) => ("/v3/election/resign", json(r)),
         _ => return None,
     };
     Some((sent.0, sent.1.unwrap()))
@@ -377,6 +461,7 @@ fn gateway_answer(base: &str, path: &str, body: &str) -> String {
     let first = serde_json::Deserializer::from_str(json).into_iter::<serde_json::Value>().next();
     let Some(Ok(mut v)) = first else { return format!("{status} not JSON: {json:?}") };
     blank(&mut v);
+    let mut v: serde_json::Value = serde_json::from_str(&granted_leases_alike(&v.to_string())).unwrap();
     if let Some(serde_json::Value::Array(keys)) = v.get_mut("keys") {
         keys.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
     }
@@ -429,6 +514,8 @@ struct Gen {
     /// the previous value (etcd gives it without read permission), and no watch is of
     /// every key from its own on (etcd checks the first key alone).
     checked: bool,
+    /// Lock and election calls too.
+    coordination: bool,
 }
 
 impl Gen {
@@ -641,7 +728,69 @@ impl Gen {
         (call, user)
     }
 
+    /// A lock or election call: on a name of their own, or on one whose prefix KV calls
+    /// write ("a", above "a/1" to "a/3"); with a lease of the runs' or one never granted;
+    /// naming the key a lock or a campaign with that lease makes, or any key; a leader
+    /// key's revision is that key's (`settled`) or any, its lease that one's or any (0
+    /// too: the server then grants one).
+    fn coordination_call(&mut self) -> Call {
+        let name = Bytes::from_static(["l", "m", "a"][self.rng.random_range(0..3)].as_bytes());
+        // Not 0, which makes a key of a lease each server chooses for itself.
+        let lease = match self.rng.random_range(0..8) {
+            0 => 12345,
+            _ => LEASES[self.rng.random_range(0..LEASES.len())],
+        };
+        let key: Bytes = match self.rng.random_range(0..4) {
+            0 => self.key(),
+            _ => format!("{}/{lease:x}", String::from_utf8_lossy(&name)).into(),
+        };
+        let leader = match self.rng.random_range(0..12) {
+            0 => None,
+            _ => Some(LeaderKey {
+                name: name.clone(),
+                key: key.clone(),
+                rev: if self.rng.random_bool(0.7) { 0 } else { self.revision() },
+                lease: if self.rng.random_bool(0.8) { lease } else { self.lease() },
+            }),
+        };
+        match self.rng.random_range(0..12) {
+            0..=2 => Call::Lock(LockRequest { name, lease }),
+            3 | 4 => Call::Unlock(UnlockRequest { key }),
+            5..=7 => Call::Campaign(CampaignRequest { name, lease, value: self.value() }),
+            8 => Call::Proclaim(ProclaimRequest { leader, value: self.value() }),
+            9 | 10 => Call::Leader(LeaderRequest { name }),
+            _ => Call::Resign(ResignRequest { leader }),
+        }
+    }
+
+    /// `call`, made ready to send to both servers: a lock or a campaign that would wait
+    /// asks for the leader instead; a leader key without a revision gets its key's.
+    async fn settled(&mut self, call: Call, etcd: &mut Server) -> Call {
+        match call {
+            Call::Lock(LockRequest { name, lease }) if etcd.would_wait(&name, lease, None).await => {
+                Call::Leader(LeaderRequest { name })
+            }
+            Call::Campaign(CampaignRequest { name, lease, value })
+                if etcd.would_wait(&name, lease, Some(&value)).await =>
+            {
+                Call::Leader(LeaderRequest { name })
+            }
+            Call::Proclaim(ProclaimRequest { leader: Some(mut l), value }) if l.rev == 0 => {
+                l.rev = etcd.created(&l.key).await;
+                Call::Proclaim(ProclaimRequest { leader: Some(l), value })
+            }
+            Call::Resign(ResignRequest { leader: Some(mut l) }) if l.rev == 0 => {
+                l.rev = etcd.created(&l.key).await;
+                Call::Resign(ResignRequest { leader: Some(l) })
+            }
+            call => call,
+        }
+    }
+
     fn call(&mut self) -> Call {
+        if self.coordination && self.rng.random_bool(0.15) {
+            return self.coordination_call();
+        }
         match self.rng.random_range(0..100) {
             0..=24 => Call::Range(self.range()),
             25..=49 => Call::Put(self.put()),
@@ -707,8 +856,14 @@ async fn same_answers(seed: u64, calls: usize, auth: bool, via: Via, members: us
     let endpoints = |procs: &[Proc]| procs.iter().map(Proc::endpoint).collect::<Vec<_>>();
     let mut etcd = Server::connect("etcd", endpoints(&etcd_procs), via).await;
     let mut meshkv = Server::connect("meshkv", endpoints(&meshkv_procs), via).await;
-    let mut g =
-        Gen { rng: StdRng::seed_from_u64(seed), revision: 1, compacted: -1, checked: auth, local: members == 1 };
+    let mut g = Gen {
+        rng: StdRng::seed_from_u64(seed),
+        revision: 1,
+        compacted: -1,
+        checked: auth,
+        local: members == 1,
+        coordination: !auth,
+    };
     let mut done: Vec<String> = Vec::new();
     let mut made = vec![Made { what: "the watch of everything".into(), compacted: -1, before_first: false }];
     let mut first: Vec<(Call, String)> = Vec::new();
@@ -742,6 +897,7 @@ async fn same_answers(seed: u64, calls: usize, auth: bool, via: Via, members: us
         let at = if members > 1 { g.rng.random_range(0..members) } else { 0 };
         etcd.point_at(at);
         meshkv.point_at(at);
+        let call = g.settled(call, &mut etcd).await;
         let want = etcd.call(&user, &call).await;
         let got = meshkv.call(&user, &call).await;
         if want.starts_with("error Unknown: transport error") && exits(&mut etcd_procs[at]) {

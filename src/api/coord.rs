@@ -31,7 +31,19 @@ pub fn prefix_end(prefix: &[u8]) -> Bytes {
     Bytes::from_static(&[0])
 }
 
+/// What failed inside a lock or election call, as etcd hands it on: its lock and
+/// election servers are clients of their own member, and pass a failed call's error on
+/// as a plain one, which reaches the caller with its message and the code Unknown.
+pub fn handed_on(s: Status) -> Status {
+    match s.code() {
+        Code::Unknown => s,
+        _ => Status::new(Code::Unknown, s.message()),
+    }
+}
+
+/// Sends `t` as a client's Txn: checked as the KV service checks one, then written.
 pub async fn txn(ctx: &Ctx, caller: &Caller, t: TxnRequest) -> Result<TxnResponse, Status> {
+    super::validate::txn(&t, ctx.max_txn_ops)?;
     match ctx.propose(caller, Write::Txn(t)).await? {
         WriteResponse::Txn(r) => Ok(r),
         _ => Err(Status::internal("etcdserver: unexpected apply result for txn")),
@@ -77,15 +89,19 @@ pub async fn session_lease(ctx: &Ctx, caller: &Caller, lease: i64) -> Result<i64
     }
 }
 
-/// Writes the contender's key under `prefix` unless it is there already; returns the key
-/// as it stands and whether this call created it.
-pub async fn enter(
-    ctx: &Ctx,
-    caller: &Caller,
-    prefix: &[u8],
-    lease: i64,
-    value: Bytes,
-) -> Result<(KeyValue, bool), Status> {
+/// A contender's key under a prefix, as [`enter`] left it.
+pub struct Entered {
+    /// The key as it stands.
+    pub kv: KeyValue,
+    /// Whether this call created it.
+    pub created: bool,
+    /// The store's revision once the call's write was applied: its answer's, as etcd's
+    /// mutex and election answer with their transaction's header.
+    pub revision: i64,
+}
+
+/// Writes the contender's key under `prefix` unless it is there already.
+pub async fn enter(ctx: &Ctx, caller: &Caller, prefix: &[u8], lease: i64, value: Bytes) -> Result<Entered, Status> {
     let mut k = prefix.to_vec();
     k.push(b'/');
     k.extend_from_slice(format!("{lease:x}").as_bytes());
@@ -102,10 +118,8 @@ pub async fn enter(
     .await?;
     let rev = r.header.as_ref().map_or(0, |h| h.revision);
     if r.succeeded {
-        return Ok((
-            KeyValue { key, create_revision: rev, mod_revision: rev, version: 1, lease, value: Bytes::new() },
-            true,
-        ));
+        let kv = KeyValue { key, create_revision: rev, mod_revision: rev, version: 1, lease, value: Bytes::new() };
+        return Ok(Entered { kv, created: true, revision: rev });
     }
     let kv = r
         .responses
@@ -115,7 +129,7 @@ pub async fn enter(
             _ => None,
         })
         .ok_or_else(|| Status::new(Code::Unavailable, "etcdserver: lost the contender's key; try again"))?;
-    Ok((kv, false))
+    Ok(Entered { kv, created: false, revision: rev })
 }
 
 /// Requires the caller to be allowed to read every contender's key under `prefix`,
@@ -128,6 +142,11 @@ pub fn require_read_contenders(ctx: &Ctx, caller: &Caller, prefix: &[u8]) -> Res
 
 /// The key under `prefix` created first (or last before `max_create`, when given).
 pub fn first_or_last(ctx: &Ctx, prefix: &[u8], last_before: Option<i64>) -> Result<Option<KeyValue>, Status> {
+    Ok(read_first_or_last(ctx, prefix, last_before)?.0)
+}
+
+/// [`first_or_last`], and the revision of the store it was read from.
+fn read_first_or_last(ctx: &Ctx, prefix: &[u8], last_before: Option<i64>) -> Result<(Option<KeyValue>, i64), Status> {
     let mut p = prefix.to_vec();
     p.push(b'/');
     let req = RangeRequest {
@@ -144,7 +163,8 @@ pub fn first_or_last(ctx: &Ctx, prefix: &[u8], last_before: Option<i64>) -> Resu
         serializable: true,
         ..Default::default()
     };
-    Ok(ctx.store.range(&req)?.kvs.into_iter().next())
+    let r = ctx.store.range(&req)?;
+    Ok((r.kvs.into_iter().next(), r.header.map_or(0, |h| h.revision)))
 }
 
 /// Whether `key` still exists with the given create revision, in the local store.
@@ -153,15 +173,22 @@ pub fn still_there(ctx: &Ctx, key: &Bytes, create_revision: i64) -> Result<bool,
     Ok(r.kvs.first().is_some_and(|kv| kv.create_revision == create_revision))
 }
 
-/// Waits until every key under `prefix` created before `my_rev` is deleted.
-pub async fn wait_turn(ctx: &Ctx, prefix: &[u8], my_rev: i64) -> Result<(), Status> {
+/// Waits until every key under `prefix` created before `my_rev` is deleted. Returns
+/// the revision at which none was left, if there was one to wait for: etcd's mutex then
+/// answers with it, where it answers with its transaction's otherwise.
+pub async fn wait_turn(ctx: &Ctx, prefix: &[u8], my_rev: i64) -> Result<Option<i64>, Status> {
     if ctx.unsafe_no_wait_turn {
-        return Ok(());
+        return Ok(None);
     }
     // Subscribe first: a deletion between the check and the wait is not missed.
     let mut hub = ctx.store.subscribe();
+    let mut waited = false;
     loop {
-        let Some(before) = first_or_last(ctx, prefix, Some(my_rev - 1))? else { return Ok(()) };
+        let before = match read_first_or_last(ctx, prefix, Some(my_rev - 1))? {
+            (Some(kv), _) => kv,
+            (None, revision) => return Ok(waited.then_some(revision)),
+        };
+        waited = true;
         while still_there(ctx, &before.key, before.create_revision)? {
             let batch = tokio::select! {
                 b = hub.recv() => b,

@@ -39,6 +39,14 @@ fn leader_key(l: Option<LeaderKey>) -> Result<LeaderKey, Status> {
     l.ok_or_else(|| Status::new(Code::Unknown, "\"leader\" field must be provided"))
 }
 
+/// `l`, with a lease of its own if it names none: etcd's Proclaim and Resign act in a
+/// session on the leader key's lease, and a session without one grants a new lease
+/// (never kept alive), under which Proclaim writes.
+async fn session(ctx: &Ctx, caller: &Caller, l: LeaderKey) -> Result<LeaderKey, Status> {
+    let lease = coord::session_lease(ctx, caller, l.lease).await?;
+    Ok(LeaderKey { lease, ..l })
+}
+
 /// Sets the leader's value, if it still leads.
 async fn proclaim(ctx: &Ctx, caller: &Caller, l: &LeaderKey, value: Bytes) -> Result<i64, Status> {
     let r = coord::txn(
@@ -60,46 +68,59 @@ async fn proclaim(ctx: &Ctx, caller: &Caller, l: &LeaderKey, value: Bytes) -> Re
 #[tonic::async_trait]
 impl Election for ElectionService {
     async fn campaign(&self, request: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
-        let ctx = &self.ctx;
-        let caller = ctx.caller(&request).await?;
-        let req = request.into_inner();
-        coord::require_read_contenders(ctx, &caller, &req.name)?;
-        let lease = coord::session_lease(ctx, &caller, req.lease).await?;
-        let (kv, created) = coord::enter(ctx, &caller, &req.name, lease, req.value.clone()).await?;
-        let withdraw = Withdraw::new(ctx, kv.key.clone());
-        let leader = LeaderKey { name: req.name.clone(), key: kv.key.clone(), rev: kv.create_revision, lease };
-        let mut revision = kv.mod_revision;
-        if !created && kv.value != req.value {
-            // Campaigning again with another value proclaims it.
-            revision = proclaim(ctx, &caller, &leader, req.value.clone()).await?;
+        let answer: Result<_, Status> = async {
+            let ctx = &self.ctx;
+            let caller = ctx.caller(&request).await?;
+            let req = request.into_inner();
+            coord::require_read_contenders(ctx, &caller, &req.name)?;
+            let lease = coord::session_lease(ctx, &caller, req.lease).await?;
+            let coord::Entered { kv, created, revision } =
+                coord::enter(ctx, &caller, &req.name, lease, req.value.clone()).await?;
+            let withdraw = Withdraw::new(ctx, kv.key.clone());
+            let leader = LeaderKey { name: req.name.clone(), key: kv.key.clone(), rev: kv.create_revision, lease };
+            if !created && kv.value != req.value {
+                // Campaigning again with another value proclaims it. etcd's answer
+                // still tells the revision its first transaction left.
+                proclaim(ctx, &caller, &leader, req.value.clone()).await?;
+            }
+            coord::wait_turn(ctx, &req.name, kv.create_revision).await?;
+            if !coord::still_there(ctx, &kv.key, kv.create_revision)? {
+                return Err(Status::new(Code::Unknown, "session expired"));
+            }
+            withdraw.disarm();
+            let header = ctx.header(Some(ResponseHeader { revision, ..Default::default() }));
+            Ok(Response::new(CampaignResponse { header, leader: Some(leader) }))
         }
-        coord::wait_turn(ctx, &req.name, kv.create_revision).await?;
-        if !coord::still_there(ctx, &kv.key, kv.create_revision)? {
-            return Err(Status::new(Code::Unknown, "session expired"));
-        }
-        withdraw.disarm();
-        let header = ctx.header(Some(ResponseHeader { revision, ..Default::default() }));
-        Ok(Response::new(CampaignResponse { header, leader: Some(leader) }))
+        .await;
+        answer.map_err(coord::handed_on)
     }
 
     async fn proclaim(&self, request: Request<ProclaimRequest>) -> Result<Response<ProclaimResponse>, Status> {
-        let caller = self.ctx.caller(&request).await?;
-        let req = request.into_inner();
-        let l = leader_key(req.leader)?;
-        let revision = proclaim(&self.ctx, &caller, &l, req.value).await?;
-        Ok(Response::new(ProclaimResponse {
-            header: self.ctx.header(Some(ResponseHeader { revision, ..Default::default() })),
-        }))
+        let answer: Result<_, Status> = async {
+            let caller = self.ctx.caller(&request).await?;
+            let req = request.into_inner();
+            let l = session(&self.ctx, &caller, leader_key(req.leader)?).await?;
+            let revision = proclaim(&self.ctx, &caller, &l, req.value).await?;
+            Ok(Response::new(ProclaimResponse {
+                header: self.ctx.header(Some(ResponseHeader { revision, ..Default::default() })),
+            }))
+        }
+        .await;
+        answer.map_err(coord::handed_on)
     }
 
     async fn leader(&self, request: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
-        let caller = self.ctx.caller(&request).await?;
-        let name = request.into_inner().name;
-        coord::require_read_contenders(&self.ctx, &caller, &name)?;
-        self.ctx.raft.read_index().await?;
-        let kv = coord::first_or_last(&self.ctx, &name, None)?
-            .ok_or_else(|| Status::new(Code::Unknown, "election: no leader"))?;
-        Ok(Response::new(LeaderResponse { header: self.ctx.header(None), kv: Some(kv) }))
+        let answer: Result<_, Status> = async {
+            let caller = self.ctx.caller(&request).await?;
+            let name = request.into_inner().name;
+            coord::require_read_contenders(&self.ctx, &caller, &name)?;
+            self.ctx.raft.read_index().await?;
+            let kv = coord::first_or_last(&self.ctx, &name, None)?
+                .ok_or_else(|| Status::new(Code::Unknown, "election: no leader"))?;
+            Ok(Response::new(LeaderResponse { header: self.ctx.header(None), kv: Some(kv) }))
+        }
+        .await;
+        answer.map_err(coord::handed_on)
     }
 
     async fn observe(
@@ -120,25 +141,29 @@ impl Election for ElectionService {
     }
 
     async fn resign(&self, request: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
-        let caller = self.ctx.caller(&request).await?;
-        let l = leader_key(request.into_inner().leader)?;
-        let delete = RequestOp {
-            request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
-                key: l.key.clone(),
-                ..Default::default()
-            })),
-        };
-        let r = coord::txn(
-            &self.ctx,
-            &caller,
-            TxnRequest {
-                compare: vec![coord::create_revision_is(&l.key, l.rev)],
-                success: vec![delete],
-                failure: vec![],
-            },
-        )
-        .await?;
-        Ok(Response::new(ResignResponse { header: self.ctx.header(r.header) }))
+        let answer: Result<_, Status> = async {
+            let caller = self.ctx.caller(&request).await?;
+            let l = session(&self.ctx, &caller, leader_key(request.into_inner().leader)?).await?;
+            let delete = RequestOp {
+                request: Some(request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                    key: l.key.clone(),
+                    ..Default::default()
+                })),
+            };
+            let r = coord::txn(
+                &self.ctx,
+                &caller,
+                TxnRequest {
+                    compare: vec![coord::create_revision_is(&l.key, l.rev)],
+                    success: vec![delete],
+                    failure: vec![],
+                },
+            )
+            .await?;
+            Ok(Response::new(ResignResponse { header: self.ctx.header(r.header) }))
+        }
+        .await;
+        answer.map_err(coord::handed_on)
     }
 }
 

@@ -25,30 +25,44 @@ impl LockService {
 #[tonic::async_trait]
 impl Lock for LockService {
     async fn lock(&self, request: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
-        let ctx = &self.ctx;
-        let caller = ctx.caller(&request).await?;
-        let req = request.into_inner();
-        coord::require_read_contenders(ctx, &caller, &req.name)?;
-        let lease = coord::session_lease(ctx, &caller, req.lease).await?;
-        let (kv, _) = coord::enter(ctx, &caller, &req.name, lease, bytes::Bytes::new()).await?;
-        // If the caller gives up while waiting, its key goes, as etcd's mutex does.
-        let withdraw = Withdraw::new(ctx, kv.key.clone());
-        coord::wait_turn(ctx, &req.name, kv.create_revision).await?;
-        if !coord::still_there(ctx, &kv.key, kv.create_revision)? {
-            return Err(Status::new(Code::Unknown, "session expired"));
+        let answer: Result<_, Status> = async {
+            let ctx = &self.ctx;
+            let caller = ctx.caller(&request).await?;
+            let req = request.into_inner();
+            coord::require_read_contenders(ctx, &caller, &req.name)?;
+            let lease = coord::session_lease(ctx, &caller, req.lease).await?;
+            let entered = coord::enter(ctx, &caller, &req.name, lease, bytes::Bytes::new()).await?;
+            let kv = entered.kv;
+            // If the caller gives up while waiting, its key goes, as etcd's mutex does.
+            let withdraw = Withdraw::new(ctx, kv.key.clone());
+            let waited = coord::wait_turn(ctx, &req.name, kv.create_revision).await?;
+            if !coord::still_there(ctx, &kv.key, kv.create_revision)? {
+                return Err(Status::new(Code::Unknown, "session expired"));
+            }
+            withdraw.disarm();
+            let revision = waited.unwrap_or(entered.revision);
+            let header = ctx.header(Some(ResponseHeader { revision, ..Default::default() }));
+            Ok(Response::new(LockResponse { header, key: kv.key }))
         }
-        withdraw.disarm();
-        let header = ctx.header(Some(ResponseHeader { revision: kv.mod_revision, ..Default::default() }));
-        Ok(Response::new(LockResponse { header, key: kv.key }))
+        .await;
+        answer.map_err(coord::handed_on)
     }
 
     async fn unlock(&self, request: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
-        let caller = self.ctx.caller(&request).await?;
-        let key = request.into_inner().key;
-        let delete = Write::DeleteRange(DeleteRangeRequest { key, ..Default::default() });
-        match self.ctx.propose(&caller, delete).await? {
-            WriteResponse::DeleteRange(r) => Ok(Response::new(UnlockResponse { header: self.ctx.header(r.header) })),
-            _ => Err(Status::internal("etcdserver: unexpected apply result for unlock")),
+        let answer: Result<_, Status> = async {
+            let caller = self.ctx.caller(&request).await?;
+            let key = request.into_inner().key;
+            let delete = DeleteRangeRequest { key, ..Default::default() };
+            super::validate::delete_range(&delete)?;
+            let delete = Write::DeleteRange(delete);
+            match self.ctx.propose(&caller, delete).await? {
+                WriteResponse::DeleteRange(r) => {
+                    Ok(Response::new(UnlockResponse { header: self.ctx.header(r.header) }))
+                }
+                _ => Err(Status::internal("etcdserver: unexpected apply result for unlock")),
+            }
         }
+        .await;
+        answer.map_err(coord::handed_on)
     }
 }
