@@ -55,7 +55,18 @@ impl LeaderLink {
             request: request.encode_to_vec().into(),
             applied: ctx.store.applied_index(),
         };
-        let Some(answer) = self.transport.call(&name, call, CALL_TIMEOUT).await else {
+        // Given up once this member sees another leader, or none: a lost leader would
+        // otherwise hold the call for the whole timeout.
+        let deposed = async {
+            while ctx.raft.status().leader() == leader {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        let answer = tokio::select! {
+            answer = self.transport.call(&name, call, CALL_TIMEOUT) => answer,
+            _ = deposed => return Err(Status::new(Code::Unavailable, "etcdserver: leader changed")),
+        };
+        let Some(answer) = answer else {
             return Err(Status::new(Code::Unavailable, "etcdserver: request timed out"));
         };
         if answer.code != 0 {

@@ -299,12 +299,39 @@ pub struct LeaseService {
     lessor: Arc<Lessor>,
     /// etcd's minimum TTL: one and a half election timeouts, rounded up to a second.
     min_ttl: i64,
+    /// How long a follower tries to reach a leader for a renewal or a TimeToLive while
+    /// the leader changes: etcd's request timeout, 5 s and two election timeouts.
+    forward_within: Duration,
 }
 
 impl LeaseService {
     pub fn new(ctx: Ctx, lessor: Arc<Lessor>, election_timeout: Duration) -> Self {
         let min_ttl = (election_timeout.as_secs_f64() * 1.5).ceil().max(1.0) as i64;
-        Self { ctx, lessor, min_ttl }
+        Self { ctx, lessor, min_ttl, forward_within: Duration::from_secs(5) + 2 * election_timeout }
+    }
+
+    /// Calls `method` on the leader with `req`, for a call this member does not answer
+    /// itself; while the leader cannot be reached (it is lost, deposed, or a new one is
+    /// still being elected) tries again every 50 ms, as etcd's followers do, until
+    /// [`Self::forward_within`] has passed since `since`, or until this member answers
+    /// the call itself (`Ok(None)`): it has become the leader.
+    async fn forward<Resp: prost::Message + Default>(
+        &self,
+        method: LeaderMethod,
+        req: &impl prost::Message,
+        since: tokio::time::Instant,
+    ) -> Result<Option<Resp>, Status> {
+        loop {
+            match self.ctx.leader.call(&self.ctx, method, req).await {
+                Err(s) if s.code() == Code::Unavailable && since.elapsed() < self.forward_within => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if self.answers_here(None).await? {
+                        return Ok(None);
+                    }
+                }
+                r => return r.map(Some),
+            }
+        }
     }
 
     /// Whether this member answers a call that needs the leader's clock itself (it
@@ -382,8 +409,12 @@ impl LeaseService {
         id: i64,
         forwarded: Option<u64>,
     ) -> Result<LeaseKeepAliveResponse, Status> {
+        let since = tokio::time::Instant::now();
         if !self.answers_here(forwarded).await? {
-            return self.ctx.leader.call(&self.ctx, LeaderMethod::LeaseKeepAlive, &LeaseKeepAliveRequest { id }).await;
+            let req = LeaseKeepAliveRequest { id };
+            if let Some(resp) = self.forward(LeaderMethod::LeaseKeepAlive, &req, since).await? {
+                return Ok(resp);
+            }
         }
         // The header is taken before the renewal, as etcd does: a lease revoked at some
         // revision is never seen renewed at a later one.
@@ -399,12 +430,15 @@ impl LeaseService {
         req: LeaseTimeToLiveRequest,
         forwarded: Option<u64>,
     ) -> Result<LeaseTimeToLiveResponse, Status> {
+        let since = tokio::time::Instant::now();
         if !self.answers_here(forwarded).await? {
-            let mut resp: LeaseTimeToLiveResponse =
-                self.ctx.leader.call(&self.ctx, LeaderMethod::LeaseTimeToLive, &req).await?;
-            // As etcd: the revision the leader answered at, in this member's header.
-            resp.header = self.ctx.header(resp.header);
-            return Ok(resp);
+            let resp: Option<LeaseTimeToLiveResponse> =
+                self.forward(LeaderMethod::LeaseTimeToLive, &req, since).await?;
+            if let Some(mut resp) = resp {
+                // As etcd: the revision the leader answered at, in this member's header.
+                resp.header = self.ctx.header(resp.header);
+                return Ok(resp);
+            }
         }
         let header = self.ctx.header(None);
         let entry = self.ctx.store.leases().get(req.id).cloned();
