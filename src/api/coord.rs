@@ -95,13 +95,18 @@ pub struct Entered {
     pub kv: KeyValue,
     /// Whether this call created it.
     pub created: bool,
+    /// The lease it is under: the one asked for, or a new one if none was.
+    pub lease: i64,
     /// The store's revision once the call's write was applied: its answer's, as etcd's
     /// mutex and election answer with their transaction's header.
     pub revision: i64,
 }
 
-/// Writes the contender's key under `prefix` unless it is there already.
+/// Writes the contender's key under `prefix` with `lease` (a new one if 0) unless it is
+/// there already; the caller must be allowed to read every contender's key.
 pub async fn enter(ctx: &Ctx, caller: &Caller, prefix: &[u8], lease: i64, value: Bytes) -> Result<Entered, Status> {
+    require_read_contenders(ctx, caller, prefix)?;
+    let lease = session_lease(ctx, caller, lease).await?;
     let mut k = prefix.to_vec();
     k.push(b'/');
     k.extend_from_slice(format!("{lease:x}").as_bytes());
@@ -119,7 +124,7 @@ pub async fn enter(ctx: &Ctx, caller: &Caller, prefix: &[u8], lease: i64, value:
     let rev = r.header.as_ref().map_or(0, |h| h.revision);
     if r.succeeded {
         let kv = KeyValue { key, create_revision: rev, mod_revision: rev, version: 1, lease, value: Bytes::new() };
-        return Ok(Entered { kv, created: true, revision: rev });
+        return Ok(Entered { kv, created: true, lease, revision: rev });
     }
     let kv = r
         .responses
@@ -129,7 +134,7 @@ pub async fn enter(ctx: &Ctx, caller: &Caller, prefix: &[u8], lease: i64, value:
             _ => None,
         })
         .ok_or_else(|| Status::new(Code::Unavailable, "etcdserver: lost the contender's key; try again"))?;
-    Ok(Entered { kv, created: false, revision: rev })
+    Ok(Entered { kv, created: false, lease, revision: rev })
 }
 
 /// Requires the caller to be allowed to read every contender's key under `prefix`,

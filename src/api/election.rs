@@ -72,10 +72,8 @@ impl Election for ElectionService {
             let ctx = &self.ctx;
             let caller = ctx.caller(&request).await?;
             let req = request.into_inner();
-            coord::require_read_contenders(ctx, &caller, &req.name)?;
-            let lease = coord::session_lease(ctx, &caller, req.lease).await?;
-            let coord::Entered { kv, created, revision } =
-                coord::enter(ctx, &caller, &req.name, lease, req.value.clone()).await?;
+            let coord::Entered { kv, created, lease, revision } =
+                coord::enter(ctx, &caller, &req.name, req.lease, req.value.clone()).await?;
             let withdraw = Withdraw::new(ctx, kv.key.clone());
             let leader = LeaderKey { name: req.name.clone(), key: kv.key.clone(), rev: kv.create_revision, lease };
             if !created && kv.value != req.value {

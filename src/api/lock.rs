@@ -29,9 +29,7 @@ impl Lock for LockService {
             let ctx = &self.ctx;
             let caller = ctx.caller(&request).await?;
             let req = request.into_inner();
-            coord::require_read_contenders(ctx, &caller, &req.name)?;
-            let lease = coord::session_lease(ctx, &caller, req.lease).await?;
-            let entered = coord::enter(ctx, &caller, &req.name, lease, bytes::Bytes::new()).await?;
+            let entered = coord::enter(ctx, &caller, &req.name, req.lease, bytes::Bytes::new()).await?;
             let kv = entered.kv;
             // If the caller gives up while waiting, its key goes, as etcd's mutex does.
             let withdraw = Withdraw::new(ctx, kv.key.clone());
