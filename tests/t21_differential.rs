@@ -1,7 +1,7 @@
 //! Differential test against real etcd: seeded random sequences of KV, lease, lock and
 //! election calls (ranges with every option, puts, deletes, transactions with nested
 //! ones, compactions, lease grants and revokes, locks taken and released, campaigns,
-//! proclamations and resignations, valid or not), each sent to a fresh etcd and a fresh
+//! proclamations, resignations and observers' first answers, valid or not), each sent to a fresh etcd and a fresh
 //! meshkv:
 //! through gRPC, as users whose roles and permissions root changes along the way, in
 //! JSON through the gateway, or to any member of three.
@@ -82,6 +82,8 @@ enum Call {
     Campaign(CampaignRequest),
     Proclaim(ProclaimRequest),
     Leader(LeaderRequest),
+    /// Observe's first answer, on a stream of its own.
+    Observe(LeaderRequest),
     Resign(ResignRequest),
 }
 
@@ -397,6 +399,20 @@ impl Server {
             },
             Call::Proclaim(r) => shown(self.election.proclaim(self.req(user, r)).await, |r| h(&mut r.header)),
             Call::Leader(r) => shown(self.election.leader(self.req(user, r)).await, |r| h(&mut r.header)),
+            // With no leader, an observer is told nothing until there is one (etcd's
+            // stream sends no headers before its first answer either).
+            Call::Observe(r) => {
+                let first = async {
+                    let mut stream = self.election.observe(self.req(user, r)).await?.into_inner();
+                    stream.message().await
+                };
+                match tokio::time::timeout(std::time::Duration::from_millis(300), first).await {
+                    Err(_) => "nothing told yet".to_string(),
+                    Ok(Ok(Some(r))) => shown(Ok(tonic::Response::new(r)), |r| h(&mut r.header)),
+                    Ok(Ok(None)) => "the stream ended".to_string(),
+                    Ok(Err(s)) => format!("error {:?}: {}", s.code(), s.message()),
+                }
+            }
             Call::Resign(r) => shown(self.election.resign(self.req(user, r)).await, |r| h(&mut r.header)),
         }
     }
@@ -753,7 +769,8 @@ impl Gen {
                 lease: if self.rng.random_bool(0.8) { lease } else { self.lease() },
             }),
         };
-        match self.rng.random_range(0..12) {
+        match self.rng.random_range(0..13) {
+            12 => Call::Observe(LeaderRequest { name }),
             0..=2 => Call::Lock(LockRequest { name, lease }),
             3 | 4 => Call::Unlock(UnlockRequest { key }),
             5..=7 => Call::Campaign(CampaignRequest { name, lease, value: self.value() }),
