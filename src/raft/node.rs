@@ -1534,19 +1534,35 @@ impl Driver {
     /// Fails every request whose client has stopped waiting, so nothing here grows
     /// without bound when a round or an entry is lost.
     fn expire(&mut self, now: Instant) {
-        // Without a leader for two election timeouts, waiting longer helps nobody: tell
-        // the clients now rather than at their deadline.
+        // A request that waited two election timeouts without a leader would wait in vain
+        // (the member has had none for that long too): tell its client now rather than at
+        // its deadline. One that came later still waits out its two: a member that has
+        // had no leader since it started may be about to elect one.
         if self.node.raft.leader_id == raft::INVALID_ID {
             let since = *self.no_leader_since.get_or_insert(now);
-            if now - since > self.cfg.tick * (2 * self.cfg.election_ticks) as u32 {
-                for id in std::mem::take(&mut self.stalled) {
-                    if let Some(w) = self.writes.remove(&id) {
+            let patience = self.cfg.tick * (2 * self.cfg.election_ticks) as u32;
+            // Each waiter's deadline is its arrival and the request timeout.
+            let request_timeout = self.cfg.request_timeout;
+            let waited_in_vain = |deadline: Instant| {
+                let arrived = deadline.checked_sub(request_timeout).unwrap_or(since).max(since);
+                now.saturating_duration_since(arrived) > patience
+            };
+            let writes = &mut self.writes;
+            self.stalled.retain(|id| match writes.get(id) {
+                Some(w) if waited_in_vain(w.waiter.deadline) => {
+                    if let Some(w) = writes.remove(id) {
                         let _ = w.waiter.reply.send(Err(RaftError::NoLeader));
                     }
+                    false
                 }
-                for w in std::mem::take(&mut self.reads_new) {
-                    let _ = w.reply.send(Err(RaftError::NoLeader));
-                }
+                Some(_) => true,
+                None => false,
+            });
+            let (failed, waiting): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.reads_new).into_iter().partition(|w| waited_in_vain(w.deadline));
+            self.reads_new = waiting;
+            for w in failed {
+                let _ = w.reply.send(Err(RaftError::NoLeader));
             }
         } else {
             self.no_leader_since = None;
